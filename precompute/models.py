@@ -1,0 +1,244 @@
+"""Load a causal LM with transformers and read activations at SAELens/TransformerLens hook names.
+
+Hook names map onto the Hugging Face module tree with forward hooks:
+
+    blocks.{L}.hook_resid_pre   input of decoder layer L        (== hidden_states[L])
+    blocks.{L}.hook_resid_post  output of decoder layer L       (== hidden_states[L+1], except the last
+                                                                  layer, whose hidden_states entry is after
+                                                                  the final norm)
+    blocks.{L}.hook_mlp_out     output of the MLP of layer L    (Gemma-2: after post_feedforward_layernorm)
+    blocks.{L}.hook_attn_out    output of attention of layer L  (Gemma-2: after post_attention_layernorm)
+
+The forward pass stops right after the hooked module, so later layers cost nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_mlp_out|hook_attn_out)$")
+HOOK_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded; the message says why and what to do."""
+
+
+class _StopForward(Exception):
+    """Raised inside a hook to end the forward pass once the wanted activation is captured."""
+
+
+@dataclass(frozen=True)
+class HookSpec:
+    layer: int
+    kind: str  # one of HOOK_KINDS
+
+    @property
+    def name(self) -> str:
+        return f"blocks.{self.layer}.{self.kind}"
+
+
+def parse_hook(name: str, n_layers: int | None = None) -> HookSpec:
+    m = HOOK_RE.match(name)
+    if not m:
+        raise ValueError(
+            f"unknown hook name {name!r}; valid: blocks.<layer>.<kind> with kind one of {', '.join(HOOK_KINDS)}"
+        )
+    spec = HookSpec(int(m.group(1)), m.group(2))
+    if n_layers is not None and not 0 <= spec.layer < n_layers:
+        raise ValueError(f"hook {name!r} names layer {spec.layer}, but the model has layers 0..{n_layers - 1}")
+    return spec
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _hub_hint(name: str, err: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"could not load model {name!r}: it is not a local folder and the Hugging Face hub could not be "
+        f"reached or has no such repo ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+        "With no network, pass a local folder holding config.json, the weights (*.safetensors) and the "
+        "tokenizer files, e.g. the embedded default made by `saescope convert-default`."
+    )
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        if Path(name_or_path).is_dir():
+            raise ModelLoadError(f"could not load the tokenizer in {name_or_path}: {err}") from err
+        raise _hub_hint(name_or_path, err) from err
+    return tok
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks for GPT-2, GPT-NeoX, Llama, Gemma-2 and similar layouts."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers"):
+        obj: object = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    n = getattr(model.config, "num_hidden_layers", None)
+    for _, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            return mod
+    raise ModelLoadError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def _submodule(layer: nn.Module, kind: str, model_type: str) -> nn.Module:
+    """The module whose *output* is the activation at hook `kind` within one decoder layer."""
+    if kind == "hook_mlp_out":
+        names = ("post_feedforward_layernorm",) if model_type.startswith("gemma2") or model_type.startswith("gemma3") else ()
+        names += ("mlp", "feed_forward")
+    else:
+        names = ("post_attention_layernorm",) if model_type.startswith("gemma2") or model_type.startswith("gemma3") else ()
+        names += ("self_attn", "attn", "attention")
+    for n in names:
+        mod = getattr(layer, n, None)
+        if isinstance(mod, nn.Module):
+            return mod
+    raise ModelLoadError(f"cannot find the module for {kind} in {type(layer).__name__} (looked for {names})")
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    for path in ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.final_layernorm"):
+        obj: object = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.Module):
+            return obj
+    return None
+
+
+class HookedLM:
+    """A transformers causal LM plus the hook machinery to read one activation and stop early."""
+
+    def __init__(self, model: nn.Module, tokenizer, name: str, device: str):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = device
+        self.layers = decoder_layers(model)
+        self.model_type = getattr(model.config, "model_type", "")
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def hook_width(self, hook: str) -> int:
+        parse_hook(hook, self.n_layers)
+        return self.d_model
+
+    @torch.no_grad()
+    def activations(
+        self, input_ids: torch.Tensor, hook: str, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Activation at `hook` for a batch of token ids: (B, T) -> (B, T, d_model), float32.
+
+        Runs only the layers up to the hook (a hook raises to end the pass).
+        """
+        spec = parse_hook(hook, self.n_layers)
+        layer = self.layers[spec.layer]
+        captured: list[torch.Tensor] = []
+
+        def grab(t) -> None:
+            t = t[0] if isinstance(t, (tuple, list)) else t
+            captured.append(t.detach())
+            raise _StopForward
+
+        if spec.kind == "hook_resid_pre":
+            def pre_hook(_mod, args, kwargs):
+                grab(args[0] if args else kwargs["hidden_states"])
+            handle = layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        else:
+            target = layer if spec.kind == "hook_resid_post" else _submodule(layer, spec.kind, self.model_type)
+            handle = target.register_forward_hook(lambda _m, _a, out: grab(out))
+        try:
+            input_ids = input_ids.to(self.device)
+            if attention_mask is not None:
+                attention_mask = attention_mask.to(self.device)
+            base = getattr(self.model, self.model.base_model_prefix, None) or self.model
+            try:
+                base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            except _StopForward:
+                pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError(f"hook {hook} did not fire; the module layout of {type(self.model).__name__} is not supported")
+        return captured[0].float()
+
+    def unembedding(self) -> torch.Tensor:
+        """W_U as (d_model, vocab), float32."""
+        return self.model.get_output_embeddings().weight.detach().float().T
+
+    def final_norm_gain(self) -> torch.Tensor | None:
+        """The elementwise gain of the final norm (Gemma's (1 + weight) convention included), or None."""
+        norm = final_norm(self.model)
+        w = getattr(norm, "weight", None) if norm is not None else None
+        if w is None:
+            return None
+        w = w.detach().float()
+        if self.model_type.startswith("gemma"):
+            w = 1.0 + w
+        return w
+
+
+def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto") -> HookedLM:
+    """Load a causal LM and its tokenizer from a hub id or a local folder."""
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    tok = load_tokenizer(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+    except TypeError:  # transformers < 4.56 names it torch_dtype
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=torch_dtype)
+    except (OSError, ValueError) as err:
+        if Path(name_or_path).is_dir():
+            raise ModelLoadError(f"could not load the model in {name_or_path}: {err}") from err
+        raise _hub_hint(name_or_path, err) from err
+    model.to(device)
+    if device == "cpu":
+        torch.set_num_threads(max(1, int(os.environ.get("SAESCOPE_THREADS", os.cpu_count() or 1))))
+    log.info("loaded %s (%s, %d layers, d_model %d) on %s", name_or_path, type(model).__name__,
+             model.config.num_hidden_layers, model.config.hidden_size, device)
+    return HookedLM(model, tok, name_or_path, device)
