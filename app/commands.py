@@ -1,0 +1,73 @@
+"""What each `saescope` subcommand does; argument parsing lives in cli.py."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from precompute.config import DEFAULT, DEFAULTS
+
+log = logging.getLogger("saescope")
+
+
+def convert_default(args: argparse.Namespace) -> int:
+    from precompute.embedded import convert_default_model
+
+    print(convert_default_model(force=args.force))
+    return 0
+
+
+def train_sae(args: argparse.Namespace) -> int:
+    from precompute.embedded import MODEL_ID, resolve_model
+    from precompute.models import load_model
+    from precompute.train import train_sae as run
+
+    lm = load_model(resolve_model(args.model), args.device, args.dtype)
+    report = run(lm, args.hook, args.dataset, args.out, tokens=args.tokens, context_len=args.context_len,
+                 d_sae=args.d_sae, k=args.k, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+                 fp16=args.fp16, model_label=MODEL_ID if args.model == DEFAULT else args.model)
+    print(f"saved {args.out}: explained variance {report.explained_variance:.3f}, L0 {report.l0:.1f}, "
+          f"dead {100 * report.dead_share:.1f}% ({report.seconds:.0f} s)")
+    return 0
+
+
+def precompute(args: argparse.Namespace) -> int:
+    from precompute.run import PrecomputeArgs, run_precompute
+
+    run_precompute(PrecomputeArgs.from_namespace(args))
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from .serve import serve_store
+
+    return serve_store(args.store, host=args.host, port=args.port, worker_url=args.worker_url,
+                       start_worker=not args.no_worker, worker_port=args.worker_port)
+
+
+def worker(args: argparse.Namespace) -> int:
+    from .worker import run_worker
+
+    return run_worker(args)
+
+
+def demo(args: argparse.Namespace) -> int:
+    from precompute.run import PrecomputeArgs, run_precompute
+
+    from .store import Store
+
+    pargs = PrecomputeArgs(out=args.out, tokens=args.tokens)
+    run_precompute(pargs)
+    with Store(args.out) as store:
+        sae = store.saes()[0]
+        print(f"\n{sae.sae_id}: {sae.d_sae} features, {sae.n_tokens:,} tokens; a few live features:")
+        for row in store.features(sae.sae_id, sort="max", limit=5, min_density=1e-4):
+            print(f"  feature {row.index:>5}  max {row.max_act:7.2f}  density {row.density:.4f}  top tokens: "
+                  + ", ".join(repr(t) for t in row.top_tokens[:6]))
+    if args.no_serve:
+        return 0
+    from .serve import serve_store
+
+    return serve_store(args.out, host=args.host, port=args.port, start_worker=True,
+                       worker_port=DEFAULTS.worker_port)

@@ -1,0 +1,331 @@
+"""Reading a store: the only code the server uses to ask questions of the DuckDB file.
+
+Each call opens a cursor of one shared read-only connection (cursors are safe across threads) and returns
+small dataclasses; no SQL leaves this module.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from .schema import SCHEMA_VERSION
+
+
+class StoreError(Exception):
+    """The store is missing, unreadable or of an unknown version; the message says what to do."""
+
+
+@dataclass
+class SAEInfo:
+    sae_id: str
+    model_id: str
+    model_path: str
+    sae_path: str
+    hook: str
+    architecture: str
+    d_in: int
+    d_sae: int
+    dataset: str
+    n_tokens: int
+    n_contexts: int
+    n_counted: int
+    context_len: int
+    prepend_bos: bool
+    config: dict[str, Any]
+    created: str
+    saescope_version: str
+    logit_method: str
+    dead_share: float
+    density_hist: list[int]
+    density_hist_lo: float
+    density_hist_hi: float
+    params: dict[str, Any]
+    model_key: str = ""
+
+
+@dataclass
+class FeatureRow:
+    index: int
+    density: float
+    max_act: float
+    mean_act: float
+    n_active: int
+    top_tokens: list[str]
+
+
+@dataclass
+class Example:
+    kind: str
+    grp: int
+    rank: int
+    ctx_id: int
+    pos: int
+    value: float
+    tokens: list[str]  # the whole context
+    token_ids: list[int]
+    acts: list[float]  # this feature's activation on every token of the context (0 where inactive)
+
+
+@dataclass
+class Group:
+    kind: str
+    grp: int
+    lo: float
+    hi: float
+    n_tokens: int
+    share: float
+    examples: list[Example] = field(default_factory=list)
+
+
+@dataclass
+class Feature:
+    sae_id: str
+    index: int
+    n_active: int
+    density: float
+    max_act: float
+    mean_act: float
+    hist_lo: float
+    hist_hi: float
+    hist: list[int]
+    top_tokens: list[str]
+    logit_pos: list[tuple[str, float]]
+    logit_neg: list[tuple[str, float]]
+    logit_hist_lo: float
+    logit_hist_hi: float
+    logit_hist: list[int]
+    neighbours: list[tuple[int, float]]
+    explanations: list[str]
+
+
+@dataclass
+class SearchHit:
+    index: int
+    score: float
+    density: float
+    max_act: float
+    matched: str
+    top_tokens: list[str]
+
+
+SORTS = {"index": "feature", "density": "density", "max": "max_act"}
+
+
+class Store:
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise StoreError(f"store {self.path} does not exist; make one with `saescope precompute --out {self.path}`")
+        try:
+            self._con = duckdb.connect(str(self.path), read_only=True)
+        except duckdb.Error as err:
+            raise StoreError(f"cannot open {self.path} as a DuckDB store ({err})") from err
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        try:
+            row = next(iter(self._q("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()), None)
+        except duckdb.Error:
+            row = None
+        if row is None or int(row[0]) != SCHEMA_VERSION:
+            self._con.close()
+            raise StoreError(f"{self.path} has store schema version {row[0] if row else 'none'}; this saescope reads "
+                             f"version {SCHEMA_VERSION}. Rebuild it with `saescope precompute --out {self.path}`")
+        self._vocab: dict[str, list[str]] = {}
+        self._saes = {s.sae_id: s for s in self._load_saes()}
+
+    # ---------------------------------------------------------------- plumbing
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        cur = getattr(self._local, "cur", None)
+        if cur is None:
+            with self._lock:
+                cur = self._con.cursor()
+            self._local.cur = cur
+        return cur
+
+    def _q(self, sql: str, params: list | None = None):
+        return self._cursor().execute(sql, params or [])
+
+    def close(self) -> None:
+        self._con.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- SAEs
+    def _load_saes(self) -> list[SAEInfo]:
+        cur = self._q("SELECT * FROM saes ORDER BY sae_id")
+        names = [d[0] for d in cur.description]  # read before fetching
+        out = []
+        for row in cur.fetchall():
+            r = dict(zip(names, row))
+            r["config"] = json.loads(r["config"] or "{}")
+            r["params"] = json.loads(r["params"] or "{}")
+            out.append(SAEInfo(**r))
+        return out
+
+    def saes(self) -> list[SAEInfo]:
+        return list(self._saes.values())
+
+    def sae(self, sae_id: str) -> SAEInfo | None:
+        return self._saes.get(sae_id)
+
+    def vocab(self, model_key: str) -> list[str]:
+        if model_key not in self._vocab:
+            rows = self._q("SELECT token FROM vocab WHERE model_key = ? ORDER BY token_id", [model_key]).fetchall()
+            self._vocab[model_key] = [r[0] for r in rows]
+        return self._vocab[model_key]
+
+    def _tok(self, sae_id: str):
+        v = self.vocab(self._saes[sae_id].model_key)
+        return lambda i: v[i] if 0 <= i < len(v) else f"<id {i}>"
+
+    # ---------------------------------------------------------------- feature lists
+    def features(self, sae_id: str, sort: str = "index", desc: bool = False, limit: int = 50, offset: int = 0,
+                 min_density: float | None = None, max_density: float | None = None,
+                 dead: bool | None = None) -> list[FeatureRow]:
+        where, params = self._filters(sae_id, min_density, max_density, dead)
+        order = f"{SORTS[sort]} {'DESC' if desc else 'ASC'}, feature"
+        rows = self._q(f"""SELECT feature, density, max_act, mean_act, n_active, top_token_ids FROM features
+                           WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?""", params + [limit, offset]).fetchall()
+        tok = self._tok(sae_id)
+        return [FeatureRow(r[0], r[1], r[2], r[3], r[4], _dedup([tok(i) for i in r[5]])) for r in rows]
+
+    def count_features(self, sae_id: str, min_density: float | None = None, max_density: float | None = None,
+                       dead: bool | None = None) -> int:
+        where, params = self._filters(sae_id, min_density, max_density, dead)
+        return int(self._q(f"SELECT count(*) FROM features WHERE {where}", params).fetchall()[0][0])
+
+    @staticmethod
+    def _filters(sae_id, min_density, max_density, dead) -> tuple[str, list]:
+        where, params = ["sae_id = ?"], [sae_id]
+        if min_density is not None:
+            where.append("density >= ?")
+            params.append(min_density)
+        if max_density is not None:
+            where.append("density <= ?")
+            params.append(max_density)
+        if dead is True:
+            where.append("n_active = 0")
+        elif dead is False:
+            where.append("n_active > 0")
+        return " AND ".join(where), params
+
+    def random_feature(self, sae_id: str) -> int:
+        row = next(iter(self._q("SELECT feature FROM features WHERE sae_id = ? AND n_active > 0 ORDER BY random() LIMIT 1",
+                      [sae_id]).fetchall()), None)
+        return int(row[0]) if row else 0
+
+    # ---------------------------------------------------------------- one feature
+    def feature(self, sae_id: str, index: int) -> Feature | None:
+        cur = self._q("SELECT * FROM features WHERE sae_id = ? AND feature = ?", [sae_id, index])
+        names = [d[0] for d in cur.description]
+        row = next(iter(cur.fetchall()), None)
+        if row is None:
+            return None
+        r = dict(zip(names, row))
+        tok = self._tok(sae_id)
+        expl = [e[0] for e in self._q("SELECT text FROM explanations WHERE sae_id = ? AND feature = ?",
+                                      [sae_id, index]).fetchall()]
+        return Feature(
+            sae_id=sae_id, index=index, n_active=r["n_active"], density=r["density"], max_act=r["max_act"],
+            mean_act=r["mean_act"], hist_lo=r["hist_lo"], hist_hi=r["hist_hi"], hist=r["hist"],
+            top_tokens=_dedup([tok(i) for i in r["top_token_ids"]]),
+            logit_pos=[(tok(i), v) for i, v in zip(r["logit_pos_ids"], r["logit_pos_vals"])],
+            logit_neg=[(tok(i), v) for i, v in zip(r["logit_neg_ids"], r["logit_neg_vals"])],
+            logit_hist_lo=r["logit_hist_lo"], logit_hist_hi=r["logit_hist_hi"], logit_hist=r["logit_hist"],
+            neighbours=list(zip(r["neighbours"], r["neighbour_sims"])), explanations=expl)
+
+    def examples(self, sae_id: str, index: int, kind: str = "top") -> list[Example]:
+        rows = self._q("""SELECT e.kind, e.grp, e.rank, e.ctx_id, e.pos, e.value, e.act_pos, e.act_val, c.tokens
+                          FROM examples e JOIN contexts c ON c.sae_id = e.sae_id AND c.ctx_id = e.ctx_id
+                          WHERE e.sae_id = ? AND e.feature = ? AND e.kind = ?
+                          ORDER BY e.grp, e.rank""", [sae_id, index, kind]).fetchall()
+        tok = self._tok(sae_id)
+        out = []
+        for kind_, grp, rank, ctx, pos, value, apos, aval, tokens in rows:
+            acts = [0.0] * len(tokens)
+            for p, v in zip(apos, aval):
+                acts[p] = v
+            out.append(Example(kind_, grp, rank, ctx, pos, value, [tok(t) for t in tokens], list(tokens), acts))
+        return out
+
+    def groups(self, sae_id: str, index: int, kind: str) -> list[Group]:
+        rows = self._q("""SELECT kind, grp, lo, hi, n_tokens, share FROM groups
+                          WHERE sae_id = ? AND feature = ? AND kind = ? ORDER BY grp DESC""",
+                       [sae_id, index, kind]).fetchall()
+        groups = {r[1]: Group(*r) for r in rows}
+        for ex in self.examples(sae_id, index, kind):
+            if ex.grp in groups:
+                groups[ex.grp].examples.append(ex)
+        return list(groups.values())
+
+    # ---------------------------------------------------------------- search
+    def search_tokens(self, sae_id: str, text: str, limit: int = 50, offset: int = 0) -> tuple[list[SearchHit], int]:
+        """Features whose top-activating tokens or top positive logits contain `text` (case-insensitive).
+
+        Score: a match at rank r of the top-activating tokens adds 1/(r+1); in the logits, 0.5/(r+1).
+        """
+        model_key = self._saes[sae_id].model_key
+        sql = """
+            WITH hits AS (SELECT token_id, token FROM vocab WHERE model_key = ? AND contains(lower(token), lower(?))),
+            scored AS (
+                SELECT f.feature, u.r, u.t, 1.0 / (u.r) AS s FROM features f,
+                       unnest(f.top_token_ids) WITH ORDINALITY AS u(t, r)
+                WHERE f.sae_id = ? AND u.t IN (SELECT token_id FROM hits)
+                UNION ALL
+                SELECT f.feature, u.r, u.t, 0.5 / (u.r) FROM features f,
+                       unnest(f.logit_pos_ids) WITH ORDINALITY AS u(t, r)
+                WHERE f.sae_id = ? AND u.t IN (SELECT token_id FROM hits)),
+            agg AS (SELECT feature, sum(s) AS score, arg_max(t, s) AS best FROM scored GROUP BY feature)
+            SELECT a.feature, a.score, f.density, f.max_act, a.best, f.top_token_ids, count(*) OVER () AS total
+            FROM agg a JOIN features f ON f.sae_id = ? AND f.feature = a.feature
+            ORDER BY a.score DESC, a.feature LIMIT ? OFFSET ?"""
+        rows = self._q(sql, [model_key, text, sae_id, sae_id, sae_id, limit, offset]).fetchall()
+        tok = self._tok(sae_id)
+        total = int(rows[0][6]) if rows else self._count_token_hits(sql, model_key, text, sae_id, offset)
+        return [SearchHit(r[0], r[1], r[2], r[3], tok(r[4]), _dedup([tok(i) for i in r[5]])) for r in rows], total
+
+    def _count_token_hits(self, sql: str, model_key: str, text: str, sae_id: str, offset: int) -> int:
+        if offset == 0:
+            return 0
+        rows = self._q(sql, [model_key, text, sae_id, sae_id, sae_id, 1, 0]).fetchall()
+        return int(rows[0][6]) if rows else 0
+
+    def search_explanations(self, sae_id: str, text: str, limit: int = 50, offset: int = 0) -> tuple[list[SearchHit], int]:
+        """Full-text search over explanations: every query word must occur; ranked by matched-word frequency."""
+        words = [w for w in text.lower().split() if w]
+        if not words:
+            return [], 0
+        conds = " AND ".join(["contains(lower(e.text), ?)"] * len(words))
+        score = " + ".join(["(length(lower(e.text)) - length(replace(lower(e.text), ?, ''))) / length(?)"] * len(words))
+        score_params: list = []
+        for w in words:
+            score_params += [w, w]
+        rows = self._q(f"""SELECT e.feature, max({score}) AS score, f.density, f.max_act, any_value(e.text),
+                                  f.top_token_ids, count(*) OVER () AS total
+                           FROM explanations e JOIN features f ON f.sae_id = e.sae_id AND f.feature = e.feature
+                           WHERE e.sae_id = ? AND {conds}
+                           GROUP BY e.feature, f.density, f.max_act, f.top_token_ids
+                           ORDER BY score DESC, e.feature LIMIT ? OFFSET ?""",
+                       score_params + [sae_id] + words + [limit, offset]).fetchall()
+        tok = self._tok(sae_id)
+        total = int(rows[0][6]) if rows else 0
+        return [SearchHit(r[0], float(r[1]), r[2], r[3], r[4], _dedup([tok(i) for i in r[5]])) for r in rows], total
+
+
+def _dedup(items: list[str]) -> list[str]:
+    seen, out = set(), []
+    for x in items:
+        if x not in seen:
+            seen.add(x)
+            out.append(x)
+    return out
