@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepend-bos", choices=["auto", "yes", "no"], default="auto",
                    help="start every context with BOS; auto follows the SAE config (SAELens prepend_bos)")
     p.add_argument("--top-k", type=int, default=D.top_k, help="top-activating examples kept per feature")
+    p.add_argument("--n-intervals", type=int, default=D.n_intervals, help="equal-width activation intervals sampled")
+    p.add_argument("--per-interval", type=int, default=D.per_interval, help="examples drawn per interval")
+    p.add_argument("--n-quantiles", type=int, default=D.n_quantiles, help="equal-count (rank) quantiles sampled")
+    p.add_argument("--per-quantile", type=int, default=D.per_quantile, help="examples drawn per quantile")
     p.add_argument("--out", type=Path, required=True, help="DuckDB store; an existing store gains this SAE")
     p.add_argument("--sae-id", default=None, help="name of this SAE inside the store (default: derived from model and hook)")
     p.add_argument("--restart", action="store_true", help="discard an unfinished run's checkpoint instead of resuming")

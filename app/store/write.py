@@ -123,14 +123,14 @@ class StoreBuilder:
                             hist_bins: int) -> dict[str, np.ndarray]:
         """All activation-derived tables; returns per-feature stat arrays for the features table."""
         con = self.con
-        _run(con, f"ATTACH '{cache}' AS c (READ_ONLY)")
+        _run(con, f"ATTACH '{cache}' AS saescope_cache (READ_ONLY)")
         prio = PRIORITY_SQL.format(T=context_len)
         _run(con, """CREATE TEMP TABLE fstats AS SELECT feature, count(*) AS n, max(value) AS mx,
-                       min(value) AS mn, avg(value::DOUBLE) AS mean FROM c.acts GROUP BY feature""")
+                       min(value) AS mn, avg(value::DOUBLE) AS mean FROM saescope_cache.acts GROUP BY feature""")
         # top-k: the strongest context per feature, one example per context, ties to the earlier token/context
         _run(con, f"""CREATE TEMP TABLE ex AS
             WITH per_ctx AS (
-                SELECT feature, ctx, pos, value FROM c.acts
+                SELECT feature, ctx, pos, value FROM saescope_cache.acts
                 QUALIFY row_number() OVER (PARTITION BY feature, ctx ORDER BY value DESC, pos) = 1)
             SELECT feature, 'top' AS kind, 0 AS grp,
                    row_number() OVER (PARTITION BY feature ORDER BY value DESC, ctx) - 1 AS rank, ctx, pos, value
@@ -141,7 +141,7 @@ class StoreBuilder:
                    least(floor(a.value::DOUBLE / s.mx::DOUBLE * {n_intervals}), {n_intervals - 1})::INTEGER AS ibin,
                    (ntile({n_quantiles}) OVER (PARTITION BY a.feature ORDER BY a.value, a.ctx, a.pos)) - 1 AS qbin,
                    {prio} AS prio
-            FROM c.acts a JOIN fstats s USING (feature)""")
+            FROM saescope_cache.acts a JOIN fstats s USING (feature)""")
         for kind, col, per, lo_expr, hi_expr in (
             ("interval", "ibin", per_interval, f"any_value(s.mx) * ibin / {n_intervals}", f"any_value(s.mx) * (ibin + 1) / {n_intervals}"),
             ("quantile", "qbin", per_quantile, "min(b.value)", "max(b.value)"),
@@ -156,24 +156,24 @@ class StoreBuilder:
         _run(con, """INSERT INTO examples
             SELECT ?, e.feature, e.kind, e.grp, e.rank, e.ctx, e.pos, e.value,
                    list(a.pos ORDER BY a.pos), list(a.value ORDER BY a.pos)
-            FROM ex e JOIN c.acts a ON a.feature = e.feature AND a.ctx = e.ctx
+            FROM ex e JOIN saescope_cache.acts a ON a.feature = e.feature AND a.ctx = e.ctx
             GROUP BY ALL""", [sae_id])
-        _run(con, """INSERT INTO contexts SELECT ?, t.ctx, t.tokens FROM c.ctx_tokens t
+        _run(con, """INSERT INTO contexts SELECT ?, t.ctx, t.tokens FROM saescope_cache.ctx_tokens t
                        WHERE t.ctx IN (SELECT DISTINCT ctx FROM ex)""", [sae_id])
         # histograms of active values over [min, max]
         hist = np.zeros((d_sae, hist_bins), dtype=np.int64)
         f, b, n = con.execute(f"""SELECT b.feature, least(floor((b.value - s.mn)::DOUBLE /
                     greatest((s.mx - s.mn)::DOUBLE, 1e-12) * {hist_bins}), {hist_bins - 1})::INTEGER AS bin, count(*)
-                FROM c.acts b JOIN fstats s USING (feature) GROUP BY ALL""").fetchnumpy().values()
+                FROM saescope_cache.acts b JOIN fstats s USING (feature) GROUP BY ALL""").fetchnumpy().values()
         np.add.at(hist, (f.astype(np.int64), b.astype(np.int64)), n.astype(np.int64))
         stats = con.execute("SELECT feature, n, mx, mn, mean FROM fstats").fetchnumpy()
         top_tok = con.execute("""SELECT e.feature, list(t.tokens[e.pos + 1] ORDER BY e.rank)
-                FROM ex e JOIN c.ctx_tokens t ON t.ctx = e.ctx WHERE e.kind = 'top' GROUP BY e.feature""").fetchall()
-        n_counted = int(con.execute("SELECT sum(n_counted) FROM c.ctx_tokens").fetchall()[0][0] or 0)
-        n_ctx = int(con.execute("SELECT count(*) FROM c.ctx_tokens").fetchall()[0][0])
+                FROM ex e JOIN saescope_cache.ctx_tokens t ON t.ctx = e.ctx WHERE e.kind = 'top' GROUP BY e.feature""").fetchall()
+        n_counted = int(con.execute("SELECT sum(n_counted) FROM saescope_cache.ctx_tokens").fetchall()[0][0] or 0)
+        n_ctx = int(con.execute("SELECT count(*) FROM saescope_cache.ctx_tokens").fetchall()[0][0])
         _run(con, "DROP TABLE binned")
         _run(con, "DROP TABLE ex")
-        _run(con, "DETACH c")
+        _run(con, "DETACH saescope_cache")
         out = {k: np.zeros(d_sae, dtype=np.float64) for k in ("n", "mx", "mn", "mean")}
         idx = stats["feature"].astype(np.int64)
         for k in out:

@@ -67,6 +67,7 @@ def _saelens_cfg(raw: dict[str, Any], file: str, hook: str | None) -> tuple[SAEC
     if arch == "standard" and act_fn == "topk":
         arch = "topk"
     arch = {"jump_relu": "jumprelu", "relu": "standard"}.get(arch, arch)
+    sae_class(arch, file)  # unknown architecture: fail here, naming cfg.json
     k = raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k"))
     if arch == "topk":
         if not isinstance(k, (int, float)) or int(k) <= 0:

@@ -1,0 +1,157 @@
+"""Session fixtures: tiny real models saved and reloaded with transformers, real SAE files, real stores.
+
+Everything here is built once per test session (the embedded default is converted once per machine into
+the saescope cache) so that the whole suite stays fast on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    from precompute.embedded import convert_default_model
+
+    return convert_default_model()
+
+
+def _tiny_config(family: str):
+    from transformers import Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    if family == "gpt2":
+        return GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=3, n_head=4)
+    if family == "neox":
+        return GPTNeoXConfig(vocab_size=300, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                             intermediate_size=64, max_position_embeddings=64)
+    if family == "llama":
+        return LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    if family == "gemma2":
+        return Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                            sliding_window=16)
+    raise ValueError(family)
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dir(tmp_path_factory):
+    """family -> folder of a tiny random model saved with save_pretrained (weights only; no tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("families")
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(_tiny_config(family))
+            with torch.no_grad():  # random norms, so the gain folding and (1 + w) conventions are exercised
+                for name, p in model.named_parameters():
+                    if "norm" in name or "ln" in name:
+                        p.add_(torch.randn_like(p) * 0.3)
+            model.save_pretrained(root / family)
+            made[family] = root / family
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory, default_model_dir) -> Path:
+    """A tiny random Llama with the real SmolLM2 tokenizer, saved and reloaded like any hub checkout."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tinylm")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(default_model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sae_dir(tmp_path_factory) -> Path:
+    """A random TopK SAE (d_in 64, 96 features, k 6) on the tiny Llama's blocks.1.hook_resid_post."""
+    from precompute.saes import SAEConfig, save_saelens
+    from precompute.saes.topk import TopKSAE
+
+    torch.manual_seed(1)
+    sae = TopKSAE(SAEConfig(architecture="topk", d_in=64, d_sae=96, k=6, hook_name="blocks.1.hook_resid_post",
+                            model_name="tiny"))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_()
+        sae.b_dec.mul_(0.02)
+        sae.W_enc.mul_(15.0)  # the tiny model's residual stream is small (~0.3 norm); make features input-driven
+        sae.b_enc.mul_(0.3).sub_(0.6)  # some top-k pre-activations stay below zero: zeros are exercised too
+    out = tmp_path_factory.mktemp("tinysae")
+    save_saelens(sae, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """A few kilobytes of text as JSONL, taken from the demo corpus (offline, deterministic)."""
+    from precompute.data import demo_corpus
+
+    out = tmp_path_factory.mktemp("corpus") / "small.jsonl"
+    with demo_corpus().open() as f, out.open("w") as g:
+        for i, line in enumerate(f):
+            if i >= 60:
+                break
+            g.write(line)
+    return out
+
+
+TINY_ARGS = dict(tokens=64 * 40, context_len=64, batch_size=8, top_k=5, n_intervals=4, per_interval=3,
+                 n_quantiles=4, per_quantile=3, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, tiny_lm_dir, tiny_sae_dir, small_corpus) -> Path:
+    from precompute.run import PrecomputeArgs, run_precompute
+
+    out = tmp_path_factory.mktemp("tinystore") / "tiny.duckdb"
+    run_precompute(PrecomputeArgs(out=out, model=str(tiny_lm_dir), sae=str(tiny_sae_dir), dataset=str(small_corpus),
+                                  sae_id="tiny", **TINY_ARGS))
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory, default_model_dir) -> Path:
+    """The embedded default (SmolLM2 + the committed demo SAE) over 16k tokens of the demo corpus."""
+    from precompute.run import PrecomputeArgs, run_precompute
+
+    out = tmp_path_factory.mktemp("demostore") / "demo.duckdb"
+    run_precompute(PrecomputeArgs(out=out, tokens=16_384, progress=False))
+    return out
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)

@@ -1,0 +1,87 @@
+"""Hook names map onto GPT-2, GPT-NeoX, Llama and Gemma-2 module trees; checked against hidden_states."""
+
+import pytest
+import torch
+
+from precompute.models import HookedLM, load_model, parse_hook
+
+FAMILIES = ["gpt2", "neox", "llama", "gemma2"]
+
+
+def _load(path) -> HookedLM:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # reloaded from disk
+    return HookedLM(model, None, str(path), "cpu")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resid_hooks_equal_hidden_states(family, tiny_family_dir):
+    lm = _load(tiny_family_dir(family))
+    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hs = lm.model(ids, output_hidden_states=True).hidden_states
+    n = lm.n_layers
+    assert len(hs) == n + 1
+    for L in range(n):
+        assert torch.equal(lm.activations(ids, f"blocks.{L}.hook_resid_pre"), hs[L].float()), f"resid_pre {L}"
+        if L < n - 1:  # the last hidden_states entry is after the final norm
+            assert torch.equal(lm.activations(ids, f"blocks.{L}.hook_resid_post"), hs[L + 1].float()), f"resid_post {L}"
+    last = lm.activations(ids, f"blocks.{n - 1}.hook_resid_post")
+    assert not torch.allclose(last, hs[n].float()), "the last resid_post must come from the hook, not the normed output"
+    norm = lm.model.get_decoder().norm if hasattr(lm.model, "get_decoder") and hasattr(lm.model.get_decoder(), "norm") else None
+    if norm is not None:
+        assert torch.allclose(norm(last), hs[n], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attn_plus_mlp_is_the_residual_update(family, tiny_family_dir):
+    """resid_post - resid_pre == attn_out + mlp_out in every family (Gemma-2: after its post-norms)."""
+    lm = _load(tiny_family_dir(family))
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(1))
+    for L in range(lm.n_layers):
+        pre = lm.activations(ids, f"blocks.{L}.hook_resid_pre")
+        post = lm.activations(ids, f"blocks.{L}.hook_resid_post")
+        attn = lm.activations(ids, f"blocks.{L}.hook_attn_out")
+        mlp = lm.activations(ids, f"blocks.{L}.hook_mlp_out")
+        torch.testing.assert_close(post - pre, attn + mlp, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_stops_after_the_hooked_layer(tiny_family_dir):
+    lm = _load(tiny_family_dir("llama"))
+    calls: list[int] = []
+    handles = [layer.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, layer in enumerate(lm.layers)]
+    try:
+        lm.activations(torch.tensor([[1, 2, 3]]), "blocks.0.hook_resid_post")
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == [0]
+
+
+def test_bad_hook_names_list_the_valid_forms(tiny_family_dir):
+    with pytest.raises(ValueError, match="valid: blocks.<layer>.<kind>"):
+        parse_hook("blocks.1.hook_z")
+    with pytest.raises(ValueError, match="layers 0..2"):
+        parse_hook("blocks.7.hook_resid_post", n_layers=3)
+
+
+def test_missing_hub_model_says_to_use_a_local_folder():
+    from precompute.models import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="local folder"):
+        load_model("no-such-owner/no-such-model-xyz")
+
+
+def test_embedded_default_reloads_through_from_pretrained(default_model_dir):
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+
+    cfg = AutoConfig.from_pretrained(default_model_dir)
+    assert cfg.model_type == "llama" and cfg.num_hidden_layers == 30 and cfg.hidden_size == 576
+    assert not hasattr(cfg, "quantization_config")
+    # the tokenizer files are the plain fast-tokenizer kind every transformers 4.5x / 5.x reads
+    tok = PreTrainedTokenizerFast.from_pretrained(default_model_dir)
+    assert tok.decode(tok("def f(x):\n    return x")["input_ids"]) == "def f(x):\n    return x"
+    lm = load_model(str(default_model_dir), "cpu", "float32")
+    n_params = sum(p.numel() for p in lm.model.parameters())
+    assert 134_000_000 < n_params < 135_000_000
