@@ -75,9 +75,10 @@ def default_sae_id(model_label: str, hook: str, sae: SAE) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", base).lower()
 
 
-def encode_batch(lm: HookedLM, sae: SAE, ids: np.ndarray, hook: str) -> torch.Tensor:
+def encode_batch(lm: HookedLM, sae: SAE, ids: np.ndarray, hook: str,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T) token ids -> (B, T, d_sae) feature activations, special tokens zeroed. Shared with the worker."""
-    acts = lm.activations(torch.from_numpy(ids).long(), hook)  # (B, T, d_in)
+    acts = lm.activations(torch.from_numpy(ids).long(), hook, attention_mask)  # (B, T, d_in)
     with torch.no_grad():
         z = sae.encode(acts.to(sae.W_enc.device))  # (B, T, d_sae)
     z[torch.from_numpy(special_mask(ids, lm.tokenizer)).to(z.device)] = 0

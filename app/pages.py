@@ -1,0 +1,113 @@
+"""HTML pages. Each route: parse the URL, ask the store (or the worker), render a page or one of its blocks."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+
+from .errors import AppError
+from .store import Store
+from .templating import is_htmx, page
+from .views import check_index, pager, sae_or_404, url, window
+
+router = APIRouter()
+D_LEFT, D_RIGHT = 24, 8
+
+
+def store_of(request: Request) -> Store:
+    return request.app.state.store
+
+
+@router.get("/", response_class=HTMLResponse)
+def home(request: Request):
+    return page(request, "home.html", {"saes": store_of(request).saes()})
+
+
+@router.get("/sae/{sae_id}", response_class=HTMLResponse)
+def sae_page(request: Request, sae_id: str,
+             sort: Literal["index", "density", "max"] = "index", order: Literal["asc", "desc"] = "asc",
+             page_: int = Query(1, alias="page", ge=1), size: int = Query(50, ge=1, le=500),
+             show: Literal["all", "live", "dead"] = "all",
+             min_density: float | None = Query(None, ge=0, le=1), max_density: float | None = Query(None, ge=0, le=1)):
+    store = store_of(request)
+    sae = sae_or_404(store, sae_id)
+    if min_density is not None and max_density is not None and min_density > max_density:
+        raise AppError(f"min_density ({min_density}) is larger than max_density ({max_density})", 422)
+    dead = {"all": None, "live": False, "dead": True}[show]
+    total = store.count_features(sae_id, min_density, max_density, dead)
+    pg = pager(page_, size, total)
+    rows = store.features(sae_id, sort, order == "desc", size, pg.offset, min_density, max_density, dead)
+    params = dict(sort=sort, order=order, size=size, show=show, min_density=min_density, max_density=max_density)
+    base = f"/sae/{sae_id}"
+    return page(request, "sae.html", {
+        "sae": sae, "rows": rows, "pager": pg, "params": params,
+        "prev_url": url(base, **params, page=pg.page - 1) if pg.page > 1 else None,
+        "next_url": url(base, **params, page=pg.page + 1) if pg.page < pg.pages else None,
+        "sort_url": lambda col: url(base, **{**params, "sort": col, "order": _next_order(sort, order, col)}),
+    }, block="list")
+
+
+def _next_order(sort: str, order: str, col: str) -> str:
+    """Clicking the current sort column flips it; a new column starts descending (index: ascending)."""
+    if col == sort:
+        return "asc" if order == "desc" else "desc"
+    return "asc" if col == "index" else "desc"
+
+
+@router.get("/sae/{sae_id}/random")
+def random_feature(request: Request, sae_id: str):
+    store = store_of(request)
+    sae_or_404(store, sae_id)
+    return RedirectResponse(f"/sae/{sae_id}/feature/{store.random_feature(sae_id)}", status_code=302)
+
+
+@router.get("/sae/{sae_id}/feature/{index}", response_class=HTMLResponse)
+def feature_page(request: Request, sae_id: str, index: int,
+                 left: int = Query(D_LEFT, ge=0, le=1024), right: int = Query(D_RIGHT, ge=0, le=1024),
+                 samples: Literal["interval", "quantile"] | None = None):
+    store = store_of(request)
+    sae = sae_or_404(store, sae_id)
+    check_index(sae, index)
+    f = store.feature(sae_id, index)
+    if f is None:
+        raise AppError(f"feature {index} of {sae_id} is missing from the store (an interrupted build?)", 404)
+    ctx = {"sae": sae, "f": f, "left": left, "right": right, "samples": samples,
+           "base": f"/sae/{sae_id}/feature/{index}", "worker": request.app.state.worker_status()}
+    if samples and is_htmx(request):  # a sample tab: only that block is computed
+        ctx["groups"] = [(g, [window(e, left, right) for e in g.examples]) for g in store.groups(sae_id, index, samples)]
+        return page(request, "feature.html", {**ctx, "top": None}, block="samples")
+    ctx["top"] = [window(e, left, right) for e in store.examples(sae_id, index, "top")]
+    return page(request, "feature.html", ctx, block="examples")
+
+
+@router.get("/sae/{sae_id}/search", response_class=HTMLResponse)
+def search_page(request: Request, sae_id: str, q: str = Query("", max_length=200),
+                by: Literal["auto", "index", "token", "explanation"] = "auto",
+                page_: int = Query(1, alias="page", ge=1), size: int = Query(25, ge=1, le=200)):
+    store = store_of(request)
+    sae = sae_or_404(store, sae_id)
+    q = q.strip()
+    hits, total, mode = [], 0, by
+    if q:
+        if by in ("auto", "index") and q.lstrip("#").isdigit():
+            index = int(q.lstrip("#"))
+            check_index(sae, index)
+            return RedirectResponse(f"/sae/{sae_id}/feature/{index}", status_code=303)
+        if by == "index":
+            raise AppError(f"{q!r} is not a feature index; give a whole number from 0 to {sae.d_sae - 1}", 422)
+        offset = (page_ - 1) * size
+        if by in ("auto", "token"):
+            hits, total = store.search_tokens(sae_id, q, size, offset)
+            mode = "token"
+        if by == "explanation" or (by == "auto" and total == 0):
+            hits, total = store.search_explanations(sae_id, q, size, offset)
+            mode = "explanation"
+    pg = pager(page_, size, total) if q else None
+    base = f"/sae/{sae_id}/search"
+    return page(request, "search.html", {
+        "sae": sae, "q": q, "by": by, "mode": mode, "hits": hits, "pager": pg,
+        "prev_url": url(base, q=q, by=by, size=size, page=pg.page - 1) if pg and pg.page > 1 else None,
+        "next_url": url(base, q=q, by=by, size=size, page=pg.page + 1) if pg and pg.page < pg.pages else None,
+    }, block="results")

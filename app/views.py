@@ -1,0 +1,80 @@
+"""Turning store results into what templates and the JSON API show: windows of tokens, pagination, links."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlencode
+
+from .errors import AppError
+from .store import Example, SAEInfo, Store
+
+
+@dataclass
+class Tok:
+    text: str
+    value: float
+    is_max: bool
+
+
+@dataclass
+class Window:
+    example: Example
+    toks: list[Tok]
+    clipped_left: bool
+    clipped_right: bool
+
+
+def window(ex: Example, left: int, right: int) -> Window:
+    """Tokens [pos - left, pos + right] of an example's context around its marked token."""
+    lo, hi = max(0, ex.pos - left), min(len(ex.tokens), ex.pos + right + 1)
+    toks = [Tok(ex.tokens[i], ex.acts[i], i == ex.pos) for i in range(lo, hi)]
+    return Window(ex, toks, lo > 0, hi < len(ex.tokens))
+
+
+def sae_or_404(store: Store, sae_id: str) -> SAEInfo:
+    sae = store.sae(sae_id)
+    if sae is None:
+        valid = ", ".join(s.sae_id for s in store.saes()) or "none"
+        raise AppError(f"there is no SAE {sae_id!r} in this store; valid: {valid}", 404, link=("/", "all SAEs"))
+    return sae
+
+
+def check_index(sae: SAEInfo, index: int) -> None:
+    if not 0 <= index < sae.d_sae:
+        raise AppError(f"feature {index} does not exist: {sae.sae_id} has features 0 to {sae.d_sae - 1}", 404,
+                       link=(f"/sae/{sae.sae_id}", f"browse {sae.sae_id}"))
+
+
+def url(path: str, **params) -> str:
+    q = {k: v for k, v in params.items() if v is not None and v != ""}
+    return f"{path}?{urlencode(q)}" if q else path
+
+
+@dataclass
+class Pager:
+    page: int
+    size: int
+    total: int
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.size))
+
+    @property
+    def offset(self) -> int:
+        return (self.page - 1) * self.size
+
+    @property
+    def first(self) -> int:
+        return min(self.total, self.offset + 1)
+
+    @property
+    def last(self) -> int:
+        return min(self.total, self.offset + self.size)
+
+
+def pager(page: int, size: int, total: int) -> Pager:
+    p = Pager(page, size, total)
+    if page > p.pages and total > 0:
+        raise AppError(f"page {page} is past the end: there are {p.pages} pages of {size}", 404)
+    return p
