@@ -10,7 +10,7 @@ import unicodedata
 
 from markupsafe import Markup, escape
 
-_VISIBLE = {"\n": "↵", "\t": "⇥", "\r": "␍", " ": "\u00a0"}
+_VISIBLE = {"\n": "↵", "\t": "⇥", "\r": "␍"}
 
 
 def visible(token: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -58,7 +59,13 @@ def _render_error(request: Request, err: AppError) -> Response:
 
 def create_app(store_path: Path | str, worker_url: str | None = None) -> FastAPI:
     store = Store(store_path)
-    app = FastAPI(title="saescope", version="0.1.0",
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        store.close()
+
+    app = FastAPI(title="saescope", version="0.1.0", lifespan=lifespan,
                   description="Features of sparse autoencoders: precomputed dashboards and live inspection.")
     app.state.store = store
     app.state.worker = WorkerClient(worker_url) if worker_url else None
@@ -85,9 +92,5 @@ def create_app(store_path: Path | str, worker_url: str | None = None) -> FastAPI
     async def crash(request: Request, err: Exception):
         log.exception("unhandled error on %s", request.url.path)
         return _render_error(request, AppError("something went wrong on the server; the log has the details", 500))
-
-    @app.on_event("shutdown")
-    def _close() -> None:
-        store.close()
 
     return app

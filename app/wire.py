@@ -11,7 +11,8 @@ MAX_TEXT_CHARS = 20_000
 
 class TextIn(BaseModel):
     sae_id: str = Field(description="which SAE to encode with (see /health for the list)")
-    text: str = Field(max_length=MAX_TEXT_CHARS, description="the prompt; BOS is prepended when the SAE expects it")
+    text: str = Field("", max_length=MAX_TEXT_CHARS, description="the prompt; BOS is prepended when the SAE expects it")
+    ids: list[int] | None = Field(None, description="token ids to use verbatim instead of text (e.g. a stored context)")
 
 
 class TokenizeIn(BaseModel):

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,11 +65,18 @@ class Engine:
             raise AppError(f"unknown SAE {sae_id!r}; this worker has: {', '.join(self.saes)}", 404)
         return self.saes[sae_id]
 
-    def tokenize(self, sae_id: str, text: str) -> np.ndarray:
+    def tokenize(self, sae_id: str, text: str, given: list[int] | None = None) -> np.ndarray:
         sae = self.sae(sae_id)
-        ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
-        bos = bos_id(self.lm.tokenizer) if sae.cfg.prepend_bos else None
-        ids = ([bos] if bos is not None else []) + list(ids)
+        if given is not None:
+            vocab = len(self.vocab)
+            bad = [i for i in given if not 0 <= i < vocab]
+            if bad:
+                raise AppError(f"token ids {bad[:5]} are outside the vocabulary (0 to {vocab - 1})", 422)
+            ids = list(given)
+        else:
+            ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+            bos = bos_id(self.lm.tokenizer) if sae.cfg.prepend_bos else None
+            ids = ([bos] if bos is not None else []) + list(ids)
         if not ids:
             raise AppError("the prompt is empty; type some text", 422)
         if len(ids) > self.max_prompt_tokens:
@@ -76,9 +84,10 @@ class Engine:
                            title="Prompt too long")
         return np.asarray(ids, dtype=np.int32)
 
-    async def encode(self, sae_id: str, text: str) -> tuple[np.ndarray, torch.Tensor]:
+    async def encode(self, body) -> tuple[np.ndarray, torch.Tensor]:
         """Token ids (T,) and feature activations (T, d_sae) for one prompt, batched with whatever else waits."""
-        ids = self.tokenize(sae_id, text)
+        sae_id = body.sae_id
+        ids = self.tokenize(sae_id, body.text, body.ids)
         assert self.queue is not None, "engine not started"
         if self.queue.qsize() >= self.max_queue:
             raise AppError(f"the worker has {self.queue.qsize()} requests queued (limit {self.max_queue}); retry shortly",
@@ -144,12 +153,13 @@ class Engine:
 
 
 def create_worker_app(engine: Engine) -> FastAPI:
-    app = FastAPI(title="saescope model worker", version="0.1.0",
-                  description="Live SAE feature activations over a small JSON API, with dynamic batching.")
-
-    @app.on_event("startup")
-    async def _start() -> None:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
         engine.start()
+        yield
+
+    app = FastAPI(title="saescope model worker", version="0.1.0", lifespan=lifespan,
+                  description="Live SAE feature activations over a small JSON API, with dynamic batching.")
 
     @app.exception_handler(AppError)
     async def app_error(request: Request, err: AppError):
@@ -177,13 +187,13 @@ def create_worker_app(engine: Engine) -> FastAPI:
         sae = engine.sae(body.sae_id)
         if body.feature >= sae.cfg.d_sae:
             raise AppError(f"feature {body.feature} does not exist: {body.sae_id} has features 0 to {sae.cfg.d_sae - 1}", 404)
-        ids, z = await engine.encode(body.sae_id, body.text)
+        ids, z = await engine.encode(body)
         v = z[:, body.feature]
         return FeatureActsOut(tokens=engine.strs(ids), values=v.tolist(), max_value=float(v.max()), max_pos=int(v.argmax()))
 
     @app.post("/top_features", response_model=TopFeaturesOut)
     async def top_features(body: TopFeaturesIn) -> TopFeaturesOut:
-        ids, z = await engine.encode(body.sae_id, body.text)
+        ids, z = await engine.encode(body)
         pos = body.positions if body.positions is not None else list(range(len(ids)))
         bad = [p for p in pos if not 0 <= p < len(ids)]
         if bad or not pos:
@@ -200,7 +210,7 @@ def create_worker_app(engine: Engine) -> FastAPI:
 
     @app.post("/token_features", response_model=TokenFeaturesOut)
     async def token_features(body: TokenFeaturesIn) -> TokenFeaturesOut:
-        ids, z = await engine.encode(body.sae_id, body.text)
+        ids, z = await engine.encode(body)
         k = min(body.k, z.shape[1])
         top = z.topk(k, dim=1)
         per = [[FeatureHit(index=int(i), value=float(v), pos=t) for v, i in zip(vals, idx) if v > 0]

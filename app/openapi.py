@@ -1,0 +1,41 @@
+"""Write the dashboard's and the worker's OpenAPI documents to docs/ (a test checks they are current)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from fastapi.openapi.utils import get_openapi
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def dashboard_doc() -> dict:
+    from . import api, live, pages
+    from fastapi import FastAPI
+
+    app = FastAPI(title="saescope", version="0.1.0",
+                  description="Features of sparse autoencoders: precomputed dashboards and live inspection.")
+    for r in (pages.router, live.router, api.router):
+        app.include_router(r)
+    return app.openapi()
+
+
+def worker_doc() -> dict:
+    from .worker import create_worker_app
+
+    return create_worker_app(None).openapi()  # type: ignore[arg-type]
+
+
+def main() -> int:
+    out = ROOT / "docs"
+    out.mkdir(exist_ok=True)
+    (out / "openapi.json").write_text(json.dumps(dashboard_doc(), indent=1, sort_keys=True) + "\n")
+    (out / "worker-openapi.json").write_text(json.dumps(worker_doc(), indent=1, sort_keys=True) + "\n")
+    print("wrote docs/openapi.json and docs/worker-openapi.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
