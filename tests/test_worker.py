@@ -1,0 +1,229 @@
+"""A real model-worker process on loopback: equal values, batching that changes nothing, clear refusals."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from app.server import create_app
+from app.store import Store
+from tests.conftest import free_port
+
+TEXTS = ["The file descriptor is closed.", "def f(x):\n    return x + 1", "Return a new socket object.",
+         "If the buffer is full, the call blocks.", "A", "Raise ValueError when the key is missing from the mapping."]
+
+
+def start_worker(store, port: int, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "app.cli", "worker", "--store", str(store), "--port", str(port), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("worker did not come up in 120 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_store):
+    port = free_port()
+    proc = start_worker(tiny_store, port, "--batch-wait-ms", "30")
+    yield f"http://127.0.0.1:{port}"
+    stop(proc)
+
+
+@pytest.fixture(scope="module")
+def engine_parts(tiny_lm_dir, tiny_sae_dir):
+    from precompute.models import load_model
+    from precompute.saes import load_sae
+
+    return load_model(str(tiny_lm_dir), "cpu", "float32"), load_sae(str(tiny_sae_dir))
+
+
+def direct(engine_parts, ids) -> np.ndarray:
+    """The precompute code path on one sequence: (T, d_sae)."""
+    from precompute.run import encode_batch
+
+    lm, sae = engine_parts
+    return encode_batch(lm, sae, np.asarray([ids], dtype=np.int32), sae.cfg.hook_name)[0].numpy()
+
+
+def test_worker_equals_precompute_and_the_store(worker, tiny_store, engine_parts):
+    with Store(tiny_store) as s:
+        for f in (3, 11, 40, 77):
+            for ex in s.examples("tiny", f, "top")[:2]:
+                r = httpx.post(f"{worker}/activations", json={"sae_id": "tiny", "ids": ex.token_ids, "feature": f})
+                assert r.status_code == 200, r.text
+                got = np.asarray(r.json()["values"])
+                np.testing.assert_allclose(got, ex.acts, rtol=1e-4, atol=1e-6)
+                np.testing.assert_allclose(got, direct(engine_parts, ex.token_ids)[:, f], rtol=1e-4, atol=1e-6)
+                assert r.json()["max_pos"] == ex.pos
+
+
+def test_text_is_tokenized_with_bos_like_precompute(worker, engine_parts):
+    lm, sae = engine_parts
+    r = httpx.post(f"{worker}/tokenize", json={"sae_id": "tiny", "text": TEXTS[0]}).json()
+    assert r["ids"][0] == lm.tokenizer.bos_token_id
+    assert r["ids"][1:] == lm.tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"]
+    z = direct(engine_parts, r["ids"])
+    a = httpx.post(f"{worker}/activations", json={"sae_id": "tiny", "text": TEXTS[0], "feature": 5}).json()
+    np.testing.assert_allclose(a["values"], z[:, 5], rtol=1e-4, atol=1e-6)
+    assert a["values"][0] == 0, "BOS is special: never an activation"
+
+
+def test_top_and_per_token_features_match_a_dense_ranking(worker, engine_parts):
+    ids = httpx.post(f"{worker}/tokenize", json={"sae_id": "tiny", "text": TEXTS[3]}).json()["ids"]
+    z = direct(engine_parts, ids)
+    top = httpx.post(f"{worker}/top_features", json={"sae_id": "tiny", "text": TEXTS[3], "k": 5}).json()
+    mx = z.max(0)
+    assert [h["index"] for h in top["features"]] == list(np.argsort(-mx, kind="stable")[:5])
+    for h in top["features"]:
+        assert h["value"] == pytest.approx(mx[h["index"]], rel=1e-4) and z[h["pos"], h["index"]] == pytest.approx(h["value"], rel=1e-4)
+    np.testing.assert_allclose(top["token_max"], z.max(1), rtol=1e-4, atol=1e-6)
+    at = httpx.post(f"{worker}/top_features", json={"sae_id": "tiny", "text": TEXTS[3], "k": 3, "positions": [2]}).json()
+    assert [h["index"] for h in at["features"]] == list(np.argsort(-z[2], kind="stable")[:3])
+    per = httpx.post(f"{worker}/token_features", json={"sae_id": "tiny", "text": TEXTS[3], "k": 4}).json()["per_token"]
+    for t, hits in enumerate(per):
+        want = [i for i in np.argsort(-z[t], kind="stable")[:4] if z[t, i] > 0]
+        assert [h["index"] for h in hits] == want
+
+
+def test_batching_changes_no_result(worker):
+    solo = {t: httpx.post(f"{worker}/activations", json={"sae_id": "tiny", "text": t, "feature": 9}).json()["values"]
+            for t in TEXTS}
+    before = httpx.get(f"{worker}/health").json()
+    jobs = [TEXTS[i % len(TEXTS)] for i in range(24)]
+    with cf.ThreadPoolExecutor(16) as pool:
+        outs = list(pool.map(lambda t: httpx.post(f"{worker}/activations",
+                                                  json={"sae_id": "tiny", "text": t, "feature": 9}, timeout=60).json(), jobs))
+    for t, o in zip(jobs, outs):
+        np.testing.assert_allclose(o["values"], solo[t], rtol=1e-5, atol=1e-6)
+    after = httpx.get(f"{worker}/health").json()
+    n_req, n_batches = after["requests"] - before["requests"], after["batches"] - before["batches"]
+    assert n_req == 24 and n_batches < n_req, f"{n_req} requests in {n_batches} forward passes: no batching happened"
+
+
+def test_bad_requests_get_clear_4xx(worker):
+    r = httpx.post(f"{worker}/activations", json={"sae_id": "tiny", "text": " ".join(["word"] * 700), "feature": 1})
+    assert r.status_code == 413
+    assert r.json()["error"]["message"] == "prompt has 701 tokens; the limit is 512"
+    r = httpx.post(f"{worker}/activations", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(f"{worker}/activations", json={"sae_id": "nope", "text": "x", "feature": 1})
+    assert r.status_code == 404 and "this worker has: tiny" in r.json()["error"]["message"]
+    r = httpx.post(f"{worker}/activations", json={"sae_id": "tiny", "text": "x", "feature": 96})
+    assert r.status_code == 404 and "features 0 to 95" in r.json()["error"]["message"]
+    r = httpx.post(f"{worker}/activations", json={"sae_id": "tiny", "ids": [1, 10**9], "feature": 1})
+    assert r.status_code == 422 and "outside the vocabulary" in r.json()["error"]["message"]
+    r = httpx.post(f"{worker}/top_features", json={"sae_id": "tiny", "text": "a b", "positions": [9]})
+    assert r.status_code == 422 and "outside the prompt's 3 tokens" in r.json()["error"]["message"]
+    r = httpx.post(f"{worker}/activations", json={"sae_id": "tiny", "text": "", "feature": 1})
+    assert r.status_code == 200  # BOS alone is a valid prompt with no activations
+    assert r.json()["values"] == [0.0]
+
+
+def test_queue_limit_refuses_with_numbers(tiny_store):
+    port = free_port()
+    proc = start_worker(tiny_store, port, "--max-batch", "1", "--max-queue", "1", "--batch-wait-ms", "0")
+    try:
+        with cf.ThreadPoolExecutor(24) as pool:
+            rs = list(pool.map(lambda i: httpx.post(f"http://127.0.0.1:{port}/activations", timeout=60,
+                                                    json={"sae_id": "tiny", "text": TEXTS[i % 6] * 20, "feature": 1}),
+                               range(48)))
+        codes = {r.status_code for r in rs}
+        assert codes <= {200, 503} and 503 in codes and 200 in codes
+        busy = next(r for r in rs if r.status_code == 503).json()["error"]["message"]
+        assert "(limit 1)" in busy and "retry" in busy
+    finally:
+        stop(proc)
+
+
+def test_dashboard_live_parts_and_worker_outage(tiny_store):
+    port = free_port()
+    proc = start_worker(tiny_store, port)
+    client = TestClient(create_app(tiny_store, worker_url=f"http://127.0.0.1:{port}"))
+    try:
+        r = client.get("/inspect", params={"sae": "tiny", "prompt": TEXTS[0]})
+        assert r.status_code == 200 and 'id="top-features"' in r.text
+        top = httpx.post(f"http://127.0.0.1:{port}/top_features", json={"sae_id": "tiny", "text": TEXTS[0], "k": 20}).json()
+        from app.render import fmt
+
+        first = top["features"][0]
+        assert f'href="/sae/tiny/feature/{first["index"]}"' in r.text and fmt(first["value"], 4) in r.text
+        r = client.get("/inspect", params={"sae": "tiny", "prompt": TEXTS[0], "pos": 2}, headers={"HX-Request": "true", "HX-Target": "token-detail"})
+        assert "Token 2" in r.text and "<html" not in r.text
+        r = client.post("/live/activations", data={"sae": "tiny", "feature": first["index"], "text": TEXTS[0]})
+        assert f'id="live-max">{fmt(first["value"], 4)}<' in r.text
+        assert client.get("/api/inspect", params={"sae": "tiny", "prompt": TEXTS[0]}).json()["features"][0] == first
+    finally:
+        stop(proc)
+    # the worker is gone: precomputed pages still work; live parts say so plainly
+    time.sleep(2.1)  # past the health cache
+    assert client.get("/sae/tiny/feature/3").status_code == 200
+    r = client.get("/inspect", params={"sae": "tiny", "prompt": TEXTS[0]})
+    assert r.status_code == 200 and "model worker is unavailable" in r.text and "precomputed pages still work" in r.text
+    r = client.get("/api/inspect", params={"sae": "tiny", "prompt": TEXTS[0]})
+    assert r.status_code == 503 and "unavailable" in r.json()["error"]["message"]
+    r = client.post("/live/activations", data={"sae": "tiny", "feature": 1, "text": "x"})
+    assert "unavailable" in r.text
+    # ... and recover by themselves when it is back
+    proc = start_worker(tiny_store, port)
+    try:
+        time.sleep(2.1)
+        r = client.get("/inspect", params={"sae": "tiny", "prompt": TEXTS[0]})
+        assert 'id="top-features"' in r.text and "unavailable" not in r.text
+    finally:
+        stop(proc)
+
+
+def test_a_worker_dying_mid_request_gives_a_clear_error(tiny_store):
+    """A peer that takes the request and drops the connection, as a crashing worker does."""
+    port = free_port()
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port))
+    srv.listen()
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            data = conn.recv(65536)
+            if data.startswith(b"GET /health"):
+                body = b'{"status":"ok"}'
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            conn.close()  # a POST: read it, then die without answering
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        client = TestClient(create_app(tiny_store, worker_url=f"http://127.0.0.1:{port}"))
+        t0 = time.time()
+        r = client.get("/api/inspect", params={"sae": "tiny", "prompt": "hello"})
+        assert time.time() - t0 < 10, "never a hung page"
+        assert r.status_code == 503 and "closed the connection mid-request" in r.json()["error"]["message"]
+    finally:
+        srv.close()
