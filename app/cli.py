@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-url", default=None, help="use a model worker already running there (e.g. on a GPU box)")
     p.add_argument("--no-worker", action="store_true", help="serve precomputed pages only; live inspection is off")
     p.add_argument("--worker-port", type=int, default=D.worker_port, help="port for the child worker")
+    p.add_argument("--no-prewarm", action="store_true",
+                   help="do not pre-render every feature page in the background after startup")
 
     p = sub.add_parser("worker", help="run the model worker: holds model+SAEs, batches live requests, JSON API",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

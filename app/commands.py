@@ -43,7 +43,7 @@ def serve(args: argparse.Namespace) -> int:
     from .serve import serve_store
 
     return serve_store(args.store, host=args.host, port=args.port, worker_url=args.worker_url,
-                       start_worker=not args.no_worker, worker_port=args.worker_port)
+                       start_worker=not args.no_worker, worker_port=args.worker_port, prewarm=not args.no_prewarm)
 
 
 def worker(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse
+from markupsafe import escape
 
 from .errors import AppError
 from .pages import store_of
@@ -78,6 +79,13 @@ def inspect_page(request: Request, sae: str | None = None, prompt: str = Query("
             ctx["error"] = err
     block = "detail" if pos is not None and request.headers.get("HX-Target") == "token-detail" else "result"
     return page(request, "inspect.html", ctx, block=block)
+
+
+@router.get("/live/status", response_class=HTMLResponse)
+def live_status(request: Request):
+    """A fragment: empty when the worker answers, a plain notice when it does not (pages stay cacheable)."""
+    st = worker_status(request.app)
+    return HTMLResponse("" if st["up"] else f'<p class="notice" role="status">{escape(st["message"])}</p>')
 
 
 @router.post("/live/activations", response_class=HTMLResponse)

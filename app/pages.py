@@ -74,11 +74,13 @@ def feature_page(request: Request, sae_id: str, index: int,
     if f is None:
         raise AppError(f"feature {index} of {sae_id} is missing from the store (an interrupted build?)", 404)
     ctx = {"sae": sae, "f": f, "left": left, "right": right, "samples": samples,
-           "base": f"/sae/{sae_id}/feature/{index}", "worker": request.app.state.worker_status()}
+           "base": f"/sae/{sae_id}/feature/{index}"}
+    html = store.vocab_html(sae.model_key)
     if samples and is_htmx(request):  # a sample tab: only that block is computed
-        ctx["groups"] = [(g, [window(e, left, right) for e in g.examples]) for g in store.groups(sae_id, index, samples)]
+        ctx["groups"] = [(g, [window(e, left, right, html) for e in g.examples])
+                         for g in store.groups(sae_id, index, samples)]
         return page(request, "feature.html", {**ctx, "top": None}, block="samples")
-    ctx["top"] = [window(e, left, right) for e in store.examples(sae_id, index, "top")]
+    ctx["top"] = [window(e, left, right, html) for e in store.examples(sae_id, index, "top")]
     return page(request, "feature.html", ctx, block="examples")
 
 

@@ -89,3 +89,26 @@ def histogram_svg(counts: list[int], lo: float, hi: float, label: str, width: in
         parts.append(f'<text x="{zx:.1f}" y="{y}" class="tick" text-anchor="middle">0</text>')
     parts.append("</svg>")
     return Markup("".join(parts))
+
+
+def strip_html(toks, vmax: float, clipped_left: bool = False, clipped_right: bool = False) -> Markup:
+    """A strip of tokens coloured by activation (the hot path of every page, so built here, not in Jinja).
+
+    Every token string is escaped; active tokens are focusable and carry their exact value in data-tip,
+    which CSS shows on hover and on keyboard focus.
+    """
+    out = ['<span class="strip">']
+    if clipped_left:
+        out.append('<span class="clip">…</span>')
+    for t in toks:
+        text = t.html if getattr(t, "html", None) is not None else escape(visible(t.text))
+        cls = "tok max" if t.is_max else "tok"
+        if t.value > 0:
+            out.append(f'<span class="{cls} on" tabindex="0" style="--a:{alpha(t.value, vmax)}" '
+                       f'data-tip="{text} → {fmt(t.value, 4)}">{text}</span>')
+        else:
+            out.append(f'<span class="{cls}" data-tip="{text} → 0">{text}</span>')
+    if clipped_right:
+        out.append('<span class="clip">…</span>')
+    out.append("</span>")
+    return Markup("".join(out))

@@ -22,7 +22,7 @@ def start_worker_process(store: Path, host: str, port: int, extra: list[str] | N
 
 
 def serve_store(store: Path, host: str, port: int, worker_url: str | None = None, start_worker: bool = True,
-                worker_port: int = 8001) -> int:
+                worker_port: int = 8001, prewarm: bool = True) -> int:
     import uvicorn
 
     from .server import create_app
@@ -33,7 +33,7 @@ def serve_store(store: Path, host: str, port: int, worker_url: str | None = None
         start_worker_process(store, "127.0.0.1", worker_port)
         worker_url = f"http://127.0.0.1:{worker_port}"
         log.info("model worker starting at %s (loading the model takes a few seconds; pages work meanwhile)", worker_url)
-    app = create_app(store, worker_url)
+    app = create_app(store, worker_url, cache=True, prewarm=prewarm)
     print(f"\n  saescope is serving {store} at http://{host}:{port}/\n", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0

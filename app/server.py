@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import api, live, pages
+from .cache import PageCache
 from .errors import AppError
 from .store import Store
 from .templating import STATIC, page
@@ -57,12 +59,21 @@ def _render_error(request: Request, err: AppError) -> Response:
                                         "link": err.link}, status=err.status)
 
 
-def create_app(store_path: Path | str, worker_url: str | None = None) -> FastAPI:
+def create_app(store_path: Path | str, worker_url: str | None = None, cache: bool = False, prewarm: bool = False):
+    """The dashboard ASGI app; with cache=True wrapped in a whole-response cache for the precomputed pages,
+    which prewarm=True fills in the background with every feature page's default view."""
     store = Store(store_path)
+    cached: PageCache | None = None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        task = None
+        if cached is not None and prewarm:
+            paths = [f"/sae/{s.sae_id}/feature/{i}" for s in store.saes() for i in range(s.d_sae)]
+            task = asyncio.get_running_loop().create_task(cached.prewarm(paths))
         yield
+        if task is not None:
+            task.cancel()
         store.close()
 
     app = FastAPI(title="saescope", version="0.1.0", lifespan=lifespan,
@@ -93,4 +104,7 @@ def create_app(store_path: Path | str, worker_url: str | None = None) -> FastAPI
         log.exception("unhandled error on %s", request.url.path)
         return _render_error(request, AppError("something went wrong on the server; the log has the details", 500))
 
+    if cache:
+        cached = PageCache(app)
+        return cached
     return app

@@ -32,7 +32,7 @@ def make_env() -> Environment:
                       trim_blocks=True, lstrip_blocks=True, auto_reload=False)
     env.globals.update(static_url=static_url)
     env.filters.update(visible=render.visible, fmt=render.fmt, pct=render.pct, alpha=render.alpha)
-    env.globals.update(histogram_svg=render.histogram_svg)
+    env.globals.update(histogram_svg=render.histogram_svg, strip_html=render.strip_html)
     return env
 
 

@@ -14,6 +14,7 @@ class Tok:
     text: str
     value: float
     is_max: bool
+    html: str | None = None  # the escaped visible form, when precomputed
 
 
 @dataclass
@@ -24,10 +25,10 @@ class Window:
     clipped_right: bool
 
 
-def window(ex: Example, left: int, right: int) -> Window:
+def window(ex: Example, left: int, right: int, html: list[str] | None = None) -> Window:
     """Tokens [pos - left, pos + right] of an example's context around its marked token."""
     lo, hi = max(0, ex.pos - left), min(len(ex.tokens), ex.pos + right + 1)
-    toks = [Tok(ex.tokens[i], ex.acts[i], i == ex.pos) for i in range(lo, hi)]
+    toks = [Tok(ex.tokens[i], ex.acts[i], i == ex.pos, html[ex.token_ids[i]] if html else None) for i in range(lo, hi)]
     return Window(ex, toks, lo > 0, hi < len(ex.tokens))
 
 

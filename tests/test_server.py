@@ -246,3 +246,23 @@ def test_only_the_store_imports_duckdb():
         if re.search(r"^\s*(import duckdb|from duckdb)", p.read_text(), re.M) and "app/store" not in str(p):
             offenders.append(str(p.relative_to(ROOT)))
     assert offenders == []
+
+
+def test_page_cache_serves_identical_pages_and_never_caches_live_routes(demo_store):
+    client = TestClient(create_app(demo_store, worker_url=None, cache=True))
+    sid = client.get("/api/saes").json()[0]["sae_id"]
+    first = client.get(f"/sae/{sid}/feature/12")
+    second = client.get(f"/sae/{sid}/feature/12")
+    assert "x-cache" not in first.headers and second.headers["x-cache"] == "hit"
+    assert second.text == first.text and second.headers["vary"] == "HX-Request"
+    frag = client.get(f"/sae/{sid}/feature/12", headers={"HX-Request": "true"})
+    assert "x-cache" not in frag.headers and "<html" not in frag.text  # htmx fragments are cached apart
+    gz = client.get(f"/sae/{sid}/feature/12", headers={"Accept-Encoding": "gzip"})
+    assert gz.headers["content-encoding"] == "gzip" and gz.text == first.text
+    for _ in range(2):
+        r = client.get("/inspect", params={"prompt": "x"})
+        assert "x-cache" not in r.headers
+        r = client.get(f"/sae/{sid}/random", follow_redirects=False)
+        assert "x-cache" not in r.headers
+    assert client.get(f"/sae/{sid}/feature/99999").status_code == 404  # errors are not cached either
+    assert "x-cache" not in client.get(f"/sae/{sid}/feature/99999").headers

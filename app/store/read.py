@@ -137,7 +137,9 @@ class Store:
             raise StoreError(f"{self.path} has store schema version {row[0] if row else 'none'}; this saescope reads "
                              f"version {SCHEMA_VERSION}. Rebuild it with `saescope precompute --out {self.path}`")
         self._vocab: dict[str, list[str]] = {}
+        self._vocab_html: dict[str, list[str]] = {}
         self._saes = {s.sae_id: s for s in self._load_saes()}
+        self._has_explanations = bool(self._q("SELECT count(*) FROM explanations").fetchall()[0][0])
 
     # ---------------------------------------------------------------- plumbing
     def _cursor(self) -> duckdb.DuckDBPyConnection:
@@ -183,6 +185,16 @@ class Store:
             rows = self._q("SELECT token FROM vocab WHERE model_key = ? ORDER BY token_id", [model_key]).fetchall()
             self._vocab[model_key] = [r[0] for r in rows]
         return self._vocab[model_key]
+
+    def vocab_html(self, model_key: str) -> list[str]:
+        """Each token's visible, HTML-escaped form, computed once per model (the pages' hot path)."""
+        if model_key not in self._vocab_html:
+            from markupsafe import escape
+
+            from ..render import visible
+
+            self._vocab_html[model_key] = [str(escape(visible(t))) for t in self.vocab(model_key)]
+        return self._vocab_html[model_key]
 
     def _tok(self, sae_id: str):
         v = self.vocab(self._saes[sae_id].model_key)
@@ -242,7 +254,7 @@ class Store:
         r = dict(zip(names, row))
         tok = self._tok(sae_id)
         expl = [e[0] for e in self._q("SELECT text FROM explanations WHERE sae_id = ? AND feature = ?",
-                                      [sae_id, index]).fetchall()]
+                                      [sae_id, index]).fetchall()] if self._has_explanations else []
         return Feature(
             sae_id=sae_id, index=index, n_active=r["n_active"], density=r["density"], max_act=r["max_act"],
             mean_act=r["mean_act"], hist_lo=r["hist_lo"], hist_hi=r["hist_hi"], hist=r["hist"],
@@ -253,17 +265,24 @@ class Store:
             neighbours=list(zip(r["neighbours"], r["neighbour_sims"])), explanations=expl)
 
     def examples(self, sae_id: str, index: int, kind: str = "top") -> list[Example]:
-        rows = self._q("""SELECT e.kind, e.grp, e.rank, e.ctx_id, e.pos, e.value, e.act_pos, e.act_val, c.tokens
-                          FROM examples e JOIN contexts c ON c.sae_id = e.sae_id AND c.ctx_id = e.ctx_id
-                          WHERE e.sae_id = ? AND e.feature = ? AND e.kind = ?
-                          ORDER BY e.grp, e.rank""", [sae_id, index, kind]).fetchall()
-        tok = self._tok(sae_id)
+        rows = self._q("""SELECT kind, grp, rank, ctx_id, pos, value, act_pos, act_val FROM examples
+                          WHERE sae_id = ? AND feature = ? AND kind = ? ORDER BY grp, rank""",
+                       [sae_id, index, kind]).fetchall()
+        if not rows:
+            return []
+        ctx_ids = sorted({r[3] for r in rows})
+        ctx = dict(self._q("""SELECT ctx_id, tokens FROM contexts WHERE sae_id = ? AND ctx_id >= ? AND ctx_id <= ?
+                              AND list_contains(?, ctx_id)""", [sae_id, ctx_ids[0], ctx_ids[-1], ctx_ids]).fetchall())
+        v = self.vocab(self._saes[sae_id].model_key)
+        n = len(v)
         out = []
-        for kind_, grp, rank, ctx, pos, value, apos, aval, tokens in rows:
+        for kind_, grp, rank, ctx_id, pos, value, apos, aval in rows:
+            tokens = ctx[ctx_id]
             acts = [0.0] * len(tokens)
-            for p, v in zip(apos, aval):
-                acts[p] = v
-            out.append(Example(kind_, grp, rank, ctx, pos, value, [tok(t) for t in tokens], list(tokens), acts))
+            for p, a in zip(apos, aval):
+                acts[p] = a
+            strs = [v[t] if 0 <= t < n else f"<id {t}>" for t in tokens]
+            out.append(Example(kind_, grp, rank, ctx_id, pos, value, strs, list(tokens), acts))
         return out
 
     def groups(self, sae_id: str, index: int, kind: str) -> list[Group]:

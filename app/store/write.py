@@ -152,14 +152,15 @@ class StoreBuilder:
                 WHERE rank < {per}""")
             _run(con, f"""INSERT INTO groups SELECT ?, b.feature, '{kind}', {col}, {lo_expr}, {hi_expr},
                 count(*), count(*)::DOUBLE / any_value(s.n) FROM binned b JOIN fstats s USING (feature)
-                GROUP BY b.feature, {col}""", [sae_id])
+                GROUP BY b.feature, {col} ORDER BY b.feature, {col}""", [sae_id])
+        # rows go in sorted by feature, so DuckDB's min/max zone maps let a page read only its own row groups
         _run(con, """INSERT INTO examples
             SELECT ?, e.feature, e.kind, e.grp, e.rank, e.ctx, e.pos, e.value,
                    list(a.pos ORDER BY a.pos), list(a.value ORDER BY a.pos)
             FROM ex e JOIN saescope_cache.acts a ON a.feature = e.feature AND a.ctx = e.ctx
-            GROUP BY ALL""", [sae_id])
+            GROUP BY ALL ORDER BY e.feature, e.kind, e.grp, e.rank""", [sae_id])
         _run(con, """INSERT INTO contexts SELECT ?, t.ctx, t.tokens FROM saescope_cache.ctx_tokens t
-                       WHERE t.ctx IN (SELECT DISTINCT ctx FROM ex)""", [sae_id])
+                       WHERE t.ctx IN (SELECT DISTINCT ctx FROM ex) ORDER BY t.ctx""", [sae_id])
         # histograms of active values over [min, max]
         hist = np.zeros((d_sae, hist_bins), dtype=np.int64)
         f, b, n = con.execute(f"""SELECT b.feature, least(floor((b.value - s.mn)::DOUBLE /

@@ -1,0 +1,109 @@
+"""An in-memory cache of whole GET responses for the precomputed pages, with optional background pre-rendering.
+
+The store is opened read-only and never changes while it is served, so a rendered page is valid for the life
+of the process. Live routes (/inspect, /live, random, the live API) are never cached. Bodies are kept gzipped
+(sent as-is to clients that accept gzip, as browsers do); the cache is bounded in bytes, least-recently-used
+pages go first. Hits are answered without leaving the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import logging
+import re
+import time
+from collections import OrderedDict
+
+log = logging.getLogger(__name__)
+CACHEABLE = re.compile(r"^/($|sae/[^/]+(/feature/\d+|/search)?$|api/saes(/[^/]+/(features(/\d+(/neuronpedia)?)?|search))?$)")
+
+
+class PageCache:
+    def __init__(self, app, max_bytes: int = 512 * 2**20):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self.prewarmed = False
+        self._pages: OrderedDict[tuple, tuple[int, list, bytes]] = OrderedDict()
+
+    @property
+    def state(self):  # so callers can treat the wrapped app like the FastAPI app
+        return self.app.state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/_cache":
+            body = json.dumps({"pages": len(self._pages), "bytes": self.bytes, "hits": self.hits,
+                               "misses": self.misses, "prewarmed": self.prewarmed}).encode()
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        if scope["type"] != "http" or scope["method"] != "GET" or not CACHEABLE.match(scope["path"]):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        key = (scope["path"], scope["query_string"], headers.get(b"hx-request"), headers.get(b"hx-target"),
+               b"json" in headers.get(b"accept", b""))
+        gz_ok = b"gzip" in headers.get(b"accept-encoding", b"")
+        hit = self._pages.get(key)
+        if hit is not None:
+            self._pages.move_to_end(key)
+            self.hits += 1
+            status, hdrs, body = hit
+            if gz_ok:
+                hdrs = hdrs + [(b"content-encoding", b"gzip"), (b"content-length", str(len(body)).encode())]
+            else:
+                body = gzip.decompress(body)
+                hdrs = hdrs + [(b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": status, "headers": hdrs + [(b"x-cache", b"hit")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.misses += 1
+        start: dict = {}
+        chunks: list[bytes] = []
+
+        async def capture(message):
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body") and start.get("status") == 200:
+                    hdrs = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+                    self._put(key, start["status"], hdrs, b"".join(chunks))
+            await send(message)
+
+        await self.app(scope, receive, capture)
+
+    def _put(self, key: tuple, status: int, headers: list, body: bytes) -> None:
+        body = gzip.compress(body, compresslevel=5)
+        if len(body) > self.max_bytes // 8:
+            return
+        old = self._pages.pop(key, None)
+        if old is not None:
+            self.bytes -= len(old[2])
+        self._pages[key] = (status, headers, body)
+        self.bytes += len(body)
+        while self.bytes > self.max_bytes and self._pages:
+            _, (_, _, gone) = self._pages.popitem(last=False)
+            self.bytes -= len(gone)
+
+    async def prewarm(self, paths: list[str]) -> None:
+        """Render `paths` through the app in the background (one at a time, yielding in between)."""
+        t0 = time.time()
+        for path in paths:
+            scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
+                     "headers": [(b"host", b"prewarm")], "scheme": "http", "server": ("prewarm", 80),
+                     "client": ("127.0.0.1", 0), "http_version": "1.1", "root_path": "", "asgi": {"version": "3.0"}}
+
+            async def receive():
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            async def send(_message):
+                return None
+
+            if (path, b"", None, None, False) not in self._pages:
+                await self(scope, receive, send)
+            await asyncio.sleep(0.002)  # leave room for real requests
+        self.prewarmed = True
+        log.info("pre-rendered %d pages in %.0f s (%.0f MB cached)", len(paths), time.time() - t0, self.bytes / 2**20)
