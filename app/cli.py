@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="convert again even if the folder exists")
 
     p = sub.add_parser("train-sae", help="train a TopK SAE on a model's activations and save it in SAELens format",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=(
+                           "Collects activations at --hook over --tokens tokens (special tokens excluded), trains a "
+                           "TopK SAE with the AuxK loss against dead latents, and saves cfg.json + "
+                           "sae_weights.safetensors (SAELens v6) plus training_report.json with held-out explained "
+                           "variance, L0 and dead share."))
     _model_args(p, sae=False)
     p.add_argument("--hook", default=D.demo_hook, help="hook to train on")
     p.add_argument("--dataset", default=D.dataset, help="'default', a .txt/.jsonl/.parquet file, or a HF dataset id")
@@ -58,7 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="store weights as float16 (half the size)")
 
     p = sub.add_parser("precompute", help="stream text through model+SAE and store every feature's dashboard data in DuckDB",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=(
+                           "One pass over the tokens stores, for every feature: the top-activating examples (one per "
+                           "context), equal-width interval and equal-count quantile samples, density, max, mean, an "
+                           "activation histogram, logit effects through the unembedding (final-norm gain folded in) "
+                           "and the nearest features by decoder cosine. Progress is checkpointed after every batch in "
+                           "OUT.work/: if the run is killed, the same command resumes where it stopped. The store is "
+                           "written to OUT.tmp and renamed over OUT only when complete; an existing OUT keeps its "
+                           "other SAEs."))
     _model_args(p)
     p.add_argument("--dataset", default=D.dataset, help="'default', a .txt/.jsonl/.parquet file, or a HF dataset id")
     p.add_argument("--text-field", default="text", help="text column of a .jsonl/.parquet/HF dataset")
@@ -112,13 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     from . import commands
+    from .store import StoreError
 
     try:
         return getattr(commands, args.cmd.replace("-", "_"))(args) or 0
     except KeyboardInterrupt:
         print("interrupted; a precompute run resumes from its last checkpoint when started again", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+    except (FileNotFoundError, ValueError, RuntimeError, StoreError) as err:
         logging.getLogger("saescope").debug("error", exc_info=True)
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -52,17 +52,33 @@ def worker(args: argparse.Namespace) -> int:
     return run_worker(args)
 
 
+def _demo_store_is_current(out, tokens: int) -> bool:
+    from .store import Store, StoreError
+
+    if not out.exists():
+        return False
+    try:
+        with Store(out) as store:
+            return any(s.n_tokens == tokens // DEFAULTS.context_len * DEFAULTS.context_len
+                       and s.sae_path == str(DEFAULTS.demo_sae_dir) for s in store.saes())
+    except StoreError:
+        return False
+
+
 def demo(args: argparse.Namespace) -> int:
     from precompute.run import PrecomputeArgs, run_precompute
 
     from .store import Store
 
-    pargs = PrecomputeArgs(out=args.out, tokens=args.tokens)
-    run_precompute(pargs)
+    if _demo_store_is_current(args.out, args.tokens):
+        print(f"using the existing demo store {args.out} (delete it to rebuild)")
+    else:
+        run_precompute(PrecomputeArgs(out=args.out, tokens=args.tokens))
     with Store(args.out) as store:
         sae = store.saes()[0]
-        print(f"\n{sae.sae_id}: {sae.d_sae} features, {sae.n_tokens:,} tokens; a few live features:")
-        for row in store.features(sae.sae_id, sort="max", limit=5, min_density=1e-4):
+        print(f"\n{sae.sae_id}: {sae.d_sae:,} features over {sae.n_tokens:,} tokens, dead {100 * sae.dead_share:.1f}%; "
+              "the first live features:")
+        for row in store.features(sae.sae_id, sort="index", limit=5, dead=False):
             print(f"  feature {row.index:>5}  max {row.max_act:7.2f}  density {row.density:.4f}  top tokens: "
                   + ", ".join(repr(t) for t in row.top_tokens[:6]))
     if args.no_serve:

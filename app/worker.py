@@ -55,6 +55,7 @@ class Engine:
         self.queue: asyncio.Queue[Job] | None = None
         self.batches = self.requests = 0
         self._task: asyncio.Task | None = None
+        self._last_batch = 0
 
     def start(self) -> None:
         self.queue = asyncio.Queue()
@@ -106,7 +107,9 @@ class Engine:
         while True:
             first = await self.queue.get()
             jobs = [first]
-            deadline = time.monotonic() + self.batch_wait
+            # wait for company only when there is traffic: a lone request on an idle worker runs at once
+            wait = self.batch_wait if (self.queue.qsize() or self._last_batch > 1) else 0.0
+            deadline = time.monotonic() + wait
             while len(jobs) < self.max_batch:
                 left = deadline - time.monotonic()
                 if left <= 0 and self.queue.empty():
@@ -117,6 +120,7 @@ class Engine:
                 except (asyncio.TimeoutError, asyncio.QueueEmpty):
                     break
             jobs = [j for j in jobs if not j.future.cancelled()]
+            self._last_batch = len(jobs)
             by_sae: dict[str, list[Job]] = {}
             for j in jobs:
                 by_sae.setdefault(j.sae_id, []).append(j)

@@ -30,8 +30,10 @@ def logit_effects(W_dec: torch.Tensor, W_U: torch.Tensor, gain: torch.Tensor | N
         top, bot = L.topk(n, dim=-1), (-L).topk(n, dim=-1)
         out["pos_ids"][s:s + chunk], out["pos_vals"][s:s + chunk] = top.indices.numpy(), top.values.numpy()
         out["neg_ids"][s:s + chunk], out["neg_vals"][s:s + chunk] = bot.indices.numpy(), (-bot.values).numpy()
-        lo, hi = L.min(-1).values, L.max(-1).values  # (c,)
-        idx = ((L - lo[:, None]) / (hi - lo).clamp_min(1e-12)[:, None] * bins).long().clamp_(0, bins - 1)
+        lo, hi = L.aminmax(dim=-1)  # (c,)
+        # bin index in place (L is not needed any more): fewer full-size temporaries
+        L.sub_(lo[:, None]).mul_((bins / (hi - lo).clamp_min(1e-12))[:, None]).clamp_(0, bins - 1)
+        idx = L.long()
         h = torch.zeros(L.shape[0], bins, dtype=torch.long).scatter_add_(1, idx, torch.ones_like(idx))
         out["hist"][s:s + chunk], out["hist_lo"][s:s + chunk], out["hist_hi"][s:s + chunk] = h.numpy(), lo.numpy(), hi.numpy()
     return out

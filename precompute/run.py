@@ -63,6 +63,7 @@ class PrecomputeArgs:
     hist_bins: int = D.hist_bins
     progress: bool = True
     stop_after_batches: int | None = field(default=None, repr=False)  # tests: simulate an interrupted run
+    timings: dict = field(default_factory=dict, repr=False)  # filled in: load/stream/publish seconds
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "PrecomputeArgs":
@@ -96,9 +97,9 @@ def _batches(it, n_ctx: int, skip: int, batch_size: int):
 
 def run_precompute(a: PrecomputeArgs) -> Path:
     t_start = time.time()
+    sae = load_sae(resolve_sae(a.sae), a.hook)  # the cheaper check first: a bad SAE fails before the model loads
     model_path = resolve_model(a.model)
     lm = load_model(model_path, a.device, a.dtype)
-    sae = load_sae(resolve_sae(a.sae), a.hook)
     sae.to(lm.device)
     hook = sae.cfg.hook_name
     width = lm.hook_width(hook)
@@ -118,6 +119,7 @@ def run_precompute(a: PrecomputeArgs) -> Path:
                    "text_field": a.text_field, "contexts": n_ctx, "context_len": a.context_len,
                    "batch_size": a.batch_size, "prepend_bos": prepend, "device": lm.device, "dtype": str(lm.dtype)}
     cache = ActivationCache(work / "cache.duckdb", fingerprint, restart=a.restart)
+    t_loaded = time.time()
     done = cache.contexts_done
     if done:
         log.info("resuming: %d of %d contexts already done", done, n_ctx)
@@ -143,10 +145,13 @@ def run_precompute(a: PrecomputeArgs) -> Path:
         cache.close()
     if done < n_ctx:
         log.warning("the dataset ran out after %d contexts (%d tokens); asked for %d", done, done * a.context_len, n_ctx)
-    t_stream = time.time() - t_start
+    t_stream = time.time()
     _publish(a, lm, sae, sae_id, model_label, model_path, work / "cache.duckdb", prepend, hook)
     shutil.rmtree(work, ignore_errors=True)
-    log.info("stored %s in %s (stream %.0f s, total %.0f s)", sae_id, a.out, t_stream, time.time() - t_start)
+    t_end = time.time()
+    a.timings.update(load=t_loaded - t_start, stream=t_stream - t_loaded, publish=t_end - t_stream, tokens=done * a.context_len)
+    log.info("stored %s in %s (load %.0f s, stream %.0f s, tables %.0f s)", sae_id, a.out, t_loaded - t_start,
+             t_stream - t_loaded, t_end - t_stream)
     return a.out
 
 

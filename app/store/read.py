@@ -295,6 +295,18 @@ class Store:
                 groups[ex.grp].examples.append(ex)
         return list(groups.values())
 
+    def stats(self, sae_id: str) -> dict[str, int]:
+        """Row counts and coverage, for reports and benchmarks."""
+        top_k = int(self._saes[sae_id].params.get("top_k", 20))
+        q = lambda sql: int(self._q(sql, [sae_id]).fetchall()[0][0])  # noqa: E731
+        return {
+            "examples": q("SELECT count(*) FROM examples WHERE sae_id = ?"),
+            "contexts": q("SELECT count(*) FROM contexts WHERE sae_id = ?"),
+            "live_features": q("SELECT count(*) FROM features WHERE sae_id = ? AND n_active > 0"),
+            "full_top_k": q(f"""SELECT count(*) FROM (SELECT feature FROM examples WHERE sae_id = ? AND kind = 'top'
+                                GROUP BY feature HAVING count(*) >= {top_k})"""),
+        }
+
     # ---------------------------------------------------------------- search
     def search_tokens(self, sae_id: str, text: str, limit: int = 50, offset: int = 0) -> tuple[list[SearchHit], int]:
         """Features whose top-activating tokens or top positive logits contain `text` (case-insensitive).
