@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from .errors import AppError
 from .pages import store_of
-from .views import check_index, pager, sae_or_404
+from .views import check_index, feature_list, sae_or_404
 
 router = APIRouter(prefix="/api", tags=["store"])
 
@@ -113,11 +113,8 @@ def api_features(request: Request, sae_id: str, sort: Literal["index", "density"
                  max_density: float | None = Query(None, ge=0, le=1)):
     store = store_of(request)
     sae_or_404(store, sae_id)
-    dead = {"all": None, "live": False, "dead": True}[show]
-    total = store.count_features(sae_id, min_density, max_density, dead)
-    pg = pager(page, size, total)
-    rows = store.features(sae_id, sort, order == "desc", size, pg.offset, min_density, max_density, dead)
-    return FeatureList(total=total, page=page, size=size, features=[FeatureSummary(**r.__dict__) for r in rows])
+    pg, rows = feature_list(store, sae_id, sort, order, page, size, show, min_density, max_density)
+    return FeatureList(total=pg.total, page=page, size=size, features=[FeatureSummary(**r.__dict__) for r in rows])
 
 
 @router.get("/saes/{sae_id}/features/{index}", response_model=FeatureOut, summary="one feature (the feature page)")

@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from .errors import AppError
 from .store import Store
 from .templating import is_htmx, page
-from .views import check_index, pager, sae_or_404, url, window
+from .views import check_index, feature_list, pager, sae_or_404, url, window
 
 router = APIRouter()
 D_LEFT, D_RIGHT = 24, 8
@@ -33,12 +33,7 @@ def sae_page(request: Request, sae_id: str,
              min_density: float | None = Query(None, ge=0, le=1), max_density: float | None = Query(None, ge=0, le=1)):
     store = store_of(request)
     sae = sae_or_404(store, sae_id)
-    if min_density is not None and max_density is not None and min_density > max_density:
-        raise AppError(f"min_density ({min_density}) is larger than max_density ({max_density})", 422)
-    dead = {"all": None, "live": False, "dead": True}[show]
-    total = store.count_features(sae_id, min_density, max_density, dead)
-    pg = pager(page_, size, total)
-    rows = store.features(sae_id, sort, order == "desc", size, pg.offset, min_density, max_density, dead)
+    pg, rows = feature_list(store, sae_id, sort, order, page_, size, show, min_density, max_density)
     params = dict(sort=sort, order=order, size=size, show=show, min_density=min_density, max_density=max_density)
     base = f"/sae/{sae_id}"
     return page(request, "sae.html", {

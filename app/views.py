@@ -79,3 +79,13 @@ def pager(page: int, size: int, total: int) -> Pager:
     if page > p.pages and total > 0:
         raise AppError(f"page {page} is past the end: there are {p.pages} pages of {size}", 404)
     return p
+
+
+def feature_list(store: Store, sae_id: str, sort: str, order: str, page: int, size: int, show: str,
+                 min_density: float | None, max_density: float | None):
+    """One page of the SAE's feature list under the given filters: (pager, rows). Shared by page and API."""
+    if min_density is not None and max_density is not None and min_density > max_density:
+        raise AppError(f"min_density ({min_density}) is larger than max_density ({max_density})", 422)
+    dead = {"all": None, "live": False, "dead": True}[show]
+    pg = pager(page, size, store.count_features(sae_id, min_density, max_density, dead))
+    return pg, store.features(sae_id, sort, order == "desc", size, pg.offset, min_density, max_density, dead)

@@ -95,16 +95,23 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks for GPT-2, GPT-NeoX, Llama, Gemma-2 and similar layouts."""
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers"):
+def _first_module(model: nn.Module, paths: tuple[str, ...], kind: type) -> nn.Module | None:
+    """The first dotted attribute path of `model` that leads to an instance of `kind`."""
+    for path in paths:
         obj: object = model
         for part in path.split("."):
             obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
+        if isinstance(obj, kind):
             return obj
+    return None
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks for GPT-2, GPT-NeoX, Llama, Gemma-2 and similar layouts."""
+    found = _first_module(model, ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
+                                  "transformer.layers"), nn.ModuleList)
+    if found is not None:
+        return found
     n = getattr(model.config, "num_hidden_layers", None)
     for _, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) == n:
@@ -128,15 +135,8 @@ def _submodule(layer: nn.Module, kind: str, model_type: str) -> nn.Module:
 
 
 def final_norm(model: nn.Module) -> nn.Module | None:
-    for path in ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.final_layernorm"):
-        obj: object = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.Module):
-            return obj
-    return None
+    return _first_module(model, ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm",
+                                 "model.final_layernorm"), nn.Module)
 
 
 class HookedLM:
