@@ -61,10 +61,21 @@ def _write_tokenizer(tok, out: Path) -> None:
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
+def _v4_compatible_config(path: Path) -> None:
+    """transformers 5 writes RoPE settings only under rope_parameters; 4.5x reads the top-level rope_theta and
+    would silently fall back to 10,000 instead of the model's 100,000. Write both."""
+    cfg = json.loads(path.read_text())
+    theta = (cfg.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None and cfg.get("rope_theta") != theta:
+        cfg["rope_theta"] = theta
+        path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def convert_default_model(force: bool = False) -> Path:
     """Convert the packaged GGUF into a HF folder in the cache (once); return the folder."""
     out = default_model_dir()
     if (out / "config.json").exists() and (out / "model.safetensors").exists() and not force:
+        _v4_compatible_config(out / "config.json")
         return out
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -88,6 +99,7 @@ def convert_default_model(force: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     plain.save_pretrained(tmp, safe_serialization=True)
+    _v4_compatible_config(tmp / "config.json")
     _write_tokenizer(tok, tmp)
     (tmp / "SAESCOPE_SOURCE.txt").write_text(f"{MODEL_ID}\n{LICENCE}\n")
     shutil.rmtree(out, ignore_errors=True)

@@ -1,5 +1,7 @@
 """Hook names map onto GPT-2, GPT-NeoX, Llama and Gemma-2 module trees; checked against hidden_states."""
 
+import json
+
 import pytest
 import torch
 
@@ -79,6 +81,9 @@ def test_embedded_default_reloads_through_from_pretrained(default_model_dir):
     cfg = AutoConfig.from_pretrained(default_model_dir)
     assert cfg.model_type == "llama" and cfg.num_hidden_layers == 30 and cfg.hidden_size == 576
     assert not hasattr(cfg, "quantization_config")
+    raw = json.loads((default_model_dir / "config.json").read_text())
+    # transformers 4.5x reads the top-level rope_theta; 5.x writes only rope_parameters
+    assert raw["rope_theta"] == raw["rope_parameters"]["rope_theta"] == 100000.0
     # the tokenizer files are the plain fast-tokenizer kind every transformers 4.5x / 5.x reads
     tok = PreTrainedTokenizerFast.from_pretrained(default_model_dir)
     assert tok.decode(tok("def f(x):\n    return x")["input_ids"]) == "def f(x):\n    return x"
