@@ -108,6 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=D.max_batch, help="largest batch of prompts per forward pass")
     p.add_argument("--batch-wait-ms", type=float, default=D.batch_wait_ms, help="how long a request waits for company")
     p.add_argument("--max-queue", type=int, default=D.max_queue, help="queued requests beyond which new ones get 503")
+    p.add_argument("--timeout", type=float, default=D.request_timeout_s, help="seconds a request may wait for its answer")
+
+    p = sub.add_parser("import-explanations", help="add feature explanations (searchable, shown on feature pages) to a store",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=(
+                           "Reads JSON or JSONL records with a feature index ('index' or 'feature') and a text "
+                           "('description' or 'text'): saescope's own format or a Neuronpedia explanation export. "
+                           "The store is rewritten atomically; restart `saescope serve` to see them."))
+    p.add_argument("store", type=Path, help="DuckDB store")
+    p.add_argument("file", type=Path, help=".json (a list) or .jsonl of explanation records")
+    p.add_argument("--sae-id", required=True, help="SAE in the store the explanations belong to")
+    p.add_argument("--source", default=None, help="label for where they came from (default: the file name)")
+    p.add_argument("--replace", action="store_true", help="drop this SAE's existing explanations first")
     return parser
 
 

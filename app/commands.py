@@ -87,3 +87,23 @@ def demo(args: argparse.Namespace) -> int:
 
     return serve_store(args.out, host=args.host, port=args.port, start_worker=True,
                        worker_port=DEFAULTS.worker_port)
+
+
+def import_explanations(args: argparse.Namespace) -> int:
+    import json
+
+    from .store.write import add_explanations
+
+    text = args.file.read_text(encoding="utf-8")
+    records = json.loads(text) if args.file.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
+    rows = []
+    for n, r in enumerate(records, 1):
+        index = r.get("index", r.get("feature"))
+        desc = r.get("description", r.get("text"))
+        if index is None or desc is None:
+            raise ValueError(f"{args.file} record {n}: needs 'index' (or 'feature') and 'description' (or 'text'); "
+                             f"has {', '.join(r) or 'nothing'}")
+        rows.append((int(index), str(desc)))
+    added = add_explanations(args.store, args.sae_id, rows, args.source or args.file.name, args.replace)
+    print(f"added {added} explanations to {args.sae_id} in {args.store}")
+    return 0

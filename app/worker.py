@@ -265,7 +265,7 @@ def run_worker(args: argparse.Namespace) -> int:
         sae_id = Path(ref).name or ref
         saes, hooks = {sae_id: ref}, {sae_id: args.hook}
     engine = build_engine(model, saes, hooks, args.device, args.dtype, args.max_prompt_tokens, args.max_batch,
-                          args.batch_wait_ms, args.max_queue)
+                          args.batch_wait_ms, args.max_queue, args.timeout)
     log.info("worker ready on http://%s:%d with %s", args.host, args.port, ", ".join(saes))
     uvicorn.run(create_worker_app(engine), host=args.host, port=args.port, log_level="warning")
     return 0

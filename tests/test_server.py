@@ -127,10 +127,20 @@ def test_search_by_index_token_and_explanation(demo, demo_store, tmp_path):
     # explanations: full-text once they exist
     copy = tmp_path / "expl.duckdb"
     shutil.copyfile(demo_store, copy)
-    con = duckdb.connect(str(copy))
-    con.execute("INSERT INTO explanations VALUES (?, 7, 'file descriptors and sockets', 'test'), "
-                "(?, 9, 'descriptors of files', 'test')", [sae.sae_id, sae.sae_id])
-    con.close()
+    src = tmp_path / "np_export.json"  # Neuronpedia's explanation export field names
+    src.write_text(json.dumps([{"modelId": "x", "layer": "9-x", "index": "7", "description": "file descriptors and sockets"},
+                               {"modelId": "x", "layer": "9-x", "index": "9", "description": "descriptors of files"}]))
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "app.cli", "import-explanations", str(copy), str(src), "--sae-id", sae.sae_id],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "added 2 explanations" in r.stdout, r.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"feature": 99999, "text": "x"}\n')
+    r = subprocess.run([sys.executable, "-m", "app.cli", "import-explanations", str(copy), str(bad), "--sae-id", sae.sae_id],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "outside 0..4095" in r.stderr
     c2 = TestClient(create_app(copy))
     r = c2.get(f"/sae/{sae.sae_id}/search", params={"q": "descriptors", "by": "explanation"})
     assert "/feature/7" in r.text and "/feature/9" in r.text

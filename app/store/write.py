@@ -248,3 +248,34 @@ def check_version(path: Path) -> None:
     if row is None or int(row[0]) != SCHEMA_VERSION:
         raise ValueError(f"{path} is not a saescope store of schema version {SCHEMA_VERSION} "
                          f"(found {row[0] if row else 'none'}); rebuild it with `saescope precompute --out {path}`")
+
+
+def add_explanations(path: Path, sae_id: str, rows: list[tuple[int, str]], source: str, replace: bool = False) -> int:
+    """Add (feature, text) explanations to one SAE of a store: copy, write, atomic rename."""
+    check_version(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.copyfile(path, tmp)
+    con = duckdb.connect(str(tmp))
+    try:
+        d_sae = con.execute("SELECT d_sae FROM saes WHERE sae_id = ?", [sae_id]).fetchall()
+        if not d_sae:
+            have = [r[0] for r in con.execute("SELECT sae_id FROM saes ORDER BY sae_id").fetchall()]
+            raise ValueError(f"{path} has no SAE {sae_id!r}; valid: {', '.join(have) or 'none'}")
+        bad = [i for i, _ in rows if not 0 <= i < d_sae[0][0]]
+        if bad:
+            raise ValueError(f"feature indices {bad[:5]} are outside 0..{d_sae[0][0] - 1} of {sae_id}")
+        if replace:
+            _run(con, "DELETE FROM explanations WHERE sae_id = ?", [sae_id])
+        tbl = pa.table({"sae_id": pa.array([sae_id] * len(rows)), "feature": pa.array([i for i, _ in rows], pa.int32()),
+                        "text": pa.array([t for _, t in rows]), "source": pa.array([source] * len(rows))})
+        con.register("new_expl", tbl)
+        _run(con, "INSERT INTO explanations SELECT * FROM new_expl")
+        con.unregister("new_expl")
+        _run(con, "CHECKPOINT")
+    except BaseException:
+        con.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    con.close()
+    os.replace(tmp, path)
+    return len(rows)
