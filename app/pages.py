@@ -71,11 +71,12 @@ def feature_page(request: Request, sae_id: str, index: int,
     ctx = {"sae": sae, "f": f, "left": left, "right": right, "samples": samples,
            "base": f"/sae/{sae_id}/feature/{index}"}
     html = store.vocab_html(sae.model_key)
+    special = frozenset(sae.params.get("special_token_ids", ()))
     if samples and is_htmx(request):  # a sample tab: only that block is computed
-        ctx["groups"] = [(g, [window(e, left, right, html) for e in g.examples])
+        ctx["groups"] = [(g, [window(e, left, right, html, special) for e in g.examples])
                          for g in store.groups(sae_id, index, samples)]
         return page(request, "feature.html", {**ctx, "top": None}, block="samples")
-    ctx["top"] = [window(e, left, right, html) for e in store.examples(sae_id, index, "top")]
+    ctx["top"] = [window(e, left, right, html, special) for e in store.examples(sae_id, index, "top")]
     return page(request, "feature.html", ctx, block="examples")
 
 

@@ -103,6 +103,8 @@ def strip_html(toks, vmax: float, clipped_left: bool = False, clipped_right: boo
     for t in toks:
         text = t.html if getattr(t, "html", None) is not None else escape(visible(t.text))
         cls = "tok max" if t.is_max else "tok"
+        if getattr(t, "special", False):
+            cls += " special"
         if t.value > 0:
             out.append(f'<span class="{cls} on" tabindex="0" style="--a:{alpha(t.value, vmax)}" '
                        f'data-tip="{text} → {fmt(t.value, 4)}">{text}</span>')

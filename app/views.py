@@ -15,6 +15,7 @@ class Tok:
     value: float
     is_max: bool
     html: str | None = None  # the escaped visible form, when precomputed
+    special: bool = False  # BOS/EOS/pad: shown muted, never an activation
 
 
 @dataclass
@@ -25,10 +26,13 @@ class Window:
     clipped_right: bool
 
 
-def window(ex: Example, left: int, right: int, html: list[str] | None = None) -> Window:
+def window(ex: Example, left: int, right: int, html: list[str] | None = None,
+           special: frozenset[int] = frozenset()) -> Window:
     """Tokens [pos - left, pos + right] of an example's context around its marked token."""
     lo, hi = max(0, ex.pos - left), min(len(ex.tokens), ex.pos + right + 1)
-    toks = [Tok(ex.tokens[i], ex.acts[i], i == ex.pos, html[ex.token_ids[i]] if html else None) for i in range(lo, hi)]
+    ids = ex.token_ids
+    toks = [Tok(ex.tokens[i], ex.acts[i], i == ex.pos, html[ids[i]] if html else None, ids[i] in special)
+            for i in range(lo, hi)]
     return Window(ex, toks, lo > 0, hi < len(ex.tokens))
 
 

@@ -140,7 +140,7 @@ def iter_contexts(texts: Iterator[str], tokenizer, context_len: int, prepend_bos
     buf: list[int] = []
     for text in texts:
         for start in range(0, len(text), 200_000):  # keep single tokenizer calls bounded
-            buf.extend(tokenizer(text[start:start + 200_000], add_special_tokens=False)["input_ids"])
+            buf.extend(tokenizer(text[start:start + 200_000], add_special_tokens=False, verbose=False)["input_ids"])
         if sep is not None:
             buf.append(sep)
         while len(buf) >= body:

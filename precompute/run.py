@@ -188,7 +188,8 @@ def _publish(a: PrecomputeArgs, lm: HookedLM, sae: SAE, sae_id: str, model_label
             "params": json.dumps({"top_k": a.top_k, "n_intervals": a.n_intervals, "per_interval": a.per_interval,
                                   "n_quantiles": a.n_quantiles, "per_quantile": a.per_quantile,
                                   "hist_bins": a.hist_bins, "device": lm.device, "dtype": str(lm.dtype),
-                                  "special_tokens_excluded": True}),
+                                  "special_tokens_excluded": True,
+                                  "special_token_ids": sorted(int(i) for i in lm.tokenizer.all_special_ids)}),
         })
         builder.publish()
     except BaseException:

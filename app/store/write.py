@@ -123,7 +123,8 @@ class StoreBuilder:
                             hist_bins: int) -> dict[str, np.ndarray]:
         """All activation-derived tables; returns per-feature stat arrays for the features table."""
         con = self.con
-        _run(con, f"ATTACH '{cache}' AS saescope_cache (READ_ONLY)")
+        quoted = str(cache).replace("'", "''")
+        _run(con, f"ATTACH '{quoted}' AS saescope_cache (READ_ONLY)")
         prio = PRIORITY_SQL.format(T=context_len)
         _run(con, """CREATE TEMP TABLE fstats AS SELECT feature, count(*) AS n, max(value) AS mx,
                        min(value) AS mn, avg(value::DOUBLE) AS mean FROM saescope_cache.acts GROUP BY feature""")
