@@ -36,7 +36,7 @@ class Defaults:
     n_logits: int = 10
     n_neighbours: int = 10
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
     # training (train-sae)
     train_tokens: int = 196_608
     d_sae: int = 4096

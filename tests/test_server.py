@@ -217,6 +217,12 @@ def test_openapi_document_is_current(demo):
         assert path in doc["paths"], path
     committed = json.loads((ROOT / "docs" / "openapi.json").read_text())
     assert committed == doc, "docs/openapi.json is stale: regenerate with `python -m app.openapi`"
+    from app.openapi import worker_doc
+
+    worker = json.loads((ROOT / "docs" / "worker-openapi.json").read_text())
+    assert worker == worker_doc(), "docs/worker-openapi.json is stale: regenerate with `python -m app.openapi`"
+    for path in ("/health", "/tokenize", "/activations", "/top_features", "/token_features"):
+        assert path in worker["paths"], path
 
 
 @pytest.fixture(scope="module")
