@@ -91,7 +91,10 @@ class PageCache:
     async def prewarm(self, paths: list[str]) -> None:
         """Render `paths` through the app in the background (one at a time, yielding in between)."""
         t0 = time.time()
-        for path in paths:
+        for done, path in enumerate(paths):
+            if self.bytes > 0.8 * self.max_bytes:  # a huge SAE: keep room for pages people actually open
+                log.info("pre-rendering stopped after %d of %d pages: the cache is 80%% full", done, len(paths))
+                break
             scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
                      "headers": [(b"host", b"prewarm")], "scheme": "http", "server": ("prewarm", 80),
                      "client": ("127.0.0.1", 0), "http_version": "1.1", "root_path": "", "asgi": {"version": "3.0"}}
