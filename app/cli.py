@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-ms", type=float, default=D.batch_wait_ms, help="how long a request waits for company")
     p.add_argument("--max-queue", type=int, default=D.max_queue, help="queued requests beyond which new ones get 503")
     p.add_argument("--timeout", type=float, default=D.request_timeout_s, help="seconds a request may wait for its answer")
+    p.add_argument("--exit-with-parent", type=int, default=None, metavar="PID",
+                   help="exit when process PID (the dashboard that started this worker) is gone")
 
     p = sub.add_parser("import-explanations", help="add feature explanations (searchable, shown on feature pages) to a store",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=(

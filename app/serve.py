@@ -14,10 +14,11 @@ log = logging.getLogger(__name__)
 
 
 def start_worker_process(store: Path, host: str, port: int, extra: list[str] | None = None) -> subprocess.Popen:
+    """The model worker as a child that never outlives this process (it watches for its parent to go)."""
     cmd = [sys.executable, "-m", "app.cli", "worker", "--store", str(store), "--host", host, "--port", str(port),
-           *(extra or [])]
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    atexit.register(lambda: proc.poll() is None and os.killpg(proc.pid, signal.SIGTERM))
+           "--exit-with-parent", str(os.getpid()), *(extra or [])]
+    proc = subprocess.Popen(cmd)
+    atexit.register(lambda: proc.poll() is None and proc.send_signal(signal.SIGTERM))
     return proc
 
 

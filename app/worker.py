@@ -239,6 +239,20 @@ def build_engine(model: str, saes: dict[str, str], hooks: dict[str, str | None],
     return Engine(lm, loaded, max_prompt_tokens, max_batch, batch_wait_ms, max_queue, timeout_s)
 
 
+def _exit_with_parent(pid: int) -> None:
+    """A child worker must not outlive the dashboard that started it, even if that one is killed with -9."""
+    import os
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == pid:
+            time.sleep(1.0)
+        log.info("parent %d is gone; the worker exits", pid)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def run_worker(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -266,6 +280,8 @@ def run_worker(args: argparse.Namespace) -> int:
         saes, hooks = {sae_id: ref}, {sae_id: args.hook}
     engine = build_engine(model, saes, hooks, args.device, args.dtype, args.max_prompt_tokens, args.max_batch,
                           args.batch_wait_ms, args.max_queue, args.timeout)
+    if args.exit_with_parent:
+        _exit_with_parent(args.exit_with_parent)
     log.info("worker ready on http://%s:%d with %s", args.host, args.port, ", ".join(saes))
     uvicorn.run(create_worker_app(engine), host=args.host, port=args.port, log_level="warning")
     return 0

@@ -227,3 +227,33 @@ def test_a_worker_dying_mid_request_gives_a_clear_error(tiny_store):
         assert r.status_code == 503 and "closed the connection mid-request" in r.json()["error"]["message"]
     finally:
         srv.close()
+
+
+def test_the_child_worker_never_outlives_serve(tiny_store):
+    """`saescope serve` starts the worker as a child; kill -9 the dashboard and the worker goes too."""
+    port, wport = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", str(tiny_store), "--port", str(port),
+                             "--worker-port", str(wport), "--no-prewarm"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    health = f"http://127.0.0.1:{wport}/health"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(health, timeout=0.5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert httpx.get(health).json()["saes"][0]["sae_id"] == "tiny"
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.time() + 15
+    gone = False
+    while time.time() < deadline and not gone:
+        try:
+            httpx.get(health, timeout=0.5)
+            time.sleep(0.3)
+        except httpx.HTTPError:
+            gone = True
+    assert gone, "the worker kept running after its dashboard was killed"
