@@ -7,9 +7,8 @@ from typing import Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
-from .errors import AppError
 from .pages import store_of
-from .views import check_index, feature_list, sae_or_404
+from .views import feature_list, feature_or_404, sae_or_404
 
 router = APIRouter(prefix="/api", tags=["store"])
 
@@ -120,11 +119,7 @@ def api_features(request: Request, sae_id: str, sort: Literal["index", "density"
 @router.get("/saes/{sae_id}/features/{index}", response_model=FeatureOut, summary="one feature (the feature page)")
 def api_feature(request: Request, sae_id: str, index: int):
     store = store_of(request)
-    sae = sae_or_404(store, sae_id)
-    check_index(sae, index)
-    f = store.feature(sae_id, index)
-    if f is None:
-        raise AppError(f"feature {index} of {sae_id} is missing from the store", 404)
+    _, f = feature_or_404(store, sae_id, index)
     return FeatureOut(**{k: getattr(f, k) for k in FeatureOut.model_fields if hasattr(f, k)},
                       top_examples=[_ex(e) for e in store.examples(sae_id, index, "top")],
                       intervals=_groups(store, sae_id, index, "interval"),
@@ -134,9 +129,7 @@ def api_feature(request: Request, sae_id: str, index: int):
 @router.get("/saes/{sae_id}/features/{index}/neuronpedia", summary="one feature in Neuronpedia's JSON field names")
 def api_neuronpedia(request: Request, sae_id: str, index: int) -> dict:
     store = store_of(request)
-    sae = sae_or_404(store, sae_id)
-    check_index(sae, index)
-    f = store.feature(sae_id, index)
+    sae, f = feature_or_404(store, sae_id, index)
     n = len(f.hist)
     step = (f.hist_hi - f.hist_lo) / n if n else 0.0
     ln = len(f.logit_hist)

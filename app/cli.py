@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from precompute.config import DEFAULT, DEFAULTS
+from precompute.config import DEFAULTS
 
 D = DEFAULTS
 EPILOG = """The embedded default (offline): --model default is SmolLM2-135M-Instruct, converted once from the

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from precompute.config import DEFAULT, DEFAULTS
 

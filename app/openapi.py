@@ -6,7 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-from fastapi.openapi.utils import get_openapi
 
 ROOT = Path(__file__).resolve().parent.parent
 

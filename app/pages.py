@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from .errors import AppError
 from .store import Store
 from .templating import is_htmx, page
-from .views import check_index, feature_list, pager, sae_or_404, url, window
+from .views import check_index, feature_list, feature_or_404, pager, sae_or_404, url, window
 
 router = APIRouter()
 D_LEFT, D_RIGHT = 24, 8
@@ -63,11 +63,7 @@ def feature_page(request: Request, sae_id: str, index: int,
                  left: int = Query(D_LEFT, ge=0, le=1024), right: int = Query(D_RIGHT, ge=0, le=1024),
                  samples: Literal["interval", "quantile"] | None = None):
     store = store_of(request)
-    sae = sae_or_404(store, sae_id)
-    check_index(sae, index)
-    f = store.feature(sae_id, index)
-    if f is None:
-        raise AppError(f"feature {index} of {sae_id} is missing from the store (an interrupted build?)", 404)
+    sae, f = feature_or_404(store, sae_id, index)
     ctx = {"sae": sae, "f": f, "left": left, "right": right, "samples": samples,
            "base": f"/sae/{sae_id}/feature/{index}"}
     html = store.vocab_html(sae.model_key)

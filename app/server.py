@@ -80,7 +80,6 @@ def create_app(store_path: Path | str, worker_url: str | None = None, cache: boo
                   description="Features of sparse autoencoders: precomputed dashboards and live inspection.")
     app.state.store = store
     app.state.worker = WorkerClient(worker_url) if worker_url else None
-    app.state.worker_status = lambda: live.worker_status(app)
     app.mount("/static", CachedStatic(directory=STATIC), name="static")
     app.include_router(pages.router)
     app.include_router(live.router)

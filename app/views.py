@@ -50,6 +50,16 @@ def check_index(sae: SAEInfo, index: int) -> None:
                        link=(f"/sae/{sae.sae_id}", f"browse {sae.sae_id}"))
 
 
+def feature_or_404(store: Store, sae_id: str, index: int):
+    """(SAEInfo, Feature) for a URL's sae_id and index, or the 404 that says what exists."""
+    sae = sae_or_404(store, sae_id)
+    check_index(sae, index)
+    f = store.feature(sae_id, index)
+    if f is None:
+        raise AppError(f"feature {index} of {sae_id} is missing from the store (an interrupted build?)", 404)
+    return sae, f
+
+
 def url(path: str, **params) -> str:
     q = {k: v for k, v in params.items() if v is not None and v != ""}
     return f"{path}?{urlencode(q)}" if q else path
