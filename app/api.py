@@ -108,7 +108,7 @@ def api_saes(request: Request):
 @router.get("/saes/{sae_id}/features", response_model=FeatureList, summary="features of an SAE (the SAE page)")
 def api_features(request: Request, sae_id: str, sort: Literal["index", "density", "max"] = "index",
                  order: Literal["asc", "desc"] = "asc", page: int = Query(1, ge=1), size: int = Query(50, ge=1, le=500),
-                 show: Literal["all", "live", "dead"] = "all", min_density: float | None = Query(None, ge=0, le=1),
+                 show: Literal["all", "live", "dead", "dense"] = "all", min_density: float | None = Query(None, ge=0, le=1),
                  max_density: float | None = Query(None, ge=0, le=1)):
     store = store_of(request)
     sae_or_404(store, sae_id)

@@ -29,7 +29,7 @@ def home(request: Request):
 def sae_page(request: Request, sae_id: str,
              sort: Literal["index", "density", "max"] = "index", order: Literal["asc", "desc"] = "asc",
              page_: int = Query(1, alias="page", ge=1), size: int = Query(50, ge=1, le=500),
-             show: Literal["all", "live", "dead"] = "all",
+             show: Literal["all", "live", "dead", "dense"] = "all",
              min_density: float | None = Query(None, ge=0, le=1), max_density: float | None = Query(None, ge=0, le=1)):
     store = store_of(request)
     sae = sae_or_404(store, sae_id)

@@ -8,6 +8,8 @@ from urllib.parse import urlencode
 from .errors import AppError
 from .store import Example, SAEInfo, Store
 
+DENSE = 0.01  # the share of tokens above which the feature list calls a feature dense
+
 
 @dataclass
 class Tok:
@@ -100,6 +102,8 @@ def feature_list(store: Store, sae_id: str, sort: str, order: str, page: int, si
     """One page of the SAE's feature list under the given filters: (pager, rows). Shared by page and API."""
     if min_density is not None and max_density is not None and min_density > max_density:
         raise AppError(f"min_density ({min_density}) is larger than max_density ({max_density})", 422)
-    dead = {"all": None, "live": False, "dead": True}[show]
+    dead = {"all": None, "live": False, "dead": True, "dense": False}[show]
+    if show == "dense":  # dense features fire on at least DENSE of the tokens
+        min_density = max(min_density or 0.0, DENSE)
     pg = pager(page, size, store.count_features(sae_id, min_density, max_density, dead))
     return pg, store.features(sae_id, sort, order == "desc", size, pg.offset, min_density, max_density, dead)

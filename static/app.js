@@ -5,3 +5,11 @@ document.addEventListener("focusin", (e) => {
   const live = document.getElementById("tok-live");
   if (t && live) live.textContent = t.dataset.tip;
 });
+
+// ← and → step to the previous and next feature on a feature page (not while typing).
+document.addEventListener("keydown", (e) => {
+  if (e.altKey || e.ctrlKey || e.metaKey || e.target.closest("input, textarea, select")) return;
+  const rel = { ArrowLeft: "prev", ArrowRight: "next" }[e.key];
+  const link = rel && document.querySelector(`.step a[rel=${rel}]`);
+  if (link) link.click();
+});

@@ -139,6 +139,15 @@ def test_search_and_paginate(server, page, facts):
     page.wait_for_function("!location.search.includes('page=2')")
 
 
+def test_arrow_keys_step_between_features(server, page, facts):
+    i = facts["index"]
+    page.goto(f"{server}/sae/{facts['sae']}/feature/{i}")
+    page.keyboard.press("ArrowRight")
+    page.wait_for_url(f"**/feature/{i + 1}")
+    page.keyboard.press("ArrowLeft")
+    page.wait_for_url(f"**/feature/{i}")
+
+
 def test_a_shared_link_reproduces_the_view(server, page, facts):
     url = f"{server}/sae/{facts['sae']}/feature/{facts['index']}?left=3&right=1&samples=quantile"
     page.goto(url)

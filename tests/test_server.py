@@ -53,6 +53,8 @@ def test_sae_page_paginates_sorts_and_filters(demo):
     r = client.get(f"/sae/{sae.sae_id}?min_density=0.01&show=live")
     n = store.count_features(sae.sae_id, min_density=0.01, dead=False)
     assert f"of {n:,}" in r.text
+    dense = client.get(f"/api/saes/{sae.sae_id}/features", params={"show": "dense", "size": 500}).json()
+    assert dense["total"] == n and all(f["density"] >= 0.01 for f in dense["features"])
     # htmx asks for the list block only; the answer varies on HX-Request
     r = client.get(f"/sae/{sae.sae_id}?page=2", headers={"HX-Request": "true"})
     assert "<html" not in r.text and "<table" in r.text and r.headers["vary"] == "HX-Request"
