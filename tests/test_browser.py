@@ -172,6 +172,9 @@ def test_inspect_a_prompt_and_read_a_feature_value(server, page, facts):
     page.click(".inspect-tokens a.tok >> nth=3")
     page.wait_for_selector("#token-detail h2")
     assert "Token 3" in page.inner_text("#token-detail h2") and "pos=3" in page.url
+    page.keyboard.press("Tab")  # keyboard focus on the next token shows its features too
+    page.wait_for_function("document.querySelector('#token-detail h2').textContent.includes('Token 4')")
+    assert "pos=4" in page.url
     # the feature page's own live box agrees
     page.goto(f"{server}/sae/{facts['sae']}/feature/{index}")
     page.fill(".live textarea", "The file descriptor of the socket is closed.")
