@@ -90,3 +90,25 @@ def test_embedded_default_reloads_through_from_pretrained(default_model_dir):
     lm = load_model(str(default_model_dir), "cpu", "float32")
     n_params = sum(p.numel() for p in lm.model.parameters())
     assert 134_000_000 < n_params < 135_000_000
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_final_norm_gain_per_family(family, tiny_family_dir):
+    """The gain folded into logit effects: Gemma's RMSNorm scales by (1 + weight), the others by weight."""
+    lm = _load(tiny_family_dir(family))
+    gain = lm.final_norm_gain()
+    norm = {"gpt2": lambda m: m.transformer.ln_f, "neox": lambda m: m.gpt_neox.final_layer_norm,
+            "llama": lambda m: m.model.norm, "gemma2": lambda m: m.model.norm}[family](lm.model)
+    x = torch.randn(3, lm.d_model)
+    if family == "gemma2":
+        torch.testing.assert_close(gain, 1 + norm.weight.detach())
+    else:
+        torch.testing.assert_close(gain, norm.weight.detach())
+    # independent check: for a zero-mean, unit-rms input the norm's output is exactly the gain times the input
+    x = x - x.mean(-1, keepdim=True)
+    x = x / x.pow(2).mean(-1, keepdim=True).sqrt()
+    with torch.no_grad():
+        out = norm(x)
+    bias = getattr(norm, "bias", None)
+    want = x * gain + (bias.detach() if bias is not None else 0)
+    torch.testing.assert_close(out, want, atol=2e-3, rtol=2e-3)
