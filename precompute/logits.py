@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 LOGIT_METHOD = ("W_dec[f] * final_norm_gain @ W_U (direct path; the final norm's gain is folded in, "
-                "its per-token 1/rms scale is not, so values are relative)")
+                "its per-token 1/rms scale is not, so values are relative; no logit soft-capping)")
 
 
 @torch.no_grad()
