@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -241,9 +243,6 @@ def build_engine(model: str, saes: dict[str, str], hooks: dict[str, str | None],
 
 def _exit_with_parent(pid: int) -> None:
     """A child worker must not outlive the dashboard that started it, even if that one is killed with -9."""
-    import os
-    import threading
-
     def watch() -> None:
         while os.getppid() == pid:
             time.sleep(1.0)

@@ -77,12 +77,16 @@ def default_sae_id(model_label: str, hook: str, sae: SAE) -> str:
 
 
 def encode_batch(lm: HookedLM, sae: SAE, ids: np.ndarray, hook: str,
-                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, T) token ids -> (B, T, d_sae) feature activations, special tokens zeroed. Shared with the worker."""
+                 attention_mask: torch.Tensor | None = None, special: np.ndarray | None = None) -> torch.Tensor:
+    """(B, T) token ids -> (B, T, d_sae) feature activations, special tokens zeroed. Shared with the worker.
+
+    `special` is the (B, T) special-token mask when the caller already has it."""
     acts = lm.activations(torch.from_numpy(ids).long(), hook, attention_mask)  # (B, T, d_in)
     with torch.no_grad():
         z = sae.encode(acts.to(sae.W_enc.device))  # (B, T, d_sae)
-    z[torch.from_numpy(special_mask(ids, lm.tokenizer)).to(z.device)] = 0
+    if special is None:
+        special = special_mask(ids, lm.tokenizer)
+    z[torch.from_numpy(special).to(z.device)] = 0
     return z
 
 
@@ -129,10 +133,11 @@ def run_precompute(a: PrecomputeArgs) -> Path:
     n_batches = 0
     try:
         for ids in _batches(contexts, n_ctx, done, a.batch_size):
-            z = encode_batch(lm, sae, ids, hook)  # (B, T, d_sae)
+            special = special_mask(ids, lm.tokenizer)  # (B, T), computed once per batch
+            z = encode_batch(lm, sae, ids, hook, special=special)  # (B, T, d_sae)
             b, t, f = torch.nonzero(z, as_tuple=True)
             vals = z[b, t, f].float().cpu().numpy()
-            counted = (~special_mask(ids, lm.tokenizer)).sum(1).astype(np.int32)
+            counted = (~special).sum(1).astype(np.int32)
             cache.append(done, ids, counted, (b.cpu().numpy() + done).astype(np.int32), t.cpu().numpy(),
                          f.cpu().numpy(), vals)
             done += ids.shape[0]

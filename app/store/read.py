@@ -208,16 +208,19 @@ class Store:
         order = f"{SORTS[sort]} {'DESC' if desc else 'ASC'}, feature"
         rows = self._q(f"""SELECT feature, density, max_act, mean_act, n_active, top_token_ids FROM features
                            WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?""", params + [limit, offset]).fetchall()
+        return [self._row(sae_id, r) for r in rows]
+
+    def _row(self, sae_id: str, r: tuple) -> FeatureRow:
+        """(feature, density, max_act, mean_act, n_active, top_token_ids) -> FeatureRow."""
         tok = self._tok(sae_id)
-        return [FeatureRow(r[0], r[1], r[2], r[3], r[4], _dedup([tok(i) for i in r[5]])) for r in rows]
+        return FeatureRow(r[0], r[1], r[2], r[3], r[4], _dedup([tok(i) for i in r[5]]))
 
     def features_by_index(self, sae_id: str, indices: list[int]) -> dict[int, FeatureRow]:
         if not indices:
             return {}
         rows = self._q("""SELECT feature, density, max_act, mean_act, n_active, top_token_ids FROM features
                           WHERE sae_id = ? AND list_contains(?, feature)""", [sae_id, list(map(int, indices))]).fetchall()
-        tok = self._tok(sae_id)
-        return {r[0]: FeatureRow(r[0], r[1], r[2], r[3], r[4], _dedup([tok(i) for i in r[5]])) for r in rows}
+        return {r[0]: self._row(sae_id, r) for r in rows}
 
     def count_features(self, sae_id: str, min_density: float | None = None, max_density: float | None = None,
                        dead: bool | None = None) -> int:
