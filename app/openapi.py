@@ -11,18 +11,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def dashboard_doc() -> dict:
-    from . import api, live, pages
     from fastapi import FastAPI
 
-    app = FastAPI(title="saescope", version="0.1.0",
-                  description="Features of sparse autoencoders: precomputed dashboards and live inspection.")
+    from .settings import VERSION
+    from .web import api, live, pages
+    from .web.app import DESCRIPTION
+
+    app = FastAPI(title="saescope", version=VERSION, description=DESCRIPTION)
     for r in (pages.router, live.router, api.router):
         app.include_router(r)
     return app.openapi()
 
 
 def worker_doc() -> dict:
-    from .worker import create_worker_app
+    from .worker.routes import create_worker_app
 
     return create_worker_app(None).openapi()  # type: ignore[arg-type]
 

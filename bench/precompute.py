@@ -44,8 +44,8 @@ def main() -> int:
 
     import torch
 
-    from app.store import Store
-    from precompute.config import DEFAULTS
+    from precompute.store import Store
+    from precompute.config import EMBEDDED, PRECOMPUTE
     from precompute.data import iter_contexts, iter_texts
     from precompute.embedded import resolve_model, resolve_sae
     from precompute.models import load_model
@@ -54,7 +54,7 @@ def main() -> int:
 
     lm = load_model(resolve_model("default"), "cpu", "float32")
     sae = load_sae(resolve_sae("default"))
-    T, B = DEFAULTS.context_len, DEFAULTS.batch_size
+    T, B = PRECOMPUTE.context_len, PRECOMPUTE.batch_size
     n_ctx = a.tokens // T
     ctxs = list(itertools.islice(iter_contexts(iter_texts("default"), lm.tokenizer, T, True), n_ctx))
     encode_batch(lm, sae, np.stack(ctxs[:B]), sae.cfg.hook_name)  # warm-up
@@ -80,7 +80,7 @@ def main() -> int:
               f"(tables {tm['publish']:.1f} s, model load {tm['load']:.1f} s not counted)")
         print(f"store: {size / 2**20:.1f} MB, {st['examples']:,} examples, {st['contexts']:,} contexts -> "
               f"{size / st['examples']:.0f} bytes per example; {st['full_top_k']:,} of {st['live_features']:,} live "
-              f"features have a full top-{DEFAULTS.top_k}")
+              f"features have a full top-{PRECOMPUTE.top_k}")
         for n in a.mem_tokens:
             rss, secs = peak_rss_mb(n, Path(tmp) / f"m{n}.duckdb")
             print(f"peak RSS of `saescope precompute --tokens {n:,}`: {rss:7.0f} MB  ({secs:.0f} s)")

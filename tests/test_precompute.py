@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.store import Store
-from app.store.schema import priority
+from precompute.store import Store
+from precompute.store.schema import priority
 from tests.conftest import TINY_ARGS
 
 T = TINY_ARGS["context_len"]
@@ -280,7 +280,7 @@ def test_two_saes_share_one_store(tmp_path, tiny_lm_dir, tiny_sae_dir, small_cor
 
 
 def test_unknown_store_version_is_refused(tmp_path):
-    from app.store import StoreError
+    from precompute.store import StoreError
 
     p = tmp_path / "old.duckdb"
     con = duckdb.connect(str(p))

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import torch
 
-from precompute.config import DEFAULTS
+from precompute.config import EMBEDDED, PRECOMPUTE
 from precompute.saes import load_sae
 
 
@@ -44,9 +44,9 @@ def test_training_improves_reconstruction():
 
 
 def test_the_committed_demo_sae(default_model_dir):
-    sae = load_sae(DEFAULTS.demo_sae_dir)
-    rep = json.loads((DEFAULTS.demo_sae_dir / "training_report.json").read_text())
-    assert sae.cfg.architecture == "topk" and sae.cfg.d_sae >= 4096 and sae.cfg.hook_name == DEFAULTS.demo_hook
+    sae = load_sae(EMBEDDED.sae_dir)
+    rep = json.loads((EMBEDDED.sae_dir / "training_report.json").read_text())
+    assert sae.cfg.architecture == "topk" and sae.cfg.d_sae >= 4096 and sae.cfg.hook_name == EMBEDDED.hook
     assert rep["explained_variance"] > 0.85 and rep["l0"] <= sae.cfg.k and rep["dead_share"] < 0.05
     norms = sae.W_dec.detach().norm(dim=-1).numpy()
     assert np.allclose(norms, norms[0], rtol=1e-2), "unit decoder rows in training space, one folded scale"

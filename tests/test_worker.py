@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
 import signal
 import socket
@@ -16,8 +17,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.server import create_app
-from app.store import Store
+from app.web.app import create_app
+from precompute.store import Store
 from tests.conftest import free_port
 
 TEXTS = ["The file descriptor is closed.", "def f(x):\n    return x + 1", "Return a new socket object.",
@@ -168,7 +169,7 @@ def test_dashboard_live_parts_and_worker_outage(tiny_store):
         r = client.get("/inspect", params={"sae": "tiny", "prompt": TEXTS[0]})
         assert r.status_code == 200 and 'id="top-features"' in r.text
         top = httpx.post(f"http://127.0.0.1:{port}/top_features", json={"sae_id": "tiny", "text": TEXTS[0], "k": 20}).json()
-        from app.render import fmt
+        from app.web.format import fmt
 
         first = top["features"][0]
         assert f'href="/sae/tiny/feature/{first["index"]}"' in r.text and fmt(first["value"], 4) in r.text
@@ -214,7 +215,8 @@ def test_a_worker_dying_mid_request_gives_a_clear_error(tiny_store):
                 return
             data = conn.recv(65536)
             if data.startswith(b"GET /health"):
-                body = b'{"status":"ok"}'
+                body = json.dumps({"status": "ok", "model": "fake", "device": "cpu", "saes": [], "queued": 0,
+                                   "max_prompt_tokens": 512, "max_batch": 1, "batches": 0, "requests": 0}).encode()
                 conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
             conn.close()  # a POST: read it, then die without answering
 

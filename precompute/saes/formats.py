@@ -107,12 +107,24 @@ def _saelens_cfg(raw: dict[str, Any], file: str, hook: str | None) -> tuple[SAEC
     return cfg, scale
 
 
-def load_saelens(folder: Path, hook: str | None = None) -> SAE:
+def _read_cfg(folder: Path, weights: str, fmt: str) -> tuple[Path, dict]:
+    """The folder's cfg.json as a dict; a missing or unreadable one says what the folder holds and what it needs."""
     cfg_file = folder / SAELENS_CFG
+    if not cfg_file.is_file():
+        found = ", ".join(sorted(p.name for p in folder.iterdir())[:10]) or "nothing"
+        raise SAEFormatError(str(folder), SAELENS_CFG, f"no {SAELENS_CFG} (the folder holds: {found})",
+                             f"a {fmt} folder: {SAELENS_CFG} (architecture, d_in, d_sae, hook) beside {weights}")
     try:
         raw = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as err:
         raise SAEFormatError(str(cfg_file), "(file)", f"invalid JSON ({err})", "a JSON object") from err
+    if not isinstance(raw, dict):
+        raise SAEFormatError(str(cfg_file), "(file)", type(raw).__name__, "a JSON object")
+    return cfg_file, raw
+
+
+def load_saelens(folder: Path, hook: str | None = None) -> SAE:
+    cfg_file, raw = _read_cfg(folder, SAELENS_WEIGHTS, "SAELens")
     cfg, scale = _saelens_cfg(raw, str(cfg_file), hook)
     state = _read_safetensors(folder / SAELENS_WEIGHTS)
     if cfg.architecture == "jumprelu" and "threshold" not in state and "log_threshold" in state:
@@ -196,8 +208,7 @@ def _sparsify_hook(folder: Path) -> str | None:
 
 
 def load_sparsify(folder: Path, hook: str | None = None) -> SAE:
-    cfg_file = folder / "cfg.json"
-    raw = json.loads(cfg_file.read_text())
+    cfg_file, raw = _read_cfg(folder, SPARSIFY_WEIGHTS, "sparsify")
     wfile = str(folder / SPARSIFY_WEIGHTS)
     state = _read_safetensors(folder / SPARSIFY_WEIGHTS)
     d_in = _int_field(raw, "d_in", str(cfg_file))

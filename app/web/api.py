@@ -5,32 +5,24 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
+from precompute.store.schema import SAES
+
+from ..settings import SERVE
+from .cache import cacheable
+from .lookups import feature_list, feature_or_404, sae_or_404
 from .pages import store_of
-from .views import feature_list, feature_or_404, sae_or_404
+
+S = SERVE
 
 router = APIRouter(prefix="/api", tags=["store"])
 
 
-class SAEOut(BaseModel):
-    sae_id: str = Field(description="name of the SAE inside the store")
-    model_id: str = Field(description="model the activations came from")
-    hook: str = Field(description="TransformerLens-style hook name")
-    architecture: str = Field(description="standard, jumprelu, topk or gated")
-    d_in: int = Field(description="width of the hooked activation")
-    d_sae: int = Field(description="number of features")
-    dataset: str = Field(description="text the statistics were computed on")
-    n_tokens: int = Field(description="tokens streamed")
-    n_contexts: int = Field(description="contexts streamed")
-    n_counted: int = Field(description="tokens that count (special tokens excluded)")
-    context_len: int = Field(description="tokens per context")
-    prepend_bos: bool = Field(description="whether every context starts with BOS")
-    dead_share: float = Field(description="share of features never active on these tokens")
-    logit_method: str = Field(description="how logit effects were computed")
-    created: str = Field(description="when the SAE's tables were built (UTC)")
-    saescope_version: str = Field(description="saescope version that built them")
-    config: dict = Field(description="the SAE's configuration as loaded")
+# the SAE's public fields, typed and described by the store's column spec (paths and internal keys left out)
+SAEOut = create_model("SAEOut", **{c.name: (c.py, Field(description=c.doc)) for c in SAES.cols
+                                   if c.name not in ("model_path", "model_key", "sae_path", "params",
+                                                     "density_hist", "density_hist_lo", "density_hist_hi")})
 
 
 class FeatureSummary(BaseModel):
@@ -101,13 +93,15 @@ def _groups(store, sae_id, index, kind) -> list[GroupOut]:
 
 
 @router.get("/saes", response_model=list[SAEOut], summary="SAEs in the store")
+@cacheable
 def api_saes(request: Request):
     return [SAEOut(**{k: getattr(s, k) for k in SAEOut.model_fields}) for s in store_of(request).saes()]
 
 
 @router.get("/saes/{sae_id}/features", response_model=FeatureList, summary="features of an SAE (the SAE page)")
+@cacheable
 def api_features(request: Request, sae_id: str, sort: Literal["index", "density", "max"] = "index",
-                 order: Literal["asc", "desc"] = "asc", page: int = Query(1, ge=1), size: int = Query(50, ge=1, le=500),
+                 order: Literal["asc", "desc"] = "asc", page: int = Query(1, ge=1), size: int = Query(S.page_size, ge=1, le=S.max_page_size),
                  show: Literal["all", "live", "dead", "dense"] = "all", min_density: float | None = Query(None, ge=0, le=1),
                  max_density: float | None = Query(None, ge=0, le=1)):
     store = store_of(request)
@@ -117,6 +111,7 @@ def api_features(request: Request, sae_id: str, sort: Literal["index", "density"
 
 
 @router.get("/saes/{sae_id}/features/{index}", response_model=FeatureOut, summary="one feature (the feature page)")
+@cacheable
 def api_feature(request: Request, sae_id: str, index: int):
     store = store_of(request)
     _, f = feature_or_404(store, sae_id, index)
@@ -127,6 +122,7 @@ def api_feature(request: Request, sae_id: str, index: int):
 
 
 @router.get("/saes/{sae_id}/features/{index}/neuronpedia", summary="one feature in Neuronpedia's JSON field names")
+@cacheable
 def api_neuronpedia(request: Request, sae_id: str, index: int) -> dict:
     store = store_of(request)
     sae, f = feature_or_404(store, sae_id, index)
@@ -160,9 +156,10 @@ def api_neuronpedia(request: Request, sae_id: str, index: int) -> dict:
 
 
 @router.get("/saes/{sae_id}/search", response_model=SearchOut, summary="search features by token text or explanation")
-def api_search(request: Request, sae_id: str, q: str = Query(..., min_length=1, max_length=200),
+@cacheable
+def api_search(request: Request, sae_id: str, q: str = Query(..., min_length=1, max_length=S.max_query_chars),
                by: Literal["token", "explanation"] = "token", page: int = Query(1, ge=1),
-               size: int = Query(25, ge=1, le=200)):
+               size: int = Query(S.search_page_size, ge=1, le=S.max_search_page_size)):
     store = store_of(request)
     sae_or_404(store, sae_id)
     fn = store.search_tokens if by == "token" else store.search_explanations

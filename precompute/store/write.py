@@ -20,7 +20,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from .schema import CACHE_TABLES, PRIORITY_SQL, SCHEMA_VERSION, TABLES
+from .schema import (ACTS, CACHE_TABLES, CONTEXTS, CTX_TOKENS, EXAMPLES, EXPLANATIONS, FEATURES, GROUPS, META,
+                     PER_SAE_TABLES, PRIORITY_SQL, RUN, SAES, SCHEMA_VERSION, STORE_TABLES, VOCAB, create_all)
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,11 @@ class ActivationCache:
         self.path = path
         self.con = duckdb.connect(str(path))
         _run(self.con, "SET preserve_insertion_order = false")
-        _run(self.con, CACHE_TABLES)
+        _run(self.con, create_all(CACHE_TABLES))
         want = json.dumps(fingerprint, sort_keys=True)
         row = next(iter(self.con.execute("SELECT value FROM run WHERE key = 'fingerprint'").fetchall()), None)
         if row is None:
-            _run(self.con, "INSERT INTO run VALUES ('fingerprint', ?), ('contexts_done', '0')", [want])
+            _run(self.con, f"INSERT INTO {RUN.name} (key, value) VALUES ('fingerprint', ?), ('contexts_done', '0')", [want])
         elif row[0] != want:
             have = json.loads(row[0])
             diff = {k: (have.get(k), v) for k, v in fingerprint.items() if have.get(k) != v}
@@ -65,8 +66,8 @@ class ActivationCache:
         try:
             con.register("batch_acts", acts)
             con.register("batch_ctx", ctxs)
-            _run(con, "INSERT INTO acts SELECT * FROM batch_acts")
-            _run(con, "INSERT INTO ctx_tokens SELECT * FROM batch_ctx")
+            _run(con, ACTS.insert_sql("batch_acts"))
+            _run(con, CTX_TOKENS.insert_sql("batch_ctx"))
             _run(con, "UPDATE run SET value = ? WHERE key = 'contexts_done'", [str(first_ctx + B)])
             _run(con, "COMMIT")
         except BaseException:
@@ -92,7 +93,7 @@ def _list_col(values: list, typ: pa.DataType) -> pa.Array:
 class StoreBuilder:
     """Builds the dashboard tables of one SAE from a finished cache into a temporary copy of the store."""
 
-    def __init__(self, out: Path, memory_limit: str = "4GB"):
+    def __init__(self, out: Path, memory_limit: str):
         self.out = out
         self.tmp = out.with_name(out.name + ".tmp")
         self.tmp.unlink(missing_ok=True)
@@ -102,12 +103,12 @@ class StoreBuilder:
             shutil.copyfile(out, self.tmp)
         self.con = duckdb.connect(str(self.tmp))
         _run(self.con, f"SET memory_limit = '{memory_limit}'")
-        _run(self.con, TABLES)
-        _run(self.con, "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+        _run(self.con, create_all(STORE_TABLES))
+        _run(self.con, f"INSERT OR REPLACE INTO {META.name} (key, value) VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
 
     def replace_sae(self, sae_id: str) -> None:
-        for t in ("saes", "contexts", "features", "examples", "groups", "explanations"):
-            _run(self.con, f"DELETE FROM {t} WHERE sae_id = ?", [sae_id])
+        for t in PER_SAE_TABLES:
+            _run(self.con, f"DELETE FROM {t.name} WHERE sae_id = ?", [sae_id])
 
     def put_vocab(self, model_key: str, tokens: list[str]) -> None:
         if self.con.execute("SELECT count(*) FROM vocab WHERE model_key = ?", [model_key]).fetchall()[0][0]:
@@ -115,7 +116,7 @@ class StoreBuilder:
         tbl = pa.table({"model_key": pa.array([model_key] * len(tokens)),
                         "token_id": pa.array(np.arange(len(tokens), dtype=np.int32)), "token": pa.array(tokens)})
         self.con.register("v", tbl)
-        _run(self.con, "INSERT INTO vocab SELECT * FROM v")
+        _run(self.con, VOCAB.insert_sql("v"))
         self.con.unregister("v")
 
     def examples_from_cache(self, cache: Path, sae_id: str, d_sae: int, context_len: int, top_k: int,
@@ -147,20 +148,20 @@ class StoreBuilder:
             ("interval", "ibin", per_interval, f"any_value(s.mx) * ibin / {n_intervals}", f"any_value(s.mx) * (ibin + 1) / {n_intervals}"),
             ("quantile", "qbin", per_quantile, "min(b.value)", "max(b.value)"),
         ):
-            _run(con, f"""INSERT INTO ex SELECT feature, '{kind}', {col}, rank, ctx, pos, value FROM (
+            _run(con, f"""INSERT INTO ex (feature, kind, grp, rank, ctx, pos, value) SELECT feature, '{kind}', {col}, rank, ctx, pos, value FROM (
                 SELECT feature, {col}, ctx, pos, value,
                        row_number() OVER (PARTITION BY feature, {col} ORDER BY prio) - 1 AS rank FROM binned)
                 WHERE rank < {per}""")
-            _run(con, f"""INSERT INTO groups SELECT ?, b.feature, '{kind}', {col}, {lo_expr}, {hi_expr},
+            _run(con, f"""INSERT INTO groups ({GROUPS.select_list()}) SELECT ?, b.feature, '{kind}', {col}, {lo_expr}, {hi_expr},
                 count(*), count(*)::DOUBLE / any_value(s.n) FROM binned b JOIN fstats s USING (feature)
                 GROUP BY b.feature, {col} ORDER BY b.feature, {col}""", [sae_id])
         # rows go in sorted by feature, so DuckDB's min/max zone maps let a page read only its own row groups
-        _run(con, """INSERT INTO examples
+        _run(con, f"""INSERT INTO examples ({EXAMPLES.select_list()})
             SELECT ?, e.feature, e.kind, e.grp, e.rank, e.ctx, e.pos, e.value,
                    list(a.pos ORDER BY a.pos), list(a.value ORDER BY a.pos)
             FROM ex e JOIN saescope_cache.acts a ON a.feature = e.feature AND a.ctx = e.ctx
             GROUP BY ALL ORDER BY e.feature, e.kind, e.grp, e.rank""", [sae_id])
-        _run(con, """INSERT INTO contexts SELECT ?, t.ctx, t.tokens FROM saescope_cache.ctx_tokens t
+        _run(con, f"""INSERT INTO contexts ({CONTEXTS.select_list()}) SELECT ?, t.ctx, t.tokens FROM saescope_cache.ctx_tokens t
                        WHERE t.ctx IN (SELECT DISTINCT ctx FROM ex) ORDER BY t.ctx""", [sae_id])
         # histograms of active values over [min, max]
         hist = np.zeros((d_sae, hist_bins), dtype=np.int64)
@@ -212,13 +213,18 @@ class StoreBuilder:
             "neighbours": _list_col(neighbours[0].tolist(), pa.int32()),
             "neighbour_sims": _list_col(neighbours[1].tolist(), pa.float32()),
         }
+        assert list(cols) == FEATURES.names, "features columns differ from the schema"
         self.con.register("f", pa.table(cols))
-        _run(self.con, "INSERT INTO features SELECT * FROM f")
+        _run(self.con, FEATURES.insert_sql("f"))
         self.con.unregister("f")
 
     def put_sae(self, row: dict[str, Any]) -> None:
-        cols = ", ".join(row)
-        _run(self.con, f"INSERT INTO saes ({cols}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+        """One row of the saes table: exactly the schema's columns (JSON columns given as dicts)."""
+        missing, extra = set(SAES.names) - set(row), set(row) - set(SAES.names)
+        if missing or extra:
+            raise ValueError(f"saes row: missing {sorted(missing)}, unknown {sorted(extra)}")
+        values = [json.dumps(row[c.name], default=str) if c.json else row[c.name] for c in SAES.cols]
+        _run(self.con, f"INSERT INTO {SAES.name} ({SAES.select_list()}) VALUES ({', '.join('?' * len(values))})", values)
 
     def publish(self) -> None:
         """Checkpoint, close, fsync, and atomically replace the store."""
@@ -270,7 +276,7 @@ def add_explanations(path: Path, sae_id: str, rows: list[tuple[int, str]], sourc
         tbl = pa.table({"sae_id": pa.array([sae_id] * len(rows)), "feature": pa.array([i for i, _ in rows], pa.int32()),
                         "text": pa.array([t for _, t in rows]), "source": pa.array([source] * len(rows))})
         con.register("new_expl", tbl)
-        _run(con, "INSERT INTO explanations SELECT * FROM new_expl")
+        _run(con, EXPLANATIONS.insert_sql("new_expl"))
         con.unregister("new_expl")
         _run(con, "CHECKPOINT")
     except BaseException:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -13,12 +14,14 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from precompute.store import Store, StoreError
+
+from ..errors import AppError, validation_message
+from ..settings import SERVE, VERSION
+from ..worker.client import WorkerClient
 from . import api, live, pages
-from .cache import PageCache
-from .errors import AppError
-from .store import Store
-from .templating import STATIC, page
-from .worker_client import WorkerClient
+from .cache import PageCache, cacheable_paths
+from .templates import STATIC, page
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +36,6 @@ class CachedStatic(StaticFiles):
         return resp
 
 
-def _validation_message(err: RequestValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        where = e["loc"][-1] if e.get("loc") else "input"
-        got = e.get("input")
-        msg = e.get("msg", "is invalid").removeprefix("Value error, ")
-        if e.get("type") == "literal_error":
-            msg = msg.replace("Input should be", "must be")
-        else:
-            msg = msg.replace("Input should be", "must be").replace("Field required", "is required")
-        parts.append(f"{where} {msg}" + (f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""))
-    return "; ".join(parts)
-
-
 def _wants_json(request: Request) -> bool:
     return request.url.path.startswith(("/api/", "/live/api")) or "application/json" in request.headers.get("accept", "") \
         and "text/html" not in request.headers.get("accept", "")
@@ -59,7 +48,11 @@ def _render_error(request: Request, err: AppError) -> Response:
                                         "link": err.link}, status=err.status)
 
 
-def create_app(store_path: Path | str, worker_url: str | None = None, cache: bool = False, prewarm: bool = False):
+DESCRIPTION = "Features of sparse autoencoders: precomputed dashboards and live inspection."
+
+
+def create_app(store_path: Path | str, worker_url: str | None = None, cache: bool = False, prewarm: bool = False,
+               explain_worker_down: Callable[[], str | None] | None = None):
     """The dashboard ASGI app; with cache=True wrapped in a whole-response cache for the precomputed pages,
     which prewarm=True fills in the background with every feature page's default view."""
     store = Store(store_path)
@@ -72,14 +65,14 @@ def create_app(store_path: Path | str, worker_url: str | None = None, cache: boo
             paths = [f"/sae/{s.sae_id}/feature/{i}" for s in store.saes() for i in range(s.d_sae)]
             task = asyncio.get_running_loop().create_task(cached.prewarm(paths))
         yield
-        if task is not None:
-            task.cancel()
+        if task is not None:  # let the page being rendered finish before the store closes under it
+            cached.stop()
+            await asyncio.wait([task], timeout=SERVE.shutdown_wait_s)
         store.close()
 
-    app = FastAPI(title="saescope", version="0.1.0", lifespan=lifespan,
-                  description="Features of sparse autoencoders: precomputed dashboards and live inspection.")
+    app = FastAPI(title="saescope", version=VERSION, lifespan=lifespan, description=DESCRIPTION)
     app.state.store = store
-    app.state.worker = WorkerClient(worker_url) if worker_url else None
+    app.state.worker = WorkerClient(worker_url, explain_down=explain_worker_down) if worker_url else None
     app.mount("/static", CachedStatic(directory=STATIC), name="static")
     app.include_router(pages.router)
     app.include_router(live.router)
@@ -91,12 +84,17 @@ def create_app(store_path: Path | str, worker_url: str | None = None, cache: boo
 
     @app.exception_handler(RequestValidationError)
     async def bad_params(request: Request, err: RequestValidationError):
-        return _render_error(request, AppError(_validation_message(err), 422))
+        return _render_error(request, AppError(validation_message(err.errors()), 422))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
         msg = f"no page at {request.url.path}" if err.status_code == 404 else str(err.detail)
         return _render_error(request, AppError(msg, err.status_code, link=("/", "all SAEs")))
+
+    @app.exception_handler(StoreError)
+    async def store_error(request: Request, err: StoreError):
+        log.error("store error on %s: %s", request.url.path, err)
+        return _render_error(request, AppError(str(err), 500, title="Damaged store"))
 
     @app.exception_handler(Exception)
     async def crash(request: Request, err: Exception):
@@ -104,6 +102,6 @@ def create_app(store_path: Path | str, worker_url: str | None = None, cache: boo
         return _render_error(request, AppError("something went wrong on the server; the log has the details", 500))
 
     if cache:
-        cached = PageCache(app)
+        cached = PageCache(app, SERVE.cache_bytes, cacheable_paths(pages.router, live.router, api.router))
         return cached
     return app

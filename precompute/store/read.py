@@ -14,39 +14,14 @@ from typing import Any
 
 import duckdb
 
-from .schema import SCHEMA_VERSION
+from .schema import FEATURES, SAES, SCHEMA_VERSION, STORE_TABLES
 
 
 class StoreError(Exception):
     """The store is missing, unreadable or of an unknown version; the message says what to do."""
 
 
-@dataclass
-class SAEInfo:
-    sae_id: str
-    model_id: str
-    model_path: str
-    sae_path: str
-    hook: str
-    architecture: str
-    d_in: int
-    d_sae: int
-    dataset: str
-    n_tokens: int
-    n_contexts: int
-    n_counted: int
-    context_len: int
-    prepend_bos: bool
-    config: dict[str, Any]
-    created: str
-    saescope_version: str
-    logit_method: str
-    dead_share: float
-    density_hist: list[int]
-    density_hist_lo: float
-    density_hist_hi: float
-    params: dict[str, Any]
-    model_key: str = ""
+SAEInfo = SAES.row_type("SAEInfo")  # one field per column of the saes table, JSON columns as dicts
 
 
 @dataclass
@@ -117,29 +92,50 @@ class SearchHit:
 SORTS = {"index": "feature", "density": "density", "max": "max_act"}
 
 
+def damaged(path: Path, why: object) -> "StoreError":
+    return StoreError(f"the store file {path} is damaged or incomplete ({str(why).splitlines()[0][:200]}); rebuild it "
+                      f"with `saescope precompute --out {path}` (the same command that made it)")
+
+
 class Store:
     def __init__(self, path: Path | str):
         self.path = Path(path)
         if not self.path.exists():
             raise StoreError(f"store {self.path} does not exist; make one with `saescope precompute --out {self.path}`")
-        try:
-            self._con = duckdb.connect(str(self.path), read_only=True)
-        except duckdb.Error as err:
-            raise StoreError(f"cannot open {self.path} as a DuckDB store ({err})") from err
         self._lock = threading.Lock()
         self._local = threading.local()
         try:
-            row = next(iter(self._q("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()), None)
-        except duckdb.Error:
-            row = None
-        if row is None or int(row[0]) != SCHEMA_VERSION:
+            self._con = duckdb.connect(str(self.path), read_only=True)
+        except duckdb.Error as err:
+            raise damaged(self.path, err) from err
+        try:
+            self._open()
+        except BaseException:
             self._con.close()
-            raise StoreError(f"{self.path} has store schema version {row[0] if row else 'none'}; this saescope reads "
-                             f"version {SCHEMA_VERSION}. Rebuild it with `saescope precompute --out {self.path}`")
+            raise
+
+    def _open(self) -> None:
+        tables = {r[0] for r in self._q("SELECT table_name FROM information_schema.tables")}
+        if "meta" not in tables:
+            if tables - {"meta"}:
+                raise StoreError(f"{self.path} is a DuckDB file but not a saescope store (tables: "
+                                 f"{', '.join(sorted(tables))}); make one with `saescope precompute --out STORE`")
+            raise damaged(self.path, "no tables")
+        row = next(iter(self._q("SELECT value FROM meta WHERE key = 'schema_version'")), None)
+        if row is None:
+            raise damaged(self.path, "no schema version recorded")
+        if int(row[0]) != SCHEMA_VERSION:
+            raise StoreError(f"{self.path} has store schema version {row[0]}; this saescope reads version "
+                             f"{SCHEMA_VERSION}. Rebuild it with `saescope precompute --out {self.path}`")
+        missing = {t.name for t in STORE_TABLES} - tables
+        if missing:
+            raise damaged(self.path, f"tables missing: {', '.join(sorted(missing))}")
+        # read every column of every table once: a truncated or corrupt block fails here, not on a later page
+        for t in STORE_TABLES:
+            self._q(f"SELECT count(*), {', '.join(f'count({n})' for n in t.names)} FROM {t.name}")
         self._vocab: dict[str, list[str]] = {}
-        self._vocab_html: dict[str, list[str]] = {}
         self._saes = {s.sae_id: s for s in self._load_saes()}
-        self._has_explanations = bool(self._q("SELECT count(*) FROM explanations").fetchall()[0][0])
+        self._has_explanations = bool(self._q("SELECT count(*) FROM explanations")[0][0])
 
     # ---------------------------------------------------------------- plumbing
     def _cursor(self) -> duckdb.DuckDBPyConnection:
@@ -150,8 +146,12 @@ class Store:
             self._local.cur = cur
         return cur
 
-    def _q(self, sql: str, params: list | None = None):
-        return self._cursor().execute(sql, params or [])
+    def _q(self, sql: str, params: list | None = None) -> list[tuple]:
+        """Run one query and fetch all its rows; a damaged file becomes a StoreError that says so."""
+        try:
+            return self._cursor().execute(sql, params or []).fetchall()
+        except (duckdb.IOException, duckdb.InternalException, duckdb.SerializationException) as err:
+            raise damaged(self.path, err) from err
 
     def close(self) -> None:
         self._con.close()
@@ -164,15 +164,8 @@ class Store:
 
     # ---------------------------------------------------------------- SAEs
     def _load_saes(self) -> list[SAEInfo]:
-        cur = self._q("SELECT * FROM saes ORDER BY sae_id")
-        names = [d[0] for d in cur.description]  # read before fetching
-        out = []
-        for row in cur.fetchall():
-            r = dict(zip(names, row))
-            r["config"] = json.loads(r["config"] or "{}")
-            r["params"] = json.loads(r["params"] or "{}")
-            out.append(SAEInfo(**r))
-        return out
+        rows = self._q(f"SELECT {SAES.select_list()} FROM saes ORDER BY sae_id")
+        return [SAEInfo(*(json.loads(v or "{}") if c.json else v for c, v in zip(SAES.cols, row))) for row in rows]
 
     def saes(self) -> list[SAEInfo]:
         return list(self._saes.values())
@@ -182,19 +175,9 @@ class Store:
 
     def vocab(self, model_key: str) -> list[str]:
         if model_key not in self._vocab:
-            rows = self._q("SELECT token FROM vocab WHERE model_key = ? ORDER BY token_id", [model_key]).fetchall()
+            rows = self._q("SELECT token FROM vocab WHERE model_key = ? ORDER BY token_id", [model_key])
             self._vocab[model_key] = [r[0] for r in rows]
         return self._vocab[model_key]
-
-    def vocab_html(self, model_key: str) -> list[str]:
-        """Each token's visible, HTML-escaped form, computed once per model (the pages' hot path)."""
-        if model_key not in self._vocab_html:
-            from markupsafe import escape
-
-            from ..render import visible
-
-            self._vocab_html[model_key] = [str(escape(visible(t))) for t in self.vocab(model_key)]
-        return self._vocab_html[model_key]
 
     def _tok(self, sae_id: str):
         v = self.vocab(self._saes[sae_id].model_key)
@@ -207,7 +190,7 @@ class Store:
         where, params = self._filters(sae_id, min_density, max_density, dead)
         order = f"{SORTS[sort]} {'DESC' if desc else 'ASC'}, feature"
         rows = self._q(f"""SELECT feature, density, max_act, mean_act, n_active, top_token_ids FROM features
-                           WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?""", params + [limit, offset]).fetchall()
+                           WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?""", params + [limit, offset])
         return [self._row(sae_id, r) for r in rows]
 
     def _row(self, sae_id: str, r: tuple) -> FeatureRow:
@@ -219,13 +202,13 @@ class Store:
         if not indices:
             return {}
         rows = self._q("""SELECT feature, density, max_act, mean_act, n_active, top_token_ids FROM features
-                          WHERE sae_id = ? AND list_contains(?, feature)""", [sae_id, list(map(int, indices))]).fetchall()
+                          WHERE sae_id = ? AND list_contains(?, feature)""", [sae_id, list(map(int, indices))])
         return {r[0]: self._row(sae_id, r) for r in rows}
 
     def count_features(self, sae_id: str, min_density: float | None = None, max_density: float | None = None,
                        dead: bool | None = None) -> int:
         where, params = self._filters(sae_id, min_density, max_density, dead)
-        return int(self._q(f"SELECT count(*) FROM features WHERE {where}", params).fetchall()[0][0])
+        return int(self._q(f"SELECT count(*) FROM features WHERE {where}", params)[0][0])
 
     @staticmethod
     def _filters(sae_id, min_density, max_density, dead) -> tuple[str, list]:
@@ -244,20 +227,19 @@ class Store:
 
     def random_feature(self, sae_id: str) -> int:
         row = next(iter(self._q("SELECT feature FROM features WHERE sae_id = ? AND n_active > 0 ORDER BY random() LIMIT 1",
-                      [sae_id]).fetchall()), None)
+                      [sae_id])), None)
         return int(row[0]) if row else 0
 
     # ---------------------------------------------------------------- one feature
     def feature(self, sae_id: str, index: int) -> Feature | None:
-        cur = self._q("SELECT * FROM features WHERE sae_id = ? AND feature = ?", [sae_id, index])
-        names = [d[0] for d in cur.description]
-        row = next(iter(cur.fetchall()), None)
+        row = next(iter(self._q(f"SELECT {FEATURES.select_list()} FROM features WHERE sae_id = ? AND feature = ?",
+                                [sae_id, index])), None)
         if row is None:
             return None
-        r = dict(zip(names, row))
+        r = dict(zip(FEATURES.names, row))
         tok = self._tok(sae_id)
         expl = [e[0] for e in self._q("SELECT text FROM explanations WHERE sae_id = ? AND feature = ?",
-                                      [sae_id, index]).fetchall()] if self._has_explanations else []
+                                      [sae_id, index])] if self._has_explanations else []
         return Feature(
             sae_id=sae_id, index=index, n_active=r["n_active"], density=r["density"], max_act=r["max_act"],
             mean_act=r["mean_act"], hist_lo=r["hist_lo"], hist_hi=r["hist_hi"], hist=r["hist"],
@@ -270,12 +252,12 @@ class Store:
     def examples(self, sae_id: str, index: int, kind: str = "top") -> list[Example]:
         rows = self._q("""SELECT kind, grp, rank, ctx_id, pos, value, act_pos, act_val FROM examples
                           WHERE sae_id = ? AND feature = ? AND kind = ? ORDER BY grp, rank""",
-                       [sae_id, index, kind]).fetchall()
+                       [sae_id, index, kind])
         if not rows:
             return []
         ctx_ids = sorted({r[3] for r in rows})
         ctx = dict(self._q("""SELECT ctx_id, tokens FROM contexts WHERE sae_id = ? AND ctx_id >= ? AND ctx_id <= ?
-                              AND list_contains(?, ctx_id)""", [sae_id, ctx_ids[0], ctx_ids[-1], ctx_ids]).fetchall())
+                              AND list_contains(?, ctx_id)""", [sae_id, ctx_ids[0], ctx_ids[-1], ctx_ids]))
         v = self.vocab(self._saes[sae_id].model_key)
         n = len(v)
         out = []
@@ -291,7 +273,7 @@ class Store:
     def groups(self, sae_id: str, index: int, kind: str) -> list[Group]:
         rows = self._q("""SELECT kind, grp, lo, hi, n_tokens, share FROM groups
                           WHERE sae_id = ? AND feature = ? AND kind = ? ORDER BY grp DESC""",
-                       [sae_id, index, kind]).fetchall()
+                       [sae_id, index, kind])
         groups = {r[1]: Group(*r) for r in rows}
         for ex in self.examples(sae_id, index, kind):
             if ex.grp in groups:
@@ -301,7 +283,7 @@ class Store:
     def stats(self, sae_id: str) -> dict[str, int]:
         """Row counts and coverage, for reports and benchmarks."""
         top_k = int(self._saes[sae_id].params.get("top_k", 20))
-        q = lambda sql: int(self._q(sql, [sae_id]).fetchall()[0][0])  # noqa: E731
+        q = lambda sql: int(self._q(sql, [sae_id])[0][0])  # noqa: E731
         return {
             "examples": q("SELECT count(*) FROM examples WHERE sae_id = ?"),
             "contexts": q("SELECT count(*) FROM contexts WHERE sae_id = ?"),
@@ -331,7 +313,7 @@ class Store:
             SELECT a.feature, a.score, f.density, f.max_act, a.best, f.top_token_ids, count(*) OVER () AS total
             FROM agg a JOIN features f ON f.sae_id = ? AND f.feature = a.feature
             ORDER BY a.score DESC, a.feature LIMIT ? OFFSET ?"""
-        rows = self._q(sql, [model_key, text, sae_id, sae_id, sae_id, limit, offset]).fetchall()
+        rows = self._q(sql, [model_key, text, sae_id, sae_id, sae_id, limit, offset])
         tok = self._tok(sae_id)
         total = int(rows[0][6]) if rows else self._count_token_hits(sql, model_key, text, sae_id, offset)
         return [SearchHit(r[0], r[1], r[2], r[3], tok(r[4]), _dedup([tok(i) for i in r[5]])) for r in rows], total
@@ -339,7 +321,7 @@ class Store:
     def _count_token_hits(self, sql: str, model_key: str, text: str, sae_id: str, offset: int) -> int:
         if offset == 0:
             return 0
-        rows = self._q(sql, [model_key, text, sae_id, sae_id, sae_id, 1, 0]).fetchall()
+        rows = self._q(sql, [model_key, text, sae_id, sae_id, sae_id, 1, 0])
         return int(rows[0][6]) if rows else 0
 
     def search_explanations(self, sae_id: str, text: str, limit: int = 50, offset: int = 0) -> tuple[list[SearchHit], int]:
@@ -358,7 +340,7 @@ class Store:
                            WHERE e.sae_id = ? AND {conds}
                            GROUP BY e.feature, f.density, f.max_act, f.top_token_ids
                            ORDER BY score DESC, e.feature LIMIT ? OFFSET ?""",
-                       score_params + [sae_id] + words + [limit, offset]).fetchall()
+                       score_params + [sae_id] + words + [limit, offset])
         tok = self._tok(sae_id)
         total = int(rows[0][6]) if rows else 0
         return [SearchHit(r[0], float(r[1]), r[2], r[3], r[4], _dedup([tok(i) for i in r[5]])) for r in rows], total

@@ -1,41 +1,15 @@
-"""Turning store results into what templates and the JSON API show: windows of tokens, pagination, links."""
+"""From URL parameters to store answers, shared by pages and the JSON API: the SAE or feature a URL names (or
+the 404 that says what exists), one page of a filtered feature list, pagination, and links."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
-from .errors import AppError
-from .store import Example, SAEInfo, Store
+from precompute.store import SAEInfo, Store
 
-DENSE = 0.01  # the share of tokens above which the feature list calls a feature dense
-
-
-@dataclass
-class Tok:
-    text: str
-    value: float
-    is_max: bool
-    html: str | None = None  # the escaped visible form, when precomputed
-    special: bool = False  # BOS/EOS/pad: shown muted, never an activation
-
-
-@dataclass
-class Window:
-    example: Example
-    toks: list[Tok]
-    clipped_left: bool
-    clipped_right: bool
-
-
-def window(ex: Example, left: int, right: int, html: list[str] | None = None,
-           special: frozenset[int] = frozenset()) -> Window:
-    """Tokens [pos - left, pos + right] of an example's context around its marked token."""
-    lo, hi = max(0, ex.pos - left), min(len(ex.tokens), ex.pos + right + 1)
-    ids = ex.token_ids
-    toks = [Tok(ex.tokens[i], ex.acts[i], i == ex.pos, html[ids[i]] if html else None, ids[i] in special)
-            for i in range(lo, hi)]
-    return Window(ex, toks, lo > 0, hi < len(ex.tokens))
+from ..errors import AppError
+from ..settings import SERVE
 
 
 def sae_or_404(store: Store, sae_id: str) -> SAEInfo:
@@ -103,7 +77,7 @@ def feature_list(store: Store, sae_id: str, sort: str, order: str, page: int, si
     if min_density is not None and max_density is not None and min_density > max_density:
         raise AppError(f"min_density ({min_density}) is larger than max_density ({max_density})", 422)
     dead = {"all": None, "live": False, "dead": True, "dense": False}[show]
-    if show == "dense":  # dense features fire on at least DENSE of the tokens
-        min_density = max(min_density or 0.0, DENSE)
+    if show == "dense":  # dense features fire on at least SERVE.dense_share of the tokens
+        min_density = max(min_density or 0.0, SERVE.dense_share)
     pg = pager(page, size, store.count_features(sae_id, min_density, max_density, dead))
     return pg, store.features(sae_id, sort, order == "desc", size, pg.offset, min_density, max_density, dead)

@@ -1,7 +1,8 @@
 """An in-memory cache of whole GET responses for the precomputed pages, with optional background pre-rendering.
 
 The store is opened read-only and never changes while it is served, so a rendered page is valid for the life
-of the process. Live routes (/inspect, /live, random, the live API) are never cached. Bodies are kept gzipped
+of the process. A route is cached only when it says so with @cacheable (pages of precomputed data); live
+routes (/inspect, /live, random, the live API) do not, so a new page is uncached until it opts in. Bodies are kept gzipped
 (sent as-is to clients that accept gzip, as browsers do); the cache is bounded in bytes, least-recently-used
 pages go first. Hits are answered without leaving the event loop.
 """
@@ -15,18 +16,50 @@ import logging
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import TypeVar
+
 
 log = logging.getLogger(__name__)
-CACHEABLE = re.compile(r"^/($|sae/[^/]+(/feature/\d+|/search)?$|api/saes(/[^/]+/(features(/\d+(/neuronpedia)?)?|search))?$)")
+F = TypeVar("F", bound=Callable)
+
+
+def cacheable(endpoint: F) -> F:
+    """Declare a GET route's response a pure function of its URL and the (read-only) store: the cache keeps it."""
+    endpoint.cacheable = True  # type: ignore[attr-defined]
+    return endpoint
+
+
+def cacheable_paths(*routers) -> list[re.Pattern]:
+    """The path patterns of every GET route that declared itself @cacheable in these routers."""
+    return [r.path_regex for router in routers for r in router.routes
+            if getattr(getattr(r, "endpoint", None), "cacheable", False) and "GET" in getattr(r, "methods", ())]
+
+
+def cache_key(scope) -> tuple:
+    """What a cached response depends on: the URL, whether htmx asked for a fragment (and which), JSON or HTML."""
+    headers = dict(scope["headers"])
+    return (scope["path"], scope["query_string"], headers.get(b"hx-request"), headers.get(b"hx-target"),
+            b"json" in headers.get(b"accept", b""))
+
+
+def _scope(path: str) -> dict:
+    """A plain GET request for `path`, as a browser without htmx would send it (used to pre-render pages)."""
+    return {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
+            "headers": [(b"host", b"prewarm")], "scheme": "http", "server": ("prewarm", 80),
+            "client": ("127.0.0.1", 0), "http_version": "1.1", "root_path": "", "asgi": {"version": "3.0"}}
 
 
 class PageCache:
-    def __init__(self, app, max_bytes: int = 512 * 2**20):
+    def __init__(self, app, max_bytes: int, paths: list[re.Pattern]):
+        """`paths`: patterns of the cacheable routes (see cacheable_paths)."""
         self.app = app
+        self.paths = paths
         self.max_bytes = max_bytes
         self.bytes = 0
         self.hits = self.misses = 0
         self.prewarmed = False
+        self._stopping = False
         self._pages: OrderedDict[tuple, tuple[int, list, bytes]] = OrderedDict()
 
     @property
@@ -40,11 +73,10 @@ class PageCache:
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
             await send({"type": "http.response.body", "body": body})
             return
-        if scope["type"] != "http" or scope["method"] != "GET" or not CACHEABLE.match(scope["path"]):
+        if scope["type"] != "http" or scope["method"] != "GET" or not self.is_cacheable(scope):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        key = (scope["path"], scope["query_string"], headers.get(b"hx-request"), headers.get(b"hx-target"),
-               b"json" in headers.get(b"accept", b""))
+        key = cache_key(scope)
         gz_ok = b"gzip" in headers.get(b"accept-encoding", b"")
         hit = self._pages.get(key)
         if hit is not None:
@@ -75,6 +107,10 @@ class PageCache:
 
         await self.app(scope, receive, capture)
 
+    def is_cacheable(self, scope) -> bool:
+        """Whether the route this request reaches declared itself @cacheable."""
+        return any(p.match(scope["path"]) for p in self.paths)
+
     def _put(self, key: tuple, status: int, headers: list, body: bytes) -> None:
         body = gzip.compress(body, compresslevel=5)
         if len(body) > self.max_bytes // 8:
@@ -88,16 +124,20 @@ class PageCache:
             _, (_, _, gone) = self._pages.popitem(last=False)
             self.bytes -= len(gone)
 
+    def stop(self) -> None:
+        """Ask a running prewarm to end after the page it is rendering."""
+        self._stopping = True
+
     async def prewarm(self, paths: list[str]) -> None:
         """Render `paths` through the app in the background (one at a time, yielding in between)."""
         t0 = time.time()
         for done, path in enumerate(paths):
+            if self._stopping:
+                return
             if self.bytes > 0.8 * self.max_bytes:  # a huge SAE: keep room for pages people actually open
                 log.info("pre-rendering stopped after %d of %d pages: the cache is 80%% full", done, len(paths))
                 break
-            scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
-                     "headers": [(b"host", b"prewarm")], "scheme": "http", "server": ("prewarm", 80),
-                     "client": ("127.0.0.1", 0), "http_version": "1.1", "root_path": "", "asgi": {"version": "3.0"}}
+            scope = _scope(path)
 
             async def receive():
                 return {"type": "http.request", "body": b"", "more_body": False}
@@ -105,7 +145,7 @@ class PageCache:
             async def send(_message):
                 return None
 
-            if (path, b"", None, None, False) not in self._pages:
+            if cache_key(scope) not in self._pages:
                 await self(scope, receive, send)
             await asyncio.sleep(0.002)  # leave room for real requests
         self.prewarmed = True

@@ -7,13 +7,17 @@ from typing import Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from .errors import AppError
-from .store import Store
-from .templating import is_htmx, page
-from .views import check_index, feature_list, feature_or_404, pager, sae_or_404, url, window
+from precompute.store import Store
+
+from ..errors import AppError
+from ..settings import SERVE
+from .cache import cacheable
+from .lookups import check_index, feature_list, feature_or_404, pager, sae_or_404, url
+from .templates import is_htmx, page
+from .tokens import vocab_html, window
 
 router = APIRouter()
-D_LEFT, D_RIGHT = 24, 8
+S = SERVE
 
 
 def store_of(request: Request) -> Store:
@@ -21,14 +25,16 @@ def store_of(request: Request) -> Store:
 
 
 @router.get("/", response_class=HTMLResponse)
+@cacheable
 def home(request: Request):
     return page(request, "home.html", {"saes": store_of(request).saes()})
 
 
 @router.get("/sae/{sae_id}", response_class=HTMLResponse)
+@cacheable
 def sae_page(request: Request, sae_id: str,
              sort: Literal["index", "density", "max"] = "index", order: Literal["asc", "desc"] = "asc",
-             page_: int = Query(1, alias="page", ge=1), size: int = Query(50, ge=1, le=500),
+             page_: int = Query(1, alias="page", ge=1), size: int = Query(S.page_size, ge=1, le=S.max_page_size),
              show: Literal["all", "live", "dead", "dense"] = "all",
              min_density: float | None = Query(None, ge=0, le=1), max_density: float | None = Query(None, ge=0, le=1)):
     store = store_of(request)
@@ -59,27 +65,31 @@ def random_feature(request: Request, sae_id: str):
 
 
 @router.get("/sae/{sae_id}/feature/{index}", response_class=HTMLResponse)
+@cacheable
 def feature_page(request: Request, sae_id: str, index: int,
-                 left: int = Query(D_LEFT, ge=0, le=1024), right: int = Query(D_RIGHT, ge=0, le=1024),
+                 left: int = Query(S.show_left, ge=0, le=S.max_show), right: int = Query(S.show_right, ge=0, le=S.max_show),
                  samples: Literal["interval", "quantile"] | None = None):
     store = store_of(request)
     sae, f = feature_or_404(store, sae_id, index)
     ctx = {"sae": sae, "f": f, "left": left, "right": right, "samples": samples,
            "base": f"/sae/{sae_id}/feature/{index}"}
-    html = store.vocab_html(sae.model_key)
+    html = vocab_html(store, sae.model_key)
     special = frozenset(sae.params.get("special_token_ids", ()))
-    if samples and is_htmx(request):  # a sample tab: only that block is computed
+    if samples:  # a sample tab: as a fragment for htmx, inside the whole page otherwise (works without JS)
         ctx["groups"] = [(g, [window(e, left, right, html, special) for e in g.examples])
                          for g in store.groups(sae_id, index, samples)]
-        return page(request, "feature.html", {**ctx, "top": None}, block="samples")
+        if is_htmx(request) and request.headers.get("HX-Target") != "examples":
+            return page(request, "feature.html", {**ctx, "top": None}, block="samples")
     ctx["top"] = [window(e, left, right, html, special) for e in store.examples(sae_id, index, "top")]
     return page(request, "feature.html", ctx, block="examples")
 
 
 @router.get("/sae/{sae_id}/search", response_class=HTMLResponse)
-def search_page(request: Request, sae_id: str, q: str = Query("", max_length=200),
+@cacheable
+def search_page(request: Request, sae_id: str, q: str = Query("", max_length=S.max_query_chars),
                 by: Literal["auto", "index", "token", "explanation"] = "auto",
-                page_: int = Query(1, alias="page", ge=1), size: int = Query(25, ge=1, le=200)):
+                page_: int = Query(1, alias="page", ge=1),
+                size: int = Query(S.search_page_size, ge=1, le=S.max_search_page_size)):
     store = store_of(request)
     sae = sae_or_404(store, sae_id)
     q = q.strip()

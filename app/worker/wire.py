@@ -6,7 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-MAX_TEXT_CHARS = 20_000
+from ..settings import WORKER
+
+MAX_TEXT_CHARS = WORKER.max_text_chars
 
 
 class TextIn(BaseModel):
@@ -43,7 +45,7 @@ class FeatureHit(BaseModel):
 
 
 class TopFeaturesIn(TextIn):
-    k: int = Field(10, ge=1, le=200, description="how many features")
+    k: int = Field(WORKER.top_k, ge=1, le=WORKER.max_k, description="how many features")
     positions: list[int] | None = Field(None, description="token positions to rank over; all positions when absent")
 
 

@@ -9,14 +9,18 @@ from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse
 from markupsafe import escape
 
-from .errors import AppError
+from ..errors import AppError
+from ..settings import SERVE
+from ..worker.client import DOWN_HINT, WorkerClient
+from ..worker.wire import FeatureActsIn, FeatureActsOut, TopFeaturesIn, TopFeaturesOut
+from .lookups import check_index, sae_or_404
 from .pages import store_of
-from .templating import page
-from .views import Tok, check_index, sae_or_404
-from .worker_client import DOWN_HINT
+from .templates import page
+from .tokens import Tok
 
 router = APIRouter()
-MAX_PROMPT_CHARS = 4000
+S = SERVE
+MAX_PROMPT_CHARS = S.max_prompt_chars
 
 
 def worker_status(app) -> dict:
@@ -29,7 +33,7 @@ def worker_status(app) -> dict:
     return {"up": True, "message": "", "health": h}
 
 
-def _client(request: Request):
+def _client(request: Request) -> WorkerClient:
     st = worker_status(request.app)
     if not st["up"]:
         raise AppError(st["message"], 503, title="Model worker unavailable")
@@ -44,19 +48,19 @@ def inspect_data(request: Request, sae_id: str, prompt: str, pos: int | None) ->
     store = store_of(request)
     sae = sae_or_404(store, sae_id)
     client = _client(request)
-    top = client.post("/top_features", {"sae_id": sae_id, "text": prompt, "k": 20})
-    n = len(top["tokens"])
+    top = client.top_features(TopFeaturesIn(sae_id=sae_id, text=prompt, k=S.inspect_k))
+    n = len(top.tokens)
     if pos is not None and not 0 <= pos < n:
         raise AppError(f"pos {pos} is outside the prompt's {n} tokens (0 to {n - 1})", 422)
-    rows = store.features_by_index(sae_id, [h["index"] for h in top["features"]])
+    rows = store.features_by_index(sae_id, [h.index for h in top.features])
     detail = None
     if pos is not None:
-        d = client.post("/top_features", {"sae_id": sae_id, "text": prompt, "k": 10, "positions": [pos]})
-        detail = {"pos": pos, "token": top["tokens"][pos], "features": d["features"],
-                  "rows": store.features_by_index(sae_id, [h["index"] for h in d["features"]])}
-    vmax = max(top["token_max"]) if top["token_max"] else 0.0
+        d = client.top_features(TopFeaturesIn(sae_id=sae_id, text=prompt, k=S.token_detail_k, positions=[pos]))
+        detail = {"pos": pos, "token": top.tokens[pos], "features": d.features,
+                  "rows": store.features_by_index(sae_id, [h.index for h in d.features])}
+    vmax = max(top.token_max) if top.token_max else 0.0
     return {"sae": sae, "top": top, "rows": rows, "detail": detail, "vmax": vmax,
-            "toks": _strip(top["tokens"], top["token_max"], pos)}
+            "toks": _strip(top.tokens, top.token_max, pos)}
 
 
 @router.get("/inspect", response_class=HTMLResponse)
@@ -97,29 +101,27 @@ def live_activations(request: Request, sae: str = Form(...), feature: int = Form
     if not text.strip():
         raise AppError("type some text first", 422)
     try:
-        out = _client(request).post("/activations", {"sae_id": sae, "text": text, "feature": feature})
+        out = _client(request).activations(FeatureActsIn(sae_id=sae, text=text, feature=feature))
     except AppError as err:
         return page(request, "live_result.html", {"error": err}, status=200)
     f = store.feature(sae, feature)
-    vmax = max(out["max_value"], f.max_act if f else 0.0)
-    return page(request, "live_result.html", {"toks": _strip(out["tokens"], out["values"], out["max_pos"]),
+    vmax = max(out.max_value, f.max_act if f else 0.0)
+    return page(request, "live_result.html", {"toks": _strip(out.tokens, out.values, out.max_pos),
                                                "out": out, "vmax": vmax, "stored_max": f.max_act if f else None,
                                                "error": None})
 
 
 @router.get("/api/inspect", tags=["live"], summary="top features of a prompt (live, through the model worker)")
 def api_inspect(request: Request, sae: str, prompt: str = Query(..., min_length=1, max_length=MAX_PROMPT_CHARS),
-                k: int = Query(20, ge=1, le=200), pos: int | None = Query(None, ge=0)) -> dict:
+                k: int = Query(S.inspect_k, ge=1, le=S.max_inspect_k), pos: int | None = Query(None, ge=0)) -> TopFeaturesOut:
     sae_or_404(store_of(request), sae)
-    body = {"sae_id": sae, "text": prompt, "k": k}
-    if pos is not None:
-        body["positions"] = [pos]
-    return _client(request).post("/top_features", body)
+    return _client(request).top_features(TopFeaturesIn(sae_id=sae, text=prompt, k=k,
+                                                       positions=[pos] if pos is not None else None))
 
 
 @router.get("/api/saes/{sae_id}/features/{index}/activations", tags=["live"],
             summary="one feature's activation on every token of a text (live)")
 def api_feature_live(request: Request, sae_id: str, index: int,
-                     text: str = Query(..., min_length=1, max_length=MAX_PROMPT_CHARS)) -> dict:
+                     text: str = Query(..., min_length=1, max_length=MAX_PROMPT_CHARS)) -> FeatureActsOut:
     check_index(sae_or_404(store_of(request), sae_id), index)
-    return _client(request).post("/activations", {"sae_id": sae_id, "text": text, "feature": index})
+    return _client(request).activations(FeatureActsIn(sae_id=sae_id, text=text, feature=index))

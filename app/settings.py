@@ -1,0 +1,55 @@
+"""Every default of the online side, in one place: the dashboard server and the model worker.
+
+The CLI passes these to the server and worker, the routes read them for their query limits, the templates get
+them through the Jinja globals, and the tests import them; no number here is written down anywhere else.
+Offline defaults (embedded model, precompute, train-sae) live in precompute/config.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from precompute import __version__
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    page_size: int = 50  # features per page of an SAE's list
+    max_page_size: int = 500
+    search_page_size: int = 25
+    max_search_page_size: int = 200
+    max_query_chars: int = 200
+    show_left: int = 24  # tokens shown left of an example's marked token by default
+    show_right: int = 8
+    max_show: int = 1024
+    max_prompt_chars: int = 4000  # prompts typed into the dashboard (inspect, "try your own text")
+    inspect_k: int = 20  # features listed for a prompt
+    token_detail_k: int = 10  # features listed for one token of a prompt
+    max_inspect_k: int = 200
+    dense_share: float = 0.01  # the feature list calls a feature dense at or above this share of tokens
+    cache_bytes: int = 512 * 2**20  # whole-response page cache
+    worker_restart_max_s: float = 30.0  # longest wait between restarts of a dead child worker
+    health_max_age_s: float = 2.0  # how long a worker health answer is trusted
+    shutdown_wait_s: float = 10.0  # how long shutdown waits for the page being pre-rendered
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8001
+    max_prompt_tokens: int = 512
+    max_text_chars: int = 20_000
+    max_batch: int = 16
+    batch_wait_ms: float = 5.0
+    max_queue: int = 64
+    request_timeout_s: float = 30.0
+    client_timeout_s: float = 60.0  # how long the dashboard waits for a worker answer
+    top_k: int = 10  # features per answer of /top_features and /token_features unless asked otherwise
+    max_k: int = 200
+
+
+SERVE = ServeSettings()
+WORKER = WorkerSettings()
+VERSION = __version__

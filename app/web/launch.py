@@ -1,0 +1,120 @@
+"""`saescope serve`: uvicorn for the dashboard, and a supervised model worker as a child process by default.
+
+The supervisor restarts a worker that dies, waiting longer after each quick death (1 s, 2 s, 4 s … up to
+SERVE.worker_restart_max_s), logs why it died (the last line it printed to stderr), and tells the pages that
+reason, so "live inspection is unavailable" always says what went wrong.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ..settings import SERVE, WORKER
+
+log = logging.getLogger(__name__)
+
+
+class WorkerSupervisor:
+    """Runs `saescope worker --store STORE` as a child that never outlives this process, and keeps it running."""
+
+    def __init__(self, store: Path, host: str, port: int, extra: list[str] | None = None,
+                 max_backoff_s: float = SERVE.worker_restart_max_s):
+        self.cmd = [sys.executable, "-m", "app.cli", "worker", "--store", str(store), "--host", host, "--port",
+                    str(port), "--exit-with-parent", str(os.getpid()), *(extra or [])]
+        self.url = f"http://{host}:{port}"
+        self.max_backoff_s = max_backoff_s
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+        self.last_exit: str | None = None  # why the last worker died, for the pages
+        self._tail: collections.deque[str] = collections.deque(maxlen=20)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="worker-supervisor")
+
+    def start(self) -> "WorkerSupervisor":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def reason(self) -> str | None:
+        """Why the worker is not answering, when its process told us (None while it runs or starts)."""
+        if self.last_exit is None:
+            return None
+        alive = self.proc is not None and self.proc.poll() is None
+        return self.last_exit + ("; restarting it now" if alive else f"; restarts so far: {self.restarts}")
+
+    def _spawn(self) -> subprocess.Popen:
+        proc = subprocess.Popen(self.cmd, stderr=subprocess.PIPE, text=True, errors="replace")
+        threading.Thread(target=self._pump, args=(proc,), daemon=True, name="worker-stderr").start()
+        return proc
+
+    def _pump(self, proc: subprocess.Popen) -> None:
+        """Pass the worker's stderr through to ours, keeping its last lines for the exit reason."""
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            self._tail.append(line.rstrip())
+
+    def _exit_reason(self, code: int) -> str:
+        errors = [ln.removeprefix("error: ") for ln in self._tail if ln.startswith("error: ")]
+        last = errors[-1] if errors else (self._tail[-1] if self._tail else "")
+        how = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
+        return f"the worker process ended ({how})" + (f": {last}" if last else "")
+
+    def _run(self) -> None:
+        backoff = 1.0
+        while not self._stop.is_set():
+            self._tail.clear()
+            started = time.monotonic()
+            self.proc = self._spawn()
+            code = self.proc.wait()
+            if self._stop.is_set():
+                return
+            self.last_exit = self._exit_reason(code)
+            log.error("model worker died: %s", self.last_exit)
+            backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, self.max_backoff_s)
+            log.info("restarting the model worker in %.0f s", backoff)
+            if self._stop.wait(backoff):
+                return
+            self.restarts += 1
+
+
+def serve_store(store: Path, host: str = SERVE.host, port: int = SERVE.port, worker_url: str | None = None,
+                start_worker: bool = True, worker_port: int = WORKER.port, prewarm: bool = True) -> int:
+    import uvicorn
+
+    from precompute.store import Store
+
+    from .app import create_app
+
+    Store(store).close()  # fail now, with the store's own message, if it is missing, damaged or of another version
+    supervisor = None
+    if worker_url is None and start_worker:
+        supervisor = WorkerSupervisor(store, "127.0.0.1", worker_port).start()
+        worker_url = supervisor.url
+        log.info("model worker starting at %s (loading the model takes a few seconds; pages work meanwhile)", worker_url)
+    app = create_app(store, worker_url, cache=True, prewarm=prewarm,
+                     explain_worker_down=supervisor.reason if supervisor else None)
+    print(f"\n  saescope is serving {store} at http://{host}:{port}/\n", flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+    return 0

@@ -1,0 +1,103 @@
+"""Token strips: a context's tokens made visible and safe, coloured by activation, windowed around a marked token.
+
+All token strings are untrusted: they are escaped here (strip_html) or by Jinja's autoescaping.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+import weakref
+from dataclasses import dataclass
+
+from markupsafe import Markup, escape
+
+from precompute.store import Example, Store
+
+from .format import fmt
+
+_VISIBLE = {"\n": "↵", "\t": "⇥", "\r": "␍"}
+
+
+def visible(token: str) -> str:
+    """A token as a reader should see it: newlines/tabs as symbols, control bytes as \\xNN, empty as ∅."""
+    if token == "":
+        return "∅"
+    out = []
+    for ch in token:
+        if ch in _VISIBLE:
+            out.append(_VISIBLE[ch])
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") or ch == "\ufffd":
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def alpha(v: float, vmax: float) -> str:
+    """Background strength of a token's activation relative to the feature's max, as a CSS number."""
+    if vmax <= 0 or v <= 0:
+        return "0"
+    return f"{min(1.0, 0.12 + 0.88 * v / vmax):.3f}"
+
+
+@dataclass
+class Tok:
+    text: str
+    value: float
+    is_max: bool
+    html: str | None = None  # the escaped visible form, when precomputed
+    special: bool = False  # BOS/EOS/pad: shown muted, never an activation
+
+
+@dataclass
+class Window:
+    example: Example
+    toks: list[Tok]
+    clipped_left: bool
+    clipped_right: bool
+
+
+def window(ex: Example, left: int, right: int, html: list[str] | None = None,
+           special: frozenset[int] = frozenset()) -> Window:
+    """Tokens [pos - left, pos + right] of an example's context around its marked token."""
+    lo, hi = max(0, ex.pos - left), min(len(ex.tokens), ex.pos + right + 1)
+    ids = ex.token_ids
+    toks = [Tok(ex.tokens[i], ex.acts[i], i == ex.pos, html[ids[i]] if html else None, ids[i] in special)
+            for i in range(lo, hi)]
+    return Window(ex, toks, lo > 0, hi < len(ex.tokens))
+
+
+_VOCAB_HTML: "weakref.WeakKeyDictionary[Store, dict[str, list[str]]]" = weakref.WeakKeyDictionary()
+
+
+def vocab_html(store: Store, model_key: str) -> list[str]:
+    """Each token's visible, HTML-escaped form, computed once per store and model (the pages' hot path)."""
+    per_model = _VOCAB_HTML.setdefault(store, {})
+    if model_key not in per_model:
+        per_model[model_key] = [str(escape(visible(t))) for t in store.vocab(model_key)]
+    return per_model[model_key]
+
+
+def strip_html(toks, vmax: float, clipped_left: bool = False, clipped_right: bool = False) -> Markup:
+    """A strip of tokens coloured by activation (the hot path of every page, so built here, not in Jinja).
+
+    Every token string is escaped; active tokens are focusable and carry their exact value in data-tip,
+    which CSS shows on hover and on keyboard focus.
+    """
+    out = ['<span class="strip">']
+    if clipped_left:
+        out.append('<span class="clip">…</span>')
+    for t in toks:
+        text = t.html if getattr(t, "html", None) is not None else escape(visible(t.text))
+        cls = "tok max" if t.is_max else "tok"
+        if getattr(t, "special", False):
+            cls += " special"
+        if t.value > 0:
+            out.append(f'<span class="{cls} on" tabindex="0" style="--a:{alpha(t.value, vmax)}" '
+                       f'data-tip="{text} → {fmt(t.value, 4)}">{text}</span>')
+        else:
+            out.append(f'<span class="{cls}" data-tip="{text} → 0">{text}</span>')
+    if clipped_right:
+        out.append('<span class="clip">…</span>')
+    out.append("</span>")
+    return Markup("".join(out))

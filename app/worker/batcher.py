@@ -1,0 +1,149 @@
+"""The worker's engine: holds the model and SAEs and gathers concurrent requests into one forward pass.
+
+Requests are admitted (prompt length, queue depth), queued, and a single batching loop takes up to
+max_batch of them, waiting at most batch_wait_ms for company, right-pads them, and runs forward + encode in a
+thread through `precompute.encode.encode_batch`: the very function precompute uses, so live activations equal
+stored ones. Every request has a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from precompute.data import bos_id
+from precompute.encode import encode_batch
+from precompute.models import HookedLM
+from precompute.saes import SAE
+from precompute.tokens import token_strings
+
+from ..errors import AppError
+from ..settings import WORKER
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    sae_id: str
+    ids: np.ndarray  # (T,) int32
+    future: asyncio.Future = field(repr=False)
+
+
+class Engine:
+    """Model + SAEs + the dynamic batcher."""
+
+    def __init__(self, lm: HookedLM, saes: dict[str, SAE], max_prompt_tokens: int = WORKER.max_prompt_tokens,
+                 max_batch: int = WORKER.max_batch, batch_wait_ms: float = WORKER.batch_wait_ms,
+                 max_queue: int = WORKER.max_queue, timeout_s: float = WORKER.request_timeout_s):
+        self.lm, self.saes = lm, saes
+        self.vocab = token_strings(lm.tokenizer)
+        self.max_prompt_tokens, self.max_batch = max_prompt_tokens, max_batch
+        self.batch_wait, self.max_queue, self.timeout = batch_wait_ms / 1000, max_queue, timeout_s
+        self.queue: asyncio.Queue[Job] | None = None
+        self.batches = self.requests = 0
+        self._task: asyncio.Task | None = None
+        self._last_batch = 0
+
+    def start(self) -> None:
+        self.queue = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    def sae(self, sae_id: str) -> SAE:
+        if sae_id not in self.saes:
+            raise AppError(f"unknown SAE {sae_id!r}; this worker has: {', '.join(self.saes)}", 404)
+        return self.saes[sae_id]
+
+    def tokenize(self, sae_id: str, text: str, given: list[int] | None = None) -> np.ndarray:
+        sae = self.sae(sae_id)
+        if given is not None:
+            vocab = len(self.vocab)
+            bad = [i for i in given if not 0 <= i < vocab]
+            if bad:
+                raise AppError(f"token ids {bad[:5]} are outside the vocabulary (0 to {vocab - 1})", 422)
+            ids = list(given)
+        else:
+            ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+            bos = bos_id(self.lm.tokenizer) if sae.cfg.prepend_bos else None
+            ids = ([bos] if bos is not None else []) + list(ids)
+        if not ids:
+            raise AppError("the prompt is empty; type some text", 422)
+        if len(ids) > self.max_prompt_tokens:
+            raise AppError(f"prompt has {len(ids)} tokens; the limit is {self.max_prompt_tokens}", 413,
+                           title="Prompt too long")
+        return np.asarray(ids, dtype=np.int32)
+
+    async def encode(self, body) -> tuple[np.ndarray, torch.Tensor]:
+        """Token ids (T,) and feature activations (T, d_sae) for one prompt, batched with whatever else waits."""
+        sae_id = body.sae_id
+        ids = self.tokenize(sae_id, body.text, body.ids)
+        assert self.queue is not None, "engine not started"
+        if self.queue.qsize() >= self.max_queue:
+            raise AppError(f"the worker has {self.queue.qsize()} requests queued (limit {self.max_queue}); retry shortly",
+                           503, title="Busy")
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put(Job(sae_id, ids, fut))
+        try:
+            z = await asyncio.wait_for(fut, timeout=self.timeout)
+        except asyncio.TimeoutError as err:
+            raise AppError(f"no answer within {self.timeout:.0f} s (the worker is overloaded)", 504) from err
+        self.requests += 1
+        return ids, z
+
+    async def _loop(self) -> None:
+        assert self.queue is not None
+        while True:
+            first = await self.queue.get()
+            jobs = [first]
+            # wait for company only when there is traffic: a lone request on an idle worker runs at once
+            wait = self.batch_wait if (self.queue.qsize() or self._last_batch > 1) else 0.0
+            deadline = time.monotonic() + wait
+            while len(jobs) < self.max_batch:
+                left = deadline - time.monotonic()
+                if left <= 0 and self.queue.empty():
+                    break
+                try:
+                    jobs.append(await asyncio.wait_for(self.queue.get(), timeout=max(left, 0)) if left > 0
+                                else self.queue.get_nowait())
+                except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                    break
+            jobs = [j for j in jobs if not j.future.cancelled()]
+            self._last_batch = len(jobs)
+            by_sae: dict[str, list[Job]] = {}
+            for j in jobs:
+                by_sae.setdefault(j.sae_id, []).append(j)
+            for sae_id, group in by_sae.items():
+                try:
+                    outs = await asyncio.to_thread(self._run, sae_id, [j.ids for j in group])
+                    for j, z in zip(group, outs):
+                        if not j.future.done():
+                            j.future.set_result(z)
+                except Exception as err:  # a failed batch fails its requests, not the worker
+                    log.exception("batch failed")
+                    for j in group:
+                        if not j.future.done():
+                            j.future.set_exception(AppError(f"encoding failed: {err}", 500))
+                self.batches += 1
+
+    def _run(self, sae_id: str, seqs: list[np.ndarray]) -> list[torch.Tensor]:
+        """Right-padded batch -> per-prompt (T_i, d_sae) activations. Padding sits after every real token, so the
+        causal mask keeps it from touching the real positions."""
+        T = max(len(s) for s in seqs)
+        pad = self.lm.tokenizer.pad_token_id
+        pad = pad if pad is not None else (self.lm.tokenizer.eos_token_id or 0)
+        ids = np.full((len(seqs), T), pad, dtype=np.int32)
+        mask = np.zeros((len(seqs), T), dtype=np.int64)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = s
+            mask[i, :len(s)] = 1
+        sae = self.saes[sae_id]
+        z = encode_batch(self.lm, sae, ids, sae.cfg.hook_name, attention_mask=torch.from_numpy(mask))
+        return [z[i, :len(s)].float().cpu() for i, s in enumerate(seqs)]
+
+    def strs(self, ids: np.ndarray) -> list[str]:
+        return [self.vocab[i] if 0 <= i < len(self.vocab) else f"<id {i}>" for i in ids]

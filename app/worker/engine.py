@@ -1,0 +1,61 @@
+"""Building a worker engine: load the model and SAEs named on the command line or recorded in a store."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from precompute.embedded import resolve_model, resolve_sae
+from precompute.models import load_model
+from precompute.saes import load_sae
+from precompute.store import Store
+
+from ..settings import WORKER
+from .batcher import Engine
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(model: str, saes: dict[str, str], hooks: dict[str, str | None], device: str, dtype: str,
+                 max_prompt_tokens: int = WORKER.max_prompt_tokens, max_batch: int = WORKER.max_batch,
+                 batch_wait_ms: float = WORKER.batch_wait_ms, max_queue: int = WORKER.max_queue,
+                 timeout_s: float = WORKER.request_timeout_s) -> Engine:
+    lm = load_model(model, device, dtype)
+    loaded = {}
+    for sae_id, ref in saes.items():
+        sae = load_sae(ref, hooks.get(sae_id))
+        if sae.cfg.d_in != lm.hook_width(sae.cfg.hook_name):
+            raise ValueError(f"SAE {sae_id} has d_in {sae.cfg.d_in}; {sae.cfg.hook_name} of {model} has width "
+                             f"{lm.hook_width(sae.cfg.hook_name)}")
+        loaded[sae_id] = sae.to(lm.device)
+    return Engine(lm, loaded, max_prompt_tokens, max_batch, batch_wait_ms, max_queue, timeout_s)
+
+
+def sources_from_store(store_path: Path) -> tuple[str, dict[str, str], dict[str, str | None]]:
+    """(model, {sae_id: sae path}, {sae_id: hook}) recorded in a store's provenance."""
+    with Store(store_path) as store:
+        infos = store.saes()
+    if not infos:
+        raise ValueError(f"store {store_path} holds no SAE")
+    models = {s.model_path for s in infos}
+    if len(models) > 1:
+        raise ValueError(f"store {store_path} mixes models ({', '.join(sorted(models))}); start one worker per model "
+                         "with --model/--sae")
+    model = infos[0].model_path
+    if not Path(model).exists() and "smollm2" in model.lower():  # the embedded default's cache on another machine
+        model = resolve_model("default")
+    return model, {s.sae_id: s.sae_path for s in infos}, {s.sae_id: s.hook for s in infos}
+
+
+def engine_from_args(args: argparse.Namespace) -> Engine:
+    """The engine `saescope worker` runs: SAEs from --store, or one from --model/--sae."""
+    if args.store:
+        model, saes, hooks = sources_from_store(args.store)
+    else:
+        model = resolve_model(args.model)
+        ref = resolve_sae(args.sae)
+        sae_id = Path(ref).name or ref
+        saes, hooks = {sae_id: ref}, {sae_id: args.hook}
+    return build_engine(model, saes, hooks, args.device, args.dtype, args.max_prompt_tokens, args.max_batch,
+                        args.batch_wait_ms, args.max_queue, args.timeout)

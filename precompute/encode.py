@@ -1,0 +1,25 @@
+"""Token ids -> SAE feature activations: the one encode path shared by precompute and the live worker, so that
+stored and live activations cannot drift apart."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .data import special_mask
+from .models import HookedLM
+from .saes import SAE
+
+
+def encode_batch(lm: HookedLM, sae: SAE, ids: np.ndarray, hook: str,
+                 attention_mask: torch.Tensor | None = None, special: np.ndarray | None = None) -> torch.Tensor:
+    """(B, T) token ids -> (B, T, d_sae) feature activations, special tokens zeroed.
+
+    `special` is the (B, T) special-token mask when the caller already has it."""
+    acts = lm.activations(torch.from_numpy(ids).long(), hook, attention_mask)  # (B, T, d_in)
+    with torch.no_grad():
+        z = sae.encode(acts.to(sae.W_enc.device))  # (B, T, d_sae)
+    if special is None:
+        special = special_mask(ids, lm.tokenizer)
+    z[torch.from_numpy(special).to(z.device)] = 0
+    return z

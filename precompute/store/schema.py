@@ -1,0 +1,126 @@
+"""The store's tables as one column spec: CREATE statements, INSERT column lists, the reader's row dataclasses
+and the JSON API's SAE model are all derived from it. Bump SCHEMA_VERSION on any change; readers refuse
+versions they do not know."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Col:
+    name: str
+    sql: str  # DuckDB type
+    py: Any  # Python type of the value the reader returns
+    doc: str = ""  # what the column holds (becomes the API's field description)
+    json: bool = False  # stored as JSON text, read back as a dict
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    cols: tuple[Col, ...]
+    key: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.cols]
+
+    def create_sql(self) -> str:
+        cols = [f"{c.name} {c.sql}" for c in self.cols]
+        if self.key:
+            cols.append(f"PRIMARY KEY ({', '.join(self.key)})")
+        return f"CREATE TABLE IF NOT EXISTS {self.name} ({', '.join(cols)})"
+
+    def insert_sql(self, source: str, prefix: str = "") -> str:
+        """INSERT INTO table (cols) SELECT cols FROM source: explicit names, never column order."""
+        names = ", ".join(self.names)
+        return f"INSERT INTO {prefix}{self.name} ({names}) SELECT {names} FROM {source}"
+
+    def select_list(self, alias: str = "") -> str:
+        return ", ".join(f"{alias}{n}" for n in self.names)
+
+    def row_type(self, type_name: str) -> type:
+        """A dataclass with one field per column, in column order."""
+        return dataclasses.make_dataclass(type_name, [(c.name, c.py) for c in self.cols])
+
+
+C = Col
+META = Table("meta", (C("key", "VARCHAR", str), C("value", "VARCHAR", str)), key=("key",))
+SAES = Table("saes", (
+    C("sae_id", "VARCHAR", str, "name of the SAE inside the store"),
+    C("model_id", "VARCHAR", str, "model the activations came from"),
+    C("model_path", "VARCHAR", str, "where the model was loaded from (absolute path or hub id)"),
+    C("model_key", "VARCHAR", str, "key of the model's vocabulary in the vocab table"),
+    C("sae_path", "VARCHAR", str, "where the SAE was loaded from (absolute path or hub reference)"),
+    C("hook", "VARCHAR", str, "TransformerLens-style hook name"),
+    C("architecture", "VARCHAR", str, "standard, jumprelu, topk or gated"),
+    C("d_in", "INTEGER", int, "width of the hooked activation"),
+    C("d_sae", "INTEGER", int, "number of features"),
+    C("dataset", "VARCHAR", str, "text the statistics were computed on"),
+    C("n_tokens", "BIGINT", int, "tokens streamed"),
+    C("n_contexts", "BIGINT", int, "contexts streamed"),
+    C("n_counted", "BIGINT", int, "tokens that count (special tokens excluded)"),
+    C("context_len", "INTEGER", int, "tokens per context"),
+    C("prepend_bos", "BOOLEAN", bool, "whether every context starts with BOS"),
+    C("config", "VARCHAR", dict, "the SAE's configuration as loaded", json=True),
+    C("created", "VARCHAR", str, "when the SAE's tables were built (UTC)"),
+    C("saescope_version", "VARCHAR", str, "saescope version that built them"),
+    C("logit_method", "VARCHAR", str, "how logit effects were computed"),
+    C("dead_share", "DOUBLE", float, "share of features never active on these tokens"),
+    C("density_hist", "INTEGER[]", list, "histogram of log10 feature density (live features)"),
+    C("density_hist_lo", "DOUBLE", float, "log10 density at the histogram's left edge"),
+    C("density_hist_hi", "DOUBLE", float, "log10 density at the histogram's right edge"),
+    C("params", "VARCHAR", dict, "precompute parameters (top_k, intervals, device, dtype, ...)", json=True),
+), key=("sae_id",))
+VOCAB = Table("vocab", (C("model_key", "VARCHAR", str), C("token_id", "INTEGER", int), C("token", "VARCHAR", str)))
+CONTEXTS = Table("contexts", (C("sae_id", "VARCHAR", str), C("ctx_id", "INTEGER", int), C("tokens", "INTEGER[]", list)))
+FEATURES = Table("features", (
+    C("sae_id", "VARCHAR", str), C("feature", "INTEGER", int), C("n_active", "BIGINT", int),
+    C("density", "DOUBLE", float), C("max_act", "REAL", float), C("mean_act", "REAL", float),
+    C("hist_lo", "REAL", float), C("hist_hi", "REAL", float), C("hist", "INTEGER[]", list),
+    C("top_token_ids", "INTEGER[]", list),
+    C("logit_pos_ids", "INTEGER[]", list), C("logit_pos_vals", "REAL[]", list),
+    C("logit_neg_ids", "INTEGER[]", list), C("logit_neg_vals", "REAL[]", list),
+    C("logit_hist_lo", "REAL", float), C("logit_hist_hi", "REAL", float), C("logit_hist", "INTEGER[]", list),
+    C("neighbours", "INTEGER[]", list), C("neighbour_sims", "REAL[]", list),
+))
+EXAMPLES = Table("examples", (
+    C("sae_id", "VARCHAR", str), C("feature", "INTEGER", int), C("kind", "VARCHAR", str), C("grp", "SMALLINT", int),
+    C("rank", "SMALLINT", int), C("ctx_id", "INTEGER", int), C("pos", "SMALLINT", int), C("value", "REAL", float),
+    C("act_pos", "SMALLINT[]", list), C("act_val", "REAL[]", list),
+))
+GROUPS = Table("groups", (
+    C("sae_id", "VARCHAR", str), C("feature", "INTEGER", int), C("kind", "VARCHAR", str), C("grp", "SMALLINT", int),
+    C("lo", "REAL", float), C("hi", "REAL", float), C("n_tokens", "BIGINT", int), C("share", "DOUBLE", float),
+))
+EXPLANATIONS = Table("explanations", (
+    C("sae_id", "VARCHAR", str), C("feature", "INTEGER", int), C("text", "VARCHAR", str), C("source", "VARCHAR", str),
+))
+STORE_TABLES = (META, SAES, VOCAB, CONTEXTS, FEATURES, EXAMPLES, GROUPS, EXPLANATIONS)
+PER_SAE_TABLES = (SAES, CONTEXTS, FEATURES, EXAMPLES, GROUPS, EXPLANATIONS)  # rows keyed by sae_id
+
+# the work file of one precompute run
+RUN = Table("run", (C("key", "VARCHAR", str), C("value", "VARCHAR", str)), key=("key",))
+ACTS = Table("acts", (C("ctx", "INTEGER", int), C("pos", "SMALLINT", int), C("feature", "INTEGER", int),
+                      C("value", "REAL", float)))
+CTX_TOKENS = Table("ctx_tokens", (C("ctx", "INTEGER", int), C("tokens", "INTEGER[]", list),
+                                  C("n_counted", "INTEGER", int)))
+CACHE_TABLES = (RUN, ACTS, CTX_TOKENS)
+
+
+def create_all(tables: tuple[Table, ...]) -> str:
+    return ";\n".join(t.create_sql() for t in tables) + ";"
+
+
+# A deterministic pseudo-random priority per (token, feature): samples are the lowest priorities in their
+# group, so an independent computation can reproduce exactly which tokens were drawn.
+PRIORITY_SQL = "(((ctx::BIGINT * {T} + pos) * 2654435761 + feature::BIGINT * 2246822519) % 4294967291)"
+
+
+def priority(ctx: int, pos: int, feature: int, context_len: int) -> int:
+    return ((ctx * context_len + pos) * 2654435761 + feature * 2246822519) % 4294967291
