@@ -73,8 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
                            "and the nearest features by decoder cosine. Progress is checkpointed after every batch in "
                            "OUT.work/: if the run is killed, the same command resumes where it stopped. The store is "
                            "written to OUT.tmp and renamed over OUT only when complete; an existing OUT keeps its "
-                           "other SAEs."))
-    _model_args(p)
+                           "other SAEs. Several SAEs (repeat --sae, or --run FILE) share one forward pass that stops "
+                           "after the deepest hook; each gets its own tables. At the end a few stored contexts are "
+                           "re-encoded in fp32 and the largest relative difference is stored (see `saescope verify`)."))
+    _model_args(p, sae=False)
+    p.add_argument("--sae", action="append", default=None,
+                   help="SAE folder/file (SAELens, sparsify, Gemma Scope params.npz, OpenAI .pt), a hub reference "
+                   "owner/repo/folder, or 'default'; repeat for several SAEs in one pass (default: default)")
+    p.add_argument("--hook", action="append", default=None,
+                   help="override the SAE's hook, e.g. blocks.9.hook_resid_post; once per --sae, in the same order")
+    p.add_argument("--run", type=Path, default=None, metavar="FILE",
+                   help="a .toml ([[sae]] path=..., hook=..., id=...) or .json list of the SAEs to precompute")
     p.add_argument("--dataset", default=E.dataset, help="'default', a .txt/.jsonl/.parquet file, or a HF dataset id")
     p.add_argument("--text-field", default=P.text_field, help="text column of a .jsonl/.parquet/HF dataset")
     p.add_argument("--tokens", type=int, default=P.tokens, help="tokens to stream (rounded down to whole contexts)")
@@ -88,8 +97,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-quantiles", type=int, default=P.n_quantiles, help="equal-count (rank) quantiles sampled")
     p.add_argument("--per-quantile", type=int, default=P.per_quantile, help="examples drawn per quantile")
     p.add_argument("--out", type=Path, required=True, help="DuckDB store; an existing store gains this SAE")
-    p.add_argument("--sae-id", default=None, help="name of this SAE inside the store (default: derived from model and hook)")
+    p.add_argument("--sae-id", action="append", default=None,
+                   help="name of the SAE inside the store, once per --sae (default: derived from model and hook)")
     p.add_argument("--restart", action="store_true", help="discard an unfinished run's checkpoint instead of resuming")
+    p.add_argument("--memory-limit", default=P.memory_limit,
+                   help="memory limit of every DuckDB connection (work cache and table builder); beyond it DuckDB "
+                   "spills to OUT.work/")
+    p.add_argument("--rows-per-range", type=int, default=P.rows_per_range,
+                   help="activations per feature range while building tables (smaller: less memory, more scans)")
+    p.add_argument("--verify-sample", type=int, default=P.verify_sample,
+                   help="contexts re-encoded in fp32 at the end to check the stored values (0: skip)")
+
+    p = sub.add_parser("verify", help="recompute a random sample of stored examples in fp32 and report the largest difference",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=(
+                           "Loads the model and SAE from the store's provenance paths, re-encodes a random sample of "
+                           "the stored contexts alone (batch 1, float32, CPU) and compares with the stored activations "
+                           "on every position where either is nonzero. Exit status 1 when the largest relative "
+                           "difference exceeds --tolerance or a stored zero/nonzero disagrees."))
+    p.add_argument("store", type=Path, help="DuckDB store written by precompute")
+    p.add_argument("--sae", dest="sae_id", default=None, help="SAE to verify (default: every SAE in the store)")
+    p.add_argument("--sample", type=int, default=P.verify_sample, help="contexts to recompute per SAE")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random sample")
+    p.add_argument("--tolerance", type=float, default=P.verify_tolerance, help="largest relative difference accepted")
 
     p = sub.add_parser("serve", help="serve the dashboard for a store (starts a model worker unless told otherwise)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -99,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-url", default=None, help="use a model worker already running there (e.g. on a GPU box)")
     p.add_argument("--no-worker", action="store_true", help="serve precomputed pages only; live inspection is off")
     p.add_argument("--worker-port", type=int, default=W.port, help="port for the child worker")
+    p.add_argument("--worker-secret", default=None, help="shared secret for the worker (sent with every request, and "
+                   f"required by the child worker); also read from ${W.secret_env}")
     p.add_argument("--no-prewarm", action="store_true",
                    help="do not pre-render every feature page in the background after startup")
 
@@ -113,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-ms", type=float, default=W.batch_wait_ms, help="how long a request waits for company")
     p.add_argument("--max-queue", type=int, default=W.max_queue, help="queued requests beyond which new ones get 503")
     p.add_argument("--timeout", type=float, default=W.request_timeout_s, help="seconds a request may wait for its answer")
+    p.add_argument("--secret", default=None, help="shared secret every request must carry (Authorization: Bearer "
+                   f"SECRET); also read from ${W.secret_env}. Set it whenever the port is reachable from other machines")
     p.add_argument("--exit-with-parent", type=int, default=None, metavar="PID",
                    help="exit when process PID (the dashboard that started this worker) is gone")
 

@@ -48,6 +48,18 @@ class WorkerSettings:
     client_timeout_s: float = 60.0  # how long the dashboard waits for a worker answer
     top_k: int = 10  # features per answer of /top_features and /token_features unless asked otherwise
     max_k: int = 200
+    # interventions (steering, ablation, attribution)
+    max_edits: int = 8  # feature edits in one request
+    max_new_tokens: int = 64  # tokens one steering request may generate
+    default_new_tokens: int = 32
+    generation_time_s: float = 20.0  # a steered generation stops after this long (the answer says so)
+    max_abs_value: float = 1000.0  # |steering coefficient| and |clamp value|
+    attribution_top: int = 20  # features listed by attribution
+    attribution_verify: int = 10  # of which the true ablation effect is measured
+    max_verify: int = 20
+    max_temperature: float = 10.0
+    max_seed: int = 2**31 - 1
+    secret_env: str = "SAESCOPE_WORKER_SECRET"  # the shared secret the worker requires, when set
 
 
 SERVE = ServeSettings()

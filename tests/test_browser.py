@@ -193,3 +193,24 @@ def test_phone_width_and_dark_mode(server, browser, facts):
     ctx.close()
     assert width <= 400, "no horizontal scrolling at phone width"
     assert bg == "rgb(22, 24, 27)"
+
+
+def test_steering_panel_shows_default_and_steered_completions(server, page, facts):
+    """From a feature page: type a prompt into the steering panel, steer, read both completions; the URL keeps
+    the whole state, and opening it again reproduces the view."""
+    page.goto(f"{server}/sae/{facts['sae']}/feature/{facts['index']}")
+    panel = page.locator("section.steer")
+    panel.locator("textarea[name=prompt]").fill("The buffer is")
+    panel.locator("input[name=value]").fill("40")
+    panel.locator("input[name=n]").fill("8")
+    panel.locator("button").click()
+    page.wait_for_selector("#steered-completion", timeout=60_000)
+    default = page.inner_text("#default-completion").strip()
+    steered = page.inner_text("#steered-completion").strip()
+    assert default and steered and default != steered, (default, steered)
+    q = parse_qs(urlparse(page.url).query)
+    assert q["feature"] == [str(facts["index"])] and q["value"] == ["40"] and q["prompt"] == ["The buffer is"]
+    again = page.context.new_page()
+    again.goto(page.url)
+    assert again.inner_text("#steered-completion").strip() == steered
+    again.close()

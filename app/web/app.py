@@ -52,7 +52,7 @@ DESCRIPTION = "Features of sparse autoencoders: precomputed dashboards and live 
 
 
 def create_app(store_path: Path | str, worker_url: str | None = None, cache: bool = False, prewarm: bool = False,
-               explain_worker_down: Callable[[], str | None] | None = None):
+               explain_worker_down: Callable[[], str | None] | None = None, worker_secret: str | None = None):
     """The dashboard ASGI app; with cache=True wrapped in a whole-response cache for the precomputed pages,
     which prewarm=True fills in the background with every feature page's default view."""
     store = Store(store_path)
@@ -72,7 +72,8 @@ def create_app(store_path: Path | str, worker_url: str | None = None, cache: boo
 
     app = FastAPI(title="saescope", version=VERSION, lifespan=lifespan, description=DESCRIPTION)
     app.state.store = store
-    app.state.worker = WorkerClient(worker_url, explain_down=explain_worker_down) if worker_url else None
+    app.state.worker = (WorkerClient(worker_url, explain_down=explain_worker_down, secret=worker_secret)
+                        if worker_url else None)
     app.mount("/static", CachedStatic(directory=STATIC), name="static")
     app.include_router(pages.router)
     app.include_router(live.router)

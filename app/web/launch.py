@@ -26,11 +26,12 @@ class WorkerSupervisor:
     """Runs `saescope worker --store STORE` as a child that never outlives this process, and keeps it running."""
 
     def __init__(self, store: Path, host: str, port: int, extra: list[str] | None = None,
-                 max_backoff_s: float = SERVE.worker_restart_max_s):
+                 max_backoff_s: float = SERVE.worker_restart_max_s, secret: str | None = None):
         self.cmd = [sys.executable, "-m", "app.cli", "worker", "--store", str(store), "--host", host, "--port",
                     str(port), "--exit-with-parent", str(os.getpid()), *(extra or [])]
         self.url = f"http://{host}:{port}"
         self.max_backoff_s = max_backoff_s
+        self.secret = secret
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
         self.last_exit: str | None = None  # why the last worker died, for the pages
@@ -60,7 +61,10 @@ class WorkerSupervisor:
         return self.last_exit + ("; restarting it now" if alive else f"; restarts so far: {self.restarts}")
 
     def _spawn(self) -> subprocess.Popen:
-        proc = subprocess.Popen(self.cmd, stderr=subprocess.PIPE, text=True, errors="replace")
+        env = dict(os.environ)
+        if self.secret:  # through the environment, never the command line (which `ps` shows)
+            env[WORKER.secret_env] = self.secret
+        proc = subprocess.Popen(self.cmd, stderr=subprocess.PIPE, text=True, errors="replace", env=env)
         threading.Thread(target=self._pump, args=(proc,), daemon=True, name="worker-stderr").start()
         return proc
 
@@ -96,7 +100,8 @@ class WorkerSupervisor:
 
 
 def serve_store(store: Path, host: str = SERVE.host, port: int = SERVE.port, worker_url: str | None = None,
-                start_worker: bool = True, worker_port: int = WORKER.port, prewarm: bool = True) -> int:
+                start_worker: bool = True, worker_port: int = WORKER.port, prewarm: bool = True,
+                worker_secret: str | None = None) -> int:
     import uvicorn
 
     from precompute.store import Store
@@ -105,12 +110,13 @@ def serve_store(store: Path, host: str = SERVE.host, port: int = SERVE.port, wor
 
     Store(store).close()  # fail now, with the store's own message, if it is missing, damaged or of another version
     supervisor = None
+    worker_secret = worker_secret or os.environ.get(WORKER.secret_env) or None
     if worker_url is None and start_worker:
-        supervisor = WorkerSupervisor(store, "127.0.0.1", worker_port).start()
+        supervisor = WorkerSupervisor(store, "127.0.0.1", worker_port, secret=worker_secret).start()
         worker_url = supervisor.url
         log.info("model worker starting at %s (loading the model takes a few seconds; pages work meanwhile)", worker_url)
     app = create_app(store, worker_url, cache=True, prewarm=prewarm,
-                     explain_worker_down=supervisor.reason if supervisor else None)
+                     explain_worker_down=supervisor.reason if supervisor else None, worker_secret=worker_secret)
     print(f"\n  saescope is serving {store} at http://{host}:{port}/\n", flush=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")

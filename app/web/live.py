@@ -5,21 +5,26 @@ When the worker is down these routes say so plainly; every precomputed page keep
 
 from __future__ import annotations
 
+import math
+import re
+from typing import Literal
+
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse
 from markupsafe import escape
 
-from ..errors import AppError
-from ..settings import SERVE
+from ..errors import AppError, echo
+from ..settings import SERVE, WORKER
 from ..worker.client import DOWN_HINT, WorkerClient
-from ..worker.wire import FeatureActsIn, FeatureActsOut, TopFeaturesIn, TopFeaturesOut
+from ..worker.wire import (AblateOut, AttributeIn, AttributeOut, EditIn, EditsIn, FeatureActsIn, FeatureActsOut,
+                           SteerIn, SteerOut, TopFeaturesIn, TopFeaturesOut)
 from .lookups import check_index, sae_or_404
 from .pages import store_of
 from .templates import page
 from .tokens import Tok
 
 router = APIRouter()
-S = SERVE
+S, W = SERVE, WORKER
 MAX_PROMPT_CHARS = S.max_prompt_chars
 
 
@@ -65,7 +70,10 @@ def inspect_data(request: Request, sae_id: str, prompt: str, pos: int | None) ->
 
 @router.get("/inspect", response_class=HTMLResponse)
 def inspect_page(request: Request, sae: str | None = None, prompt: str = Query("", max_length=MAX_PROMPT_CHARS),
-                 pos: int | None = Query(None, ge=0)):
+                 pos: int | None = Query(None, ge=0), ablate: int | None = Query(None, ge=0),
+                 why: int | None = Query(None, ge=0), target: int | None = Query(None, ge=0)):
+    """A prompt's features (live); ablate=F adds the per-token effect of removing feature F; why=P explains the
+    prediction after token P (target=ID for another token than the top one)."""
     store = store_of(request)
     saes = store.saes()
     if not saes:
@@ -73,10 +81,21 @@ def inspect_page(request: Request, sae: str | None = None, prompt: str = Query("
     sae_id = sae or saes[0].sae_id
     info = sae_or_404(store, sae_id)
     ctx = {"saes": saes, "sae": info, "prompt": prompt, "pos": pos, "worker": worker_status(request.app),
-           "result": None, "error": None}
+           "result": None, "error": None, "ablate": ablate, "why": why, "target": target, "ablation": None,
+           "attribution": None}
+    if ablate is not None:
+        check_index(info, ablate)
     if prompt.strip():
         try:
             ctx["result"] = inspect_data(request, sae_id, prompt, pos)
+            client = _client(request)
+            if ablate is not None:
+                ctx["ablation"] = client.ablate(EditsIn(sae_id=sae_id, text=prompt,
+                                                        edits=[EditIn(feature=ablate, mode="ablate")]))
+            if why is not None:
+                attr = client.attribute(AttributeIn(sae_id=sae_id, text=prompt, position=why, target=target))
+                ctx["attribution"] = attr
+                ctx["attr_rows"] = store.features_by_index(sae_id, [a.feature for a in attr.features])
         except AppError as err:
             if err.status == 404:
                 raise
@@ -94,20 +113,24 @@ def live_status(request: Request):
 
 @router.post("/live/activations", response_class=HTMLResponse)
 def live_activations(request: Request, sae: str = Form(...), feature: int = Form(..., ge=0),
-                     text: str = Form("", max_length=MAX_PROMPT_CHARS)):
+                     text: str = Form("", max_length=MAX_PROMPT_CHARS), ablate: bool = Form(False)):
     store = store_of(request)
     info = sae_or_404(store, sae)
     check_index(info, feature)
     if not text.strip():
         raise AppError("type some text first", 422)
     try:
-        out = _client(request).activations(FeatureActsIn(sae_id=sae, text=text, feature=feature))
+        client = _client(request)
+        out = client.activations(FeatureActsIn(sae_id=sae, text=text, feature=feature))
+        ablation = client.ablate(EditsIn(sae_id=sae, text=text, edits=[EditIn(feature=feature, mode="ablate")])) \
+            if ablate else None
     except AppError as err:
         return page(request, "live_result.html", {"error": err}, status=200)
     f = store.feature(sae, feature)
     vmax = max(out.max_value, f.max_act if f else 0.0)
     return page(request, "live_result.html", {"toks": _strip(out.tokens, out.values, out.max_pos),
                                                "out": out, "vmax": vmax, "stored_max": f.max_act if f else None,
+                                               "ablation": ablation, "feature": feature,
                                                "error": None})
 
 
@@ -125,3 +148,94 @@ def api_feature_live(request: Request, sae_id: str, index: int,
                      text: str = Query(..., min_length=1, max_length=MAX_PROMPT_CHARS)) -> FeatureActsOut:
     check_index(sae_or_404(store_of(request), sae_id), index)
     return _client(request).activations(FeatureActsIn(sae_id=sae_id, text=text, feature=index))
+
+
+# ---------------------------------------------------------------- interventions: steer, ablate, attribute
+EDIT_RE = re.compile(r"^(\d{1,9})(?::(ablate|clamp|add))?(?::(-?[0-9.]+(?:e-?\d+)?))?$")
+
+
+def parse_edits(specs: list[str], info) -> list[EditIn]:
+    """URL edits 'FEATURE:MODE:VALUE' (e.g. 123:add:8, 45:clamp:0.5, 7:ablate) -> checked wire edits."""
+    if not specs:
+        raise AppError("give at least one edit, e.g. edit=123:add:8 (feature 123, steering coefficient 8)", 422)
+    if len(specs) > W.max_edits:
+        raise AppError(f"{len(specs)} edits given; the limit is {W.max_edits}", 422)
+    out = []
+    for spec in specs:
+        m = EDIT_RE.match(spec.strip())
+        if not m:
+            raise AppError(f"edit {echo(spec)} is not FEATURE:MODE:VALUE with MODE one of ablate, clamp, add "
+                           "(e.g. 123:add:8 or 7:ablate)", 422)
+        feature, mode, value = int(m.group(1)), m.group(2) or "add", float(m.group(3) or 0)
+        check_index(info, feature)
+        if not math.isfinite(value) or abs(value) > W.max_abs_value:
+            raise AppError(f"edit {echo(spec)}: value must be a number from -{W.max_abs_value:g} to "
+                           f"{W.max_abs_value:g}", 422)
+        out.append(EditIn(feature=feature, mode=mode, value=value))
+    return out
+
+
+def _steer_state(request: Request, sae: str | None, prompt: str, edit: list[str], n: int, temperature: float,
+                 seed: int) -> dict:
+    store = store_of(request)
+    info = sae_or_404(store, sae or store.saes()[0].sae_id)
+    ctx = {"sae": info, "saes": store.saes(), "prompt": prompt, "edits": edit, "n": n, "temperature": temperature,
+           "seed": seed, "worker": worker_status(request.app), "result": None, "error": None, "rows": {}}
+    if prompt.strip() and edit:
+        try:
+            parsed = parse_edits(edit, info)
+            out = _client(request).steer(SteerIn(sae_id=info.sae_id, text=prompt, edits=parsed, max_new_tokens=n,
+                                                 temperature=temperature, seed=seed))
+            ctx["result"] = out
+            ctx["rows"] = store.features_by_index(info.sae_id, out.watch)
+            # new tokens highlighted by the first steered feature's activation (read before the edit)
+            lead = out.watch[0]
+            ctx["lead"], ctx["vmax"] = lead, (store.feature(info.sae_id, lead).max_act or 1.0)
+            ctx["steered_toks"] = [Tok(t, a[0], False) for t, a in zip(out.steered.tokens, out.steered.feature_acts)]
+            ctx["default_toks"] = [Tok(t, a[0], False) for t, a in zip(out.default.tokens, out.default.feature_acts)]
+        except AppError as err:
+            if err.status == 404:
+                raise
+            ctx["error"] = err
+    return ctx
+
+
+@router.get("/steer", response_class=HTMLResponse)
+def steer_page(request: Request, sae: str | None = None, prompt: str = Query("", max_length=MAX_PROMPT_CHARS),
+               edit: list[str] = Query([], max_length=W.max_edits),
+               n: int = Query(W.default_new_tokens, ge=1, le=W.max_new_tokens),
+               temperature: float = Query(0.0, ge=0.0, le=W.max_temperature), seed: int = Query(0, ge=0, le=W.max_seed),
+               feature: int | None = Query(None, ge=0), mode: Literal["add", "clamp", "ablate"] = "add",
+               value: float = Query(0.0, ge=-W.max_abs_value, le=W.max_abs_value)):
+    """Default and steered continuations side by side; the URL holds the whole state, so a link reproduces it.
+    Edits come as edit=FEATURE:MODE:VALUE (repeatable), or as feature/mode/value from a feature page's form."""
+    if feature is not None:
+        edit = [*edit, f"{feature}:{mode}:{value:g}"]
+    ctx = _steer_state(request, sae, prompt, edit, n, temperature, seed)
+    return page(request, "steer.html", ctx, block="result")
+
+
+@router.get("/api/steer", tags=["live"], summary="steer generation with features (live): default and steered text")
+def api_steer(request: Request, sae: str, prompt: str = Query(..., min_length=1, max_length=MAX_PROMPT_CHARS),
+              edit: list[str] = Query(..., max_length=W.max_edits),
+              n: int = Query(W.default_new_tokens, ge=1, le=W.max_new_tokens),
+              temperature: float = Query(0.0, ge=0.0, le=W.max_temperature), seed: int = Query(0, ge=0, le=W.max_seed)) -> SteerOut:
+    info = sae_or_404(store_of(request), sae)
+    return _client(request).steer(SteerIn(sae_id=sae, text=prompt, edits=parse_edits(edit, info), max_new_tokens=n,
+                                          temperature=temperature, seed=seed))
+
+
+@router.get("/api/ablate", tags=["live"], summary="per-token change of the next token's log-prob and KL when "
+            "features are edited (live)")
+def api_ablate(request: Request, sae: str, prompt: str = Query(..., min_length=1, max_length=MAX_PROMPT_CHARS),
+               edit: list[str] = Query(..., max_length=W.max_edits)) -> AblateOut:
+    info = sae_or_404(store_of(request), sae)
+    return _client(request).ablate(EditsIn(sae_id=sae, text=prompt, edits=parse_edits(edit, info)))
+
+
+@router.get("/api/attribute", tags=["live"], summary="features behind one next-token prediction, with the linear "
+            "estimate checked against true ablation (live)")
+def api_attribute(request: Request, sae: str, prompt: str = Query(..., min_length=1, max_length=MAX_PROMPT_CHARS),
+                  position: int | None = Query(None, ge=0), target: int | None = Query(None, ge=0)) -> AttributeOut:
+    sae_or_404(store_of(request), sae)
+    return _client(request).attribute(AttributeIn(sae_id=sae, text=prompt, position=position, target=target))

@@ -10,10 +10,10 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from ..settings import SERVE, VERSION
+from ..settings import SERVE, VERSION, WORKER
 from .format import fmt, pct
 from .plots import histogram_svg
-from .tokens import alpha, strip_html, visible
+from .tokens import alpha, delta_strip_html, strip_html, visible
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "templates"
@@ -33,9 +33,9 @@ def static_url(name: str) -> str:
 def make_env() -> Environment:
     env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html", "svg"]),
                       trim_blocks=True, lstrip_blocks=True, auto_reload=False)
-    env.globals.update(static_url=static_url, serve=SERVE, version=VERSION)
+    env.globals.update(static_url=static_url, serve=SERVE, wk=WORKER, version=VERSION)
     env.filters.update(visible=visible, fmt=fmt, pct=pct, alpha=alpha)
-    env.globals.update(histogram_svg=histogram_svg, strip_html=strip_html)
+    env.globals.update(histogram_svg=histogram_svg, strip_html=strip_html, delta_strip_html=delta_strip_html)
     return env
 
 

@@ -101,3 +101,22 @@ def strip_html(toks, vmax: float, clipped_left: bool = False, clipped_right: boo
         out.append('<span class="clip">…</span>')
     out.append("</span>")
     return Markup("".join(out))
+
+
+def delta_strip_html(tokens: list[str], deltas: list[float | None], kl: list[float]) -> Markup:
+    """The ablation row: each token coloured by the change of its *next* token's log-prob when the feature is
+    removed (blue: the next token became likelier, red: less likely), with the exact change and the KL divergence
+    of the next-token distribution on hover and focus. Scaled to the largest |change| in the row."""
+    vmax = max((abs(d) for d in deltas if d is not None), default=0.0)
+    out = ['<span class="strip delta-strip">']
+    for t, d, k in zip(tokens, deltas, kl):
+        text = escape(visible(t))
+        if d is None:
+            out.append(f'<span class="tok" data-tip="{text}: last token, no next token">{text}</span>')
+            continue
+        side = "up" if d > 0 else "down"
+        a = alpha(abs(d), vmax) if d != 0 else "0"
+        out.append(f'<span class="tok on d-{side}" tabindex="0" style="--a:{a}" data-delta="{d:.6g}" data-kl="{k:.6g}" '
+                   f'data-tip="{text}: Δ log p(next) {d:+.4f} · KL {fmt(k, 3)}">{text}</span>')
+    out.append("</span>")
+    return Markup("".join(out))

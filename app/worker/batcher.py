@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -46,6 +47,9 @@ class Engine:
         self.max_prompt_tokens, self.max_batch = max_prompt_tokens, max_batch
         self.batch_wait, self.max_queue, self.timeout = batch_wait_ms / 1000, max_queue, timeout_s
         self.queue: asyncio.Queue[Job] | None = None
+        # one model, many threads: every use of it (batched encodes, interventions) holds this lock, because
+        # reading an activation installs module hooks that would fire in another thread's forward pass
+        self.model_lock = threading.Lock()
         self.batches = self.requests = 0
         self._task: asyncio.Task | None = None
         self._last_batch = 0
@@ -142,7 +146,8 @@ class Engine:
             ids[i, :len(s)] = s
             mask[i, :len(s)] = 1
         sae = self.saes[sae_id]
-        z = encode_batch(self.lm, sae, ids, sae.cfg.hook_name, attention_mask=torch.from_numpy(mask))
+        with self.model_lock:
+            z = encode_batch(self.lm, sae, ids, sae.cfg.hook_name, attention_mask=torch.from_numpy(mask))
         return [z[i, :len(s)].float().cpu() for i, s in enumerate(seqs)]
 
     def strs(self, ids: np.ndarray) -> list[str]:

@@ -13,8 +13,8 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import AppError
 from ..settings import SERVE, WORKER
-from .wire import (FeatureActsIn, FeatureActsOut, HealthOut, TokenFeaturesIn, TokenFeaturesOut, TokenizeIn,
-                   TokenizeOut, TopFeaturesIn, TopFeaturesOut)
+from .wire import (AblateOut, AttributeIn, AttributeOut, EditsIn, FeatureActsIn, FeatureActsOut, HealthOut, SteerIn,
+                   SteerOut, TokenFeaturesIn, TokenFeaturesOut, TokenizeIn, TokenizeOut, TopFeaturesIn, TopFeaturesOut)
 
 DOWN_HINT = ("the model worker is unavailable ({why}); precomputed pages still work. Live inspection comes back by "
              "itself once the worker answers again (`saescope serve` restarts its own worker; a separate one is "
@@ -24,10 +24,12 @@ Out = TypeVar("Out", bound=BaseModel)
 
 class WorkerClient:
     def __init__(self, url: str, timeout_s: float = WORKER.client_timeout_s,
-                 explain_down: Callable[[], str | None] | None = None):
-        """`explain_down`, when given, says why the worker is down (e.g. the supervisor's last exit reason)."""
+                 explain_down: Callable[[], str | None] | None = None, secret: str | None = None):
+        """`explain_down`, when given, says why the worker is down (e.g. the supervisor's last exit reason);
+        `secret` is sent with every request when the worker requires one."""
         self.url = url.rstrip("/")
-        self._client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=1.0))
+        headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+        self._client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=1.0), headers=headers)
         self._health: tuple[float, HealthOut | None, str] = (0.0, None, "not checked yet")
         self._lock = threading.Lock()
         self._explain_down = explain_down
@@ -45,6 +47,8 @@ class WorkerClient:
             r = self._client.get("/health", timeout=1.0)
             r.raise_for_status()
             res: tuple[HealthOut | None, str] = (HealthOut.model_validate(r.json()), "")
+        except httpx.HTTPStatusError as err:
+            res = (None, _status_why(err, self.url))
         except (httpx.HTTPError, ValidationError, ValueError) as err:
             res = (None, self._why(err))
         with self._lock:
@@ -80,6 +84,22 @@ class WorkerClient:
 
     def token_features(self, body: TokenFeaturesIn) -> TokenFeaturesOut:
         return self._call("/token_features", body, TokenFeaturesOut)
+
+    def steer(self, body: SteerIn) -> SteerOut:
+        return self._call("/steer", body, SteerOut)
+
+    def ablate(self, body: EditsIn) -> AblateOut:
+        return self._call("/ablate", body, AblateOut)
+
+    def attribute(self, body: AttributeIn) -> AttributeOut:
+        return self._call("/attribute", body, AttributeOut)
+
+
+def _status_why(err: httpx.HTTPStatusError, url: str) -> str:
+    if err.response.status_code == 401:
+        return (f"{url} requires a shared secret this dashboard does not have or has wrong; start `saescope serve` "
+                f"with --worker-secret (or ${WORKER.secret_env}) set to the worker's")
+    return f"{url} answered {err.response.status_code}"
 
 
 def _why(err: Exception, url: str) -> str:

@@ -9,16 +9,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import hmac
+
 from ..errors import AppError, validation_message
 from ..settings import VERSION
+from . import interventions
 from .batcher import Engine
-from .wire import (FeatureActsIn, FeatureActsOut, FeatureHit, HealthOut, SAEDesc, TokenFeaturesIn, TokenFeaturesOut,
-                   TokenizeIn, TokenizeOut, TopFeaturesIn, TopFeaturesOut)
+from .wire import (AblateOut, AttributeIn, AttributeOut, EditsIn, FeatureActsIn, FeatureActsOut, FeatureHit,
+                   HealthOut, SAEDesc, SteerIn, SteerOut, TokenFeaturesIn, TokenFeaturesOut, TokenizeIn, TokenizeOut,
+                   TopFeaturesIn, TopFeaturesOut)
 
 DESCRIPTION = "Live SAE feature activations over a small JSON API, with dynamic batching."
 
 
-def create_worker_app(engine: Engine) -> FastAPI:
+def create_worker_app(engine: Engine, secret: str | None = None) -> FastAPI:
+    """The worker's ASGI app. With `secret`, every request must carry `Authorization: Bearer <secret>`."""
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         engine.start()
@@ -29,6 +34,20 @@ def create_worker_app(engine: Engine) -> FastAPI:
     @app.exception_handler(AppError)
     async def app_error(request: Request, err: AppError):
         return JSONResponse(err.as_json(), status_code=err.status)
+
+    if secret:
+        expected = f"Bearer {secret}".encode()
+
+        @app.middleware("http")
+        async def require_secret(request: Request, call_next):
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                why = "no Authorization header" if not given else "a wrong shared secret"
+                err = AppError(f"this worker requires its shared secret (got {why}); send 'Authorization: Bearer "
+                               "<secret>' (the dashboard does so when started with the same --worker-secret or "
+                               "SAESCOPE_WORKER_SECRET)", 401)
+                return JSONResponse(err.as_json(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def bad(request: Request, err: RequestValidationError):
@@ -85,5 +104,17 @@ def create_worker_app(engine: Engine) -> FastAPI:
         per = [[FeatureHit(index=int(i), value=float(v), pos=t) for v, i in zip(vals, idx) if v > 0]
                for t, (vals, idx) in enumerate(zip(top.values, top.indices))]
         return TokenFeaturesOut(tokens=engine.strs(ids), per_token=per)
+
+    @app.post("/steer", response_model=SteerOut, summary="steered and default continuations side by side")
+    async def steer(body: SteerIn) -> SteerOut:
+        return await interventions.steer(engine, body)
+
+    @app.post("/ablate", response_model=AblateOut, summary="per-token effect of editing features on the next token")
+    async def ablate(body: EditsIn) -> AblateOut:
+        return await interventions.ablate(engine, body)
+
+    @app.post("/attribute", response_model=AttributeOut, summary="features behind one next-token prediction")
+    async def attribute(body: AttributeIn) -> AttributeOut:
+        return await interventions.attribute(engine, body)
 
     return app

@@ -85,3 +85,84 @@ class HealthOut(BaseModel):
 
 class ErrorOut(BaseModel):
     error: dict = Field(description="status, title and message")
+
+
+# ---------------------------------------------------------------- interventions
+class EditIn(BaseModel):
+    feature: int = Field(ge=0, description="feature index")
+    mode: Literal["ablate", "clamp", "add"] = Field("add", description="ablate: set to 0; clamp: set to value; "
+                                                    "add: add value x the decoder direction (steering)")
+    value: float = Field(0.0, ge=-WORKER.max_abs_value, le=WORKER.max_abs_value, allow_inf_nan=False,
+                         description="clamp value or steering coefficient, in the feature's activation units")
+    positions: list[int] | None = Field(None, max_length=WORKER.max_prompt_tokens,
+                                        description="token positions to edit (0 = first token); all when absent")
+
+
+class EditsIn(TextIn):
+    edits: list[EditIn] = Field(min_length=1, max_length=WORKER.max_edits, description="the interventions")
+
+
+class SteerIn(EditsIn):
+    max_new_tokens: int = Field(WORKER.default_new_tokens, ge=1, le=WORKER.max_new_tokens,
+                                description="tokens to generate")
+    temperature: float = Field(0.0, ge=0.0, le=WORKER.max_temperature, allow_inf_nan=False, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    seed: int = Field(0, ge=0, le=WORKER.max_seed, description="sampling seed (same seed, same tokens)")
+
+
+class ContinuationOut(BaseModel):
+    ids: list[int] = Field(description="new token ids")
+    tokens: list[str] = Field(description="display strings of the new tokens")
+    text: str = Field(description="the new tokens decoded together")
+    logprobs: list[float] = Field(description="log-prob of each new token where it was chosen")
+    feature_acts: list[list[float]] = Field(description="per new token, the activation of each steered feature "
+                                            "(read before the edit)")
+
+
+class SteerOut(BaseModel):
+    prompt_tokens: list[str] = Field(description="display strings of the prompt's tokens")
+    watch: list[int] = Field(description="the steered features, in the order of feature_acts columns")
+    default: ContinuationOut = Field(description="the model's own continuation")
+    steered: ContinuationOut = Field(description="the continuation with the edits applied")
+    stopped: Literal["length", "eos", "time"] = Field(description="why generation stopped")
+    seconds: float = Field(description="time spent generating")
+
+
+class AblateOut(BaseModel):
+    tokens: list[str] = Field(description="display strings of the text's tokens")
+    delta_logprob: list[float | None] = Field(description="per token t: change of log p(token t+1) when edited "
+                                              "(None at the last token)")
+    kl: list[float] = Field(description="per token: KL(clean || edited) of the next-token distribution, nats")
+    clean_logprob: list[float | None] = Field(description="per token t: clean log p(token t+1)")
+    feature_acts: dict[str, list[float]] = Field(description="clean activation of each edited feature per token")
+
+
+class AttributeIn(TextIn):
+    position: int | None = Field(None, ge=0, description="the token whose next-token prediction is explained "
+                                 "(default: the last)")
+    target: int | None = Field(None, ge=0, description="target token id (default: the model's top prediction)")
+    n_top: int = Field(WORKER.attribution_top, ge=1, le=WORKER.max_k, description="features listed")
+    n_verify: int = Field(WORKER.attribution_verify, ge=0, le=WORKER.max_verify, description="of these, how many are truly ablated")
+
+
+class AttributionOut(BaseModel):
+    feature: int = Field(description="feature index")
+    attribution: float = Field(description="sum over positions <= p of activation x d log p(target) / d activation")
+    best_position: int = Field(description="position with the largest single-position attribution")
+    activation: float = Field(description="the feature's activation there")
+    ablation_estimate: float = Field(description="linear estimate of the change of log p(target) when the feature "
+                                     "is ablated everywhere (= -attribution)")
+    ablation_true: float | None = Field(None, description="the measured change when it is ablated (top features)")
+
+
+class AttributeOut(BaseModel):
+    tokens: list[str] = Field(description="display strings of the prompt's tokens")
+    position: int = Field(description="the explained position")
+    target: int = Field(description="target token id")
+    target_token: str = Field(description="its display string")
+    target_logprob: float = Field(description="clean log p(target) at the position")
+    top_predictions: list[tuple[str, int, float]] = Field(description="the model's top next tokens there: "
+                                                          "(string, id, log-prob)")
+    features: list[AttributionOut] = Field(description="features by |attribution|")
+    error_attribution: float = Field(description="attribution of the SAE's error term (what the SAE misses)")
+    n_active: int = Field(description="active (position, feature) pairs")

@@ -1,0 +1,104 @@
+"""The worker's interventions: steering, ablation on text and attribution, through precompute.intervene (the one
+SAE splice the tests check against independent hooks). Each runs in a thread under the engine's model lock."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+import torch
+
+from precompute import intervene as iv
+
+from ..errors import AppError
+from ..settings import WORKER
+from .batcher import Engine
+from .wire import (AblateOut, AttributeIn, AttributeOut, AttributionOut, ContinuationOut, EditsIn, SteerIn, SteerOut)
+
+
+def _edits(body: EditsIn) -> list[iv.Edit]:
+    return [iv.Edit(e.feature, e.mode, e.value, tuple(e.positions) if e.positions is not None else None)
+            for e in body.edits]
+
+
+async def _run(engine: Engine, fn, *args, timeout: float):
+    """fn(*args) in a thread under the model lock; ValueError (bad input) -> 422, too slow -> 504."""
+    def locked():
+        with engine.model_lock:
+            return fn(*args)
+
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(locked), timeout=timeout)
+    except ValueError as err:
+        raise AppError(str(err), 422) from err
+    except asyncio.TimeoutError as err:
+        raise AppError(f"no answer within {timeout:.0f} s (the worker is busy); retry shortly", 504) from err
+
+
+def _ids(engine: Engine, body) -> np.ndarray:
+    """The prompt's token ids; an empty prompt (nothing but BOS) is refused: there is nothing to intervene on."""
+    if body.ids is None and not body.text.strip():
+        raise AppError("the prompt is empty; type some text to continue, ablate or explain", 422)
+    return engine.tokenize(body.sae_id, body.text, body.ids)
+
+
+def _check_features(engine: Engine, body: EditsIn) -> None:
+    d_sae = engine.sae(body.sae_id).cfg.d_sae
+    bad = [e.feature for e in body.edits if e.feature >= d_sae]
+    if bad:
+        raise AppError(f"feature {bad[0]} does not exist: {body.sae_id} has features 0 to {d_sae - 1}", 404)
+
+
+def _cont(engine: Engine, c: iv.Continuation) -> ContinuationOut:
+    return ContinuationOut(ids=c.ids, tokens=engine.strs(c.ids), text=c.text or "", logprobs=c.logprobs,
+                           feature_acts=c.feature_acts)
+
+
+async def steer(engine: Engine, body: SteerIn) -> SteerOut:
+    _check_features(engine, body)
+    sae = engine.sae(body.sae_id)
+    ids = _ids(engine, body)
+    g = await _run(engine, lambda: iv.generate(
+        engine.lm, sae, ids.tolist(), _edits(body), body.max_new_tokens,
+        iv.Sampling(body.temperature, body.top_p, body.seed), time_limit=WORKER.generation_time_s),
+        timeout=WORKER.generation_time_s + engine.timeout)
+    assert g.default is not None
+    return SteerOut(prompt_tokens=engine.strs(ids), watch=g.watch, default=_cont(engine, g.default),
+                    steered=_cont(engine, g.steered), stopped=g.stopped, seconds=g.seconds)
+
+
+async def ablate(engine: Engine, body: EditsIn) -> AblateOut:
+    _check_features(engine, body)
+    sae = engine.sae(body.sae_id)
+    ids = _ids(engine, body)
+    r = await _run(engine, iv.ablation_effects, engine.lm, sae, ids.tolist(), _edits(body), timeout=engine.timeout)
+    return AblateOut(tokens=engine.strs(ids), delta_logprob=r.delta_logprob, kl=r.kl, clean_logprob=r.clean_logprob,
+                     feature_acts={str(f): v for f, v in r.feature_acts.items()})
+
+
+async def attribute(engine: Engine, body: AttributeIn) -> AttributeOut:
+    sae = engine.sae(body.sae_id)
+    ids = _ids(engine, body)
+    if body.position is not None and body.position >= len(ids):
+        raise AppError(f"position {body.position} is outside the prompt's {len(ids)} tokens (0 to {len(ids) - 1})", 422)
+    if body.target is not None and body.target >= len(engine.vocab):
+        raise AppError(f"target token id {body.target} is outside the vocabulary (0 to {len(engine.vocab) - 1})", 422)
+    n_verify = min(body.n_verify, body.n_top)
+
+    def work():
+        r = iv.attribute(engine.lm, sae, ids.tolist(), body.position, body.target, body.n_top, n_verify)
+        with torch.no_grad():
+            logits = engine.lm.model(input_ids=torch.as_tensor(ids[: r.position + 1], dtype=torch.long)[None]
+                                     .to(engine.lm.device), use_cache=False, logits_to_keep=1).logits[0, -1]
+        top = torch.log_softmax(logits.float(), -1).topk(5)
+        return r, [(engine.strs([int(i)])[0], int(i), float(v)) for v, i in zip(top.values, top.indices)]
+
+    r, preds = await _run(engine, work, timeout=engine.timeout)
+    return AttributeOut(
+        tokens=engine.strs(ids), position=r.position, target=r.target, target_token=engine.strs([r.target])[0],
+        target_logprob=r.target_logprob, top_predictions=preds, error_attribution=r.error_attribution,
+        n_active=r.n_active,
+        features=[AttributionOut(feature=f.feature, attribution=f.attribution, best_position=f.best_position,
+                                 activation=f.activation, ablation_estimate=f.ablation_estimate,
+                                 ablation_true=f.ablation_true) for f in r.features])
