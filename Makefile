@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.saescope-installed
 
-.PHONY: setup demo test browser bench clean
+.PHONY: setup demo test browser wrk bench clean
 
 # torch 2.13.0 (CPU) goes in first, so that nothing later pulls the CUDA build from the index.
 $(STAMP): pyproject.toml
@@ -29,7 +29,14 @@ browser:
 test: setup browser
 	$(BIN)/python -m pytest -q
 
-bench: setup
+# Debian's wrk is the load generator of bench/serve.py (without it, a slower Python one runs instead).
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk >/dev/null; } || \
+	  echo "could not install wrk; bench/serve.py will use its Python load generator" >&2
+
+bench: setup wrk
 	$(BIN)/python bench/precompute.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/worker.py

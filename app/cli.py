@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "spills to OUT.work/")
     p.add_argument("--rows-per-range", type=int, default=P.rows_per_range,
                    help="activations per feature range while building tables (smaller: less memory, more scans)")
+    p.add_argument("--no-map", dest="feature_map", action="store_false",
+                   help="skip the 2-D feature map (a seeded UMAP of the decoder directions)")
+    p.add_argument("--no-cooccurrence", dest="cooccurrence", action="store_false",
+                   help="skip co-occurring features (exact Jaccard over active token positions)")
     p.add_argument("--verify-sample", type=int, default=P.verify_sample,
                    help="contexts re-encoded in fp32 at the end to check the stored values (0: skip)")
 
@@ -119,6 +123,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=int, default=P.verify_sample, help="contexts to recompute per SAE")
     p.add_argument("--seed", type=int, default=0, help="seed of the random sample")
     p.add_argument("--tolerance", type=float, default=P.verify_tolerance, help="largest relative difference accepted")
+
+    from precompute.export import FORMATS, NEURONPEDIA
+
+    p = sub.add_parser("export", help="write one SAE of a store as the batch files Neuronpedia imports", description=(
+        "Writes OUT/batch-<n>.json in the layout SAEDashboard's NeuronpediaRunner writes (its run metadata and a list "
+        "of features: logit tables, activation and logit histograms, density as frac_nonzero, the top examples and "
+        "interval samples as activations), plus run_settings.json and skipped_indexes.json. Give OUT to Neuronpedia's "
+        "convert-saedashboard-to-neuronpedia-export.py (--saedashboard-output-dir OUT). Fields the store does not hold "
+        "(neuron alignment, correlated neurons/features, decoder weight distribution, DFA) are left empty, as when "
+        "SAEDashboard disables them. The folder is written under a temporary name and renamed into place when "
+        "complete."))
+    p.add_argument("store", type=Path, help="DuckDB store written by precompute")
+    p.add_argument("out", type=Path, help="folder for the batch files (must be new or empty unless --force)")
+    p.add_argument("--sae", dest="sae_id", default=None, help="SAE in the store (default: the only one)")
+    p.add_argument("--format", choices=FORMATS, default=FORMATS[0], help="output format (default: %(default)s)")
+    p.add_argument("--features-per-batch", type=int, default=NEURONPEDIA.features_per_batch,
+                   help="features per batch file, split like numpy.array_split (SAEDashboard's "
+                   "n_features_at_a_time; default: %(default)s)")
+    p.add_argument("--features", default=None, metavar="SPEC",
+                   help="only these features, e.g. 0-127,300 (inclusive ranges; default: all)")
+    p.add_argument("--set-name", default=None, help="Neuronpedia source-set name written as sae_set "
+                   "(default: the SAE id, lowercased, other characters as dashes)")
+    p.add_argument("--sae-id-suffix", default=None, help="suffix of the Neuronpedia SAE id (LAYER-SET__SUFFIX)")
+    p.add_argument("--model-id", default=None, help="model id written in the files (default: the store's model id)")
+    p.add_argument("--layer", type=int, default=None, help="layer number (default: N of the hook blocks.N.…)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
+
+    from precompute.config import EXPLAIN as X
+
+    p = sub.add_parser("explain", help="explain features with an LLM (and score the explanations); stored with provenance",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=(
+                           "Builds a prompt from each feature's stored top and quantile examples (active tokens "
+                           "marked << >> with 0-10 strengths, as delphi's default explainer), asks the LLM for a short "
+                           "explanation and stores it with its provenance (LLM, prompt version, date). With --score, "
+                           "delphi's detection and fuzzing scorers judge held-out stored examples against stored "
+                           "contexts where the feature is provably 0, and the balanced accuracy per method is stored "
+                           "(0.5 = chance). Resumable: features already explained by the same LLM and prompt version "
+                           "are skipped. --llm local is the embedded SmolLM2-135M-Instruct (offline, weak); any "
+                           "OpenAI-compatible server (vLLM, llama.cpp, Ollama, a hosted API, or `saescope worker`'s "
+                           "own /v1) is used by giving its base URL."))
+    p.add_argument("store", type=Path, help="DuckDB store written by precompute")
+    p.add_argument("--sae", dest="sae_id", default=None, help="SAE in the store (default: the only one)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--features", default=None, metavar="SPEC", help="features to explain, e.g. 0-99,300")
+    which.add_argument("--all", action="store_true", help="every live feature")
+    p.add_argument("--llm", default=X.llm, help="'local' or the base URL of an OpenAI-compatible API, e.g. "
+                   "http://127.0.0.1:8080/v1 (also read from $SAESCOPE_LLM_URL when not given)")
+    p.add_argument("--llm-model", default=None, help="model name the server serves ($SAESCOPE_LLM_MODEL); with "
+                   "--llm local, a transformers instruct model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--llm-key", default=None, help="API key ($SAESCOPE_LLM_KEY or $OPENAI_API_KEY when not given)")
+    p.add_argument("--concurrency", type=int, default=X.concurrency, help="features (and HTTP requests) at once")
+    p.add_argument("--score", action=argparse.BooleanOptionalAction, default=True,
+                   help="score each explanation by detection and fuzzing")
+    p.add_argument("--max-tokens", type=int, default=X.explain_max_tokens, help="answer budget of the explainer")
+    p.add_argument("--n-top", type=int, default=X.n_top, help="top examples shown to the explainer")
+    p.add_argument("--per-group", type=int, default=X.per_group_explain,
+                   help="examples of each quantile group shown to the explainer (the rest are held out for scoring)")
+    p.add_argument("--n-test", type=int, default=X.n_test, help="held-out activating examples scored per explanation")
+    p.add_argument("--timeout", type=float, default=X.timeout_s, help="seconds per HTTP request")
+    p.add_argument("--seed", type=int, default=X.seed, help="seed of the example split and snippet order")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("serve", help="serve the dashboard for a store (starts a model worker unless told otherwise)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -180,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return getattr(commands, args.cmd.replace("-", "_"))(args) or 0
     except KeyboardInterrupt:
-        print("interrupted; a precompute run resumes from its last checkpoint when started again", file=sys.stderr)
+        print("interrupted" + ("; a precompute run resumes from its last checkpoint when started again"
+                               if args.cmd in ("precompute", "demo") else ""), file=sys.stderr)
         return 130
     except (FileNotFoundError, ValueError, RuntimeError, StoreError) as err:
         logging.getLogger("saescope").debug("error", exc_info=True)

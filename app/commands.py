@@ -38,10 +38,27 @@ def precompute(args: argparse.Namespace) -> int:
     return 0
 
 
+def verify(args: argparse.Namespace) -> int:
+    from precompute.verify import verify_store
+
+    results = verify_store(args.store, args.sae_id, args.sample, args.seed, args.tolerance)
+    for sae_id, r in results.items():
+        status = "ok" if r["ok"] else "FAILED"
+        print(f"{sae_id}: {status}: max rel. diff {r['max_rel_diff']:.2g} (max abs. diff {r['max_abs_diff']:.2g}) "
+              f"on {r['contexts']} contexts, {r['positions']:,} positions of {r['features']:,} feature examples; "
+              f"{r['mismatches']} zero/nonzero mismatches (tolerance {r['tolerance']:g})")
+        if r["worst"] and not r["ok"]:
+            w = r["worst"]
+            print(f"  worst: context {w['ctx_id']} feature {w['feature']} position {w['pos']}: stored "
+                  f"{w['stored']:.6g}, recomputed {w['recomputed']:.6g}")
+    return 0 if all(r["ok"] for r in results.values()) else 1
+
+
 def serve(args: argparse.Namespace) -> int:
     from .web.launch import serve_store
 
     return serve_store(args.store, host=args.host, port=args.port, worker_url=args.worker_url,
+                       worker_secret=args.worker_secret,
                        start_worker=not args.no_worker, worker_port=args.worker_port, prewarm=not args.no_prewarm)
 
 
@@ -103,4 +120,66 @@ def import_explanations(args: argparse.Namespace) -> int:
         rows.append((int(index), str(desc)))
     added = add_explanations(args.store, args.sae_id, rows, args.source or args.file.name, args.replace)
     print(f"added {added} explanations to {args.sae_id} in {args.store}")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from precompute.export import export_neuronpedia, parse_features, pick_sae
+    from precompute.store import Store
+
+    features = None
+    if args.features:
+        with Store(args.store) as store:
+            features = parse_features(args.features, pick_sae(store, args.sae_id).d_sae)
+    r = export_neuronpedia(args.store, args.out, args.sae_id, features_per_batch=args.features_per_batch,
+                           features=features, set_name=args.set_name, sae_id_suffix=args.sae_id_suffix,
+                           model_id=args.model_id, layer=args.layer, force=args.force)
+    print(f"wrote {r.n_features:,} features of {r.sae_id} as {len(r.files)} Neuronpedia batch files in {r.out} "
+          f"({r.seconds:.1f} s)")
+    return 0
+
+
+def explain(args: argparse.Namespace) -> int:
+    import sys
+
+    from precompute.explain import ExplainConfig, LocalChatBackend, OpenAIChatBackend
+    from precompute.explain.run import run_explain
+    from precompute.export import parse_features, pick_sae
+    from precompute.store import Store
+
+    if args.concurrency < 1:
+        raise ValueError(f"--concurrency must be at least 1; got {args.concurrency}")
+    with Store(args.store) as store:
+        sae = pick_sae(store, args.sae_id)
+    features = None if args.all else parse_features(args.features, sae.d_sae)
+    cfg = ExplainConfig(explain_max_tokens=args.max_tokens, n_test=args.n_test, n_top=args.n_top,
+                        per_group_explain=args.per_group)
+    if args.llm == "local":
+        from precompute.embedded import convert_default_model
+        from precompute.explain.run import local_llm_name, pending_features
+
+        if args.llm_model is None:
+            print("warning: explaining with the embedded SmolLM2-135M-Instruct: it works offline but is weak; expect "
+                  "vague explanations and scores near chance (0.5). Give --llm URL of a bigger model for real use.",
+                  file=sys.stderr)
+        model_dir = args.llm_model or convert_default_model()
+        if not pending_features(args.store, sae.sae_id, features, local_llm_name(model_dir)):
+            print(f"{sae.sae_id}: nothing to do: every requested live feature is already explained by "
+                  f"{local_llm_name(model_dir)} (0 explanations written)")
+            return 0
+        backend = LocalChatBackend(model_dir, batch_size=max(1, args.concurrency))
+    else:
+        backend = OpenAIChatBackend(args.llm, args.llm_model, args.llm_key, timeout=args.timeout,
+                                    max_concurrency=args.concurrency)
+        backend.check()
+    r = run_explain(args.store, sae.sae_id, features, backend, cfg, score=args.score, seed=args.seed,
+                    concurrency=args.concurrency, progress=not args.no_progress)
+    done = r.explained + r.empty
+    print(f"{r.sae_id}: {r.explained} explanations written by {r.llm} ({r.scored} scored), {r.empty} answers without "
+          f"an explanation, {r.skipped_done} already explained, {r.skipped_dead} dead; {r.seconds:.1f} s"
+          + (f" ({r.seconds / done:.1f} s per feature)" if done else ""))
+    for i, why in r.unscored[:5]:
+        print(f"  feature {i} not scored: {why}")
+    if len(r.unscored) > 5:
+        print(f"  ... and {len(r.unscored) - 5} more not scored")
     return 0

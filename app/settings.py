@@ -28,6 +28,8 @@ class ServeSettings:
     inspect_k: int = 20  # features listed for a prompt
     token_detail_k: int = 10  # features listed for one token of a prompt
     max_inspect_k: int = 200
+    max_list: int = 200  # features in one shared list (the list lives in its URL)
+    max_note_chars: int = 500
     dense_share: float = 0.01  # the feature list calls a feature dense at or above this share of tokens
     cache_bytes: int = 512 * 2**20  # whole-response page cache
     worker_restart_max_s: float = 30.0  # longest wait between restarts of a dead child worker
@@ -60,6 +62,11 @@ class WorkerSettings:
     max_temperature: float = 10.0
     max_seed: int = 2**31 - 1
     secret_env: str = "SAESCOPE_WORKER_SECRET"  # the shared secret the worker requires, when set
+    # explanations (POST /explain, /v1/chat/completions)
+    explain_max_tokens: int = 60  # answer budget of the explainer for the feature page's button
+    max_explain_examples: int = 64  # examples (top, per group, non-activating) a request may carry
+    explain_timeout_s: float = 120.0  # an explanation request may take this long (a CPU model is slow)
+    chat_max_tokens: int = 512  # largest max_tokens of the OpenAI-compatible chat route
 
 
 SERVE = ServeSettings()

@@ -48,7 +48,14 @@ class PrecomputeSettings:
     dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
     text_field: str = "text"
     prepend_bos: str = "auto"  # auto follows the SAE config (SAELens prepend_bos)
-    memory_limit: str = "4GB"  # per DuckDB connection while building tables
+    memory_limit: str = "1GB"  # DuckDB: the table builder's limit, a quarter of it for the work cache; spills to OUT.work/
+    duckdb_threads: int = 2  # threads per DuckDB connection
+    rows_per_range: int = 2_000_000  # activations per feature range when building tables (bounds each SQL phase)
+    verify_sample: int = 8  # contexts `precompute` re-encodes in fp32 at the end (`saescope verify`)
+    verify_tolerance: float = 1e-4  # max relative difference `saescope verify` accepts
+    feature_map: bool = True  # a seeded UMAP of the decoder directions (umap-learn)
+    map_min_live: int = 16  # below this many live features the map is fitted on all of them
+    cooccurrence: bool = True  # per feature, the features most often active on the same tokens (Jaccard)
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,23 @@ class TrainSettings:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class ExplainSettings:
+    """`saescope explain`: LLM explanations and their detection/fuzzing scores (precompute/explain/)."""
+
+    llm: str = "local"  # 'local' (the embedded SmolLM2-135M-Instruct, weak) or an OpenAI-compatible base URL
+    concurrency: int = 4  # features explained (and scored) together; parallel requests of an HTTP backend
+    timeout_s: float = 120.0  # per HTTP request
+    flush_every: int = 32  # explanations written to the store at a time (a killed run loses at most these)
+    flush_seconds: float = 120.0  # ... or after this long
+    explain_max_tokens: int = 120  # answer budget of the explainer
+    n_top: int = 10  # top examples shown to the explainer (delphi's default explainer sees 10-20)
+    per_group_explain: int = 1  # examples of each quantile group shown to the explainer; the rest are held out
+    n_test: int = 20  # held-out activating examples scored per explanation (as many non-activating ones)
+    seed: int = 0
+
+
 EMBEDDED = EmbeddedDefault()
 PRECOMPUTE = PrecomputeSettings()
 TRAIN = TrainSettings()
+EXPLAIN = ExplainSettings()

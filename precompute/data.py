@@ -1,9 +1,12 @@
 """Text sources and fixed-length token contexts.
 
 Sources: 'default' (the offline demo corpus: CPython's own documentation text), a local .txt / .jsonl /
-.parquet file, or a Hugging Face dataset id (streamed; needs `pip install datasets` and a network).
-Contexts are cut from the concatenated token stream, documents separated by EOS; with BOS handling on,
-every context starts with the BOS token followed by context_len - 1 text tokens.
+.parquet file, a local Hugging Face `datasets` folder (`save_to_disk`) or folder of data files (through
+`load_dataset`), or a hub dataset id (streamed; needs a network).
+Text is cut from the concatenated token stream, documents separated by EOS; with BOS handling on, every
+context starts with the BOS token followed by context_len - 1 text tokens.
+Pre-tokenized data (a column `input_ids` or `tokens` of token-id lists, the layout SAELens and Neuronpedia use)
+is read as-is: one row is one context, never re-tokenized (see `iter_token_contexts`).
 """
 
 from __future__ import annotations
@@ -80,6 +83,12 @@ def iter_texts(dataset: str, text_field: str = "text", split: str = "train") -> 
     if dataset == DEFAULT:
         dataset = str(demo_corpus())
     path = Path(dataset)
+    if path.is_dir():
+        for row in _hf_dataset(path, split):
+            if text_field not in row:
+                raise ValueError(f"{path}: no column {text_field!r} (columns: {', '.join(row)}); set --text-field")
+            yield str(row[text_field])
+        return
     if path.exists():
         if path.suffix == ".txt":
             text = path.read_text(encoding="utf-8", errors="replace")
@@ -122,6 +131,106 @@ def iter_texts(dataset: str, text_field: str = "text", split: str = "train") -> 
     except Exception as err:
         raise ValueError(f"could not stream dataset {dataset!r} from the hub ({type(err).__name__}: {err}); "
                          "no network? pass a local .txt/.jsonl/.parquet file") from err
+
+
+TOKEN_COLUMNS = ("input_ids", "tokens")  # pre-tokenized layouts (SAELens, Neuronpedia), in order of preference
+
+
+def _hf_dataset(path: Path, split: str):
+    """A local datasets folder: save_to_disk output (load_from_disk) or a folder of data files (load_dataset)."""
+    try:
+        import datasets  # type: ignore
+    except ImportError as err:
+        raise ValueError(f"{path} is a folder; reading it as a Hugging Face dataset needs `pip install datasets`") from err
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        ds = datasets.load_from_disk(str(path))
+    else:
+        ds = datasets.load_dataset(str(path), split=split)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"{path} has splits {', '.join(ds)}; no {split!r}")
+        ds = ds[split]
+    return ds
+
+
+def token_column(dataset: str, text_field: str = "text") -> str | None:
+    """The column of token ids to read as-is, when the dataset is pre-tokenized and has no text column asked for."""
+    if dataset == DEFAULT:
+        return None
+    path = Path(dataset)
+    names: list[str] = []
+    if path.is_dir():
+        names = list(_hf_dataset(path, "train").column_names)
+    elif path.suffix in (".jsonl", ".json") and path.exists():
+        with path.open(encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "{}")
+        names = list(json.loads(first))
+    elif path.suffix == ".parquet" and path.exists():
+        import pyarrow.parquet as pq
+
+        names = pq.ParquetFile(path).schema_arrow.names
+    if text_field in names:
+        return None
+    return next((c for c in TOKEN_COLUMNS if c in names), None)
+
+
+def iter_token_rows(dataset: str, column: str, split: str = "train") -> Iterator[list[int]]:
+    """Rows of token ids from a pre-tokenized .jsonl/.parquet file or datasets folder."""
+    path = Path(dataset)
+    if path.is_dir():
+        for row in _hf_dataset(path, split):
+            yield list(row[column])
+    elif path.suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if line.strip():
+                    row = json.loads(line)
+                    if column not in row:
+                        raise ValueError(f"{path}:{i + 1}: no field {column!r}; every row needs its token ids")
+                    yield list(row[column])
+    else:
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(columns=[column], batch_size=1024):
+            yield from (list(r) for r in batch.column(0).to_pylist())
+
+
+def iter_token_contexts(rows: Iterator[list[int]], tokenizer, context_len: int, prepend_bos: bool,
+                        source: str = "dataset") -> Iterator[np.ndarray]:
+    """Pre-tokenized contexts, kept exactly as given: row i is context i (its first context_len tokens).
+
+    BOS follows the SAE's config: with prepend_bos on, a row that does not start with BOS gets one (and loses its
+    last token); with it off, rows are used unchanged. A row shorter than context_len is refused."""
+    bos = bos_id(tokenizer) if prepend_bos else None
+    vocab = len(tokenizer)
+    told = False
+    for i, row in enumerate(rows):
+        if bos is not None and (not row or row[0] != bos):
+            row = [bos] + list(row)
+        if len(row) < context_len:
+            raise ValueError(f"{source}: row {i} has {len(row)} tokens; every row must hold at least --context-len "
+                             f"{context_len} (BOS included{'' if bos is None else ', added when missing'}); "
+                             "lower --context-len to the rows' length")
+        if len(row) > context_len and not told:
+            log.warning("%s: rows hold %d tokens; each context uses its first %d (--context-len)", source, len(row),
+                        context_len)
+            told = True
+        ctx = np.asarray(row[:context_len], dtype=np.int64)
+        if ctx.min() < 0 or ctx.max() >= vocab:
+            raise ValueError(f"{source}: row {i} holds token id {int(ctx.max() if ctx.max() >= vocab else ctx.min())}, "
+                             f"outside the tokenizer's vocabulary 0..{vocab - 1}: tokenized for another model?")
+        yield ctx.astype(np.int32)
+
+
+def iter_dataset_contexts(dataset: str, text_field: str, tokenizer, context_len: int,
+                          prepend_bos: bool) -> Iterator[np.ndarray]:
+    """Contexts of any source: pre-tokenized rows as-is when the dataset has a token column (and not the text
+    field), otherwise text tokenized and cut into contexts."""
+    column = token_column(dataset, text_field)
+    if column is not None:
+        log.info("%s is pre-tokenized (column %r): contexts are read as-is, never re-tokenized", dataset, column)
+        return iter_token_contexts(iter_token_rows(dataset, column), tokenizer, context_len, prepend_bos, dataset)
+    return iter_contexts(iter_texts(dataset, text_field), tokenizer, context_len, prepend_bos)
 
 
 def bos_id(tokenizer) -> int | None:

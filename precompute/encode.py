@@ -11,15 +11,20 @@ from .models import HookedLM
 from .saes import SAE
 
 
+def encode_activations(sae: SAE, acts: torch.Tensor, special: torch.Tensor) -> torch.Tensor:
+    """Hook activations (B, T, d_in) -> (B, T, d_sae) feature activations with the special positions zeroed."""
+    with torch.no_grad():
+        z = sae.encode(acts.to(sae.W_enc.device))  # (B, T, d_sae)
+    z[special.to(z.device)] = 0
+    return z
+
+
 def encode_batch(lm: HookedLM, sae: SAE, ids: np.ndarray, hook: str,
                  attention_mask: torch.Tensor | None = None, special: np.ndarray | None = None) -> torch.Tensor:
     """(B, T) token ids -> (B, T, d_sae) feature activations, special tokens zeroed.
 
     `special` is the (B, T) special-token mask when the caller already has it."""
     acts = lm.activations(torch.from_numpy(ids).long(), hook, attention_mask)  # (B, T, d_in)
-    with torch.no_grad():
-        z = sae.encode(acts.to(sae.W_enc.device))  # (B, T, d_sae)
     if special is None:
         special = special_mask(ids, lm.tokenizer)
-    z[torch.from_numpy(special).to(z.device)] = 0
-    return z
+    return encode_activations(sae, acts, torch.from_numpy(special))

@@ -24,12 +24,13 @@ def logit_effects(W_dec: torch.Tensor, W_U: torch.Tensor, gain: torch.Tensor | N
     out = {"pos_ids": np.zeros((d_sae, n), np.int32), "pos_vals": np.zeros((d_sae, n), np.float32),
            "neg_ids": np.zeros((d_sae, n), np.int32), "neg_vals": np.zeros((d_sae, n), np.float32),
            "hist": np.zeros((d_sae, bins), np.int64), "hist_lo": np.zeros(d_sae, np.float32),
-           "hist_hi": np.zeros(d_sae, np.float32)}
+           "hist_hi": np.zeros(d_sae, np.float32), "mean": np.zeros(d_sae, np.float32)}
     for s in range(0, d_sae, chunk):
         L = W[s:s + chunk] @ W_U  # (c, vocab)
         top, bot = L.topk(n, dim=-1), (-L).topk(n, dim=-1)
         out["pos_ids"][s:s + chunk], out["pos_vals"][s:s + chunk] = top.indices.numpy(), top.values.numpy()
         out["neg_ids"][s:s + chunk], out["neg_vals"][s:s + chunk] = bot.indices.numpy(), (-bot.values).numpy()
+        out["mean"][s:s + chunk] = L.double().mean(dim=-1).float().numpy()  # softmax ignores this shift
         lo, hi = L.aminmax(dim=-1)  # (c,)
         # bin index in place (L is not needed any more): fewer full-size temporaries
         L.sub_(lo[:, None]).mul_((bins / (hi - lo).clamp_min(1e-12))[:, None]).clamp_(0, bins - 1)

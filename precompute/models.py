@@ -205,6 +205,54 @@ class HookedLM:
             raise RuntimeError(f"hook {hook} did not fire; the module layout of {type(self.model).__name__} is not supported")
         return captured[0].float()
 
+    @torch.no_grad()
+    def activations_multi(
+        self, input_ids: torch.Tensor, hooks: list[str], attention_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Activations at several hooks from one forward pass: (B, T) -> {hook: (B, T, d_model)}, float32.
+
+        Every hook is registered at once; the pass ends as soon as the last of them (the deepest) has fired,
+        so layers after the deepest hook cost nothing and the shared layers run once."""
+        specs = {h: parse_hook(h, self.n_layers) for h in dict.fromkeys(hooks)}
+        captured: dict[str, torch.Tensor] = {}
+
+        def grabber(name: str):
+            def grab(t) -> None:
+                t = t[0] if isinstance(t, (tuple, list)) else t
+                captured[name] = t.detach()
+                if len(captured) == len(specs):
+                    raise _StopForward
+            return grab
+
+        handles = []
+        try:
+            for name, spec in specs.items():
+                layer = self.layers[spec.layer]
+                grab = grabber(name)
+                if spec.kind == "hook_resid_pre":
+                    def pre_hook(_mod, args, kwargs, grab=grab):
+                        grab(args[0] if args else kwargs["hidden_states"])
+                    handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
+                else:
+                    target = layer if spec.kind == "hook_resid_post" else _submodule(layer, spec.kind, self.model_type)
+                    handles.append(target.register_forward_hook(lambda _m, _a, out, grab=grab: grab(out)))
+            input_ids = input_ids.to(self.device)
+            if attention_mask is not None:
+                attention_mask = attention_mask.to(self.device)
+            base = getattr(self.model, self.model.base_model_prefix, None) or self.model
+            try:
+                base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            except _StopForward:
+                pass
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [h for h in specs if h not in captured]
+        if missing:
+            raise RuntimeError(f"hooks {missing} did not fire; the module layout of {type(self.model).__name__} "
+                               "is not supported")
+        return {h: captured[h].float() for h in hooks}
+
     def unembedding(self) -> torch.Tensor:
         """W_U as (d_model, vocab), float32."""
         return self.model.get_output_embeddings().weight.detach().float().T

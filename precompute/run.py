@@ -26,25 +26,88 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import DEFAULT, EMBEDDED, PRECOMPUTE
-from .data import iter_contexts, iter_texts, special_mask
-from .encode import encode_batch
+from .data import iter_dataset_contexts, special_mask
+from .encode import encode_activations
 from .embedded import MODEL_ID, resolve_model, resolve_sae
 from .logits import LOGIT_METHOD, logit_effects, nearest_features
 from .models import HookedLM, load_model
 from .saes import SAE, load_sae
-from .store.write import ActivationCache, StoreBuilder
+from .store.schema import acts_table
+from .store.write import ActivationCache, SparseActs, StoreBuilder, size_bytes
 from .tokens import token_strings
 
 log = logging.getLogger(__name__)
 E, P = EMBEDDED, PRECOMPUTE
 
 
+@dataclass(frozen=True)
+class SAESpec:
+    """One SAE of a run: where it is, an optional hook override and its name inside the store."""
+
+    path: str = E.sae
+    hook: str | None = None
+    sae_id: str | None = None
+
+
+RUN_FILE_KEYS = {"path", "hook", "id", "sae_id"}
+
+
+def load_run_file(path: Path) -> list[SAESpec]:
+    """SAEs listed in a TOML (`[[sae]]` tables) or JSON ({"sae": [...]} or a list) run file.
+
+    Each entry: path (required), hook and id (optional)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--run {path}: no such file (a .toml with [[sae]] entries or a .json list)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ValueError(f"--run {path}: unknown suffix {path.suffix!r}; valid: .toml, .json")
+    except (ValueError, json.JSONDecodeError) as err:  # tomllib.TOMLDecodeError is a ValueError
+        raise ValueError(f"--run {path} could not be parsed: {err}") from err
+    entries = data if isinstance(data, list) else data.get("sae") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"--run {path} lists no SAEs; write one [[sae]] table (TOML) or a list under \"sae\" "
+                         "(JSON) per SAE, each with path = ... and optionally hook = ... and id = ...")
+    specs = []
+    for n, e in enumerate(entries, 1):
+        if not isinstance(e, dict) or "path" not in e:
+            raise ValueError(f"--run {path}: SAE entry {n} needs a path (and optionally hook, id); got {e!r}")
+        unknown = set(e) - RUN_FILE_KEYS
+        if unknown:
+            raise ValueError(f"--run {path}: SAE entry {n} has unknown keys {sorted(unknown)}; valid: path, hook, id")
+        specs.append(SAESpec(str(e["path"]), e.get("hook"), e.get("id", e.get("sae_id"))))
+    return specs
+
+
+def specs_from_cli(saes: list[str] | None, hooks: list[str] | None, ids: list[str] | None,
+                   run_file: Path | None) -> list[SAESpec]:
+    """Repeated --sae/--hook/--sae-id (aligned by position) or a --run file -> SAE specs."""
+    if run_file is not None:
+        if saes or hooks or ids:
+            raise ValueError("give the SAEs either with --run FILE or with --sae/--hook/--sae-id, not both")
+        return load_run_file(run_file)
+    saes = saes or [E.sae]
+    for flag, vals in (("--hook", hooks), ("--sae-id", ids)):
+        if vals and len(vals) != len(saes):
+            raise ValueError(f"{flag} was given {len(vals)} time(s) for {len(saes)} --sae; give it once per --sae, "
+                             "in the same order, or not at all")
+    return [SAESpec(p, hooks[i] if hooks else None, ids[i] if ids else None) for i, p in enumerate(saes)]
+
+
 @dataclass
 class PrecomputeArgs:
     out: Path
     model: str = E.model
-    sae: str = E.sae
+    sae: str = E.sae  # one SAE (with hook, sae_id) unless `saes` lists several
     hook: str | None = None
+    saes: list[SAESpec] = field(default_factory=list)  # several SAEs fed by one forward pass
     dataset: str = E.dataset
     text_field: str = P.text_field
     tokens: int = P.tokens
@@ -62,14 +125,24 @@ class PrecomputeArgs:
     per_quantile: int = P.per_quantile
     hist_bins: int = P.hist_bins
     memory_limit: str = P.memory_limit
+    rows_per_range: int = P.rows_per_range
+    verify_sample: int = P.verify_sample  # contexts re-encoded in fp32 at the end (0: skip)
+    feature_map: bool = P.feature_map  # seeded UMAP of the decoder directions
+    cooccurrence: bool = P.cooccurrence  # exact Jaccard co-occurrence over active token positions
     progress: bool = True
     stop_after_batches: int | None = field(default=None, repr=False)  # tests: simulate an interrupted run
     timings: dict = field(default_factory=dict, repr=False)  # filled in: load/stream/publish seconds
 
+    def specs(self) -> list[SAESpec]:
+        return list(self.saes) or [SAESpec(self.sae, self.hook, self.sae_id)]
+
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "PrecomputeArgs":
         names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in vars(ns).items() if k in names})
+        kw = {k: v for k, v in vars(ns).items() if k in names and k not in ("sae", "hook", "sae_id", "saes")}
+        kw["saes"] = specs_from_cli(getattr(ns, "sae", None), getattr(ns, "hook", None), getattr(ns, "sae_id", None),
+                                    getattr(ns, "run", None))
+        return cls(**kw)
 
 
 def default_sae_id(model_label: str, hook: str, sae: SAE) -> str:
@@ -86,49 +159,97 @@ def _batches(it, n_ctx: int, skip: int, batch_size: int):
         yield np.stack(chunk)
 
 
+def sparse_features(sae: SAE, acts: torch.Tensor, special: torch.Tensor, first_ctx: int) -> SparseActs:
+    """Hook activations (B, T, d_in) -> the SAE's nonzero features as parallel arrays, special tokens zeroed.
+
+    The same arithmetic as encode.encode_batch: both call encode_activations."""
+    z = encode_activations(sae, acts, special)  # (B, T, d_sae)
+    b, t, f = torch.nonzero(z, as_tuple=True)
+    vals = z[b, t, f].float().cpu().numpy()
+    return SparseActs((b.cpu().numpy() + first_ctx).astype(np.int32), t.cpu().numpy().astype(np.int16),
+                      f.cpu().numpy().astype(np.int32), vals)
+
+
+@dataclass
+class _Loaded:
+    spec: SAESpec
+    sae: SAE
+    sae_id: str
+    hook: str
+    path: str  # resolved SAE path (provenance)
+
+
+def _load_saes(a: PrecomputeArgs, specs: list[SAESpec]) -> list[_Loaded]:
+    out = []
+    for s in specs:
+        path = str(resolve_sae(s.path))
+        sae = load_sae(path, s.hook)
+        out.append(_Loaded(s, sae, "", sae.cfg.hook_name, path))
+    return out
+
+
 def run_precompute(a: PrecomputeArgs) -> Path:
     t_start = time.time()
-    sae = load_sae(resolve_sae(a.sae), a.hook)  # the cheaper check first: a bad SAE fails before the model loads
+    specs = a.specs()
+    size_bytes(a.memory_limit)  # a bad --memory-limit fails before anything loads
+    loaded = _load_saes(a, specs)  # the cheaper check first: a bad SAE fails before the model loads
     model_path = resolve_model(a.model)
     lm = load_model(model_path, a.device, a.dtype)
-    sae.to(lm.device)
-    hook = sae.cfg.hook_name
-    width = lm.hook_width(hook)
-    if sae.cfg.d_in != width:
-        raise ValueError(f"SAE {a.sae!r} reads vectors of width d_in={sae.cfg.d_in}, but {hook} of model {a.model!r} "
-                         f"has width {width}; pick the SAE trained on this model, or the model it was trained on")
-    prepend = sae.cfg.prepend_bos if a.prepend_bos == "auto" else a.prepend_bos == "yes"
+    model_label = MODEL_ID if a.model == DEFAULT else a.model
+    for x in loaded:
+        x.sae.to(lm.device)
+        width = lm.hook_width(x.hook)
+        if x.sae.cfg.d_in != width:
+            raise ValueError(f"SAE {x.spec.path!r} reads vectors of width d_in={x.sae.cfg.d_in}, but {x.hook} of model "
+                             f"{a.model!r} has width {width}; pick the SAE trained on this model, or the model it was "
+                             "trained on")
+        x.sae_id = x.spec.sae_id or default_sae_id(model_label, x.hook, x.sae)
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", x.sae_id):
+            raise ValueError(f"--sae-id {x.sae_id!r} may only hold letters, digits, '.', '_' and '-'")
+    ids = [x.sae_id for x in loaded]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"two SAEs of this run would both be stored as {', '.join(dup)}; give each its own --sae-id")
+    if a.prepend_bos == "auto":
+        wants = {x.sae.cfg.prepend_bos for x in loaded}
+        if len(wants) > 1:
+            raise ValueError("the SAEs of this run disagree on prepend_bos (their configs); they share one token "
+                             "stream, so pass --prepend-bos yes or --prepend-bos no")
+        prepend = wants.pop()
+    else:
+        prepend = a.prepend_bos == "yes"
     n_ctx = a.tokens // a.context_len
     if n_ctx < 1:
         raise ValueError(f"--tokens {a.tokens} is less than one context of {a.context_len} tokens")
-    model_label = MODEL_ID if a.model == DEFAULT else a.model
-    sae_id = a.sae_id or default_sae_id(model_label, hook, sae)
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", sae_id):
-        raise ValueError(f"--sae-id {sae_id!r} may only hold letters, digits, '.', '_' and '-'")
+    hooks = list(dict.fromkeys(x.hook for x in loaded))
     work = a.out.with_name(a.out.name + ".work")
-    fingerprint = {"model": model_path, "sae": str(resolve_sae(a.sae)), "hook": hook, "dataset": a.dataset,
+    fingerprint = {"model": model_path, "saes": [[x.path, x.hook] for x in loaded], "dataset": a.dataset,
                    "text_field": a.text_field, "contexts": n_ctx, "context_len": a.context_len,
                    "batch_size": a.batch_size, "prepend_bos": prepend, "device": lm.device, "dtype": str(lm.dtype)}
-    cache = ActivationCache(work / "cache.duckdb", fingerprint, restart=a.restart)
+    cache = ActivationCache(work / "cache.duckdb", fingerprint, restart=a.restart, n_saes=len(loaded),
+                            memory_limit=a.memory_limit)
     t_loaded = time.time()
     done = cache.contexts_done
     if done:
         log.info("resuming: %d of %d contexts already done", done, n_ctx)
-    contexts = iter_contexts(iter_texts(a.dataset, a.text_field), lm.tokenizer, a.context_len, prepend)
+    contexts = iter_dataset_contexts(a.dataset, a.text_field, lm.tokenizer, a.context_len, prepend)
     bar = tqdm(total=n_ctx * a.context_len, initial=done * a.context_len, unit="tok", unit_scale=True,
                desc="precompute", disable=not a.progress, smoothing=0.1)
     n_batches = 0
+    t_forward = 0.0
     try:
-        for ids in _batches(contexts, n_ctx, done, a.batch_size):
-            special = special_mask(ids, lm.tokenizer)  # (B, T), computed once per batch
-            z = encode_batch(lm, sae, ids, hook, special=special)  # (B, T, d_sae)
-            b, t, f = torch.nonzero(z, as_tuple=True)
-            vals = z[b, t, f].float().cpu().numpy()
+        for ids_np in _batches(contexts, n_ctx, done, a.batch_size):
+            special = special_mask(ids_np, lm.tokenizer)  # (B, T), computed once per batch
+            t0 = time.perf_counter()
+            acts = lm.activations_multi(torch.from_numpy(ids_np).long(), hooks)  # hook -> (B, T, d_in), one pass
+            t_forward += time.perf_counter() - t0
+            special_t = torch.from_numpy(special)
+            sparse = [sparse_features(x.sae, acts[x.hook], special_t, done) for x in loaded]
+            del acts
             counted = (~special).sum(1).astype(np.int32)
-            cache.append(done, ids, counted, (b.cpu().numpy() + done).astype(np.int32), t.cpu().numpy(),
-                         f.cpu().numpy(), vals)
-            done += ids.shape[0]
-            bar.update(ids.size)
+            cache.append(done, ids_np, counted, sparse)
+            done += ids_np.shape[0]
+            bar.update(ids_np.size)
             n_batches += 1
             if a.stop_after_batches is not None and n_batches >= a.stop_after_batches:
                 raise KeyboardInterrupt  # the same path a Ctrl-C or kill takes: committed batches stay
@@ -138,52 +259,116 @@ def run_precompute(a: PrecomputeArgs) -> Path:
     if done < n_ctx:
         log.warning("the dataset ran out after %d contexts (%d tokens); asked for %d", done, done * a.context_len, n_ctx)
     t_stream = time.time()
-    _publish(a, lm, sae, sae_id, model_label, model_path, work / "cache.duckdb", prepend, hook)
+    _publish(a, lm, loaded, model_label, model_path, work, prepend)
     shutil.rmtree(work, ignore_errors=True)
     t_end = time.time()
-    a.timings.update(load=t_loaded - t_start, stream=t_stream - t_loaded, publish=t_end - t_stream, tokens=done * a.context_len)
-    log.info("stored %s in %s (load %.0f s, stream %.0f s, tables %.0f s)", sae_id, a.out, t_loaded - t_start,
-             t_stream - t_loaded, t_end - t_stream)
+    a.timings.update(load=t_loaded - t_start, stream=t_stream - t_loaded, forward=t_forward,
+                     publish=t_end - t_stream, tokens=done * a.context_len)
+    log.info("stored %s in %s (load %.0f s, stream %.0f s, tables %.0f s)", ", ".join(ids), a.out,
+             t_loaded - t_start, t_stream - t_loaded, t_end - t_stream)
     return a.out
 
 
-def _publish(a: PrecomputeArgs, lm: HookedLM, sae: SAE, sae_id: str, model_label: str, model_path: str,
-             cache: Path, prepend: bool, hook: str) -> None:
+def _publish(a: PrecomputeArgs, lm: HookedLM, loaded: list[_Loaded], model_label: str, model_path: str,
+             work: Path, prepend: bool) -> None:
     log.info("building per-feature tables (exact SQL over the activation cache)")
-    builder = StoreBuilder(a.out, a.memory_limit)
+    # weights-only tables first, while no DuckDB connection holds memory: peak = max(torch, DuckDB), not the sum
+    from_weights = [_from_weights(lm, x) for x in loaded]
+    builder = StoreBuilder(a.out, a.memory_limit, temp_dir=work / "spill", rows_per_range=a.rows_per_range)
     try:
-        builder.replace_sae(sae_id)
-        model_key = model_label
-        builder.put_vocab(model_key, token_strings(lm.tokenizer))
-        stats = builder.examples_from_cache(cache, sae_id, sae.cfg.d_sae, a.context_len, a.top_k, a.n_intervals,
-                                            a.per_interval, a.n_quantiles, a.per_quantile, a.hist_bins)
-        W_dec = sae.W_dec.detach().cpu()
-        if sae.cfg.normalize_activations != "none":
-            log.info("the SAE normalizes its input; logit effects use the raw decoder directions")
-        logits = logit_effects(W_dec, lm.unembedding().cpu(), lm.final_norm_gain(), n=P.n_logits)
-        neighbours = nearest_features(W_dec, n=P.n_neighbours)
-        builder.put_features(sae_id, stats, logits, neighbours)
-        density = stats["n"] / max(1, stats["n_counted"])
-        live = density[density > 0]
-        edges = (-7.0, 0.0)
-        hist = np.histogram(np.log10(live), bins=30, range=edges)[0] if len(live) else np.zeros(30, int)
-        builder.put_sae({
-            "sae_id": sae_id, "model_id": model_label, "model_path": model_path, "model_key": model_label,
-            "sae_path": str(resolve_sae(a.sae)), "hook": hook, "architecture": sae.cfg.architecture,
-            "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "dataset": a.dataset,
-            "n_tokens": stats["n_ctx"] * a.context_len, "n_contexts": stats["n_ctx"], "n_counted": stats["n_counted"],
-            "context_len": a.context_len, "prepend_bos": prepend, "config": sae.cfg.to_dict(),
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "saescope_version": __version__, "logit_method": LOGIT_METHOD,
-            "dead_share": float((density == 0).mean()), "density_hist": [int(x) for x in hist],
-            "density_hist_lo": edges[0], "density_hist_hi": edges[1],
-            "params": {"top_k": a.top_k, "n_intervals": a.n_intervals, "per_interval": a.per_interval,
-                                  "n_quantiles": a.n_quantiles, "per_quantile": a.per_quantile,
-                                  "hist_bins": a.hist_bins, "device": lm.device, "dtype": str(lm.dtype),
-                                  "special_tokens_excluded": True,
-                                  "special_token_ids": sorted(int(i) for i in lm.tokenizer.all_special_ids)},
-        })
+        builder.put_vocab(model_label, token_strings(lm.tokenizer))
+        for i, (x, (logits, neighbours)) in enumerate(zip(loaded, from_weights)):
+            _publish_one(a, builder, lm, x, i, model_label, model_path, work / "cache.duckdb", prepend, logits,
+                         neighbours)
+        _cross_matches(builder, loaded)
+        if a.verify_sample > 0:
+            _verify_before_publish(a, builder, lm, loaded, model_path)
         builder.publish()
     except BaseException:
         builder.abort()
         raise
+
+
+def _cross_matches(builder: StoreBuilder, loaded: list[_Loaded], n: int = 5) -> None:
+    """For every pair of this run's SAEs of the same width: each feature's nearest decoder directions in the other."""
+    from .compare import nearest_across
+
+    for x in loaded:
+        for y in loaded:
+            if x is not y and x.sae.cfg.d_in == y.sae.cfg.d_in:
+                m = nearest_across(x.sae.W_dec.detach().cpu().float(), y.sae.W_dec.detach().cpu().float(), n=n)
+                builder.put_cross(x.sae_id, y.sae_id, np.asarray(m.ids), np.asarray(m.cos))
+
+
+LOGIT_CHUNK = 128  # features per logit-effect chunk: (chunk, vocab) float32 plus two int64 copies stay small
+
+
+def _from_weights(lm: HookedLM, x: _Loaded) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Logit effects and decoder-cosine neighbours of one SAE (small (d_sae, n) arrays)."""
+    W_dec = x.sae.W_dec.detach().cpu()
+    if x.sae.cfg.normalize_activations != "none":
+        log.info("the SAE normalizes its input; logit effects use the raw decoder directions")
+    logits = logit_effects(W_dec, lm.unembedding().cpu(), lm.final_norm_gain(), n=P.n_logits, chunk=LOGIT_CHUNK)
+    return logits, nearest_features(W_dec, n=P.n_neighbours)
+
+
+def _publish_one(a: PrecomputeArgs, builder: StoreBuilder, lm: HookedLM, x: _Loaded, i: int, model_label: str,
+                 model_path: str, cache: Path, prepend: bool, logits: dict[str, np.ndarray],
+                 neighbours: tuple[np.ndarray, np.ndarray]) -> None:
+    sae, sae_id = x.sae, x.sae_id
+    builder.replace_sae(sae_id)
+    stats = builder.examples_from_cache(cache, sae_id, sae.cfg.d_sae, a.context_len, a.top_k, a.n_intervals,
+                                        a.per_interval, a.n_quantiles, a.per_quantile, a.hist_bins,
+                                        acts=acts_table(i).name)
+    cooc = coords = None
+    if a.cooccurrence:
+        from .cooccur import cooccurrence
+
+        tok, feat = builder.active_pairs(cache, acts_table(i).name, a.context_len)
+        c = cooccurrence(tok, feat, sae.cfg.d_sae, n=P.n_neighbours)
+        cooc = (c.ids, c.jaccard)
+        del tok, feat
+    if a.feature_map:
+        from .featuremap import build_feature_map
+
+        log.info("building the feature map of %s (UMAP of %d decoder directions)", sae_id, sae.cfg.d_sae)
+        live = stats["n"] > 0
+        coords = build_feature_map(sae.W_dec.detach().cpu().float().numpy(),
+                                   mask=live if live.sum() >= P.map_min_live else None)
+    builder.put_features(sae_id, stats, logits, neighbours, cooc, coords)
+    density = stats["n"] / max(1, stats["n_counted"])
+    live = density[density > 0]
+    edges = (-7.0, 0.0)
+    hist = np.histogram(np.log10(live), bins=30, range=edges)[0] if len(live) else np.zeros(30, int)
+    builder.put_sae({
+        "sae_id": sae_id, "model_id": model_label, "model_path": model_path, "model_key": model_label,
+        "sae_path": x.path, "hook": x.hook, "architecture": sae.cfg.architecture,
+        "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "dataset": a.dataset,
+        "n_tokens": stats["n_ctx"] * a.context_len, "n_contexts": stats["n_ctx"], "n_counted": stats["n_counted"],
+        "context_len": a.context_len, "prepend_bos": prepend, "config": sae.cfg.to_dict(),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "saescope_version": __version__, "logit_method": LOGIT_METHOD,
+        "dead_share": float((density == 0).mean()), "density_hist": [int(v) for v in hist],
+        "density_hist_lo": edges[0], "density_hist_hi": edges[1],
+        "params": {"top_k": a.top_k, "n_intervals": a.n_intervals, "per_interval": a.per_interval,
+                   "n_quantiles": a.n_quantiles, "per_quantile": a.per_quantile,
+                   "hist_bins": a.hist_bins, "device": lm.device, "dtype": str(lm.dtype),
+                   "special_tokens_excluded": True,
+                   "special_token_ids": sorted(int(t) for t in lm.tokenizer.all_special_ids)},
+        "verify": None,
+    })
+
+
+def _verify_before_publish(a: PrecomputeArgs, builder: StoreBuilder, lm: HookedLM, loaded: list[_Loaded],
+                           model_path: str) -> None:
+    """Re-encode a few stored contexts with the fp32 reference path and record the result in the saes rows."""
+    from .verify import reference_copy, verify_sample
+
+    ref_lm = lm if lm.device == "cpu" and lm.dtype == torch.float32 else load_model(model_path, "cpu", "float32")
+    for x in loaded:
+        ref_sae = reference_copy(x.sae)
+        result = verify_sample(builder, ref_lm, ref_sae, x.sae_id, x.hook, a.verify_sample)  # command names {store}
+        del result["date"]  # it ran while the tables were built: the reader reports the row's `created` as its date
+        builder.set_verify(x.sae_id, result)
+        log.info("verified %s: max rel. diff %.2g on %d contexts (%d positions, %d zero/nonzero mismatches)",
+                 x.sae_id, result["max_rel_diff"], result["contexts"], result["positions"], result["mismatches"])

@@ -184,7 +184,7 @@ def test_logit_effects_and_neighbours(store, brute):
 def test_stored_activations_equal_a_fresh_recompute(store, tiny_lm_dir, tiny_sae_dir):
     """Each top example's context, run alone through the live code path, gives the stored values to 1e-4."""
     from precompute.models import load_model
-    from precompute.run import encode_batch
+    from precompute.encode import encode_batch
     from precompute.saes import load_sae
 
     lm = load_model(str(tiny_lm_dir), "cpu", "float32")

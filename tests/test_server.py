@@ -161,7 +161,7 @@ def test_errors_are_clear_pages_and_json(demo):
     r = client.get(f"/sae/{sae.sae_id}?page=0")
     assert r.status_code == 422 and "page must be greater than or equal to 1" in r.text
     r = client.get(f"/sae/{sae.sae_id}?sort=bogus")
-    assert r.status_code == 422 and "sort must be 'index', 'density' or 'max' (got 'bogus')" in html.unescape(r.text)
+    assert r.status_code == 422 and "sort must be 'index', 'density', 'max' or 'score' (got 'bogus')" in html.unescape(r.text)
     r = client.get(f"/sae/{sae.sae_id}?page=999")
     assert r.status_code == 404 and "there are 82 pages" in r.text
     r = client.get(f"/sae/{sae.sae_id}/feature/abc")

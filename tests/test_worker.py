@@ -65,7 +65,7 @@ def engine_parts(tiny_lm_dir, tiny_sae_dir):
 
 def direct(engine_parts, ids) -> np.ndarray:
     """The precompute code path on one sequence: (T, d_sae)."""
-    from precompute.run import encode_batch
+    from precompute.encode import encode_batch
 
     lm, sae = engine_parts
     return encode_batch(lm, sae, np.asarray([ids], dtype=np.int32), sae.cfg.hook_name)[0].numpy()

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, Field, create_model
+import csv
+import io
+import re
 
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from precompute.export import neuronpedia_api_feature
 from precompute.store.schema import SAES
 
 from ..settings import SERVE
 from .cache import cacheable
-from .lookups import feature_list, feature_or_404, sae_or_404
+from .lookups import feature_list, feature_list_items, feature_or_404, sae_or_404
 from .pages import store_of
 
 S = SERVE
@@ -32,6 +38,8 @@ class FeatureSummary(BaseModel):
     mean_act: float = Field(description="mean activation over active tokens")
     n_active: int = Field(description="number of active tokens")
     top_tokens: list[str] = Field(description="tokens at the maximum of the top examples, strongest first, deduplicated")
+    score: float | None = Field(None, description="best explanation score: mean of its detection and fuzzing balanced "
+                                "accuracies (0.5 = chance); None when no explanation is scored")
 
 
 class FeatureList(BaseModel):
@@ -59,6 +67,20 @@ class GroupOut(BaseModel):
     examples: list[ExampleOut] = Field(description="sampled examples")
 
 
+class ExplanationOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # built from the store's Explanation rows
+
+    text: str = Field(description="the explanation")
+    source: str | None = Field(None, description="where it came from: an imported file's name or 'saescope explain'")
+    llm: str | None = Field(None, description="the LLM that wrote it (None for imported ones)")
+    prompt_version: str | None = Field(None, description="version of saescope's explainer prompts")
+    created: str | None = Field(None, description="when it was written (UTC)")
+    score_detection: float | None = Field(None, description="detection balanced accuracy (0.5 = chance)")
+    score_fuzzing: float | None = Field(None, description="fuzzing balanced accuracy (0.5 = chance)")
+    n_scored: int | None = Field(None, description="snippets with a parsed judgement over both methods "
+                                 "(None: not scored; 0: the judge's answers were unparsable)")
+
+
 class FeatureOut(FeatureSummary):
     sae_id: str = Field(description="SAE id")
     hist: list[int] = Field(description="activation histogram counts over [hist_lo, hist_hi]")
@@ -71,6 +93,7 @@ class FeatureOut(FeatureSummary):
     logit_hist_hi: float = Field(description="largest logit effect")
     neighbours: list[tuple[int, float]] = Field(description="nearest features by decoder cosine similarity")
     explanations: list[str] = Field(description="explanations recorded for the feature")
+    explanation_rows: list[ExplanationOut] = Field([], description="the explanations with provenance and scores")
     top_examples: list[ExampleOut] = Field(description="top-activating examples, at most one per context")
     intervals: list[GroupOut] = Field(description="equal-width interval samples")
     quantiles: list[GroupOut] = Field(description="equal-count quantile samples")
@@ -100,13 +123,13 @@ def api_saes(request: Request):
 
 @router.get("/saes/{sae_id}/features", response_model=FeatureList, summary="features of an SAE (the SAE page)")
 @cacheable
-def api_features(request: Request, sae_id: str, sort: Literal["index", "density", "max"] = "index",
+def api_features(request: Request, sae_id: str, sort: Literal["index", "density", "max", "score"] = "index",
                  order: Literal["asc", "desc"] = "asc", page: int = Query(1, ge=1), size: int = Query(S.page_size, ge=1, le=S.max_page_size),
                  show: Literal["all", "live", "dead", "dense"] = "all", min_density: float | None = Query(None, ge=0, le=1),
-                 max_density: float | None = Query(None, ge=0, le=1)):
+                 max_density: float | None = Query(None, ge=0, le=1), min_score: float | None = Query(None, ge=0, le=1)):
     store = store_of(request)
     sae_or_404(store, sae_id)
-    pg, rows = feature_list(store, sae_id, sort, order, page, size, show, min_density, max_density)
+    pg, rows = feature_list(store, sae_id, sort, order, page, size, show, min_density, max_density, min_score)
     return FeatureList(total=pg.total, page=page, size=size, features=[FeatureSummary(**r.__dict__) for r in rows])
 
 
@@ -126,33 +149,41 @@ def api_feature(request: Request, sae_id: str, index: int):
 def api_neuronpedia(request: Request, sae_id: str, index: int) -> dict:
     store = store_of(request)
     sae, f = feature_or_404(store, sae_id, index)
-    n = len(f.hist)
-    step = (f.hist_hi - f.hist_lo) / n if n else 0.0
-    ln = len(f.logit_hist)
-    lstep = (f.logit_hist_hi - f.logit_hist_lo) / ln if ln else 0.0
+    return neuronpedia_api_feature(store, sae, f)
 
-    def act(e, extra: dict) -> dict:
-        return {"tokens": e.tokens, "values": e.acts, "maxValue": max(e.acts) if e.acts else 0.0,
-                "maxValueTokenIndex": max(range(len(e.acts)), key=e.acts.__getitem__) if e.acts else 0,
-                "minValue": min(e.acts) if e.acts else 0.0, **extra}
 
-    activations = [act(e, {"bin_min": -1, "bin_max": -1, "bin_contains": -1, "qualifying_token_index": e.pos})
-                   for e in store.examples(sae_id, index, "top")]
-    for g in store.groups(sae_id, index, "interval"):
-        activations += [act(e, {"bin_min": g.lo, "bin_max": g.hi, "bin_contains": g.share,
-                                "qualifying_token_index": e.pos}) for e in g.examples]
-    layer = sae.hook.split(".")[1] if sae.hook.startswith("blocks.") else sae.hook
-    return {
-        "modelId": sae.model_id, "layer": f"{layer}-{sae.sae_id}", "index": str(index), "sourceSetName": sae.sae_id,
-        "hookName": sae.hook, "maxActApprox": f.max_act, "frac_nonzero": f.density,
-        "pos_str": [t for t, _ in f.logit_pos], "pos_values": [v for _, v in f.logit_pos],
-        "neg_str": [t for t, _ in f.logit_neg], "neg_values": [v for _, v in f.logit_neg],
-        "freq_hist_data_bar_heights": f.hist, "freq_hist_data_bar_values": [f.hist_lo + step * (i + 0.5) for i in range(n)],
-        "logits_hist_data_bar_heights": f.logit_hist,
-        "logits_hist_data_bar_values": [f.logit_hist_lo + lstep * (i + 0.5) for i in range(ln)],
-        "topkCosSimIndices": [j for j, _ in f.neighbours], "topkCosSimValues": [s for _, s in f.neighbours],
-        "explanations": [{"description": e} for e in f.explanations], "activations": activations,
-    }
+class ListEntry(FeatureSummary):
+    note: str = Field(description="the note given for this feature in the list")
+
+
+class FeatureListOut(BaseModel):
+    sae_id: str = Field(description="SAE id")
+    name: str = Field(description="the list's name")
+    features: list[ListEntry] = Field(description="the listed features in the list's order")
+
+
+@router.get("/saes/{sae_id}/list", summary="a shared feature list (from its URL) as JSON or CSV",
+            responses={200: {"content": {"text/csv": {}}}})
+@cacheable
+def api_list(request: Request, sae_id: str, name: str = Query("", max_length=S.max_query_chars),
+             f: list[int] = Query([], max_length=S.max_list), note: list[str] = Query([], max_length=S.max_list),
+             format: Literal["json", "csv"] = "json"):
+    store = store_of(request)
+    sae = sae_or_404(store, sae_id)
+    rows = store.features_by_index(sae_id, f)
+    entries = [ListEntry(**rows[it.index].__dict__, note=it.note)
+               for it in feature_list_items(store, sae, f, note)]
+    if format == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["sae_id", "list", "index", "note", "density", "max_act", "mean_act", "n_active", "top_tokens"])
+        for e in entries:
+            w.writerow([sae_id, name, e.index, e.note, e.density, e.max_act, e.mean_act, e.n_active,
+                        " | ".join(e.top_tokens)])
+        fname = re.sub(r"[^A-Za-z0-9._-]+", "-", name or "features").strip("-") or "features"
+        return Response(buf.getvalue(), media_type="text/csv",
+                        headers={"Content-Disposition": f'attachment; filename="{fname}.csv"'})
+    return FeatureListOut(sae_id=sae_id, name=name, features=entries)
 
 
 @router.get("/saes/{sae_id}/search", response_model=SearchOut, summary="search features by token text or explanation")

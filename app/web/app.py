@@ -19,7 +19,7 @@ from precompute.store import Store, StoreError
 from ..errors import AppError, validation_message
 from ..settings import SERVE, VERSION
 from ..worker.client import WorkerClient
-from . import api, live, pages
+from . import api, live, maps, pages
 from .cache import PageCache, cacheable_paths
 from .templates import STATIC, page
 
@@ -78,6 +78,7 @@ def create_app(store_path: Path | str, worker_url: str | None = None, cache: boo
     app.include_router(pages.router)
     app.include_router(live.router)
     app.include_router(api.router)
+    app.include_router(maps.router)
 
     @app.exception_handler(AppError)
     async def app_error(request: Request, err: AppError):
@@ -103,6 +104,6 @@ def create_app(store_path: Path | str, worker_url: str | None = None, cache: boo
         return _render_error(request, AppError("something went wrong on the server; the log has the details", 500))
 
     if cache:
-        cached = PageCache(app, SERVE.cache_bytes, cacheable_paths(pages.router, live.router, api.router))
+        cached = PageCache(app, SERVE.cache_bytes, cacheable_paths(pages.router, live.router, api.router, maps.router))
         return cached
     return app

@@ -16,11 +16,11 @@ from markupsafe import escape
 from ..errors import AppError, echo
 from ..settings import SERVE, WORKER
 from ..worker.client import DOWN_HINT, WorkerClient
-from ..worker.wire import (AblateOut, AttributeIn, AttributeOut, EditIn, EditsIn, FeatureActsIn, FeatureActsOut,
-                           SteerIn, SteerOut, TopFeaturesIn, TopFeaturesOut)
+from ..worker.wire import (AblateOut, AttributeIn, AttributeOut, EditIn, EditsIn, ExampleIn, ExplainIn,
+                           FeatureActsIn, FeatureActsOut, SteerIn, SteerOut, TopFeaturesIn, TopFeaturesOut)
 from .lookups import check_index, sae_or_404
 from .pages import store_of
-from .templates import page
+from .templates import ENV, page
 from .tokens import Tok
 
 router = APIRouter()
@@ -132,6 +132,38 @@ def live_activations(request: Request, sae: str = Form(...), feature: int = Form
                                                "out": out, "vmax": vmax, "stored_max": f.max_act if f else None,
                                                "ablation": ablation, "feature": feature,
                                                "error": None})
+
+
+def explain_request(store, sae_id: str, index: int) -> ExplainIn:
+    """The feature's stored top and quantile examples (cut to the explainer's windows) as a worker request."""
+    from precompute.explain import ExplainConfig
+    from precompute.explain.prompts import window
+    from precompute.explain.run import material_from_store
+
+    cfg = ExplainConfig()
+    m = material_from_store(store, sae_id, index, 0)
+    cut = lambda ex: ExampleIn(**{k: list(v) for k, v in vars(window(ex, cfg.left, cfg.right)).items()})  # noqa: E731
+    n = W.max_explain_examples
+    return ExplainIn(top=[cut(e) for e in m.top[:n]], quantiles=[[cut(e) for e in g[:n]] for g in m.quantiles[:n]],
+                     max_tokens=W.explain_max_tokens)
+
+
+@router.post("/live/explain", response_class=HTMLResponse)
+def live_explain(request: Request, sae: str = Form(...), feature: int = Form(..., ge=0)):
+    """The feature page's "explain this feature": its stored examples explained by the worker's model (not saved)."""
+    store = store_of(request)
+    info = sae_or_404(store, sae)
+    check_index(info, feature)
+    macros = ENV.get_template("_explanation.html").module
+    try:
+        body = explain_request(store, sae, feature)
+    except ValueError:  # pydantic: no top example
+        return HTMLResponse(str(macros.live_result(None, "this feature has no stored examples to explain")))
+    try:
+        out = _client(request).explain(body)
+    except AppError as err:
+        return HTMLResponse(str(macros.live_result(None, err.message)))
+    return HTMLResponse(str(macros.live_result(out, None)))
 
 
 @router.get("/api/inspect", tags=["live"], summary="top features of a prompt (live, through the model worker)")

@@ -36,6 +36,30 @@ def feature_or_404(store: Store, sae_id: str, index: int):
     return sae, f
 
 
+@dataclass
+class ListItem:
+    index: int
+    note: str
+    feature: object  # precompute.store.Feature
+
+
+def feature_list_items(store: Store, sae: SAEInfo, f: list[int], note: list[str]) -> list[ListItem]:
+    """A shared list from its URL (f=12&note=...&f=45&note=...): every feature checked, notes aligned with ids."""
+    if len(f) > SERVE.max_list:
+        raise AppError(f"the list has {len(f)} features; the limit is {SERVE.max_list}", 422)
+    if note and len(note) != len(f):
+        raise AppError(f"the list has {len(f)} features but {len(note)} notes; give one note per feature "
+                       "(f=12&note=...&f=45&note=), empty notes included", 422)
+    long = [n for n in note if len(n) > SERVE.max_note_chars]
+    if long:
+        raise AppError(f"a note has {len(long[0]):,} characters; the limit is {SERVE.max_note_chars}", 422)
+    items = []
+    for i, idx in enumerate(f):
+        check_index(sae, idx)
+        items.append(ListItem(idx, note[i] if note else "", store.feature(sae.sae_id, idx)))
+    return items
+
+
 def url(path: str, **params) -> str:
     q = {k: v for k, v in params.items() if v is not None and v != ""}
     return f"{path}?{urlencode(q)}" if q else path
@@ -72,12 +96,25 @@ def pager(page: int, size: int, total: int) -> Pager:
 
 
 def feature_list(store: Store, sae_id: str, sort: str, order: str, page: int, size: int, show: str,
-                 min_density: float | None, max_density: float | None):
-    """One page of the SAE's feature list under the given filters: (pager, rows). Shared by page and API."""
+                 min_density: float | None, max_density: float | None, min_score: float | None = None):
+    """One page of the SAE's feature list under the given filters: (pager, rows). Shared by page and API.
+    min_score keeps features whose best explanation score (mean of detection and fuzzing) is at least that."""
     if min_density is not None and max_density is not None and min_density > max_density:
         raise AppError(f"min_density ({min_density}) is larger than max_density ({max_density})", 422)
     dead = {"all": None, "live": False, "dead": True, "dense": False}[show]
     if show == "dense":  # dense features fire on at least SERVE.dense_share of the tokens
         min_density = max(min_density or 0.0, SERVE.dense_share)
-    pg = pager(page, size, store.count_features(sae_id, min_density, max_density, dead))
-    return pg, store.features(sae_id, sort, order == "desc", size, pg.offset, min_density, max_density, dead)
+    pg = pager(page, size, store.count_features(sae_id, min_density, max_density, dead, min_score))
+    return pg, store.features(sae_id, sort, order == "desc", size, pg.offset, min_density, max_density, dead,
+                              min_score)
+
+SCORE_BINS = 20  # bins of the explanation score histogram over [0, 1]
+
+
+def score_histogram(store: Store, sae_id: str, bins: int = SCORE_BINS) -> tuple[list[int], int]:
+    """(counts of the features' best explanation scores in equal bins of [0, 1], how many features are scored)."""
+    import numpy as np
+
+    scores = store.explanation_scores(sae_id)
+    counts = np.histogram(np.clip(scores, 0.0, 1.0), bins=bins, range=(0.0, 1.0))[0] if scores else [0] * bins
+    return [int(c) for c in counts], len(scores)

@@ -13,8 +13,9 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import AppError
 from ..settings import SERVE, WORKER
-from .wire import (AblateOut, AttributeIn, AttributeOut, EditsIn, FeatureActsIn, FeatureActsOut, HealthOut, SteerIn,
-                   SteerOut, TokenFeaturesIn, TokenFeaturesOut, TokenizeIn, TokenizeOut, TopFeaturesIn, TopFeaturesOut)
+from .wire import (AblateOut, AttributeIn, AttributeOut, EditsIn, ExplainIn, ExplainOut, FeatureActsIn, FeatureActsOut,
+                   HealthOut, SteerIn, SteerOut, TokenFeaturesIn, TokenFeaturesOut, TokenizeIn, TokenizeOut,
+                   TopFeaturesIn, TopFeaturesOut)
 
 DOWN_HINT = ("the model worker is unavailable ({why}); precomputed pages still work. Live inspection comes back by "
              "itself once the worker answers again (`saescope serve` restarts its own worker; a separate one is "
@@ -55,9 +56,10 @@ class WorkerClient:
             self._health = (time.monotonic(), *res)
         return res
 
-    def _call(self, path: str, body: BaseModel, out: type[Out]) -> Out:
+    def _call(self, path: str, body: BaseModel, out: type[Out], timeout_s: float | None = None) -> Out:
         try:
-            r = self._client.post(path, json=body.model_dump(exclude_none=True))
+            r = self._client.post(path, json=body.model_dump(exclude_none=True),
+                                  **({"timeout": httpx.Timeout(timeout_s, connect=1.0)} if timeout_s else {}))
         except httpx.HTTPError as err:
             self._health = (0.0, None, "")
             raise AppError(DOWN_HINT.format(why=self._why(err)), 503, title="Model worker unavailable") from err
@@ -93,6 +95,10 @@ class WorkerClient:
 
     def attribute(self, body: AttributeIn) -> AttributeOut:
         return self._call("/attribute", body, AttributeOut)
+
+    def explain(self, body: ExplainIn) -> ExplainOut:
+        """One feature explained by the worker's model (waits up to the worker's own explanation time limit)."""
+        return self._call("/explain", body, ExplainOut, timeout_s=WORKER.explain_timeout_s + 5)
 
 
 def _status_why(err: httpx.HTTPStatusError, url: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -12,14 +14,77 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import hmac
 
 from ..errors import AppError, validation_message
-from ..settings import VERSION
+from ..settings import VERSION, WORKER
 from . import interventions
 from .batcher import Engine
-from .wire import (AblateOut, AttributeIn, AttributeOut, EditsIn, FeatureActsIn, FeatureActsOut, FeatureHit,
-                   HealthOut, SAEDesc, SteerIn, SteerOut, TokenFeaturesIn, TokenFeaturesOut, TokenizeIn, TokenizeOut,
-                   TopFeaturesIn, TopFeaturesOut)
+from .wire import (AblateOut, AttributeIn, AttributeOut, EditsIn, ExplainIn, ExplainOut, FeatureActsIn,
+                   FeatureActsOut, FeatureHit, HealthOut, SAEDesc, ScoreOut, SteerIn, SteerOut, TokenFeaturesIn,
+                   TokenFeaturesOut, TokenizeIn, TokenizeOut, TopFeaturesIn, TopFeaturesOut)
 
-DESCRIPTION = "Live SAE feature activations over a small JSON API, with dynamic batching."
+DESCRIPTION = ("Live SAE feature activations over a small JSON API, with dynamic batching; feature explanations "
+               "and an OpenAI-compatible chat route (/v1/chat/completions) for the worker's own model.")
+log = logging.getLogger(__name__)
+
+
+def chat_backend(engine: Engine):
+    """The worker's model as a ChatBackend whose every call holds the engine's model lock (the model is shared with
+    the batcher and the interventions), or None when its tokenizer has no chat template."""
+    from precompute.explain.backends import ChatBackend, LocalChatBackend
+
+    if engine is None:  # app.openapi writes the document without a model
+        return None
+    try:
+        inner = LocalChatBackend.from_loaded(engine.lm.model, engine.lm.tokenizer, f"worker:{engine.lm.name}",
+                                             device=str(engine.lm.device))
+    except ValueError as err:
+        log.info("no chat route: %s", err)
+        return None
+
+    class Locked(ChatBackend):
+        name = inner.name
+
+        def chat_batch(self, conversations, max_tokens):
+            with engine.model_lock:
+                return inner.chat_batch(conversations, max_tokens)
+
+    return Locked()
+
+
+def chat_model_name(engine: Engine) -> str:
+    """The model name of the chat route: a local folder's name, or the hub id."""
+    from pathlib import Path
+
+    return Path(engine.lm.name).name if Path(engine.lm.name).exists() else engine.lm.name
+
+
+def _explain(backend, body: ExplainIn) -> ExplainOut:
+    """explain_feature (and score_explanation when asked) on the material the request carries."""
+    import time
+
+    from precompute.explain import Example, ExplainConfig, FeatureMaterial, explain_feature, score_explanation
+
+    t0 = time.perf_counter()
+    try:
+        material = FeatureMaterial(top=[Example(e.tokens, e.acts) for e in body.top],
+                                   quantiles=[[Example(e.tokens, e.acts) for e in g] for g in body.quantiles],
+                                   non_activating=body.non_activating)
+        cfg = ExplainConfig(explain_max_tokens=body.max_tokens)
+        text, prov = explain_feature(backend, material, cfg, body.seed)
+    except ValueError as err:
+        raise AppError(str(err), 422) from err
+    if "error" in prov:
+        raise AppError(prov["error"], 422)
+    scores, why = [], None
+    if body.score and text:
+        try:
+            res = score_explanation(backend, text, material, cfg, body.seed)
+            scores = [ScoreOut(method=r.method, balanced_accuracy=r.balanced_accuracy, n_examples=r.n_examples,
+                               n_judged=r.n_judged) for r in res.values()]
+        except ValueError as err:
+            why = str(err)
+    return ExplainOut(explanation=text, parsed=prov["parsed"], llm=prov["llm"], prompt_version=prov["prompt_version"],
+                      n_examples=prov["n_examples"], scores=scores, score_error=why,
+                      seconds=time.perf_counter() - t0)
 
 
 def create_worker_app(engine: Engine, secret: str | None = None) -> FastAPI:
@@ -30,6 +95,7 @@ def create_worker_app(engine: Engine, secret: str | None = None) -> FastAPI:
         yield
 
     app = FastAPI(title="saescope model worker", version=VERSION, lifespan=lifespan, description=DESCRIPTION)
+    chat = chat_backend(engine)
 
     @app.exception_handler(AppError)
     async def app_error(request: Request, err: AppError):
@@ -63,7 +129,8 @@ def create_worker_app(engine: Engine, secret: str | None = None) -> FastAPI:
         return HealthOut(status="ok", model=engine.lm.name, device=engine.lm.device,
                          saes=[SAEDesc(sae_id=k, hook=s.cfg.hook_name, d_sae=s.cfg.d_sae) for k, s in engine.saes.items()],
                          queued=engine.queue.qsize() if engine.queue else 0, max_prompt_tokens=engine.max_prompt_tokens,
-                         max_batch=engine.max_batch, batches=engine.batches, requests=engine.requests)
+                         max_batch=engine.max_batch, batches=engine.batches, requests=engine.requests,
+                         chat_model=chat_model_name(engine) if chat is not None else None)
 
     @app.post("/tokenize", response_model=TokenizeOut)
     async def tokenize(body: TokenizeIn) -> TokenizeOut:
@@ -116,5 +183,23 @@ def create_worker_app(engine: Engine, secret: str | None = None) -> FastAPI:
     @app.post("/attribute", response_model=AttributeOut, summary="features behind one next-token prediction")
     async def attribute(body: AttributeIn) -> AttributeOut:
         return await interventions.attribute(engine, body)
+
+    @app.post("/explain", response_model=ExplainOut, summary="explain one feature from its stored examples with "
+              "this worker's model")
+    async def explain(body: ExplainIn) -> ExplainOut:
+        if chat is None:
+            raise AppError(f"this worker's model ({engine.lm.name}) has no chat template, so it cannot explain "
+                           "features; use `saescope explain --llm URL` with an instruct model", 422)
+        try:  # the backend takes the model lock for each generation; the thread keeps the event loop free
+            return await asyncio.wait_for(asyncio.to_thread(_explain, chat, body), timeout=WORKER.explain_timeout_s)
+        except asyncio.TimeoutError as err:
+            raise AppError(f"no explanation within {WORKER.explain_timeout_s:.0f} s (the worker is busy or the "
+                           "model slow); retry shortly", 504) from err
+
+    if chat is not None or engine is None:  # any OpenAI client can chat with the worker's model (greedy, unsteered)
+        from precompute.explain.openai_route import make_chat_router
+
+        app.include_router(make_chat_router(chat, model_name=chat_model_name(engine) if engine else "MODEL",
+                                            max_tokens_limit=WORKER.chat_max_tokens))
 
     return app

@@ -81,6 +81,8 @@ class HealthOut(BaseModel):
     max_batch: int = Field(description="largest batch per forward pass")
     batches: int = Field(description="forward passes run so far")
     requests: int = Field(description="requests answered so far")
+    chat_model: str | None = Field(None, description="model name of the OpenAI-compatible /v1/chat/completions "
+                                   "route (None when the model has no chat template)")
 
 
 class ErrorOut(BaseModel):
@@ -166,3 +168,44 @@ class AttributeOut(BaseModel):
     features: list[AttributionOut] = Field(description="features by |attribution|")
     error_attribution: float = Field(description="attribution of the SAE's error term (what the SAE misses)")
     n_active: int = Field(description="active (position, feature) pairs")
+
+
+# ---------------------------------------------------------------- explanations
+class ExampleIn(BaseModel):
+    tokens: list[str] = Field(min_length=1, max_length=WORKER.max_prompt_tokens, description="token strings of a context")
+    acts: list[float] = Field(max_length=WORKER.max_prompt_tokens, description="the feature's activation on each token")
+
+
+class ExplainIn(BaseModel):
+    """A feature's stored material; the worker explains it with its own model (precompute.explain)."""
+
+    top: list[ExampleIn] = Field(min_length=1, max_length=WORKER.max_explain_examples,
+                                 description="top-activating examples, strongest first")
+    quantiles: list[list[ExampleIn]] = Field([], max_length=WORKER.max_explain_examples,
+                                             description="quantile samples, one list per group")
+    non_activating: list[list[str]] = Field([], max_length=WORKER.max_explain_examples,
+                                            description="token strings of contexts where the feature is 0 everywhere "
+                                            "(needed only to score)")
+    score: bool = Field(False, description="also score the explanation by detection and fuzzing (slow)")
+    max_tokens: int = Field(WORKER.explain_max_tokens, ge=1, le=WORKER.max_new_tokens * 4,
+                            description="answer budget of the explainer")
+    seed: int = Field(0, ge=0, le=WORKER.max_seed, description="seed of the example split")
+
+
+class ScoreOut(BaseModel):
+    method: str = Field(description="detection or fuzzing")
+    balanced_accuracy: float | None = Field(description="(TPR + TNR) / 2 over parsed answers; 0.5 is chance; "
+                                            "None unless both classes got a parsed answer")
+    n_examples: int = Field(description="snippets shown to the judge")
+    n_judged: int = Field(description="snippets with a parsed answer")
+
+
+class ExplainOut(BaseModel):
+    explanation: str = Field(description="the explanation (empty when the model gave none)")
+    parsed: bool = Field(description="whether the answer carried the [EXPLANATION]: marker")
+    llm: str = Field(description="the model that explained")
+    prompt_version: str = Field(description="version of the prompts")
+    n_examples: int = Field(description="examples shown to the explainer")
+    scores: list[ScoreOut] = Field([], description="detection and fuzzing results when asked to score")
+    score_error: str | None = Field(None, description="why scoring could not run, when asked")
+    seconds: float = Field(description="time spent")

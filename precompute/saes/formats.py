@@ -287,10 +287,19 @@ def _from_hub(ref: str) -> Path:
 def load_sae(ref: str | Path, hook: str | None = None) -> SAE:
     """Load an SAE from a folder or file on disk, or from the hub ('owner/repo/folder' or 'hf://...')."""
     path = Path(ref)
+    release = None
     if not path.exists():
         if str(ref).startswith(("/", ".", "~")):
             raise FileNotFoundError(f"SAE path {str(ref)!r} does not exist")
-        path = _from_hub(str(ref))
+        from ..releases import fetch_release, looks_like_release, resolve_release
+
+        if looks_like_release(str(ref)):  # RELEASE/SAE_ID from SAELens's registry of pretrained SAEs
+            release = resolve_release(str(ref))
+            for note in release.notes:
+                log.info("%s: %s", ref, note)
+            path, hook = fetch_release(release), hook or release.hook_name
+        else:
+            path = _from_hub(str(ref))
     source = str(ref)
     if path.is_dir():
         if (path / SAELENS_WEIGHTS).exists():
@@ -311,6 +320,8 @@ def load_sae(ref: str | Path, hook: str | None = None) -> SAE:
     else:
         raise SAEFormatError(str(path), "(file)", f"suffix {path.suffix!r}", "a folder, a .npz (Gemma Scope) or a .pt (OpenAI)")
     sae.cfg.source = source
+    if release is not None and release.neuronpedia_id:
+        sae.cfg.extra["neuronpedia_id"] = release.neuronpedia_id
     if sae.cfg.hook_name is None:
         raise SAEFormatError(source, "hook_name", "none", "a hook name in the config or an explicit --hook")
     return sae

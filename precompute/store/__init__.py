@@ -1,7 +1,7 @@
 """The store: the only package that imports duckdb. The server reads through `Store`; precompute writes
 through `ActivationCache` and `StoreBuilder`."""
 
-from .read import Example, Feature, FeatureRow, Group, SAEInfo, SearchHit, Store, StoreError
+from .read import Example, Explanation, Feature, FeatureRow, Group, SAEInfo, SearchHit, Store, StoreError
 from .schema import SCHEMA_VERSION
 
-__all__ = ["Store", "StoreError", "SAEInfo", "Feature", "FeatureRow", "Example", "Group", "SearchHit", "SCHEMA_VERSION"]
+__all__ = ["Store", "StoreError", "SAEInfo", "Feature", "FeatureRow", "Example", "Explanation", "Group", "SearchHit", "SCHEMA_VERSION"]

@@ -7,6 +7,7 @@ small dataclasses; no SQL leaves this module.
 from __future__ import annotations
 
 import json
+import shlex
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import duckdb
 
-from .schema import FEATURES, SAES, SCHEMA_VERSION, STORE_TABLES
+from .schema import EXPLANATIONS, FEATURES, SAES, SCHEMA_VERSION, STORE_TABLES
 
 
 class StoreError(Exception):
@@ -22,6 +23,7 @@ class StoreError(Exception):
 
 
 SAEInfo = SAES.row_type("SAEInfo")  # one field per column of the saes table, JSON columns as dicts
+Explanation = EXPLANATIONS.row_type("Explanation")  # one explanation with its provenance and scores (NULL -> None)
 
 
 @dataclass
@@ -32,6 +34,7 @@ class FeatureRow:
     mean_act: float
     n_active: int
     top_tokens: list[str]
+    score: float | None = None  # best explanation score of the feature (see EXPLANATION_SCORE_SQL), None if unscored
 
 
 @dataclass
@@ -77,6 +80,10 @@ class Feature:
     logit_hist: list[int]
     neighbours: list[tuple[int, float]]
     explanations: list[str]
+    cooc: list[tuple[int, float]] = field(default_factory=list)  # (feature, Jaccard) co-occurrence, [] if not computed
+    map_xy: tuple[float, float] | None = None  # position on the feature map, None if not computed
+    explanation_rows: list[Explanation] = field(default_factory=list)  # explanations with LLM provenance and scores
+    logit_mean: float = 0.0  # mean logit effect over the vocabulary: centred effect = raw - logit_mean
 
 
 @dataclass
@@ -89,7 +96,12 @@ class SearchHit:
     top_tokens: list[str]
 
 
-SORTS = {"index": "feature", "density": "density", "max": "max_act"}
+SORTS = {"index": "feature", "density": "density", "max": "max_act", "score": "score"}
+# One explanation's score: the mean of its detection and fuzzing balanced accuracies (whichever exist); a feature's
+# score is the best of its explanations'. NULL when nothing was scored.
+EXPLANATION_SCORE_SQL = """CASE WHEN score_detection IS NULL THEN score_fuzzing WHEN score_fuzzing IS NULL
+    THEN score_detection ELSE (score_detection + score_fuzzing) / 2 END"""
+_SCORED = f"(SELECT feature, max({EXPLANATION_SCORE_SQL}) AS score FROM explanations WHERE sae_id = ? GROUP BY feature)"
 
 
 def damaged(path: Path, why: object) -> "StoreError":
@@ -104,6 +116,7 @@ class Store:
             raise StoreError(f"store {self.path} does not exist; make one with `saescope precompute --out {self.path}`")
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._bm25: dict[str, tuple[Any, list[int], list[str]]] = {}  # sae_id -> (BM25Index, features, texts)
         try:
             self._con = duckdb.connect(str(self.path), read_only=True)
         except duckdb.Error as err:
@@ -130,9 +143,12 @@ class Store:
         missing = {t.name for t in STORE_TABLES} - tables
         if missing:
             raise damaged(self.path, f"tables missing: {', '.join(sorted(missing))}")
-        # read every column of every table once: a truncated or corrupt block fails here, not on a later page
-        for t in STORE_TABLES:
-            self._q(f"SELECT count(*), {', '.join(f'count({n})' for n in t.names)} FROM {t.name}")
+        # a truncated file (an interrupted copy, a full disk) is shorter than the blocks its header lists
+        block_size, total_blocks = self._q("SELECT block_size, total_blocks FROM pragma_database_size()")[0]
+        size = self.path.stat().st_size
+        if size < block_size * total_blocks:
+            raise damaged(self.path, f"the file has {size:,} bytes; its header lists {total_blocks} blocks of "
+                                     f"{block_size:,} bytes")
         self._vocab: dict[str, list[str]] = {}
         self._saes = {s.sae_id: s for s in self._load_saes()}
         self._has_explanations = bool(self._q("SELECT count(*) FROM explanations")[0][0])
@@ -150,7 +166,9 @@ class Store:
         """Run one query and fetch all its rows; a damaged file becomes a StoreError that says so."""
         try:
             return self._cursor().execute(sql, params or []).fetchall()
-        except (duckdb.IOException, duckdb.InternalException, duckdb.SerializationException) as err:
+        except duckdb.ProgrammingError:
+            raise  # this module's SQL is wrong (parser, binder, catalog): a bug, not a damaged file
+        except duckdb.Error as err:  # I/O errors, and "Corrupt database file: computed checksum ..." (a plain Error)
             raise damaged(self.path, err) from err
 
     def close(self) -> None:
@@ -165,7 +183,13 @@ class Store:
     # ---------------------------------------------------------------- SAEs
     def _load_saes(self) -> list[SAEInfo]:
         rows = self._q(f"SELECT {SAES.select_list()} FROM saes ORDER BY sae_id")
-        return [SAEInfo(*(json.loads(v or "{}") if c.json else v for c, v in zip(SAES.cols, row))) for row in rows]
+        out = [SAEInfo(*(json.loads(v or "{}") if c.json else v for c, v in zip(SAES.cols, row))) for row in rows]
+        for s in out:  # precompute's own check ran while the tables were built
+            if s.verify and "date" not in s.verify:
+                s.verify["date"] = s.created
+            if s.verify and "command" in s.verify:  # stored as "saescope verify {store} ...": the file may move
+                s.verify["command"] = s.verify["command"].replace("{store}", shlex.quote(str(self.path)))
+        return out
 
     def saes(self) -> list[SAEInfo]:
         return list(self._saes.values())
@@ -186,17 +210,20 @@ class Store:
     # ---------------------------------------------------------------- feature lists
     def features(self, sae_id: str, sort: str = "index", desc: bool = False, limit: int = 50, offset: int = 0,
                  min_density: float | None = None, max_density: float | None = None,
-                 dead: bool | None = None) -> list[FeatureRow]:
-        where, params = self._filters(sae_id, min_density, max_density, dead)
-        order = f"{SORTS[sort]} {'DESC' if desc else 'ASC'}, feature"
-        rows = self._q(f"""SELECT feature, density, max_act, mean_act, n_active, top_token_ids FROM features
-                           WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?""", params + [limit, offset])
+                 dead: bool | None = None, min_score: float | None = None) -> list[FeatureRow]:
+        """One page of features; sort "score" orders by the best explanation score (unscored features last in
+        either direction); min_score keeps only features with an explanation scoring at least that."""
+        where, params = self._filters(sae_id, min_density, max_density, dead, min_score)
+        order = f"{SORTS[sort]} {'DESC' if desc else 'ASC'} NULLS LAST, feature"
+        rows = self._q(f"""SELECT feature, density, max_act, mean_act, n_active, top_token_ids, s.score
+                           FROM features LEFT JOIN {_SCORED} s USING (feature)
+                           WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?""", [sae_id] + params + [limit, offset])
         return [self._row(sae_id, r) for r in rows]
 
     def _row(self, sae_id: str, r: tuple) -> FeatureRow:
-        """(feature, density, max_act, mean_act, n_active, top_token_ids) -> FeatureRow."""
+        """(feature, density, max_act, mean_act, n_active, top_token_ids[, score]) -> FeatureRow."""
         tok = self._tok(sae_id)
-        return FeatureRow(r[0], r[1], r[2], r[3], r[4], _dedup([tok(i) for i in r[5]]))
+        return FeatureRow(r[0], r[1], r[2], r[3], r[4], _dedup([tok(i) for i in r[5]]), r[6] if len(r) > 6 else None)
 
     def features_by_index(self, sae_id: str, indices: list[int]) -> dict[int, FeatureRow]:
         if not indices:
@@ -206,13 +233,19 @@ class Store:
         return {r[0]: self._row(sae_id, r) for r in rows}
 
     def count_features(self, sae_id: str, min_density: float | None = None, max_density: float | None = None,
-                       dead: bool | None = None) -> int:
-        where, params = self._filters(sae_id, min_density, max_density, dead)
-        return int(self._q(f"SELECT count(*) FROM features WHERE {where}", params)[0][0])
+                       dead: bool | None = None, min_score: float | None = None) -> int:
+        where, params = self._filters(sae_id, min_density, max_density, dead, min_score)
+        if min_score is None:
+            return int(self._q(f"SELECT count(*) FROM features WHERE {where}", params)[0][0])
+        return int(self._q(f"SELECT count(*) FROM features LEFT JOIN {_SCORED} s USING (feature) WHERE {where}",
+                           [sae_id] + params)[0][0])
 
     @staticmethod
-    def _filters(sae_id, min_density, max_density, dead) -> tuple[str, list]:
-        where, params = ["sae_id = ?"], [sae_id]
+    def _filters(sae_id, min_density, max_density, dead, min_score=None) -> tuple[str, list]:
+        where, params = ["features.sae_id = ?"], [sae_id]
+        if min_score is not None:
+            where.append("s.score >= ?")
+            params.append(min_score)
         if min_density is not None:
             where.append("density >= ?")
             params.append(min_density)
@@ -224,6 +257,41 @@ class Store:
         elif dead is False:
             where.append("n_active > 0")
         return " AND ".join(where), params
+
+    def cross(self, sae_id: str, index: int) -> list[tuple[str, list[tuple[int, float]]]]:
+        """The feature's nearest decoder directions in each other SAE of this store it was compared with."""
+        rows = self._q("SELECT other, ids, cos FROM cross_matches WHERE sae_id = ? AND feature = ? ORDER BY other",
+                       [sae_id, index])
+        return [(o, list(zip(ids, cos))) for o, ids, cos in rows]
+
+    def compared_with(self, sae_id: str) -> list[str]:
+        return [r[0] for r in self._q("SELECT DISTINCT other FROM cross_matches WHERE sae_id = ? ORDER BY other",
+                                      [sae_id])]
+
+    def best_matches(self, sae_id: str, other: str, limit: int, offset: int) -> list[tuple[int, int, float, bool]]:
+        """(feature of sae_id, its best match in other, cosine, whether that match's best match is the feature)."""
+        return [tuple(r) for r in self._q("""
+            SELECT a.feature, a.ids[1], a.cos[1], coalesce(b.ids[1] = a.feature, false)
+            FROM cross_matches a LEFT JOIN cross_matches b ON b.sae_id = a.other AND b.other = a.sae_id
+                 AND b.feature = a.ids[1]
+            WHERE a.sae_id = ? AND a.other = ? ORDER BY a.feature LIMIT ? OFFSET ?""",
+            [sae_id, other, limit, offset])]
+
+    def map_points(self, sae_id: str) -> dict[str, list]:
+        """Every feature's 2-D map position with what the map colours by, in feature order (empty lists when the
+        store has no map): feature, x, y, density, max_act."""
+        rows = self._q("""SELECT feature, map_x, map_y, density, max_act FROM features
+                          WHERE sae_id = ? AND map_x IS NOT NULL ORDER BY feature""", [sae_id])
+        cols = ("feature", "x", "y", "density", "max_act")
+        return {c: [r[i] for r in rows] for i, c in enumerate(cols)}
+
+    def map_neighbourhood(self, sae_id: str, index: int, k: int) -> list[tuple[int, float, float]]:
+        """The k features nearest to `index` on the map, itself first: (feature, x, y)."""
+        return [tuple(r) for r in self._q("""
+            WITH me AS (SELECT map_x AS x0, map_y AS y0 FROM features WHERE sae_id = ? AND feature = ?)
+            SELECT feature, map_x, map_y FROM features, me WHERE sae_id = ? AND map_x IS NOT NULL
+            ORDER BY (map_x - x0) * (map_x - x0) + (map_y - y0) * (map_y - y0), feature LIMIT ?""",
+            [sae_id, index, sae_id, k + 1])]
 
     def random_feature(self, sae_id: str) -> int:
         row = next(iter(self._q("SELECT feature FROM features WHERE sae_id = ? AND n_active > 0 ORDER BY random() LIMIT 1",
@@ -238,8 +306,10 @@ class Store:
             return None
         r = dict(zip(FEATURES.names, row))
         tok = self._tok(sae_id)
-        expl = [e[0] for e in self._q("SELECT text FROM explanations WHERE sae_id = ? AND feature = ?",
-                                      [sae_id, index])] if self._has_explanations else []
+        expl_rows = [Explanation(*e) for e in self._q(
+            f"SELECT {EXPLANATIONS.select_list()} FROM explanations WHERE sae_id = ? AND feature = ?",
+            [sae_id, index])] if self._has_explanations else []
+        expl = [e.text for e in expl_rows]
         return Feature(
             sae_id=sae_id, index=index, n_active=r["n_active"], density=r["density"], max_act=r["max_act"],
             mean_act=r["mean_act"], hist_lo=r["hist_lo"], hist_hi=r["hist_hi"], hist=r["hist"],
@@ -247,7 +317,10 @@ class Store:
             logit_pos=[(tok(i), v) for i, v in zip(r["logit_pos_ids"], r["logit_pos_vals"])],
             logit_neg=[(tok(i), v) for i, v in zip(r["logit_neg_ids"], r["logit_neg_vals"])],
             logit_hist_lo=r["logit_hist_lo"], logit_hist_hi=r["logit_hist_hi"], logit_hist=r["logit_hist"],
-            neighbours=list(zip(r["neighbours"], r["neighbour_sims"])), explanations=expl)
+            neighbours=list(zip(r["neighbours"], r["neighbour_sims"])), explanations=expl,
+            cooc=list(zip(r["cooc_ids"] or [], r["cooc_jaccard"] or [])),
+            map_xy=None if r["map_x"] is None or r["map_y"] is None else (r["map_x"], r["map_y"]),
+            explanation_rows=expl_rows, logit_mean=r["logit_mean"] or 0.0)
 
     def examples(self, sae_id: str, index: int, kind: str = "top") -> list[Example]:
         rows = self._q("""SELECT kind, grp, rank, ctx_id, pos, value, act_pos, act_val FROM examples
@@ -269,6 +342,14 @@ class Store:
             strs = [v[t] if 0 <= t < n else f"<id {t}>" for t in tokens]
             out.append(Example(kind_, grp, rank, ctx_id, pos, value, strs, list(tokens), acts))
         return out
+
+    def context_ids(self, sae_id: str) -> list[int]:
+        """Every context the SAE's examples refer to."""
+        return [r[0] for r in self._q("SELECT ctx_id FROM contexts WHERE sae_id = ? ORDER BY ctx_id", [sae_id])]
+
+    def stored_activations(self, sae_id: str, ctx_ids: list[int]) -> dict[int, tuple[list[int], dict[int, tuple[list[int], list[float]]]]]:
+        """ctx_id -> (token ids, {feature: (active positions, values)}) for every feature with an example there."""
+        return stored_activations(self._cursor(), sae_id, ctx_ids)
 
     def groups(self, sae_id: str, index: int, kind: str) -> list[Group]:
         rows = self._q("""SELECT kind, grp, lo, hi, n_tokens, share FROM groups
@@ -324,26 +405,85 @@ class Store:
         rows = self._q(sql, [model_key, text, sae_id, sae_id, sae_id, 1, 0])
         return int(rows[0][6]) if rows else 0
 
+    def _explanation_index(self, sae_id: str):
+        """(BM25Index over the SAE's explanation texts, their features, the texts), built once per SAE."""
+        with self._lock:
+            hit = self._bm25.get(sae_id)
+        if hit is None:
+            from precompute.explain.search import BM25Index
+
+            rows = self._q("SELECT feature, text FROM explanations WHERE sae_id = ? ORDER BY feature, text", [sae_id])
+            texts = [r[1] for r in rows]
+            hit = (BM25Index(texts), [r[0] for r in rows], texts)
+            with self._lock:
+                self._bm25[sae_id] = hit
+        return hit
+
     def search_explanations(self, sae_id: str, text: str, limit: int = 50, offset: int = 0) -> tuple[list[SearchHit], int]:
-        """Full-text search over explanations: every query word must occur; ranked by matched-word frequency."""
-        words = [w for w in text.lower().split() if w]
-        if not words:
-            return [], 0
-        conds = " AND ".join(["contains(lower(e.text), ?)"] * len(words))
-        score = " + ".join(["(length(lower(e.text)) - length(replace(lower(e.text), ?, ''))) / length(?)"] * len(words))
-        score_params: list = []
-        for w in words:
-            score_params += [w, w]
-        rows = self._q(f"""SELECT e.feature, max({score}) AS score, f.density, f.max_act, any_value(e.text),
-                                  f.top_token_ids, count(*) OVER () AS total
-                           FROM explanations e JOIN features f ON f.sae_id = e.sae_id AND f.feature = e.feature
-                           WHERE e.sae_id = ? AND {conds}
-                           GROUP BY e.feature, f.density, f.max_act, f.top_token_ids
-                           ORDER BY score DESC, e.feature LIMIT ? OFFSET ?""",
-                       score_params + [sae_id] + words + [limit, offset])
+        """Explanations ranked by Okapi BM25 (precompute.explain.search): every explanation holding at least one
+        query word; a feature appears once, with its best explanation (`matched`) and that one's BM25 score."""
+        index, features, texts = self._explanation_index(sae_id)
+        best: dict[int, tuple[float, str]] = {}
+        for h in index.search(text):  # best first, so the first hit of a feature is its best
+            best.setdefault(features[h.index], (h.score, texts[h.index]))
+        ranked = list(best.items())[offset:offset + limit]
+        rows = self.features_by_index(sae_id, [f for f, _ in ranked])
+        return [SearchHit(f, s, rows[f].density, rows[f].max_act, t, rows[f].top_tokens)
+                for f, (s, t) in ranked if f in rows], len(best)
+
+    # ---------------------------------------------------------------- explanations
+    def explained_features(self, sae_id: str, llm: str | None = None, prompt_version: str | None = None) -> set[int]:
+        """Features with at least one explanation (only those from this LLM and prompt version, when given)."""
+        where, params = ["sae_id = ?"], [sae_id]
+        if llm is not None:
+            where.append("llm = ?")
+            params.append(llm)
+        if prompt_version is not None:
+            where.append("prompt_version = ?")
+            params.append(prompt_version)
+        return {r[0] for r in self._q(f"SELECT DISTINCT feature FROM explanations WHERE {' AND '.join(where)}", params)}
+
+    def explanation_scores(self, sae_id: str) -> list[float]:
+        """The score of every feature with a scored explanation (its best), in feature order."""
+        return [r[1] for r in self._q(f"SELECT feature, score FROM {_SCORED} WHERE score IS NOT NULL ORDER BY feature",
+                                      [sae_id])]
+
+    def non_activating_contexts(self, sae_id: str, index: int, n: int, seed: int = 0) -> list[list[str]]:
+        """Up to n stored contexts (token strings) on which the feature is provably 0 on every token, in a
+        seeded pseudo-random order. Proof: the feature's stored examples carry its activations on every token
+        of their contexts; when those add up to all n_active active tokens, every other stored context has none.
+        When they do not (a dense feature whose active contexts were not all kept), nothing is returned."""
+        covered, n_active = self._q("""
+            SELECT (SELECT coalesce(sum(len(p)), 0) FROM (SELECT any_value(act_pos) AS p FROM examples
+                    WHERE sae_id = ? AND feature = ? GROUP BY ctx_id)),
+                   (SELECT n_active FROM features WHERE sae_id = ? AND feature = ?)""", [sae_id, index, sae_id, index])[0]
+        if n_active is None or int(covered) != int(n_active) or n <= 0:
+            return []
+        rows = self._q("""SELECT tokens FROM contexts WHERE sae_id = ? AND ctx_id NOT IN
+                              (SELECT ctx_id FROM examples WHERE sae_id = ? AND feature = ?)
+                          ORDER BY hash(ctx_id::BIGINT * 1000003 + ?), ctx_id LIMIT ?""",
+                       [sae_id, sae_id, index, int(seed), int(n)])
         tok = self._tok(sae_id)
-        total = int(rows[0][6]) if rows else 0
-        return [SearchHit(r[0], float(r[1]), r[2], r[3], r[4], _dedup([tok(i) for i in r[5]])) for r in rows], total
+        return [[tok(i) for i in r[0]] for r in rows]
+
+
+def stored_activations(con, sae_id: str, ctx_ids: list[int]) -> dict[int, tuple[list[int], dict[int, tuple[list[int], list[float]]]]]:
+    """What a store holds about some contexts: their token ids, and for each feature that has an example in the
+    context (top, interval or quantile), its stored active positions and values there (the same for every example
+    of that feature in that context). Used by `saescope verify`."""
+    ids = sorted({int(i) for i in ctx_ids})
+    if not ids:
+        return {}
+    toks = con.execute("SELECT ctx_id, tokens FROM contexts WHERE sae_id = ? AND list_contains(?, ctx_id)",
+                       [sae_id, ids]).fetchall()
+    out: dict[int, tuple[list[int], dict]] = {c: (list(t), {}) for c, t in toks}
+    rows = con.execute("""SELECT ctx_id, feature, any_value(act_pos), any_value(act_val) FROM examples
+                          WHERE sae_id = ? AND list_contains(?, ctx_id) GROUP BY ctx_id, feature""",
+                       [sae_id, ids]).fetchall()
+    for c, f, pos, val in rows:
+        if c in out:
+            out[c][1][int(f)] = (list(pos), list(val))
+    return out
 
 
 def _dedup(items: list[str]) -> list[str]:

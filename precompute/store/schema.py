@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: saes.verify, features.cooc_*/map_*, explanations provenance and scores
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,9 @@ SAES = Table("saes", (
     C("density_hist_lo", "DOUBLE", float, "log10 density at the histogram's left edge"),
     C("density_hist_hi", "DOUBLE", float, "log10 density at the histogram's right edge"),
     C("params", "VARCHAR", dict, "precompute parameters (top_k, intervals, device, dtype, ...)", json=True),
+    C("verify", "VARCHAR", dict, "fp32 recomputation of a sample of stored examples: contexts, max_rel_diff, "
+      "zero/nonzero mismatches, date (that of `created` when precompute ran it) and the command that reproduces it "
+      "(empty if never verified)", json=True),
 ), key=("sae_id",))
 VOCAB = Table("vocab", (C("model_key", "VARCHAR", str), C("token_id", "INTEGER", int), C("token", "VARCHAR", str)))
 CONTEXTS = Table("contexts", (C("sae_id", "VARCHAR", str), C("ctx_id", "INTEGER", int), C("tokens", "INTEGER[]", list)))
@@ -88,6 +91,9 @@ FEATURES = Table("features", (
     C("logit_neg_ids", "INTEGER[]", list), C("logit_neg_vals", "REAL[]", list),
     C("logit_hist_lo", "REAL", float), C("logit_hist_hi", "REAL", float), C("logit_hist", "INTEGER[]", list),
     C("neighbours", "INTEGER[]", list), C("neighbour_sims", "REAL[]", list),
+    C("logit_mean", "REAL", float),  # mean logit effect over the vocabulary (softmax ignores it: centred = raw - mean)
+    C("cooc_ids", "INTEGER[]", list), C("cooc_jaccard", "REAL[]", list),  # co-occurring features (NULL until filled)
+    C("map_x", "REAL", float), C("map_y", "REAL", float),  # 2-D feature map coordinates (NULL until filled)
 ))
 EXAMPLES = Table("examples", (
     C("sae_id", "VARCHAR", str), C("feature", "INTEGER", int), C("kind", "VARCHAR", str), C("grp", "SMALLINT", int),
@@ -100,9 +106,15 @@ GROUPS = Table("groups", (
 ))
 EXPLANATIONS = Table("explanations", (
     C("sae_id", "VARCHAR", str), C("feature", "INTEGER", int), C("text", "VARCHAR", str), C("source", "VARCHAR", str),
+    C("llm", "VARCHAR", str), C("prompt_version", "VARCHAR", str), C("created", "VARCHAR", str),
+    C("score_detection", "DOUBLE", float), C("score_fuzzing", "DOUBLE", float), C("n_scored", "INTEGER", int),
 ))
-STORE_TABLES = (META, SAES, VOCAB, CONTEXTS, FEATURES, EXAMPLES, GROUPS, EXPLANATIONS)
-PER_SAE_TABLES = (SAES, CONTEXTS, FEATURES, EXAMPLES, GROUPS, EXPLANATIONS)  # rows keyed by sae_id
+CROSS = Table("cross_matches", (  # nearest decoder directions in another SAE of the same width (same run)
+    C("sae_id", "VARCHAR", str), C("feature", "INTEGER", int), C("other", "VARCHAR", str),
+    C("ids", "INTEGER[]", list), C("cos", "REAL[]", list),
+))
+STORE_TABLES = (META, SAES, VOCAB, CONTEXTS, FEATURES, EXAMPLES, GROUPS, EXPLANATIONS, CROSS)
+PER_SAE_TABLES = (SAES, CONTEXTS, FEATURES, EXAMPLES, GROUPS, EXPLANATIONS, CROSS)  # rows keyed by sae_id
 
 # the work file of one precompute run
 RUN = Table("run", (C("key", "VARCHAR", str), C("value", "VARCHAR", str)), key=("key",))
@@ -110,7 +122,12 @@ ACTS = Table("acts", (C("ctx", "INTEGER", int), C("pos", "SMALLINT", int), C("fe
                       C("value", "REAL", float)))
 CTX_TOKENS = Table("ctx_tokens", (C("ctx", "INTEGER", int), C("tokens", "INTEGER[]", list),
                                   C("n_counted", "INTEGER", int)))
-CACHE_TABLES = (RUN, ACTS, CTX_TOKENS)
+CACHE_TABLES = (RUN, CTX_TOKENS)  # plus one acts table per SAE of the run: acts_table(i)
+
+
+def acts_table(i: int) -> Table:
+    """The sparse activations of the run's i-th SAE (same columns as ACTS)."""
+    return Table(f"acts_{i}", ACTS.cols)
 
 
 def create_all(tables: tuple[Table, ...]) -> str:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +22,62 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from .schema import (ACTS, CACHE_TABLES, CONTEXTS, CTX_TOKENS, EXAMPLES, EXPLANATIONS, FEATURES, GROUPS, META,
-                     PER_SAE_TABLES, PRIORITY_SQL, RUN, SAES, SCHEMA_VERSION, STORE_TABLES, VOCAB, create_all)
+from ..config import PRECOMPUTE
+from .read import stored_activations
+from .schema import (CROSS, CACHE_TABLES, CONTEXTS, CTX_TOKENS, EXAMPLES, EXPLANATIONS, FEATURES, GROUPS, META,
+                     PER_SAE_TABLES, PRIORITY_SQL, RUN, SAES, SCHEMA_VERSION, STORE_TABLES, VOCAB, acts_table,
+                     create_all)
 
 log = logging.getLogger(__name__)
 
 
-class ActivationCache:
-    """The work file of one precompute run."""
+@dataclass
+class SparseActs:
+    """The nonzero activations of one SAE on one batch, as parallel arrays (global context ids)."""
 
-    def __init__(self, path: Path, fingerprint: dict[str, Any], restart: bool = False):
+    ctx: np.ndarray  # (N,) int32
+    pos: np.ndarray  # (N,) int16
+    feature: np.ndarray  # (N,) int32
+    value: np.ndarray  # (N,) float32
+
+
+UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+CACHE_SHARE = 0.25  # of --memory-limit for the work cache, which only appends (the table builder gets all of it)
+
+
+def size_bytes(size: str) -> int:
+    """'1.5GB' -> 1500000000; a readable ValueError for anything else."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]+)\s*", size)
+    if not m or m.group(2).upper() not in UNITS:
+        raise ValueError(f"--memory-limit {size!r} is not a size; write e.g. 512MB, 2GB or 1.5GiB")
+    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
+
+
+def configure(con, memory_limit: str, temp_dir: Path | None, threads: int | None = None, share: float = 1.0) -> None:
+    """Bound a DuckDB connection: memory limit (share of it), spill folder, no order bookkeeping, thread count."""
+    limit = max(64 * 2**20, int(size_bytes(memory_limit) * share))
+    _run(con, f"SET memory_limit = '{limit // 2**20}MiB'")
+    if temp_dir is not None:
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        _run(con, f"SET temp_directory = '{str(temp_dir).replace(chr(39), chr(39) * 2)}'")
+    _run(con, "SET preserve_insertion_order = false")
+    _run(con, f"SET threads = {int(threads or PRECOMPUTE.duckdb_threads)}")
+
+
+class ActivationCache:
+    """The work file of one precompute run: one acts table per SAE, shared contexts and progress counter."""
+
+    def __init__(self, path: Path, fingerprint: dict[str, Any], restart: bool = False, n_saes: int = 1,
+                 memory_limit: str = PRECOMPUTE.memory_limit):
         path.parent.mkdir(parents=True, exist_ok=True)
         if restart and path.exists():
             path.unlink()
             Path(str(path) + ".wal").unlink(missing_ok=True)
         self.path = path
+        self.n_saes = n_saes
         self.con = duckdb.connect(str(path))
-        _run(self.con, "SET preserve_insertion_order = false")
-        _run(self.con, create_all(CACHE_TABLES))
+        configure(self.con, memory_limit, path.parent / "spill", share=CACHE_SHARE)
+        _run(self.con, create_all(CACHE_TABLES + tuple(acts_table(i) for i in range(n_saes))))
         want = json.dumps(fingerprint, sort_keys=True)
         row = next(iter(self.con.execute("SELECT value FROM run WHERE key = 'fingerprint'").fetchall()), None)
         if row is None:
@@ -52,29 +92,31 @@ class ActivationCache:
     def contexts_done(self) -> int:
         return int(self.con.execute("SELECT value FROM run WHERE key = 'contexts_done'").fetchall()[0][0])
 
-    def append(self, first_ctx: int, tokens: np.ndarray, n_counted: np.ndarray, ctx: np.ndarray, pos: np.ndarray,
-               feature: np.ndarray, value: np.ndarray) -> None:
-        """One batch, atomically: tokens (B, T) int32; sparse activations as parallel arrays."""
+    def append(self, first_ctx: int, tokens: np.ndarray, n_counted: np.ndarray, acts: list[SparseActs]) -> None:
+        """One batch for every SAE at once, atomically: tokens (B, T) int32; acts[i] for the i-th SAE."""
+        if len(acts) != self.n_saes:
+            raise ValueError(f"append got activations of {len(acts)} SAEs; the cache holds {self.n_saes}")
         B = tokens.shape[0]
-        acts = pa.table({"ctx": pa.array(ctx, pa.int32()), "pos": pa.array(pos, pa.int16()),
-                         "feature": pa.array(feature, pa.int32()), "value": pa.array(value, pa.float32())})
         ctxs = pa.table({"ctx": pa.array(np.arange(first_ctx, first_ctx + B, dtype=np.int32)),
                          "tokens": pa.array(list(tokens), pa.list_(pa.int32())),
                          "n_counted": pa.array(n_counted, pa.int32())})
         con = self.con
         _run(con, "BEGIN TRANSACTION")
         try:
-            con.register("batch_acts", acts)
             con.register("batch_ctx", ctxs)
-            _run(con, ACTS.insert_sql("batch_acts"))
             _run(con, CTX_TOKENS.insert_sql("batch_ctx"))
+            for i, a in enumerate(acts):
+                con.register("batch_acts", pa.table({
+                    "ctx": pa.array(a.ctx, pa.int32()), "pos": pa.array(a.pos, pa.int16()),
+                    "feature": pa.array(a.feature, pa.int32()), "value": pa.array(a.value, pa.float32())}))
+                _run(con, acts_table(i).insert_sql("batch_acts"))
+                con.unregister("batch_acts")
             _run(con, "UPDATE run SET value = ? WHERE key = 'contexts_done'", [str(first_ctx + B)])
             _run(con, "COMMIT")
         except BaseException:
             _run(con, "ROLLBACK")
             raise
         finally:
-            con.unregister("batch_acts")
             con.unregister("batch_ctx")
 
     def close(self) -> None:
@@ -91,24 +133,27 @@ def _list_col(values: list, typ: pa.DataType) -> pa.Array:
 
 
 class StoreBuilder:
-    """Builds the dashboard tables of one SAE from a finished cache into a temporary copy of the store."""
+    """Builds the dashboard tables of one or more SAEs from a finished cache into a temporary copy of the store."""
 
-    def __init__(self, out: Path, memory_limit: str):
+    def __init__(self, out: Path, memory_limit: str = PRECOMPUTE.memory_limit, temp_dir: Path | None = None,
+                 rows_per_range: int = PRECOMPUTE.rows_per_range):
         self.out = out
         self.tmp = out.with_name(out.name + ".tmp")
+        self.rows_per_range = rows_per_range
         self.tmp.unlink(missing_ok=True)
         Path(str(self.tmp) + ".wal").unlink(missing_ok=True)
         if out.exists():
             check_version(out)
             shutil.copyfile(out, self.tmp)
         self.con = duckdb.connect(str(self.tmp))
-        _run(self.con, f"SET memory_limit = '{memory_limit}'")
+        configure(self.con, memory_limit, temp_dir)
         _run(self.con, create_all(STORE_TABLES))
         _run(self.con, f"INSERT OR REPLACE INTO {META.name} (key, value) VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
 
     def replace_sae(self, sae_id: str) -> None:
         for t in PER_SAE_TABLES:
             _run(self.con, f"DELETE FROM {t.name} WHERE sae_id = ?", [sae_id])
+        _run(self.con, f"DELETE FROM {CROSS.name} WHERE other = ?", [sae_id])  # matches into the old version
 
     def put_vocab(self, model_key: str, tokens: list[str]) -> None:
         if self.con.execute("SELECT count(*) FROM vocab WHERE model_key = ?", [model_key]).fetchall()[0][0]:
@@ -119,76 +164,138 @@ class StoreBuilder:
         _run(self.con, VOCAB.insert_sql("v"))
         self.con.unregister("v")
 
+    def feature_ranges(self, counts: np.ndarray) -> list[tuple[int, int]]:
+        """Consecutive feature ranges [lo, hi] holding about rows_per_range activations each (a feature that alone
+        holds more is a range of its own)."""
+        ranges, lo, acc = [], 0, 0
+        for f, n in enumerate(counts):
+            if acc and acc + n > self.rows_per_range:
+                ranges.append((lo, f - 1))
+                lo, acc = f, 0
+            acc += int(n)
+        ranges.append((lo, len(counts) - 1))
+        return ranges
+
     def examples_from_cache(self, cache: Path, sae_id: str, d_sae: int, context_len: int, top_k: int,
                             n_intervals: int, per_interval: int, n_quantiles: int, per_quantile: int,
-                            hist_bins: int) -> dict[str, np.ndarray]:
-        """All activation-derived tables; returns per-feature stat arrays for the features table."""
+                            hist_bins: int, acts: str = "acts_0") -> dict[str, Any]:
+        """All activation-derived tables of one SAE (its activations in cache table `acts`); returns per-feature
+        stat arrays for the features table.
+
+        The work is done one feature range at a time: each range's activations are copied out of the cache once
+        and every window (top-k, interval and quantile samples) and histogram runs on that copy only, so the
+        working set of every SQL phase is bounded by rows_per_range, not by the number of tokens."""
         con = self.con
         quoted = str(cache).replace("'", "''")
         _run(con, f"ATTACH '{quoted}' AS saescope_cache (READ_ONLY)")
+        try:
+            return self._examples(sae_id, d_sae, context_len, top_k, n_intervals, per_interval, n_quantiles,
+                                  per_quantile, hist_bins, f"saescope_cache.{acts}")
+        finally:
+            for t in ("fstats", "r", "ex", "binned", "used_ctx"):
+                _run(con, f"DROP TABLE IF EXISTS {t}")
+            _run(con, "DETACH saescope_cache")
+
+    def _examples(self, sae_id: str, d_sae: int, context_len: int, top_k: int, n_intervals: int, per_interval: int,
+                  n_quantiles: int, per_quantile: int, hist_bins: int, acts: str) -> dict[str, Any]:
+        con = self.con
         prio = PRIORITY_SQL.format(T=context_len)
-        _run(con, """CREATE TEMP TABLE fstats AS SELECT feature, count(*) AS n, max(value) AS mx,
-                       min(value) AS mn, avg(value::DOUBLE) AS mean FROM saescope_cache.acts GROUP BY feature""")
-        # top-k: the strongest context per feature, one example per context, ties to the earlier token/context
-        _run(con, f"""CREATE TEMP TABLE ex AS
-            WITH per_ctx AS (
-                SELECT feature, ctx, pos, value FROM saescope_cache.acts
-                QUALIFY row_number() OVER (PARTITION BY feature, ctx ORDER BY value DESC, pos) = 1)
-            SELECT feature, 'top' AS kind, 0 AS grp,
-                   row_number() OVER (PARTITION BY feature ORDER BY value DESC, ctx) - 1 AS rank, ctx, pos, value
-            FROM per_ctx QUALIFY rank < {top_k}""")
-        # equal-width intervals of (0, max]: never zero, each sampled by lowest priority
-        _run(con, f"""CREATE TEMP TABLE binned AS
-            SELECT a.feature, a.ctx, a.pos, a.value,
-                   least(floor(a.value::DOUBLE / s.mx::DOUBLE * {n_intervals}), {n_intervals - 1})::INTEGER AS ibin,
-                   (ntile({n_quantiles}) OVER (PARTITION BY a.feature ORDER BY a.value, a.ctx, a.pos)) - 1 AS qbin,
-                   {prio} AS prio
-            FROM saescope_cache.acts a JOIN fstats s USING (feature)""")
-        for kind, col, per, lo_expr, hi_expr in (
-            ("interval", "ibin", per_interval, f"any_value(s.mx) * ibin / {n_intervals}", f"any_value(s.mx) * (ibin + 1) / {n_intervals}"),
-            ("quantile", "qbin", per_quantile, "min(b.value)", "max(b.value)"),
-        ):
-            _run(con, f"""INSERT INTO ex (feature, kind, grp, rank, ctx, pos, value) SELECT feature, '{kind}', {col}, rank, ctx, pos, value FROM (
-                SELECT feature, {col}, ctx, pos, value,
-                       row_number() OVER (PARTITION BY feature, {col} ORDER BY prio) - 1 AS rank FROM binned)
-                WHERE rank < {per}""")
-            _run(con, f"""INSERT INTO groups ({GROUPS.select_list()}) SELECT ?, b.feature, '{kind}', {col}, {lo_expr}, {hi_expr},
-                count(*), count(*)::DOUBLE / any_value(s.n) FROM binned b JOIN fstats s USING (feature)
-                GROUP BY b.feature, {col} ORDER BY b.feature, {col}""", [sae_id])
-        # rows go in sorted by feature, so DuckDB's min/max zone maps let a page read only its own row groups
-        _run(con, f"""INSERT INTO examples ({EXAMPLES.select_list()})
-            SELECT ?, e.feature, e.kind, e.grp, e.rank, e.ctx, e.pos, e.value,
-                   list(a.pos ORDER BY a.pos), list(a.value ORDER BY a.pos)
-            FROM ex e JOIN saescope_cache.acts a ON a.feature = e.feature AND a.ctx = e.ctx
-            GROUP BY ALL ORDER BY e.feature, e.kind, e.grp, e.rank""", [sae_id])
-        _run(con, f"""INSERT INTO contexts ({CONTEXTS.select_list()}) SELECT ?, t.ctx, t.tokens FROM saescope_cache.ctx_tokens t
-                       WHERE t.ctx IN (SELECT DISTINCT ctx FROM ex) ORDER BY t.ctx""", [sae_id])
-        # histograms of active values over [min, max]
-        hist = np.zeros((d_sae, hist_bins), dtype=np.int64)
-        f, b, n = con.execute(f"""SELECT b.feature, least(floor((b.value - s.mn)::DOUBLE /
-                    greatest((s.mx - s.mn)::DOUBLE, 1e-12) * {hist_bins}), {hist_bins - 1})::INTEGER AS bin, count(*)
-                FROM saescope_cache.acts b JOIN fstats s USING (feature) GROUP BY ALL""").fetchnumpy().values()
-        np.add.at(hist, (f.astype(np.int64), b.astype(np.int64)), n.astype(np.int64))
+        # per-feature statistics: a hash aggregate with one group per feature (bounded by d_sae)
+        _run(con, f"""CREATE TEMP TABLE fstats AS SELECT feature, count(*) AS n, max(value) AS mx,
+                       min(value) AS mn, avg(value::DOUBLE) AS mean FROM {acts} GROUP BY feature""")
         stats = con.execute("SELECT feature, n, mx, mn, mean FROM fstats").fetchnumpy()
-        top_tok = con.execute("""SELECT e.feature, list(t.tokens[e.pos + 1] ORDER BY e.rank)
-                FROM ex e JOIN saescope_cache.ctx_tokens t ON t.ctx = e.ctx WHERE e.kind = 'top' GROUP BY e.feature""").fetchall()
-        n_counted = int(con.execute("SELECT sum(n_counted) FROM saescope_cache.ctx_tokens").fetchall()[0][0] or 0)
-        n_ctx = int(con.execute("SELECT count(*) FROM saescope_cache.ctx_tokens").fetchall()[0][0])
-        _run(con, "DROP TABLE binned")
-        _run(con, "DROP TABLE ex")
-        _run(con, "DETACH saescope_cache")
-        out = {k: np.zeros(d_sae, dtype=np.float64) for k in ("n", "mx", "mn", "mean")}
+        out: dict[str, Any] = {k: np.zeros(d_sae, dtype=np.float64) for k in ("n", "mx", "mn", "mean")}
         idx = stats["feature"].astype(np.int64)
-        for k in out:
+        for k in ("n", "mx", "mn", "mean"):
             out[k][idx] = np.asarray(stats[k], dtype=np.float64)
+        hist = np.zeros((d_sae, hist_bins), dtype=np.int64)
+        top_tokens: dict[int, list[int]] = {}
+        _run(con, "CREATE TEMP TABLE used_ctx (ctx INTEGER)")
+        ranges = self.feature_ranges(out["n"])
+        log.info("%s: %d activations in %d feature range(s)", sae_id, int(out["n"].sum()), len(ranges))
+        for lo, hi in ranges:
+            if not out["n"][lo:hi + 1].any():
+                continue
+            _run(con, f"CREATE TEMP TABLE r AS SELECT feature, ctx, pos, value FROM {acts} WHERE feature BETWEEN {lo} AND {hi}")
+            # top-k: the strongest context per feature, one example per context, ties to the earlier token/context
+            _run(con, f"""CREATE TEMP TABLE ex AS
+                WITH per_ctx AS (
+                    SELECT feature, ctx, pos, value FROM r
+                    QUALIFY row_number() OVER (PARTITION BY feature, ctx ORDER BY value DESC, pos) = 1)
+                SELECT feature, 'top' AS kind, 0 AS grp,
+                       row_number() OVER (PARTITION BY feature ORDER BY value DESC, ctx) - 1 AS rank, ctx, pos, value
+                FROM per_ctx QUALIFY rank < {top_k}""")
+            # equal-width intervals of (0, max]: never zero, each sampled by lowest priority
+            _run(con, f"""CREATE TEMP TABLE binned AS
+                SELECT a.feature, a.ctx, a.pos, a.value,
+                       least(floor(a.value::DOUBLE / s.mx::DOUBLE * {n_intervals}), {n_intervals - 1})::INTEGER AS ibin,
+                       (ntile({n_quantiles}) OVER (PARTITION BY a.feature ORDER BY a.value, a.ctx, a.pos)) - 1 AS qbin,
+                       {prio} AS prio
+                FROM r a JOIN fstats s USING (feature)""")
+            for kind, col, per, lo_expr, hi_expr in (
+                ("interval", "ibin", per_interval, f"any_value(s.mx) * ibin / {n_intervals}", f"any_value(s.mx) * (ibin + 1) / {n_intervals}"),
+                ("quantile", "qbin", per_quantile, "min(b.value)", "max(b.value)"),
+            ):
+                _run(con, f"""INSERT INTO ex (feature, kind, grp, rank, ctx, pos, value) SELECT feature, '{kind}', {col}, rank, ctx, pos, value FROM (
+                    SELECT feature, {col}, ctx, pos, value,
+                           row_number() OVER (PARTITION BY feature, {col} ORDER BY prio) - 1 AS rank FROM binned)
+                    WHERE rank < {per}""")
+                _run(con, f"""INSERT INTO groups ({GROUPS.select_list()}) SELECT ?, b.feature, '{kind}', {col}, {lo_expr}, {hi_expr},
+                    count(*), count(*)::DOUBLE / any_value(s.n) FROM binned b JOIN fstats s USING (feature)
+                    GROUP BY b.feature, {col} ORDER BY b.feature, {col}""", [sae_id])
+            _run(con, "DROP TABLE binned")
+            # rows go in sorted by feature (ranges ascend), so DuckDB's min/max zone maps let a page read only its
+            # own row groups
+            _run(con, f"""INSERT INTO examples ({EXAMPLES.select_list()})
+                SELECT ?, e.feature, e.kind, e.grp, e.rank, e.ctx, e.pos, e.value,
+                       list(a.pos ORDER BY a.pos), list(a.value ORDER BY a.pos)
+                FROM ex e JOIN r a ON a.feature = e.feature AND a.ctx = e.ctx
+                GROUP BY ALL ORDER BY e.feature, e.kind, e.grp, e.rank""", [sae_id])
+            _run(con, "INSERT INTO used_ctx SELECT DISTINCT ctx FROM ex")
+            # histograms of active values over [min, max]: at most (features in range) x bins rows
+            f, b, n = con.execute(f"""SELECT b.feature, least(floor((b.value - s.mn)::DOUBLE /
+                        greatest((s.mx - s.mn)::DOUBLE, 1e-12) * {hist_bins}), {hist_bins - 1})::INTEGER AS bin, count(*)
+                    FROM r b JOIN fstats s USING (feature) GROUP BY ALL""").fetchnumpy().values()
+            np.add.at(hist, (f.astype(np.int64), b.astype(np.int64)), n.astype(np.int64))
+            for fe, tt in con.execute("""SELECT e.feature, list(t.tokens[e.pos + 1] ORDER BY e.rank)
+                    FROM ex e JOIN saescope_cache.ctx_tokens t ON t.ctx = e.ctx WHERE e.kind = 'top'
+                    GROUP BY e.feature""").fetchall():
+                top_tokens[int(fe)] = list(tt)
+            _run(con, "DROP TABLE ex")
+            _run(con, "DROP TABLE r")
+        _run(con, f"""INSERT INTO contexts ({CONTEXTS.select_list()}) SELECT ?, t.ctx, t.tokens FROM saescope_cache.ctx_tokens t
+                       WHERE t.ctx IN (SELECT ctx FROM used_ctx) ORDER BY t.ctx""", [sae_id])
+        out["n_counted"] = int(con.execute("SELECT sum(n_counted) FROM saescope_cache.ctx_tokens").fetchall()[0][0] or 0)
+        out["n_ctx"] = int(con.execute("SELECT count(*) FROM saescope_cache.ctx_tokens").fetchall()[0][0])
         out["hist"] = hist
-        out["top_tokens"] = {int(fe): list(tt) for fe, tt in top_tok}
-        out["n_counted"] = n_counted
-        out["n_ctx"] = n_ctx
+        out["top_tokens"] = top_tokens
         return out
 
+    def stored_activations(self, sae_id: str, ctx_ids: list[int]) -> dict[int, tuple[list[int], dict[int, tuple[list[int], list[float]]]]]:
+        """What this (unpublished) store holds for some contexts; see read.stored_activations."""
+        return stored_activations(self.con, sae_id, ctx_ids)
+
+    def context_ids(self, sae_id: str) -> list[int]:
+        return [r[0] for r in self.con.execute("SELECT ctx_id FROM contexts WHERE sae_id = ? ORDER BY ctx_id", [sae_id]).fetchall()]
+
+    def set_verify(self, sae_id: str, result: dict[str, Any]) -> None:
+        _run(self.con, "UPDATE saes SET verify = ? WHERE sae_id = ?", [json.dumps(result, default=str), sae_id])
+
+    def active_pairs(self, cache: Path, acts: str, context_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every (token index, feature) pair where the feature is active, token index = ctx * T + pos."""
+        quoted = str(cache).replace("'", "''")
+        _run(self.con, f"ATTACH '{quoted}' AS pairs_cache (READ_ONLY)")
+        try:
+            got = self.con.execute(f"""SELECT ctx::BIGINT * {int(context_len)} + pos AS tok, feature
+                                       FROM pairs_cache.{acts}""").fetchnumpy()
+        finally:
+            _run(self.con, "DETACH pairs_cache")
+        return np.asarray(got["tok"], dtype=np.int64), np.asarray(got["feature"], dtype=np.int32)
+
     def put_features(self, sae_id: str, stats: dict[str, Any], logits: dict[str, np.ndarray],
-                     neighbours: tuple[np.ndarray, np.ndarray]) -> None:
+                     neighbours: tuple[np.ndarray, np.ndarray], cooc: tuple[np.ndarray, np.ndarray] | None = None,
+                     coords: np.ndarray | None = None) -> None:
+        """cooc: (ids, jaccard) (d_sae, n) with id -1 for padding; coords: (d_sae, 2) map positions."""
         d_sae = len(stats["n"])
         n_counted = max(1, stats["n_counted"])
         active = stats["n"] > 0
@@ -212,18 +319,36 @@ class StoreBuilder:
             "logit_hist": _list_col(logits["hist"].tolist(), pa.int32()),
             "neighbours": _list_col(neighbours[0].tolist(), pa.int32()),
             "neighbour_sims": _list_col(neighbours[1].tolist(), pa.float32()),
+            "logit_mean": pa.array(logits["mean"].astype(np.float32)),
+            "cooc_ids": _list_col([[int(j) for j in r if j >= 0] for r in cooc[0]], pa.int32()) if cooc is not None
+            else pa.nulls(d_sae, pa.list_(pa.int32())),
+            "cooc_jaccard": _list_col([[float(v) for j, v in zip(ri, rv) if j >= 0] for ri, rv in zip(*cooc)],
+                                      pa.float32()) if cooc is not None else pa.nulls(d_sae, pa.list_(pa.float32())),
+            "map_x": pa.array(coords[:, 0].astype(np.float32)) if coords is not None else pa.nulls(d_sae, pa.float32()),
+            "map_y": pa.array(coords[:, 1].astype(np.float32)) if coords is not None else pa.nulls(d_sae, pa.float32()),
         }
         assert list(cols) == FEATURES.names, "features columns differ from the schema"
         self.con.register("f", pa.table(cols))
         _run(self.con, FEATURES.insert_sql("f"))
         self.con.unregister("f")
 
+    def put_cross(self, sae_id: str, other: str, ids: np.ndarray, cos: np.ndarray) -> None:
+        """Each feature of sae_id: its nearest features in `other` by decoder cosine, (d_sae, n) arrays."""
+        _run(self.con, f"DELETE FROM {CROSS.name} WHERE sae_id = ? AND other = ?", [sae_id, other])
+        tbl = pa.table({"sae_id": pa.array([sae_id] * len(ids)), "feature": pa.array(np.arange(len(ids), dtype=np.int32)),
+                        "other": pa.array([other] * len(ids)), "ids": _list_col(ids.tolist(), pa.int32()),
+                        "cos": _list_col(cos.tolist(), pa.float32())})
+        self.con.register("cross_new", tbl)
+        _run(self.con, CROSS.insert_sql("cross_new"))
+        self.con.unregister("cross_new")
+
     def put_sae(self, row: dict[str, Any]) -> None:
         """One row of the saes table: exactly the schema's columns (JSON columns given as dicts)."""
         missing, extra = set(SAES.names) - set(row), set(row) - set(SAES.names)
         if missing or extra:
             raise ValueError(f"saes row: missing {sorted(missing)}, unknown {sorted(extra)}")
-        values = [json.dumps(row[c.name], default=str) if c.json else row[c.name] for c in SAES.cols]
+        values = [(None if row[c.name] is None else json.dumps(row[c.name], default=str)) if c.json else row[c.name]
+                  for c in SAES.cols]
         _run(self.con, f"INSERT INTO {SAES.name} ({SAES.select_list()}) VALUES ({', '.join('?' * len(values))})", values)
 
     def publish(self) -> None:
@@ -257,8 +382,37 @@ def check_version(path: Path) -> None:
                          f"(found {row[0] if row else 'none'}); rebuild it with `saescope precompute --out {path}`")
 
 
-def add_explanations(path: Path, sae_id: str, rows: list[tuple[int, str]], source: str, replace: bool = False) -> int:
-    """Add (feature, text) explanations to one SAE of a store: copy, write, atomic rename."""
+EXPLANATION_EXTRAS = ("llm", "prompt_version", "created", "score_detection", "score_fuzzing", "n_scored")
+
+
+def _explanation_table(sae_id: str, rows: list, source: str) -> pa.Table:
+    """Rows as (feature, text) tuples, or dicts with 'feature', 'text' and any of EXPLANATION_EXTRAS (LLM
+    provenance and scores; missing ones stay NULL) plus an optional 'source' overriding the call's."""
+    recs = []
+    for n, r in enumerate(rows):
+        if isinstance(r, dict):
+            unknown = set(r) - {"feature", "text", "source", *EXPLANATION_EXTRAS}
+            if unknown or "feature" not in r or "text" not in r:
+                raise ValueError(f"explanation row {n}: needs 'feature' and 'text', may have source, "
+                                 f"{', '.join(EXPLANATION_EXTRAS)}; got {', '.join(sorted(r))}")
+            recs.append(r)
+        else:
+            feature, text = r
+            recs.append({"feature": feature, "text": text})
+    cols = {"sae_id": pa.array([sae_id] * len(recs)), "feature": pa.array([int(r["feature"]) for r in recs], pa.int32()),
+            "text": pa.array([str(r["text"]) for r in recs]),
+            "source": pa.array([r.get("source") or source for r in recs])}
+    types = {"llm": pa.string(), "prompt_version": pa.string(), "created": pa.string(), "score_detection": pa.float64(),
+             "score_fuzzing": pa.float64(), "n_scored": pa.int32()}
+    for name in EXPLANATION_EXTRAS:
+        if any(r.get(name) is not None for r in recs):
+            cols[name] = pa.array([r.get(name) for r in recs], types[name])
+    return pa.table(cols)
+
+
+def add_explanations(path: Path, sae_id: str, rows: list, source: str, replace: bool = False) -> int:
+    """Add explanations to one SAE of a store: copy, write, atomic rename. A row is (feature, text) or a dict
+    with feature, text and optionally llm, prompt_version, created, score_detection, score_fuzzing, n_scored."""
     check_version(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.copyfile(path, tmp)
@@ -268,15 +422,15 @@ def add_explanations(path: Path, sae_id: str, rows: list[tuple[int, str]], sourc
         if not d_sae:
             have = [r[0] for r in con.execute("SELECT sae_id FROM saes ORDER BY sae_id").fetchall()]
             raise ValueError(f"{path} has no SAE {sae_id!r}; valid: {', '.join(have) or 'none'}")
-        bad = [i for i, _ in rows if not 0 <= i < d_sae[0][0]]
+        tbl = _explanation_table(sae_id, rows, source)
+        bad = [i for i in tbl.column("feature").to_pylist() if not 0 <= i < d_sae[0][0]]
         if bad:
             raise ValueError(f"feature indices {bad[:5]} are outside 0..{d_sae[0][0] - 1} of {sae_id}")
         if replace:
             _run(con, "DELETE FROM explanations WHERE sae_id = ?", [sae_id])
-        tbl = pa.table({"sae_id": pa.array([sae_id] * len(rows)), "feature": pa.array([i for i, _ in rows], pa.int32()),
-                        "text": pa.array([t for _, t in rows]), "source": pa.array([source] * len(rows))})
         con.register("new_expl", tbl)
-        _run(con, EXPLANATIONS.insert_sql("new_expl"))
+        given = ", ".join(tbl.column_names)  # the other columns (LLM provenance, scores) stay NULL
+        _run(con, f"INSERT INTO {EXPLANATIONS.name} ({given}) SELECT {given} FROM new_expl")
         con.unregister("new_expl")
         _run(con, "CHECKPOINT")
     except BaseException:

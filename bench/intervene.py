@@ -1,0 +1,129 @@
+"""Cost of the SAE splice on the embedded default (SmolLM2-135M + the demo SAE), CPU, in-process.
+
+Prints p50 latencies and the ratios the issue sets targets for:
+  - 32 steered new tokens after a 32-token prompt vs plain `model.generate` of 32 tokens      (target <= 1.3x)
+  - default + steered as one batch of 2 vs the two runs one after the other
+  - attribution (one forward + one backward, all features and positions) for a 64-token prompt
+    vs one plain forward pass                                                               (target <= 3x)
+  - the same with the true ablation effect of the top 10 features (one batched forward of 11 rows)
+Runs are interleaved (a, b, c, a, b, c, ...) so that load from other processes hits every variant alike.
+Usage: python bench/intervene.py [--reps 7] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import pct  # noqa: E402
+
+
+def prompt_of(tokenizer, n: int) -> list[int]:
+    """BOS + the first n-1 tokens of the first long enough demo-corpus text."""
+    from precompute.data import iter_texts
+
+    for text in iter_texts("default"):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= n - 1:
+            return [tokenizer.bos_token_id] + ids[: n - 1]
+    raise RuntimeError("corpus too small")
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=7, help="timed repetitions of each variant")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: as load_model sets)")
+    a = ap.parse_args()
+    import torch
+
+    from precompute import intervene as iv
+    from precompute.config import REPO_ROOT
+    from precompute.embedded import convert_default_model
+    from precompute.models import load_model
+    from precompute.saes import load_sae
+
+    lm = load_model(str(convert_default_model()), device="cpu", dtype="float32")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    sae = load_sae(REPO_ROOT / "precompute" / "data" / "demo_sae")
+    p32, p64 = prompt_of(lm.tokenizer, 32), prompt_of(lm.tokenizer, 64)
+    edits = [iv.Edit(365, "add", 10.0)]
+    n = 32
+    t32 = torch.tensor([p32])
+
+    def plain() -> None:
+        with torch.no_grad():
+            out = lm.model.generate(t32, do_sample=False, max_new_tokens=n, min_new_tokens=n)
+        assert out.shape[1] == 32 + n
+
+    def steered() -> None:
+        g = iv.generate(lm, sae, p32, edits, n, with_default=False, stop_at_eos=False)
+        assert len(g.steered.ids) == n
+
+    def both_batched() -> None:
+        iv.generate(lm, sae, p32, edits, n, stop_at_eos=False, batched=True)
+
+    def both_serial() -> None:
+        iv.generate(lm, sae, p32, edits, n, stop_at_eos=False, batched=False)
+
+    gen = interleaved({"plain": plain, "steered": steered, "batched": both_batched, "serial": both_serial}, a.reps)
+
+    t64 = torch.tensor([p64])
+
+    def forward() -> None:
+        with torch.no_grad():
+            lm.model(input_ids=t64, use_cache=False)
+
+    def grads() -> None:
+        iv.latent_gradients(lm, sae, p64)
+
+    def attribute() -> None:
+        iv.attribute(lm, sae, p64, n_top=20, n_verify=10)
+
+    att = interleaved({"forward": forward, "grads": grads, "attribute": attribute}, a.reps)
+
+    def p50(xs: list[float]) -> float:
+        return pct(xs, 0.5)
+
+    print(f"embedded default + demo SAE (hook {sae.cfg.hook_name}, {sae.cfg.d_sae} features), CPU, "
+          f"{torch.get_num_threads()} threads of {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.1f}, "
+          f"{a.reps} reps, p50 (min)")
+    for k, label in [("plain", "plain model.generate, 32 new tokens"), ("steered", "steered generate, 32 new tokens"),
+                     ("batched", "default + steered, batch of 2"), ("serial", "default + steered, one after the other")]:
+        print(f"  {label:<42} {1000 * p50(gen[k]):8.1f} ms ({1000 * min(gen[k]):.1f})")
+    print(f"  steered / plain generate: {p50(gen['steered']) / p50(gen['plain']):.2f}x  (target <= 1.3x; "
+          f"min/min {min(gen['steered']) / min(gen['plain']):.2f}x)")
+    print(f"  batch of 2 / serial: {p50(gen['batched']) / p50(gen['serial']):.2f}x  "
+          f"(< 1 means batching the default and steered runs is faster)")
+    for k, label in [("forward", "one forward, 64 tokens"), ("grads", "attribution (forward + backward)"),
+                     ("attribute", "attribution + true effect of top 10")]:
+        print(f"  {label:<42} {1000 * p50(att[k]):8.1f} ms ({1000 * min(att[k]):.1f})")
+    print(f"  attribution / forward: {p50(att['grads']) / p50(att['forward']):.2f}x  (target <= 3x; "
+          f"min/min {min(att['grads']) / min(att['forward']):.2f}x); with top-10 verification "
+          f"{p50(att['attribute']) / p50(att['forward']):.2f}x")
+    spread = statistics.pstdev(gen["plain"]) / statistics.mean(gen["plain"])
+    if spread > 0.25:
+        print(f"  note: plain generate varied by {100 * spread:.0f}% between reps (other load on the machine)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

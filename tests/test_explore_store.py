@@ -1,0 +1,115 @@
+"""Exploration data in a real store, checked against brute force: co-occurrence, centred logit effects, the
+feature map, and cross-SAE matches between two SAEs precomputed in one run."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from app.web.app import create_app
+from precompute.store import Store
+from tests.conftest import TINY_ARGS
+
+
+@pytest.fixture(scope="module")
+def active_sets(tiny_store, tiny_lm_dir, tiny_sae_dir, small_corpus):
+    """feature -> set of token indices where it is active, recomputed here for every streamed context."""
+    from precompute.data import iter_dataset_contexts
+    from precompute.encode import encode_batch
+    from precompute.models import load_model
+    from precompute.saes import load_sae
+
+    lm, sae = load_model(str(tiny_lm_dir), "cpu", "float32"), load_sae(str(tiny_sae_dir))
+    T = TINY_ARGS["context_len"]
+    n = TINY_ARGS["tokens"] // T
+    ctxs = np.stack(list(itertools.islice(iter_dataset_contexts(str(small_corpus), "text", lm.tokenizer, T, True), n)))
+    z = encode_batch(lm, sae, ctxs, sae.cfg.hook_name).numpy()  # (n, T, d_sae)
+    sets: dict[int, set[int]] = {f: set() for f in range(sae.cfg.d_sae)}
+    for c, p, f in zip(*np.nonzero(z)):
+        sets[int(f)].add(int(c) * T + int(p))
+    return sets, lm, sae
+
+
+def test_cooccurrence_equals_a_brute_force_jaccard(tiny_store, active_sets):
+    sets, _, _ = active_sets
+    with Store(tiny_store) as s:
+        checked = 0
+        for f in range(0, 96, 7):
+            feat = s.feature("tiny", f)
+            if not sets[f]:
+                assert feat.cooc == []
+                continue
+            jac = {g: len(sets[f] & sets[g]) / len(sets[f] | sets[g]) for g in sets if g != f and sets[g]}
+            want = sorted(((-j, g) for g, j in jac.items() if j > 0))[: len(feat.cooc)]
+            assert [g for g, _ in feat.cooc] == [g for _, g in want], f
+            np.testing.assert_allclose([j for _, j in feat.cooc], [-j for j, _ in want], rtol=1e-6)
+            checked += 1
+        assert checked >= 5
+
+
+def test_centred_logit_effects_and_the_map_are_stored(tiny_store, active_sets):
+    _, lm, sae = active_sets
+    W = sae.W_dec.detach().float() * lm.final_norm_gain()
+    L = (W @ lm.unembedding()).double()  # (d_sae, vocab), brute force
+    with Store(tiny_store) as s:
+        for f in (0, 5, 50):
+            feat = s.feature("tiny", f)
+            assert feat.logit_mean == pytest.approx(float(L[f].mean()), rel=1e-4, abs=1e-6)
+        pts = s.map_points("tiny")
+    assert pts["feature"] == list(range(96))  # every feature exactly once
+    xy = np.array([pts["x"], pts["y"]])
+    assert np.isfinite(xy).all() and xy.min() >= 0 and xy.max() <= 1
+    r = TestClient(create_app(tiny_store)).get("/sae/tiny/feature/5")
+    assert 'id="logit-note"' in r.text and "centred" in r.text and 'id="cooccurring"' in r.text
+
+
+@pytest.fixture(scope="module")
+def two_sae_store(tmp_path_factory, tiny_lm_dir, tiny_sae_dir, small_corpus):
+    from precompute.run import PrecomputeArgs, SAESpec, run_precompute
+    from precompute.saes import SAEConfig, load_sae, save_saelens
+    from precompute.saes.topk import TopKSAE
+
+    torch.manual_seed(3)
+    other = TopKSAE(SAEConfig(architecture="topk", d_in=64, d_sae=80, k=6, hook_name="blocks.2.hook_resid_post",
+                              model_name="tiny"))
+    base = load_sae(str(tiny_sae_dir))
+    with torch.no_grad():
+        for p in other.parameters():
+            p.normal_()
+        other.W_dec[:40] = base.W_dec[:40] + 0.05 * torch.randn(40, 64)  # half the features nearly shared
+        other.W_enc.mul_(15.0)
+    d = tmp_path_factory.mktemp("other")
+    save_saelens(other, d)
+    out = tmp_path_factory.mktemp("two") / "two.duckdb"
+    run_precompute(PrecomputeArgs(out=out, model=str(tiny_lm_dir), dataset=str(small_corpus),
+                                  saes=[SAESpec(str(tiny_sae_dir), None, "a"), SAESpec(str(d), None, "b")],
+                                  **{**TINY_ARGS, "tokens": 64 * 8}, feature_map=False))
+    return out, base, other
+
+
+def test_cross_sae_matches_equal_a_brute_force_cosine(two_sae_store):
+    out, a, b = two_sae_store
+    A = torch.nn.functional.normalize(a.W_dec.detach().float(), dim=-1)
+    B = torch.nn.functional.normalize(b.W_dec.detach().float(), dim=-1)
+    cos = A @ B.T  # (96, 80)
+    with Store(out) as s:
+        assert s.compared_with("a") == ["b"] and s.compared_with("b") == ["a"]
+        for f in (0, 17, 39, 95):
+            (other, matches), = s.cross("a", f)
+            want = cos[f].topk(len(matches))
+            assert other == "b" and [j for j, _ in matches] == want.indices.tolist()
+            np.testing.assert_allclose([c for _, c in matches], want.values.numpy(), rtol=1e-5)
+        rows = s.best_matches("a", "b", 96, 0)
+    best_ab, best_ba = cos.argmax(1), cos.argmax(0)
+    assert [r[1] for r in rows] == best_ab.tolist()
+    assert [r[3] for r in rows] == [bool(best_ba[best_ab[f]] == f) for f in range(96)]
+    assert sum(r[3] for r in rows) >= 35  # the shared half is found both ways
+    client = TestClient(create_app(out))
+    page = client.get("/sae/a/compare/b?size=100")
+    assert page.status_code == 200 and page.text.count("mutual") >= 35
+    assert 'id="other-saes"' in client.get("/sae/a/feature/3").text
+    assert client.get("/sae/a/compare/zzz").status_code == 404
