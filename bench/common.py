@@ -42,3 +42,13 @@ def wait_up(url: str, seconds: float = 120) -> None:
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def start_worker(*extra: str) -> tuple[subprocess.Popen, str]:
+    """`saescope worker` on the embedded default on a free port (its own process group): (process, base URL)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--port", str(port), *extra], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    wait_up(url + "/health", 180)
+    return proc, url

@@ -86,7 +86,6 @@ def make_sae(folder: Path, model: Path, l0: float) -> tuple[Path, float]:
 
 
 def measure_l0(model: Path, sae_dir: Path) -> float:
-    import torch
 
     from precompute.data import iter_contexts, iter_texts
     from precompute.encode import encode_batch

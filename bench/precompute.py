@@ -45,7 +45,7 @@ def main() -> int:
     import torch
 
     from precompute.store import Store
-    from precompute.config import EMBEDDED, PRECOMPUTE
+    from precompute.config import PRECOMPUTE
     from precompute.data import iter_contexts, iter_texts
     from precompute.embedded import resolve_model, resolve_sae
     from precompute.models import load_model

@@ -13,7 +13,6 @@ import concurrent.futures as cf
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import ROOT, free_port, wait_up  # noqa: E402
+from bench.common import start_worker  # noqa: E402
 
 
 def main() -> int:
@@ -29,12 +28,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=8, help="steering requests per run")
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens each request generates")
     a = ap.parse_args()
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--port", str(port)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_worker()
     try:
-        wait_up(url + "/health", 180)
         sae_id = httpx.get(url + "/health").json()["saes"][0]["sae_id"]
         client = httpx.Client(base_url=url, timeout=600)
         prompts = [f"Return the {w} of the buffer when the file descriptor is closed and" for w in

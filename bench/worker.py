@@ -11,7 +11,6 @@ import argparse
 import concurrent.futures as cf
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import ROOT, free_port, pct, wait_up  # noqa: E402
+from bench.common import pct, start_worker  # noqa: E402
 
 
 def prompts(n: int, tokenizer) -> list[list[int]]:
@@ -46,12 +45,8 @@ def main() -> int:
 
     tok = AutoTokenizer.from_pretrained(convert_default_model())
     texts = prompts(a.requests, tok)
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--port", str(port)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_worker()
     try:
-        wait_up(url + "/health", 180)
         sae_id = httpx.get(url + "/health").json()["saes"][0]["sae_id"]
         client = httpx.Client(base_url=url, timeout=120)
 

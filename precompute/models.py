@@ -166,44 +166,13 @@ class HookedLM:
         parse_hook(hook, self.n_layers)
         return self.d_model
 
-    @torch.no_grad()
     def activations(
         self, input_ids: torch.Tensor, hook: str, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Activation at `hook` for a batch of token ids: (B, T) -> (B, T, d_model), float32.
 
-        Runs only the layers up to the hook (a hook raises to end the pass).
-        """
-        spec = parse_hook(hook, self.n_layers)
-        layer = self.layers[spec.layer]
-        captured: list[torch.Tensor] = []
-
-        def grab(t) -> None:
-            t = t[0] if isinstance(t, (tuple, list)) else t
-            captured.append(t.detach())
-            raise _StopForward
-
-        if spec.kind == "hook_resid_pre":
-            def pre_hook(_mod, args, kwargs):
-                grab(args[0] if args else kwargs["hidden_states"])
-            handle = layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        else:
-            target = layer if spec.kind == "hook_resid_post" else _submodule(layer, spec.kind, self.model_type)
-            handle = target.register_forward_hook(lambda _m, _a, out: grab(out))
-        try:
-            input_ids = input_ids.to(self.device)
-            if attention_mask is not None:
-                attention_mask = attention_mask.to(self.device)
-            base = getattr(self.model, self.model.base_model_prefix, None) or self.model
-            try:
-                base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            except _StopForward:
-                pass
-        finally:
-            handle.remove()
-        if not captured:
-            raise RuntimeError(f"hook {hook} did not fire; the module layout of {type(self.model).__name__} is not supported")
-        return captured[0].float()
+        Runs only the layers up to the hook (a hook raises to end the pass)."""
+        return self.activations_multi(input_ids, [hook], attention_mask)[hook]
 
     @torch.no_grad()
     def activations_multi(

@@ -6,6 +6,7 @@ the saescope cache) so that the whole suite stays fast on 2 CPU cores.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -155,3 +156,38 @@ def read_json(path: Path) -> dict:
 
 def rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, start_timeout_s: float = 30.0):
+    """A real uvicorn server for an ASGI app on a free loopback port, in a thread: yields its base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + start_timeout_s
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started, f"uvicorn did not start within {start_timeout_s} s"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+def stop_group(proc, grace_s: float = 10.0) -> None:
+    """SIGTERM a subprocess started with start_new_session=True and its children; SIGKILL if it lingers."""
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)

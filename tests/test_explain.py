@@ -14,7 +14,6 @@ import json
 import math
 import random
 import re
-import threading
 import time
 
 import httpx
@@ -49,7 +48,7 @@ from precompute.explain.prompts import (
 )
 from precompute.explain.scoring import Judgement, balanced_accuracy
 from precompute.explain.search import BM25Index, highlight, terms
-from tests.conftest import free_port
+from tests.conftest import free_port, serve_in_thread
 
 SMALL = ExplainConfig(n_top=3, per_group_explain=1, n_test=8, left=8, right=2, explain_max_tokens=24, n_per_prompt=2)
 
@@ -390,24 +389,14 @@ def test_local_model_explains_two_real_sae_features(local, corpus_tokens):
 
 @pytest.fixture(scope="module")
 def server(local):
-    import uvicorn
     from fastapi import FastAPI
 
     from precompute.explain.openai_route import make_chat_router
 
     app = FastAPI()
     app.include_router(make_chat_router(local, model_name="smollm2", api_key="sk-test"))
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    with serve_in_thread(app) as url:
+        yield url
 
 
 def test_http_backend_round_trip(server, local):

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import threading
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from precompute.explain.run import SOURCE, material_from_store, score_row
 from precompute.explain.search import BM25Index
 from precompute.store import Store
 from precompute.store.write import add_explanations
-from tests.conftest import free_port
+from tests.conftest import serve_in_thread
 
 TINY = ["--n-top", "2", "--per-group", "0", "--no-progress"]  # 2 examples in the prompt: seconds, not minutes
 
@@ -139,21 +137,11 @@ def test_cli_local_explains_with_provenance_resumes_and_shows(demo_store, demo_i
 @pytest.fixture(scope="module")
 def worker_url(engine):
     """The model worker for the demo store, in this process under uvicorn on a free port."""
-    import uvicorn
 
     from app.worker.routes import create_worker_app
 
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_worker_app(engine), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(600):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    with serve_in_thread(create_worker_app(engine)) as url:
+        yield url
 
 
 def test_cli_scores_through_the_workers_openai_route(demo_store, demo_info, worker_url, tmp_path, capsys):

@@ -14,7 +14,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from app.web.tokens import visible
 from precompute.featuremap import QUANT_MAX, build_feature_map, decode_coords
 from precompute.saes import load_sae
 from precompute.store import Store
-from tests.conftest import ARTIFACTS, free_port
+from tests.conftest import ARTIFACTS, free_port, stop_group
 
 SAE = "tiny"
 EVIL = '<img src=x onerror="window.__xss=1">&amp;'  # a token string as untrusted as they come
@@ -284,11 +283,7 @@ def server(mapped, tmp_path_factory):
             time.sleep(0.2)
     assert up, f"server did not come up: {(copy.parent / 'serve.log').read_text()[-2000:]}"
     yield base
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop_group(proc)
     log.close()
     print(f"\nserver log: {copy.parent / 'serve.log'}")
 

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import torch
 
-from precompute.config import EMBEDDED, PRECOMPUTE
+from precompute.config import EMBEDDED
 from precompute.saes import load_sae
 
 
