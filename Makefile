@@ -40,6 +40,9 @@ bench: setup wrk
 	$(BIN)/python bench/precompute.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/worker.py
+	$(BIN)/python bench/intervene.py
+	$(BIN)/python bench/steer_worker.py
+	$(BIN)/python bench/multi_sae.py
 
 clean:
 	rm -rf $(VENV) out test-artifacts
