@@ -15,7 +15,9 @@ import itertools
 import json
 import logging
 import re
+import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,7 @@ from .tokens import token_strings
 
 log = logging.getLogger(__name__)
 E, P = EMBEDDED, PRECOMPUTE
+TEST_PAUSE_AFTER = int(os.environ.get("SAESCOPE_TEST_PAUSE_AFTER_BATCHES", "0"))  # tests only: 0 = never
 
 
 @dataclass(frozen=True)
@@ -253,6 +256,9 @@ def run_precompute(a: PrecomputeArgs) -> Path:
             n_batches += 1
             if a.stop_after_batches is not None and n_batches >= a.stop_after_batches:
                 raise KeyboardInterrupt  # the same path a Ctrl-C or kill takes: committed batches stay
+            if n_batches == TEST_PAUSE_AFTER:  # lets a test's kill -9 land mid-stream on any machine
+                print(f"paused after {n_batches} committed batches (for a test)", file=sys.stderr, flush=True)
+                time.sleep(600)
     finally:
         bar.close()
         cache.close()

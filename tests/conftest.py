@@ -146,7 +146,8 @@ def demo_store(tmp_path_factory, default_model_dir) -> Path:
     from precompute.run import PrecomputeArgs, run_precompute
 
     out = tmp_path_factory.mktemp("demostore") / "demo.duckdb"
-    run_precompute(PrecomputeArgs(out=out, tokens=16_384, progress=False))
+    # no map here: tests of the map use the tiny store (same code path) and the demo SAE's real decoder rows
+    run_precompute(PrecomputeArgs(out=out, tokens=16_384, progress=False, feature_map=False))
     return out
 
 

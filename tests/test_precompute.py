@@ -232,14 +232,16 @@ def test_kill_9_then_the_same_command_resumes(tmp_path, tiny_store, tiny_lm_dir,
     for name in ("n_intervals", "per_interval", "n_quantiles", "per_quantile"):
         cmd += ["--" + name.replace("_", "-"), str(TINY_ARGS[name])]
     env = dict(os.environ)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env={**env, "SAESCOPE_TEST_PAUSE_AFTER_BATCHES": "12"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     seen = ""
-    while time.time() < deadline:  # wait until the progress bar shows committed work, then kill -9
-        ch = proc.stdout.read(64)
-        seen += ch
-        if "precompute:" in seen and any(f" {n}/" in seen for n in range(512, 2000, 64)) or not ch:
+    while time.time() < deadline:  # wait until 12 batches are committed (the run pauses there), then kill -9
+        line = proc.stdout.readline()
+        seen += line
+        if "paused after 12 committed batches" in line or not line:
             break
+    assert "paused after 12" in seen, seen[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
