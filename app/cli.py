@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not args.verbose:  # one line per worker call would drown the log
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         from transformers.utils import logging as hf_logging
 
