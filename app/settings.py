@@ -69,6 +69,19 @@ class WorkerSettings:
     chat_max_tokens: int = 512  # largest max_tokens of the OpenAI-compatible chat route
 
 
+@dataclass(frozen=True)
+class MapSettings:
+    """The feature map page's limits and defaults."""
+
+    min_zoom: float = 1.0  # zoom 1 shows the whole map
+    max_zoom: float = 64.0
+    neighbourhood_k: int = 30  # nearest features drawn on a feature page, itself not counted
+    svg_w: int = 320  # the neighbourhood SVG's viewBox
+    svg_h: int = 200
+    levels: int = 255  # colour codes 1..255; 0 = no value (a dead feature when colouring by density)
+
+
 SERVE = ServeSettings()
 WORKER = WorkerSettings()
+MAP = MapSettings()
 VERSION = __version__

@@ -61,9 +61,9 @@ LIMIT_LINE = re.compile(r"Query\(|Field\(|Form\(|maxlength=|max=|min=|port|timeo
 def test_serving_defaults_are_written_once():
     """Where a route, wire model, template or signature states a limit or default, it reads app/settings.py:
     none of the settings' numbers is written down there again."""
-    from app.settings import SERVE, WORKER
+    from app.settings import MAP, SERVE, WORKER
 
-    literals = {str(v) for obj in (SERVE, WORKER) for v in vars(obj).values()
+    literals = {str(v) for obj in (SERVE, WORKER, MAP) for v in vars(obj).values()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 8}
     offenders = []
     for p in _py("app") + sorted((ROOT / "templates").glob("*.html")):

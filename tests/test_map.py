@@ -27,7 +27,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.web.app import create_app
-from app.web.maps import MAP, map_payload
+from app.settings import MAP
+from app.web.maps import map_payload
 from app.web.tokens import visible
 from precompute.featuremap import QUANT_MAX, build_feature_map, decode_coords
 from precompute.saes import load_sae

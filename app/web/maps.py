@@ -23,25 +23,13 @@ from pydantic import BaseModel, Field
 from precompute.featuremap import QUANT_MAX, encode_coords
 from precompute.store import Feature, SAEInfo, Store
 
+from ..settings import MAP
 from .cache import cacheable
 from .lookups import check_index, sae_or_404
 from .templates import page
 from .tokens import visible
 
 
-@dataclass(frozen=True)
-class MapSettings:
-    """The map's limits and defaults (candidates for app/settings.py)."""
-
-    min_zoom: float = 1.0  # zoom 1 shows the whole map
-    max_zoom: float = 64.0
-    neighbourhood_k: int = 30  # nearest features drawn on a feature page, itself not counted
-    svg_w: int = 320  # the neighbourhood SVG's viewBox
-    svg_h: int = 200
-    levels: int = 255  # colour codes 1..255; 0 = no value (a dead feature when colouring by density)
-
-
-MAP = MapSettings()
 Color = Literal["density", "max_act"]
 
 router = APIRouter()
@@ -55,7 +43,7 @@ def _store(request: Request) -> Store:
 class ColorScale(BaseModel):
     codes: str = Field(description="one uint8 per point, base64; 0 = no value (dead), 1..255 = lo..hi linearly")
     lo: float = Field(description="value at code 1")
-    hi: float = Field(description="value at code 255")
+    hi: float = Field(description="value at the highest colour code")
     log10: bool = Field(description="whether lo/hi (and the linear scale) are log10 of the value")
     label: str = Field(description="what the colour shows")
 
