@@ -246,11 +246,16 @@ class StoreBuilder:
             _run(con, "DROP TABLE binned")
             # rows go in sorted by feature (ranges ascend), so DuckDB's min/max zone maps let a page read only its
             # own row groups
+            # one activation list per distinct (feature, context), built once and joined to every example that
+            # shows that context (a top example is often an interval/quantile sample too): ~4x less work than
+            # grouping the join of examples and activations
             _run(con, f"""INSERT INTO examples ({EXAMPLES.select_list()})
-                SELECT ?, e.feature, e.kind, e.grp, e.rank, e.ctx, e.pos, e.value,
-                       list(a.pos ORDER BY a.pos), list(a.value ORDER BY a.pos)
-                FROM ex e JOIN r a ON a.feature = e.feature AND a.ctx = e.ctx
-                GROUP BY ALL ORDER BY e.feature, e.kind, e.grp, e.rank""", [sae_id])
+                WITH pairs AS (SELECT DISTINCT feature, ctx FROM ex),
+                lists AS (SELECT a.feature, a.ctx, list(a.pos ORDER BY a.pos) AS ps, list(a.value ORDER BY a.pos) AS vs
+                          FROM r a SEMI JOIN pairs p ON a.feature = p.feature AND a.ctx = p.ctx GROUP BY ALL)
+                SELECT ?, e.feature, e.kind, e.grp, e.rank, e.ctx, e.pos, e.value, l.ps, l.vs
+                FROM ex e JOIN lists l USING (feature, ctx)
+                ORDER BY e.feature, e.kind, e.grp, e.rank""", [sae_id])
             _run(con, "INSERT INTO used_ctx SELECT DISTINCT ctx FROM ex")
             # histograms of active values over [min, max]: at most (features in range) x bins rows
             f, b, n = con.execute(f"""SELECT b.feature, least(floor((b.value - s.mn)::DOUBLE /
