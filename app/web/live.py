@@ -18,7 +18,7 @@ from ..settings import SERVE, WORKER
 from ..worker.client import DOWN_HINT, WorkerClient
 from ..worker.wire import (AblateOut, AttributeIn, AttributeOut, EditIn, EditsIn, ExampleIn, ExplainIn,
                            FeatureActsIn, FeatureActsOut, SteerIn, SteerOut, TopFeaturesIn, TopFeaturesOut)
-from .lookups import check_index, sae_or_404
+from .lookups import check_index, sae_or_404, sae_or_first
 from .pages import store_of
 from .templates import ENV, page
 from .tokens import Tok
@@ -75,12 +75,9 @@ def inspect_page(request: Request, sae: str | None = None, prompt: str = Query("
     """A prompt's features (live); ablate=F adds the per-token effect of removing feature F; why=P explains the
     prediction after token P (target=ID for another token than the top one)."""
     store = store_of(request)
-    saes = store.saes()
-    if not saes:
-        raise AppError("this store holds no SAE to inspect with", 404)
-    sae_id = sae or saes[0].sae_id
-    info = sae_or_404(store, sae_id)
-    ctx = {"saes": saes, "sae": info, "prompt": prompt, "pos": pos, "worker": worker_status(request.app),
+    info = sae_or_first(store, sae)
+    sae_id = info.sae_id
+    ctx = {"saes": store.saes(), "sae": info, "prompt": prompt, "pos": pos, "worker": worker_status(request.app),
            "result": None, "error": None, "ablate": ablate, "why": why, "target": target, "ablation": None,
            "attribution": None}
     if ablate is not None:
@@ -210,7 +207,7 @@ def parse_edits(specs: list[str], info) -> list[EditIn]:
 def _steer_state(request: Request, sae: str | None, prompt: str, edit: list[str], n: int, temperature: float,
                  seed: int) -> dict:
     store = store_of(request)
-    info = sae_or_404(store, sae or store.saes()[0].sae_id)
+    info = sae_or_first(store, sae)
     ctx = {"sae": info, "saes": store.saes(), "prompt": prompt, "edits": edit, "n": n, "temperature": temperature,
            "seed": seed, "worker": worker_status(request.app), "result": None, "error": None, "rows": {}}
     if prompt.strip() and edit:

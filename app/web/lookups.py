@@ -20,6 +20,14 @@ def sae_or_404(store: Store, sae_id: str) -> SAEInfo:
     return sae
 
 
+def sae_or_first(store: Store, sae_id: str | None) -> SAEInfo:
+    """The SAE a live page names, or the store's first one when it names none (404 when the store has none)."""
+    saes = store.saes()
+    if not saes:
+        raise AppError("this store holds no SAE to inspect with", 404)
+    return sae_or_404(store, sae_id or saes[0].sae_id)
+
+
 def check_index(sae: SAEInfo, index: int) -> None:
     if not 0 <= index < sae.d_sae:
         raise AppError(f"feature {index} does not exist: {sae.sae_id} has features 0 to {sae.d_sae - 1}", 404,
