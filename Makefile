@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# the tests also exercise the optional Ray extra (sharded precompute on a local Ray)
+TEST_STAMP := $(VENV)/.saescope-test-installed
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,ray]'
+	touch $(TEST_STAMP)
+
 demo: setup
 	$(BIN)/saescope demo
 
@@ -26,7 +32,7 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
-test: setup browser
+test: $(TEST_STAMP) browser
 	$(BIN)/python -m pytest -q
 
 # Debian's wrk is the load generator of bench/serve.py (without it, a slower Python one runs instead).

@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "context), equal-width interval and equal-count quantile samples, density, max, mean, an "
                            "activation histogram, logit effects through the unembedding (final-norm gain folded in) "
                            "and the nearest features by decoder cosine. Progress is checkpointed after every batch in "
-                           "OUT.work/: if the run is killed, the same command resumes where it stopped. The store is "
+                           "OUT.work/ (and every finished feature range of the table builder): if the run is killed, "
+                           "the same command resumes where it stopped. The store is "
                            "written to OUT.tmp and renamed over OUT only when complete; an existing OUT keeps its "
                            "other SAEs. Several SAEs (repeat --sae, or --run FILE) share one forward pass that stops "
                            "after the deepest hook; each gets its own tables. At the end a few stored contexts are "
@@ -101,10 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="name of the SAE inside the store, once per --sae (default: derived from model and hook)")
     p.add_argument("--restart", action="store_true", help="discard an unfinished run's checkpoint instead of resuming")
     p.add_argument("--memory-limit", default=P.memory_limit,
-                   help="memory limit of every DuckDB connection (work cache and table builder); beyond it DuckDB "
-                   "spills to OUT.work/")
+                   help="memory limit of every DuckDB connection (table builder; a quarter of it for the store being "
+                   "written); beyond it DuckDB spills to OUT.work/spill/")
     p.add_argument("--rows-per-range", type=int, default=P.rows_per_range,
                    help="activations per feature range while building tables (smaller: less memory, more scans)")
+    p.add_argument("--shards", type=int, default=1,
+                   help="split the contexts into N shards streamed as Ray tasks (one GPU each when the cluster has "
+                   "GPUs); the tables are then built by Ray tasks over feature ranges. Needs pip install "
+                   "'saescope[ray]'. The store equals the one-process result exactly")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="Ray cluster to use with --shards, e.g. ray://head:10001 or auto (default: start a local Ray)")
     p.add_argument("--no-map", dest="feature_map", action="store_false",
                    help="skip the 2-D feature map (a seeded UMAP of the decoder directions)")
     p.add_argument("--no-cooccurrence", dest="cooccurrence", action="store_false",

@@ -34,8 +34,8 @@ from .embedded import MODEL_ID, resolve_model, resolve_sae
 from .logits import LOGIT_METHOD, logit_effects, nearest_features
 from .models import HookedLM, load_model
 from .saes import SAE, load_sae
-from .store.schema import acts_table
-from .store.write import ActivationCache, SparseActs, StoreBuilder, size_bytes
+from .store.spill import Plan, ShardWriter, WorkDir
+from .store.write import SampleSpec, SparseActs, StoreBuilder, build_range, feature_ranges, read_active, size_bytes
 from .tokens import token_strings
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,8 @@ class PrecomputeArgs:
     hist_bins: int = P.hist_bins
     memory_limit: str = P.memory_limit
     rows_per_range: int = P.rows_per_range
+    shards: int = 1  # > 1: context ranges streamed as Ray tasks, tables built by Ray tasks over feature ranges
+    ray: str | None = None  # Ray cluster address (None: a local Ray started for this run)
     verify_sample: int = P.verify_sample  # contexts re-encoded in fp32 at the end (0: skip)
     feature_map: bool = P.feature_map  # seeded UMAP of the decoder directions
     cooccurrence: bool = P.cooccurrence  # exact Jaccard co-occurrence over active token positions
@@ -195,6 +197,10 @@ def run_precompute(a: PrecomputeArgs) -> Path:
     t_start = time.time()
     specs = a.specs()
     size_bytes(a.memory_limit)  # a bad --memory-limit fails before anything loads
+    if a.shards < 1:
+        raise ValueError(f"--shards {a.shards}: give 1 (one process, no Ray) or more (Ray tasks)")
+    if a.ray and a.shards == 1:
+        raise ValueError("--ray needs --shards N with N > 1 (one shard runs in this process, without Ray)")
     loaded = _load_saes(a, specs)  # the cheaper check first: a bad SAE fails before the model loads
     model_path = resolve_model(a.model)
     lm = load_model(model_path, a.device, a.dtype)
@@ -224,49 +230,29 @@ def run_precompute(a: PrecomputeArgs) -> Path:
     n_ctx = a.tokens // a.context_len
     if n_ctx < 1:
         raise ValueError(f"--tokens {a.tokens} is less than one context of {a.context_len} tokens")
-    hooks = list(dict.fromkeys(x.hook for x in loaded))
-    work = a.out.with_name(a.out.name + ".work")
+    work = WorkDir(a.out.with_name(a.out.name + ".work"))
     fingerprint = {"model": model_path, "saes": [[x.path, x.hook] for x in loaded], "dataset": a.dataset,
                    "text_field": a.text_field, "contexts": n_ctx, "context_len": a.context_len,
                    "batch_size": a.batch_size, "prepend_bos": prepend, "device": lm.device, "dtype": str(lm.dtype)}
-    cache = ActivationCache(work / "cache.duckdb", fingerprint, restart=a.restart, n_saes=len(loaded),
-                            memory_limit=a.memory_limit)
+    plan = Plan.make(fingerprint, n_ctx, a.context_len, a.batch_size, [x.sae.cfg.d_sae for x in loaded], a.shards)
+    work.open(plan, restart=a.restart)
     t_loaded = time.time()
-    done = cache.contexts_done
+    done = work.contexts_done(plan)
     if done:
         log.info("resuming: %d of %d contexts already done", done, n_ctx)
-    contexts = iter_dataset_contexts(a.dataset, a.text_field, lm.tokenizer, a.context_len, prepend)
-    bar = tqdm(total=n_ctx * a.context_len, initial=done * a.context_len, unit="tok", unit_scale=True,
-               desc="precompute", disable=not a.progress, smoothing=0.1)
-    n_batches = 0
-    t_forward = 0.0
-    try:
-        for ids_np in _batches(contexts, n_ctx, done, a.batch_size):
-            special = special_mask(ids_np, lm.tokenizer)  # (B, T), computed once per batch
-            t0 = time.perf_counter()
-            acts = lm.activations_multi(torch.from_numpy(ids_np).long(), hooks)  # hook -> (B, T, d_in), one pass
-            t_forward += time.perf_counter() - t0
-            special_t = torch.from_numpy(special)
-            sparse = [sparse_features(x.sae, acts[x.hook], special_t, done) for x in loaded]
-            del acts
-            counted = (~special).sum(1).astype(np.int32)
-            cache.append(done, ids_np, counted, sparse)
-            done += ids_np.shape[0]
-            bar.update(ids_np.size)
-            n_batches += 1
-            if a.stop_after_batches is not None and n_batches >= a.stop_after_batches:
-                raise KeyboardInterrupt  # the same path a Ctrl-C or kill takes: committed batches stay
-            if n_batches == TEST_PAUSE_AFTER:  # lets a test's kill -9 land mid-stream on any machine
-                print(f"paused after {n_batches} committed batches (for a test)", file=sys.stderr, flush=True)
-                time.sleep(600)
-    finally:
-        bar.close()
-        cache.close()
+    if a.shards > 1:
+        from .distributed import stream_shards
+
+        stream_shards(a, plan, work, prepend)
+        t_forward = float("nan")
+    else:
+        t_forward = stream_shard(a, lm, loaded, plan, work, 0, prepend)
+    done = work.contexts_done(plan)
     if done < n_ctx:
         log.warning("the dataset ran out after %d contexts (%d tokens); asked for %d", done, done * a.context_len, n_ctx)
     t_stream = time.time()
-    _publish(a, lm, loaded, model_label, model_path, work, prepend)
-    shutil.rmtree(work, ignore_errors=True)
+    _publish(a, lm, loaded, model_label, model_path, work, plan, prepend)
+    shutil.rmtree(work.root, ignore_errors=True)
     t_end = time.time()
     a.timings.update(load=t_loaded - t_start, stream=t_stream - t_loaded, forward=t_forward,
                      publish=t_end - t_stream, tokens=done * a.context_len)
@@ -275,17 +261,94 @@ def run_precompute(a: PrecomputeArgs) -> Path:
     return a.out
 
 
+def stream_shard(a: PrecomputeArgs, lm: HookedLM, loaded: list[_Loaded], plan: Plan, work: WorkDir, s: int,
+                 prepend: bool, folder: Path | None = None, progress: bool | None = None) -> float:
+    """Stream shard s (contexts plan.shards[s]) into its folder and seal it; returns seconds spent in forward.
+
+    Resumes after the shard's last recorded batch. The precompute process runs this for its one shard; a Ray
+    task runs it on a cluster node (folder: a node-local folder; the sealed Parquet goes to work.sealed)."""
+    if work.is_sealed(s):
+        return 0.0
+    c0, c1 = plan.shards[s]
+    hooks = list(dict.fromkeys(x.hook for x in loaded))
+    writer = ShardWriter(folder or work.shard_dir(s), c0, a.context_len, len(loaded))
+    done = c0 + writer.contexts
+    contexts = iter_dataset_contexts(a.dataset, a.text_field, lm.tokenizer, a.context_len, prepend)
+    show = a.progress if progress is None else progress
+    bar = tqdm(total=plan.n_ctx * a.context_len, initial=work.contexts_done(plan) * a.context_len, unit="tok",
+               unit_scale=True, desc="precompute" if len(plan.shards) == 1 else f"shard {s}", disable=not show,
+               smoothing=0.1)
+    n_batches = 0
+    t_forward = 0.0
+    try:
+        for ids_np in _batches(contexts, c1, done, a.batch_size):
+            special = special_mask(ids_np, lm.tokenizer)  # (B, T), computed once per batch
+            t0 = time.perf_counter()
+            acts = lm.activations_multi(torch.from_numpy(ids_np).long(), hooks)  # hook -> (B, T, d_in), one pass
+            t_forward += time.perf_counter() - t0
+            special_t = torch.from_numpy(special)
+            sparse = [sparse_features(x.sae, acts[x.hook], special_t, done) for x in loaded]
+            del acts
+            writer.append(ids_np, (~special).sum(1).astype(np.int32), sparse)
+            done += ids_np.shape[0]
+            bar.update(ids_np.size)
+            n_batches += 1
+            if a.stop_after_batches is not None and n_batches >= a.stop_after_batches:
+                raise KeyboardInterrupt  # the same path a Ctrl-C or kill takes: recorded batches stay
+            if n_batches == TEST_PAUSE_AFTER:  # lets a test's kill -9 land mid-stream on any machine
+                print(f"paused after {n_batches} committed batches (for a test)", file=sys.stderr, flush=True)
+                time.sleep(600)
+        writer.seal(work, s, plan.d_sae)
+    finally:
+        bar.close()
+        writer.close()
+    return t_forward
+
+
+def _sample_spec(a: PrecomputeArgs) -> SampleSpec:
+    return SampleSpec(a.context_len, a.top_k, a.n_intervals, a.per_interval, a.n_quantiles, a.per_quantile,
+                      a.hist_bins)
+
+
+def _range_jobs(a: PrecomputeArgs, plan: Plan, work: WorkDir) -> list[tuple[int, int, int, Path, list[str]]]:
+    """(SAE index, lo, hi, output folder, input files) of every feature range, in store order."""
+    jobs = []
+    for i, (d, width) in enumerate(zip(plan.d_sae, plan.widths)):
+        counts = work.counts(i, d)
+        for lo, hi in feature_ranges(counts, a.rows_per_range):
+            if counts[lo:hi + 1].any():
+                folder = work.root / "tables" / f"sae-{i}" / f"range-{lo:07d}-{hi:07d}"
+                jobs.append((i, lo, hi, folder, work.act_files(i, width, lo, hi)))
+    return jobs
+
+
+def _build_tables(a: PrecomputeArgs, plan: Plan, work: WorkDir) -> list[tuple[int, int, int, Path, list[str]]]:
+    """Every feature range's tables (those a killed run had not finished), locally or as Ray tasks."""
+    jobs = _range_jobs(a, plan, work)
+    todo = [j for j in jobs if not j[3].exists()]
+    log.info("building per-feature tables: %d feature range(s), %d to do", len(jobs), len(todo))
+    if a.shards > 1:
+        from .distributed import build_ranges
+
+        build_ranges(a, work, todo, _sample_spec(a))
+        return jobs
+    ctx_files = work.context_files()
+    for i, lo, hi, folder, files in tqdm(todo, desc="tables", unit="range", disable=not a.progress or not todo):
+        build_range(files, ctx_files, lo, hi, folder, _sample_spec(a), a.memory_limit, work.root / "spill")
+    return jobs
+
+
 def _publish(a: PrecomputeArgs, lm: HookedLM, loaded: list[_Loaded], model_label: str, model_path: str,
-             work: Path, prepend: bool) -> None:
-    log.info("building per-feature tables (exact SQL over the activation cache)")
-    # weights-only tables first, while no DuckDB connection holds memory: peak = max(torch, DuckDB), not the sum
+             work: WorkDir, plan: Plan, prepend: bool) -> None:
+    jobs = _build_tables(a, plan, work)
+    # weights-only tables next, while no DuckDB connection holds memory: peak = max(torch, DuckDB), not the sum
     from_weights = [_from_weights(lm, x) for x in loaded]
-    builder = StoreBuilder(a.out, a.memory_limit, temp_dir=work / "spill", rows_per_range=a.rows_per_range)
+    builder = StoreBuilder(a.out, a.memory_limit, temp_dir=work.root / "spill")
     try:
         builder.put_vocab(model_label, token_strings(lm.tokenizer))
         for i, (x, (logits, neighbours)) in enumerate(zip(loaded, from_weights)):
-            _publish_one(a, builder, lm, x, i, model_label, model_path, work / "cache.duckdb", prepend, logits,
-                         neighbours)
+            _publish_one(a, builder, lm, x, i, model_label, model_path, work, [j for j in jobs if j[0] == i],
+                         prepend, logits, neighbours)
         _cross_matches(builder, loaded)
         if a.verify_sample > 0:
             _verify_before_publish(a, builder, lm, loaded, model_path)
@@ -319,19 +382,24 @@ def _from_weights(lm: HookedLM, x: _Loaded) -> tuple[dict[str, np.ndarray], tupl
 
 
 def _publish_one(a: PrecomputeArgs, builder: StoreBuilder, lm: HookedLM, x: _Loaded, i: int, model_label: str,
-                 model_path: str, cache: Path, prepend: bool, logits: dict[str, np.ndarray],
+                 model_path: str, work: WorkDir, jobs: list, prepend: bool, logits: dict[str, np.ndarray],
                  neighbours: tuple[np.ndarray, np.ndarray]) -> None:
     sae, sae_id = x.sae, x.sae_id
+    d_sae = sae.cfg.d_sae
     builder.replace_sae(sae_id)
-    stats = builder.examples_from_cache(cache, sae_id, sae.cfg.d_sae, a.context_len, a.top_k, a.n_intervals,
-                                        a.per_interval, a.n_quantiles, a.per_quantile, a.hist_bins,
-                                        acts=acts_table(i).name)
+    stats: dict = {k: np.zeros(d_sae, dtype=np.float64) for k in ("n", "mx", "mn", "mean")}
+    stats.update(hist=np.zeros((d_sae, a.hist_bins), dtype=np.int64), top_tokens={}, used_ctx=[])
+    for _, lo, hi, folder, _ in jobs:  # ranges ascend: rows go in sorted by feature (zone maps serve the pages)
+        builder.put_range(sae_id, folder, stats)
+    used = np.concatenate(stats.pop("used_ctx")) if jobs else np.zeros(0, np.int32)
+    stats["n_ctx"], stats["n_counted"] = builder.put_contexts(sae_id, work.context_files(), used)
     cooc = coords = None
     if a.cooccurrence:
         from .cooccur import cooccurrence
 
-        tok, feat = builder.active_pairs(cache, acts_table(i).name, a.context_len)
-        c = cooccurrence(tok, feat, sae.cfg.d_sae, n=P.n_neighbours)
+        read = read_active(work.all_act_files(i), a.context_len, a.memory_limit, work.root / "spill")
+        tok, feat = read(0, stats["n_ctx"] * a.context_len)
+        c = cooccurrence(tok, feat, d_sae, n=P.n_neighbours)
         cooc = (c.ids, c.jaccard)
         del tok, feat
     if a.feature_map:

@@ -113,6 +113,26 @@ def tiny_sae_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def second_sae_dir(tmp_path_factory) -> Path:
+    """A random ReLU ('standard') SAE (64 -> 48) on the tiny Llama's blocks.2.hook_resid_pre."""
+    from precompute.saes import SAEConfig, save_saelens
+    from precompute.saes.standard import StandardSAE
+
+    torch.manual_seed(7)
+    sae = StandardSAE(SAEConfig(architecture="standard", d_in=64, d_sae=48, hook_name="blocks.2.hook_resid_pre",
+                                model_name="tiny"))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_()
+        sae.W_enc.mul_(10.0)
+        sae.b_enc.mul_(0.2).sub_(1.5)  # most pre-activations below zero: sparse
+        sae.b_dec.mul_(0.02)
+    out = tmp_path_factory.mktemp("second_sae")
+    save_saelens(sae, out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     """A few kilobytes of text as JSONL, taken from the demo corpus (offline, deterministic)."""
     from precompute.data import demo_corpus

@@ -17,26 +17,6 @@ from tests.conftest import TINY_ARGS
 TABLES = ("features", "examples", "groups", "contexts", "explanations")
 
 
-@pytest.fixture(scope="module")
-def second_sae_dir(tmp_path_factory) -> Path:
-    """A random ReLU ('standard') SAE (64 -> 48) on the tiny Llama's blocks.2.hook_resid_pre."""
-    from precompute.saes import SAEConfig, save_saelens
-    from precompute.saes.standard import StandardSAE
-
-    torch.manual_seed(7)
-    sae = StandardSAE(SAEConfig(architecture="standard", d_in=64, d_sae=48, hook_name="blocks.2.hook_resid_pre",
-                                model_name="tiny"))
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.normal_()
-        sae.W_enc.mul_(10.0)
-        sae.b_enc.mul_(0.2).sub_(1.5)  # most pre-activations below zero: sparse
-        sae.b_dec.mul_(0.02)
-    out = tmp_path_factory.mktemp("second_sae")
-    save_saelens(sae, out)
-    return out
-
-
 def rows(path: Path, sae_id: str) -> dict[str, list]:
     """Every row of every per-SAE table (sae_id column dropped, sorted), and the saes row without run times."""
     con = duckdb.connect(str(path), read_only=True)
@@ -118,12 +98,10 @@ def test_feature_ranges_give_the_same_tables(tmp_path, tiny_store, tiny_lm_dir, 
 
 
 def test_feature_ranges_cut_by_row_count():
-    from precompute.store.write import StoreBuilder
+    from precompute.store.write import feature_ranges
 
-    b = StoreBuilder.__new__(StoreBuilder)
-    b.rows_per_range = 10
     counts = np.array([3, 4, 5, 0, 20, 1, 1, 9, 2])
-    ranges = b.feature_ranges(counts)
+    ranges = feature_ranges(counts, 10)
     assert ranges == [(0, 1), (2, 3), (4, 4), (5, 6), (7, 7), (8, 8)]
     covered = [f for lo, hi in ranges for f in range(lo, hi + 1)]
     assert covered == list(range(len(counts)))

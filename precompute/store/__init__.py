@@ -1,5 +1,5 @@
-"""The store: the only package that imports duckdb. The server reads through `Store`; precompute writes
-through `ActivationCache` and `StoreBuilder`."""
+"""The store: the only package that imports duckdb. The server reads through `Store`; precompute spills
+activations through `spill.ShardWriter` and writes the store through `write.build_range` and `StoreBuilder`."""
 
 from .read import Example, Explanation, Feature, FeatureRow, Group, SAEInfo, SearchHit, Store, StoreError
 from .schema import SCHEMA_VERSION

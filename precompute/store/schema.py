@@ -116,20 +116,6 @@ CROSS = Table("cross_matches", (  # nearest decoder directions in another SAE of
 STORE_TABLES = (META, SAES, VOCAB, CONTEXTS, FEATURES, EXAMPLES, GROUPS, EXPLANATIONS, CROSS)
 PER_SAE_TABLES = (SAES, CONTEXTS, FEATURES, EXAMPLES, GROUPS, EXPLANATIONS, CROSS)  # rows keyed by sae_id
 
-# the work file of one precompute run
-RUN = Table("run", (C("key", "VARCHAR", str), C("value", "VARCHAR", str)), key=("key",))
-ACTS = Table("acts", (C("ctx", "INTEGER", int), C("pos", "SMALLINT", int), C("feature", "INTEGER", int),
-                      C("value", "REAL", float)))
-CTX_TOKENS = Table("ctx_tokens", (C("ctx", "INTEGER", int), C("tokens", "INTEGER[]", list),
-                                  C("n_counted", "INTEGER", int)))
-CACHE_TABLES = (RUN, CTX_TOKENS)  # plus one acts table per SAE of the run: acts_table(i)
-
-
-def acts_table(i: int) -> Table:
-    """The sparse activations of the run's i-th SAE (same columns as ACTS)."""
-    return Table(f"acts_{i}", ACTS.cols)
-
-
 def create_all(tables: tuple[Table, ...]) -> str:
     return ";\n".join(t.create_sql() for t in tables) + ";"
 

@@ -1,10 +1,10 @@
-"""Writing: the crash-safe activation cache of a running precompute, and the published store.
+"""Writing: the table builder over a run's sealed activations, and the published store.
 
-While precompute streams, every batch's sparse activations (ctx, pos, feature, value) and its contexts' tokens
-go into a work DuckDB file in one transaction together with the progress counter, so a kill -9 loses at most
-the batch in flight and a restart resumes after the last committed batch. When the stream is done, one set of
-SQL queries (exact, out-of-core) turns the cache into per-feature dashboard data, written to a temporary copy
-of the store that then replaces the store with an atomic rename: a reader never sees a half-written store.
+While precompute streams, spill.py keeps the activations (crash-safe, resumable) and seals them into Parquet
+partitioned by feature bucket. Then `build_range` turns one feature range's activations into that range's
+dashboard tables (exact SQL, out-of-core, in a fresh DuckDB each time), and `StoreBuilder` assembles the ranges,
+the weights-only tables and the provenance into a temporary copy of the store that replaces the store with an
+atomic rename: a reader never sees a half-written store.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ import pyarrow as pa
 
 from ..config import PRECOMPUTE
 from .read import stored_activations
-from .schema import (CROSS, CACHE_TABLES, CONTEXTS, CTX_TOKENS, EXAMPLES, EXPLANATIONS, FEATURES, GROUPS, META,
-                     PER_SAE_TABLES, PRIORITY_SQL, RUN, SAES, SCHEMA_VERSION, STORE_TABLES, VOCAB, acts_table,
-                     create_all)
+from .schema import (CROSS, CONTEXTS, EXAMPLES, EXPLANATIONS, FEATURES, GROUPS, META, PER_SAE_TABLES,
+                     PRIORITY_SQL, SAES, SCHEMA_VERSION, STORE_TABLES, VOCAB, create_all)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ class SparseActs:
 
 
 UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-CACHE_SHARE = 0.25  # of --memory-limit for the work cache, which only appends (the table builder gets all of it)
+STORE_SHARE = 0.25  # of --memory-limit for the store being assembled, which mostly appends (build_range gets all)
 
 
 def size_bytes(size: str) -> int:
@@ -64,68 +63,143 @@ def configure(con, memory_limit: str, temp_dir: Path | None, threads: int | None
     _run(con, f"SET threads = {int(threads or PRECOMPUTE.duckdb_threads)}")
 
 
-class ActivationCache:
-    """The work file of one precompute run: one acts table per SAE, shared contexts and progress counter."""
-
-    def __init__(self, path: Path, fingerprint: dict[str, Any], restart: bool = False, n_saes: int = 1,
-                 memory_limit: str = PRECOMPUTE.memory_limit):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if restart and path.exists():
-            path.unlink()
-            Path(str(path) + ".wal").unlink(missing_ok=True)
-        self.path = path
-        self.n_saes = n_saes
-        self.con = duckdb.connect(str(path))
-        configure(self.con, memory_limit, path.parent / "spill", share=CACHE_SHARE)
-        _run(self.con, create_all(CACHE_TABLES + tuple(acts_table(i) for i in range(n_saes))))
-        want = json.dumps(fingerprint, sort_keys=True)
-        row = next(iter(self.con.execute("SELECT value FROM run WHERE key = 'fingerprint'").fetchall()), None)
-        if row is None:
-            _run(self.con, f"INSERT INTO {RUN.name} (key, value) VALUES ('fingerprint', ?), ('contexts_done', '0')", [want])
-        elif row[0] != want:
-            have = json.loads(row[0])
-            diff = {k: (have.get(k), v) for k, v in fingerprint.items() if have.get(k) != v}
-            raise ValueError(f"{path} holds an unfinished run with other settings ({diff}: was, now); "
-                             "rerun with --restart to discard it, or repeat the original command to resume it")
-
-    @property
-    def contexts_done(self) -> int:
-        return int(self.con.execute("SELECT value FROM run WHERE key = 'contexts_done'").fetchall()[0][0])
-
-    def append(self, first_ctx: int, tokens: np.ndarray, n_counted: np.ndarray, acts: list[SparseActs]) -> None:
-        """One batch for every SAE at once, atomically: tokens (B, T) int32; acts[i] for the i-th SAE."""
-        if len(acts) != self.n_saes:
-            raise ValueError(f"append got activations of {len(acts)} SAEs; the cache holds {self.n_saes}")
-        B = tokens.shape[0]
-        ctxs = pa.table({"ctx": pa.array(np.arange(first_ctx, first_ctx + B, dtype=np.int32)),
-                         "tokens": pa.array(list(tokens), pa.list_(pa.int32())),
-                         "n_counted": pa.array(n_counted, pa.int32())})
-        con = self.con
-        _run(con, "BEGIN TRANSACTION")
-        try:
-            con.register("batch_ctx", ctxs)
-            _run(con, CTX_TOKENS.insert_sql("batch_ctx"))
-            for i, a in enumerate(acts):
-                con.register("batch_acts", pa.table({
-                    "ctx": pa.array(a.ctx, pa.int32()), "pos": pa.array(a.pos, pa.int16()),
-                    "feature": pa.array(a.feature, pa.int32()), "value": pa.array(a.value, pa.float32())}))
-                _run(con, acts_table(i).insert_sql("batch_acts"))
-                con.unregister("batch_acts")
-            _run(con, "UPDATE run SET value = ? WHERE key = 'contexts_done'", [str(first_ctx + B)])
-            _run(con, "COMMIT")
-        except BaseException:
-            _run(con, "ROLLBACK")
-            raise
-        finally:
-            con.unregister("batch_ctx")
-
-    def close(self) -> None:
-        self.con.close()
-
-
 def _run(con, sql: str, params: list | None = None) -> list:
     """Execute and drain (DuckDB 2 refuses new work while a result is unread)."""
     return con.execute(sql, params or []).fetchall()
+
+
+def feature_ranges(counts: np.ndarray, rows_per_range: int) -> list[tuple[int, int]]:
+    """Consecutive feature ranges [lo, hi] holding about rows_per_range activations each (a feature that alone
+    holds more is a range of its own)."""
+    ranges, lo, acc = [], 0, 0
+    for f, n in enumerate(counts):
+        if acc and acc + n > rows_per_range:
+            ranges.append((lo, f - 1))
+            lo, acc = f, 0
+        acc += int(n)
+    ranges.append((lo, len(counts) - 1))
+    return ranges
+
+
+def _sql_str(path: Path | str) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def _sql_list(paths: list[str]) -> str:
+    return "[" + ", ".join(_sql_str(p) for p in paths) + "]"
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What the table builder keeps per feature (PrecomputeArgs' fields of the same names)."""
+
+    context_len: int
+    top_k: int
+    n_intervals: int
+    per_interval: int
+    n_quantiles: int
+    per_quantile: int
+    hist_bins: int
+
+
+def build_range(act_files: list[str], ctx_files: list[str], lo: int, hi: int, out: Path, spec: SampleSpec,
+                memory_limit: str = PRECOMPUTE.memory_limit, temp_dir: Path | None = None) -> Path:
+    """Every activation-derived table of features lo..hi (inclusive), from sealed Parquet, into Parquet files in
+    `out` (examples, groups, stats, hist, top): exact SQL, in a fresh in-memory DuckDB whose memory goes back to
+    the system when it closes. `out` appears complete or not at all (a folder renamed into place), so a killed
+    run rebuilds only the ranges it had not finished. Pure function of its inputs: the same rows give the same
+    files wherever it runs (a Ray task on another node, or the precompute process)."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    s = spec
+    prio = PRIORITY_SQL.format(T=s.context_len)
+    con = duckdb.connect()
+    configure(con, memory_limit, temp_dir)
+    try:
+        _run(con, f"""CREATE TEMP TABLE r AS SELECT feature, ctx, pos, value FROM read_parquet({_sql_list(act_files)})
+                      WHERE feature BETWEEN {int(lo)} AND {int(hi)}""")
+        # the mean sums in (ctx, pos) order: the same double whichever shard or thread held a row
+        _run(con, """CREATE TEMP TABLE fstats AS SELECT feature, count(*) AS n, max(value) AS mx, min(value) AS mn,
+                     avg(value::DOUBLE ORDER BY ctx, pos) AS mean FROM r GROUP BY feature""")
+        # top-k: the strongest context per feature, one example per context, ties to the earlier token/context
+        _run(con, f"""CREATE TEMP TABLE ex AS
+            WITH per_ctx AS (
+                SELECT feature, ctx, pos, value FROM r
+                QUALIFY row_number() OVER (PARTITION BY feature, ctx ORDER BY value DESC, pos) = 1)
+            SELECT feature, 'top' AS kind, 0 AS grp,
+                   row_number() OVER (PARTITION BY feature ORDER BY value DESC, ctx) - 1 AS rank, ctx, pos, value
+            FROM per_ctx QUALIFY rank < {s.top_k}""")
+        # equal-width intervals of (0, max]: never zero, each sampled by lowest priority; quantiles by rank
+        _run(con, f"""CREATE TEMP TABLE binned AS
+            SELECT a.feature, a.ctx, a.pos, a.value,
+                   least(floor(a.value::DOUBLE / s.mx::DOUBLE * {s.n_intervals}), {s.n_intervals - 1})::INTEGER AS ibin,
+                   (ntile({s.n_quantiles}) OVER (PARTITION BY a.feature ORDER BY a.value, a.ctx, a.pos)) - 1 AS qbin,
+                   {prio} AS prio
+            FROM r a JOIN fstats s USING (feature)""")
+        _run(con, "CREATE TEMP TABLE grp (feature INTEGER, kind VARCHAR, grp SMALLINT, lo REAL, hi REAL, "
+                  "n_tokens BIGINT, share DOUBLE)")
+        for kind, col, per, lo_expr, hi_expr in (
+            ("interval", "ibin", s.per_interval, f"any_value(s.mx) * ibin / {s.n_intervals}",
+             f"any_value(s.mx) * (ibin + 1) / {s.n_intervals}"),
+            ("quantile", "qbin", s.per_quantile, "min(b.value)", "max(b.value)"),
+        ):
+            _run(con, f"""INSERT INTO ex (feature, kind, grp, rank, ctx, pos, value)
+                SELECT feature, '{kind}', {col}, rank, ctx, pos, value FROM (
+                    SELECT feature, {col}, ctx, pos, value,
+                           row_number() OVER (PARTITION BY feature, {col} ORDER BY prio) - 1 AS rank FROM binned)
+                WHERE rank < {per}""")
+            _run(con, f"""INSERT INTO grp SELECT b.feature, '{kind}', {col}, {lo_expr}, {hi_expr},
+                count(*), count(*)::DOUBLE / any_value(s.n) FROM binned b JOIN fstats s USING (feature)
+                GROUP BY b.feature, {col}""")
+        _run(con, "DROP TABLE binned")
+        # one activation list per distinct (feature, context), built once and joined to every example that shows
+        # that context (a top example is often an interval/quantile sample too)
+        _run(con, f"""COPY (
+            WITH pairs AS (SELECT DISTINCT feature, ctx FROM ex),
+            lists AS (SELECT a.feature, a.ctx, list(a.pos ORDER BY a.pos) AS ps, list(a.value ORDER BY a.pos) AS vs
+                      FROM r a SEMI JOIN pairs p ON a.feature = p.feature AND a.ctx = p.ctx GROUP BY ALL)
+            SELECT e.feature, e.kind, e.grp::SMALLINT AS grp, e.rank::SMALLINT AS rank, e.ctx AS ctx_id, e.pos,
+                   e.value, l.ps::SMALLINT[] AS act_pos, l.vs AS act_val
+            FROM ex e JOIN lists l USING (feature, ctx) ORDER BY e.feature, e.kind, e.grp, e.rank
+            ) TO {_sql_str(tmp / 'examples.parquet')} (FORMAT parquet)""")
+        _run(con, f"COPY (SELECT * FROM grp ORDER BY feature, kind, grp) TO {_sql_str(tmp / 'groups.parquet')} (FORMAT parquet)")
+        _run(con, f"COPY (SELECT feature, n, mx, mn, mean FROM fstats ORDER BY feature) TO {_sql_str(tmp / 'stats.parquet')} (FORMAT parquet)")
+        # histograms of active values over [min, max]
+        _run(con, f"""COPY (SELECT b.feature, least(floor((b.value - s.mn)::DOUBLE /
+                    greatest((s.mx - s.mn)::DOUBLE, 1e-12) * {s.hist_bins}), {s.hist_bins - 1})::INTEGER AS bin,
+                    count(*) AS n FROM r b JOIN fstats s USING (feature) GROUP BY ALL ORDER BY ALL)
+                  TO {_sql_str(tmp / 'hist.parquet')} (FORMAT parquet)""")
+        _run(con, f"""COPY (SELECT e.feature, list(t.tokens[e.pos + 1] ORDER BY e.rank) AS tokens
+                    FROM ex e JOIN read_parquet({_sql_list(ctx_files)}) t ON t.ctx = e.ctx WHERE e.kind = 'top'
+                    GROUP BY e.feature ORDER BY e.feature) TO {_sql_str(tmp / 'top.parquet')} (FORMAT parquet)""")
+    finally:
+        con.close()
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def read_active(act_files: list[str], context_len: int, memory_limit: str = PRECOMPUTE.memory_limit,
+                temp_dir: Path | None = None):
+    """A reader for co-occurrence: read(t0, t1) -> (token index ctx*T+pos int64, feature int32) of every
+    activation on tokens t0 <= index < t1, from the sealed Parquet files of one SAE."""
+    T = int(context_len)
+
+    def read(t0: int, t1: int) -> tuple[np.ndarray, np.ndarray]:
+        con = duckdb.connect()
+        configure(con, memory_limit, temp_dir)
+        try:
+            got = con.execute(f"""SELECT ctx::BIGINT * {T} + pos AS tok, feature FROM read_parquet({_sql_list(act_files)})
+                                  WHERE ctx BETWEEN {int(t0) // T} AND {(int(t1) - 1) // T}
+                                  AND ctx::BIGINT * {T} + pos >= {int(t0)} AND ctx::BIGINT * {T} + pos < {int(t1)}
+                                  """).fetchnumpy() if act_files else {"tok": [], "feature": []}
+        finally:
+            con.close()
+        return np.asarray(got["tok"], dtype=np.int64), np.asarray(got["feature"], dtype=np.int32)
+
+    return read
 
 
 def _list_col(values: list, typ: pa.DataType) -> pa.Array:
@@ -135,18 +209,16 @@ def _list_col(values: list, typ: pa.DataType) -> pa.Array:
 class StoreBuilder:
     """Builds the dashboard tables of one or more SAEs from a finished cache into a temporary copy of the store."""
 
-    def __init__(self, out: Path, memory_limit: str = PRECOMPUTE.memory_limit, temp_dir: Path | None = None,
-                 rows_per_range: int = PRECOMPUTE.rows_per_range):
+    def __init__(self, out: Path, memory_limit: str = PRECOMPUTE.memory_limit, temp_dir: Path | None = None):
         self.out = out
         self.tmp = out.with_name(out.name + ".tmp")
-        self.rows_per_range = rows_per_range
         self.tmp.unlink(missing_ok=True)
         Path(str(self.tmp) + ".wal").unlink(missing_ok=True)
         if out.exists():
             check_version(out)
             shutil.copyfile(out, self.tmp)
         self.con = duckdb.connect(str(self.tmp))
-        configure(self.con, memory_limit, temp_dir)
+        configure(self.con, memory_limit, temp_dir, share=STORE_SHARE)
         _run(self.con, create_all(STORE_TABLES))
         _run(self.con, f"INSERT OR REPLACE INTO {META.name} (key, value) VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
 
@@ -164,117 +236,40 @@ class StoreBuilder:
         _run(self.con, VOCAB.insert_sql("v"))
         self.con.unregister("v")
 
-    def feature_ranges(self, counts: np.ndarray) -> list[tuple[int, int]]:
-        """Consecutive feature ranges [lo, hi] holding about rows_per_range activations each (a feature that alone
-        holds more is a range of its own)."""
-        ranges, lo, acc = [], 0, 0
-        for f, n in enumerate(counts):
-            if acc and acc + n > self.rows_per_range:
-                ranges.append((lo, f - 1))
-                lo, acc = f, 0
-            acc += int(n)
-        ranges.append((lo, len(counts) - 1))
-        return ranges
-
-    def examples_from_cache(self, cache: Path, sae_id: str, d_sae: int, context_len: int, top_k: int,
-                            n_intervals: int, per_interval: int, n_quantiles: int, per_quantile: int,
-                            hist_bins: int, acts: str = "acts_0") -> dict[str, Any]:
-        """All activation-derived tables of one SAE (its activations in cache table `acts`); returns per-feature
-        stat arrays for the features table.
-
-        The work is done one feature range at a time: each range's activations are copied out of the cache once
-        and every window (top-k, interval and quantile samples) and histogram runs on that copy only, so the
-        working set of every SQL phase is bounded by rows_per_range, not by the number of tokens."""
+    def put_range(self, sae_id: str, folder: Path, acc: dict[str, Any]) -> None:
+        """Copy one feature range's finished tables (build_range's folder) into the store; fill acc's arrays."""
         con = self.con
-        quoted = str(cache).replace("'", "''")
-        _run(con, f"ATTACH '{quoted}' AS saescope_cache (READ_ONLY)")
-        try:
-            return self._examples(sae_id, d_sae, context_len, top_k, n_intervals, per_interval, n_quantiles,
-                                  per_quantile, hist_bins, f"saescope_cache.{acts}")
-        finally:
-            for t in ("fstats", "r", "ex", "binned", "used_ctx"):
-                _run(con, f"DROP TABLE IF EXISTS {t}")
-            _run(con, "DETACH saescope_cache")
-
-    def _examples(self, sae_id: str, d_sae: int, context_len: int, top_k: int, n_intervals: int, per_interval: int,
-                  n_quantiles: int, per_quantile: int, hist_bins: int, acts: str) -> dict[str, Any]:
-        con = self.con
-        prio = PRIORITY_SQL.format(T=context_len)
-        # per-feature statistics: a hash aggregate with one group per feature (bounded by d_sae)
-        _run(con, f"""CREATE TEMP TABLE fstats AS SELECT feature, count(*) AS n, max(value) AS mx,
-                       min(value) AS mn, avg(value::DOUBLE) AS mean FROM {acts} GROUP BY feature""")
-        stats = con.execute("SELECT feature, n, mx, mn, mean FROM fstats").fetchnumpy()
-        out: dict[str, Any] = {k: np.zeros(d_sae, dtype=np.float64) for k in ("n", "mx", "mn", "mean")}
-        idx = stats["feature"].astype(np.int64)
+        ex, grp = _sql_str(folder / "examples.parquet"), _sql_str(folder / "groups.parquet")
+        cols = EXAMPLES.select_list().removeprefix("sae_id, ")
+        _run(con, f"""INSERT INTO {EXAMPLES.name} ({EXAMPLES.select_list()}) SELECT ?, {cols} FROM read_parquet({ex})
+                      ORDER BY feature, kind, grp, rank""", [sae_id])
+        cols = GROUPS.select_list().removeprefix("sae_id, ")
+        _run(con, f"""INSERT INTO {GROUPS.name} ({GROUPS.select_list()}) SELECT ?, {cols} FROM read_parquet({grp})
+                      ORDER BY feature, kind, grp""", [sae_id])
+        st = con.execute(f"SELECT feature, n, mx, mn, mean FROM read_parquet({_sql_str(folder / 'stats.parquet')})"
+                         ).fetchnumpy()
+        idx = st["feature"].astype(np.int64)
         for k in ("n", "mx", "mn", "mean"):
-            out[k][idx] = np.asarray(stats[k], dtype=np.float64)
-        hist = np.zeros((d_sae, hist_bins), dtype=np.int64)
-        top_tokens: dict[int, list[int]] = {}
-        _run(con, "CREATE TEMP TABLE used_ctx (ctx INTEGER)")
-        ranges = self.feature_ranges(out["n"])
-        log.info("%s: %d activations in %d feature range(s)", sae_id, int(out["n"].sum()), len(ranges))
-        for lo, hi in ranges:
-            if not out["n"][lo:hi + 1].any():
-                continue
-            _run(con, f"CREATE TEMP TABLE r AS SELECT feature, ctx, pos, value FROM {acts} WHERE feature BETWEEN {lo} AND {hi}")
-            # top-k: the strongest context per feature, one example per context, ties to the earlier token/context
-            _run(con, f"""CREATE TEMP TABLE ex AS
-                WITH per_ctx AS (
-                    SELECT feature, ctx, pos, value FROM r
-                    QUALIFY row_number() OVER (PARTITION BY feature, ctx ORDER BY value DESC, pos) = 1)
-                SELECT feature, 'top' AS kind, 0 AS grp,
-                       row_number() OVER (PARTITION BY feature ORDER BY value DESC, ctx) - 1 AS rank, ctx, pos, value
-                FROM per_ctx QUALIFY rank < {top_k}""")
-            # equal-width intervals of (0, max]: never zero, each sampled by lowest priority
-            _run(con, f"""CREATE TEMP TABLE binned AS
-                SELECT a.feature, a.ctx, a.pos, a.value,
-                       least(floor(a.value::DOUBLE / s.mx::DOUBLE * {n_intervals}), {n_intervals - 1})::INTEGER AS ibin,
-                       (ntile({n_quantiles}) OVER (PARTITION BY a.feature ORDER BY a.value, a.ctx, a.pos)) - 1 AS qbin,
-                       {prio} AS prio
-                FROM r a JOIN fstats s USING (feature)""")
-            for kind, col, per, lo_expr, hi_expr in (
-                ("interval", "ibin", per_interval, f"any_value(s.mx) * ibin / {n_intervals}", f"any_value(s.mx) * (ibin + 1) / {n_intervals}"),
-                ("quantile", "qbin", per_quantile, "min(b.value)", "max(b.value)"),
-            ):
-                _run(con, f"""INSERT INTO ex (feature, kind, grp, rank, ctx, pos, value) SELECT feature, '{kind}', {col}, rank, ctx, pos, value FROM (
-                    SELECT feature, {col}, ctx, pos, value,
-                           row_number() OVER (PARTITION BY feature, {col} ORDER BY prio) - 1 AS rank FROM binned)
-                    WHERE rank < {per}""")
-                _run(con, f"""INSERT INTO groups ({GROUPS.select_list()}) SELECT ?, b.feature, '{kind}', {col}, {lo_expr}, {hi_expr},
-                    count(*), count(*)::DOUBLE / any_value(s.n) FROM binned b JOIN fstats s USING (feature)
-                    GROUP BY b.feature, {col} ORDER BY b.feature, {col}""", [sae_id])
-            _run(con, "DROP TABLE binned")
-            # rows go in sorted by feature (ranges ascend), so DuckDB's min/max zone maps let a page read only its
-            # own row groups
-            # one activation list per distinct (feature, context), built once and joined to every example that
-            # shows that context (a top example is often an interval/quantile sample too): ~4x less work than
-            # grouping the join of examples and activations
-            _run(con, f"""INSERT INTO examples ({EXAMPLES.select_list()})
-                WITH pairs AS (SELECT DISTINCT feature, ctx FROM ex),
-                lists AS (SELECT a.feature, a.ctx, list(a.pos ORDER BY a.pos) AS ps, list(a.value ORDER BY a.pos) AS vs
-                          FROM r a SEMI JOIN pairs p ON a.feature = p.feature AND a.ctx = p.ctx GROUP BY ALL)
-                SELECT ?, e.feature, e.kind, e.grp, e.rank, e.ctx, e.pos, e.value, l.ps, l.vs
-                FROM ex e JOIN lists l USING (feature, ctx)
-                ORDER BY e.feature, e.kind, e.grp, e.rank""", [sae_id])
-            _run(con, "INSERT INTO used_ctx SELECT DISTINCT ctx FROM ex")
-            # histograms of active values over [min, max]: at most (features in range) x bins rows
-            f, b, n = con.execute(f"""SELECT b.feature, least(floor((b.value - s.mn)::DOUBLE /
-                        greatest((s.mx - s.mn)::DOUBLE, 1e-12) * {hist_bins}), {hist_bins - 1})::INTEGER AS bin, count(*)
-                    FROM r b JOIN fstats s USING (feature) GROUP BY ALL""").fetchnumpy().values()
-            np.add.at(hist, (f.astype(np.int64), b.astype(np.int64)), n.astype(np.int64))
-            for fe, tt in con.execute("""SELECT e.feature, list(t.tokens[e.pos + 1] ORDER BY e.rank)
-                    FROM ex e JOIN saescope_cache.ctx_tokens t ON t.ctx = e.ctx WHERE e.kind = 'top'
-                    GROUP BY e.feature""").fetchall():
-                top_tokens[int(fe)] = list(tt)
-            _run(con, "DROP TABLE ex")
-            _run(con, "DROP TABLE r")
-        _run(con, f"""INSERT INTO contexts ({CONTEXTS.select_list()}) SELECT ?, t.ctx, t.tokens FROM saescope_cache.ctx_tokens t
-                       WHERE t.ctx IN (SELECT ctx FROM used_ctx) ORDER BY t.ctx""", [sae_id])
-        out["n_counted"] = int(con.execute("SELECT sum(n_counted) FROM saescope_cache.ctx_tokens").fetchall()[0][0] or 0)
-        out["n_ctx"] = int(con.execute("SELECT count(*) FROM saescope_cache.ctx_tokens").fetchall()[0][0])
-        out["hist"] = hist
-        out["top_tokens"] = top_tokens
-        return out
+            acc[k][idx] = np.asarray(st[k], dtype=np.float64)
+        h = con.execute(f"SELECT feature, bin, n FROM read_parquet({_sql_str(folder / 'hist.parquet')})").fetchnumpy()
+        np.add.at(acc["hist"], (h["feature"].astype(np.int64), h["bin"].astype(np.int64)), h["n"].astype(np.int64))
+        for fe, tt in con.execute(f"SELECT feature, tokens FROM read_parquet({_sql_str(folder / 'top.parquet')})").fetchall():
+            acc["top_tokens"][int(fe)] = list(tt)
+        used = con.execute(f"SELECT DISTINCT ctx_id FROM read_parquet({ex})").fetchnumpy()["ctx_id"]
+        acc["used_ctx"].append(np.asarray(used, dtype=np.int32))
+
+    def put_contexts(self, sae_id: str, ctx_files: list[str], used: np.ndarray) -> tuple[int, int]:
+        """The token ids of the contexts the SAE's examples show; returns (contexts streamed, tokens counted)."""
+        con = self.con
+        src = f"read_parquet({_sql_list(ctx_files)})"
+        con.register("used_ctx", pa.table({"ctx": pa.array(np.unique(used), pa.int32())}))
+        try:
+            _run(con, f"""INSERT INTO {CONTEXTS.name} ({CONTEXTS.select_list()}) SELECT ?, t.ctx, t.tokens FROM {src} t
+                          SEMI JOIN used_ctx u ON t.ctx = u.ctx ORDER BY t.ctx""", [sae_id])
+        finally:
+            con.unregister("used_ctx")
+        n_ctx, n_counted = con.execute(f"SELECT count(*), sum(n_counted) FROM {src}").fetchall()[0]
+        return int(n_ctx), int(n_counted or 0)
 
     def stored_activations(self, sae_id: str, ctx_ids: list[int]) -> dict[int, tuple[list[int], dict[int, tuple[list[int], list[float]]]]]:
         """What this (unpublished) store holds for some contexts; see read.stored_activations."""
@@ -285,17 +280,6 @@ class StoreBuilder:
 
     def set_verify(self, sae_id: str, result: dict[str, Any]) -> None:
         _run(self.con, "UPDATE saes SET verify = ? WHERE sae_id = ?", [json.dumps(result, default=str), sae_id])
-
-    def active_pairs(self, cache: Path, acts: str, context_len: int) -> tuple[np.ndarray, np.ndarray]:
-        """Every (token index, feature) pair where the feature is active, token index = ctx * T + pos."""
-        quoted = str(cache).replace("'", "''")
-        _run(self.con, f"ATTACH '{quoted}' AS pairs_cache (READ_ONLY)")
-        try:
-            got = self.con.execute(f"""SELECT ctx::BIGINT * {int(context_len)} + pos AS tok, feature
-                                       FROM pairs_cache.{acts}""").fetchnumpy()
-        finally:
-            _run(self.con, "DETACH pairs_cache")
-        return np.asarray(got["tok"], dtype=np.int64), np.asarray(got["feature"], dtype=np.int32)
 
     def put_features(self, sae_id: str, stats: dict[str, Any], logits: dict[str, np.ndarray],
                      neighbours: tuple[np.ndarray, np.ndarray], cooc: tuple[np.ndarray, np.ndarray] | None = None,

@@ -1,0 +1,159 @@
+"""`saescope precompute --shards N [--ray ADDRESS]`: the same precompute, spread over a Ray cluster.
+
+What runs where (the README's "Precompute on a cluster" says it for users):
+- the driver (the machine where you type the command) plans the run, keeps OUT.work/ and writes the store;
+- stream tasks, one per shard (a range of whole batches of contexts), each load the model and the SAEs on a
+  worker node (one GPU each when the cluster has GPUs), stream their contexts into a node-local folder
+  exactly as the one-process run does (`run.stream_shard`, resumable there), seal it into Parquet partitioned by
+  feature bucket, and send the sealed files back through Ray's object store; the driver writes them under
+  OUT.work/sealed/, so a rerun skips every shard it already holds;
+- range tasks, one per feature range, get the Parquet files of their features and of the contexts, run
+  `write.build_range` and send its output folder back; the driver assembles the store from those folders.
+The tasks run the same functions on the same rows as the one-process path, so the store is identical.
+Model, SAE and dataset paths must be readable on every node (or be hub ids); nothing else needs shared storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+RAY_EXTRA = "pip install 'saescope[ray]'"
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError as err:
+        raise RuntimeError(f"--shards > 1 runs on Ray, which is not installed here; {RAY_EXTRA} (or run without "
+                           "--shards: one process needs no Ray)") from err
+    return ray
+
+
+def connect(address: str | None):
+    """Use the Ray this process already joined, else join `address`, else start a local one."""
+    ray = _ray()
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                     log_to_driver=False) if address else ray.init(include_dashboard=False,
+                                                                    logging_level=logging.WARNING,
+                                                                    log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise RuntimeError(f"could not connect to the Ray cluster at {address!r}: {err}; start it with "
+                               "`ray start --head` (or give --ray auto on a node of a running cluster)") from err
+    return ray
+
+
+def _payload(files: list[Path], base: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(base)): p.read_bytes() for p in files}
+
+
+def _unpack(payload: dict[str, bytes], base: Path) -> None:
+    """Write files under base, each complete or not at all (rename)."""
+    for rel, data in payload.items():
+        p = base / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".part")
+        tmp.write_bytes(data)
+        os.replace(tmp, p)
+
+
+def _run_key(plan) -> str:
+    return hashlib.sha256(plan.to_json().encode()).hexdigest()[:16]
+
+
+def _stream_task(args: dict[str, Any], plan_json: str, s: int, prepend: bool) -> dict[str, bytes]:
+    """On a worker node: load model and SAEs, stream shard s into a node-local folder, return the sealed files."""
+    import json
+
+    from .embedded import resolve_model
+    from .models import load_model
+    from .run import PrecomputeArgs, SAESpec, _load_saes, stream_shard
+    from .store.spill import Plan, WorkDir
+
+    args = dict(args)
+    args["saes"] = [SAESpec(**x) for x in args["saes"]]
+    a = PrecomputeArgs(**args)
+    plan = Plan(**json.loads(plan_json))
+    plan.shards = [tuple(x) for x in plan.shards]
+    local = WorkDir(Path(tempfile.gettempdir()) / "saescope-shards" / _run_key(plan))
+    local.root.mkdir(parents=True, exist_ok=True)
+    loaded = _load_saes(a, a.specs())
+    lm = load_model(resolve_model(a.model), a.device, a.dtype)
+    for x in loaded:
+        x.sae.to(lm.device)
+    stream_shard(a, lm, loaded, plan, local, s, prepend, progress=False)
+    out = _payload(local.sealed_files(s), local.sealed)
+    for f in local.sealed_files(s):  # sent: the driver holds them now
+        f.unlink()
+    return out
+
+
+def stream_shards(a, plan, work, prepend: bool) -> None:
+    """Every shard not yet under OUT.work/sealed/, as Ray tasks; their sealed files are written there."""
+    ray = connect(a.ray)
+    todo = [s for s in range(len(plan.shards)) if not work.is_sealed(s)]
+    gpus = ray.cluster_resources().get("GPU", 0)
+    task = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_retries=2)(_stream_task)
+    args = asdict(a)
+    args["out"] = str(a.out)
+    for k in ("timings", "stop_after_batches"):
+        args.pop(k)
+    log.info("streaming %d shard(s) of %d on Ray (%s GPU(s) in the cluster)", len(todo), len(plan.shards), gpus or "no")
+    pending = {task.remote(args, plan.to_json(), s, prepend): s for s in todo}
+    with tqdm(total=len(todo), desc="shards", unit="shard", disable=not a.progress) as bar:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            s = pending.pop(ready[0])
+            payload = ray.get(ready[0])
+            manifest = f"shard-{s:05d}.json"
+            _unpack({k: v for k, v in payload.items() if k != manifest}, work.sealed)
+            _unpack({manifest: payload[manifest]}, work.sealed)  # last: it marks the shard as held
+            bar.update(1)
+
+
+def _range_task(files: dict[str, bytes], contexts: dict[str, bytes], lo: int, hi: int, spec, memory_limit: str
+                ) -> dict[str, bytes]:
+    """On a worker node: one feature range's tables from its Parquet files; returns the output folder's files."""
+    from .store.write import build_range
+
+    with tempfile.TemporaryDirectory(prefix="saescope-range-") as d:
+        base = Path(d)
+        _unpack(files, base / "in")
+        _unpack(contexts, base / "in")
+        out = build_range([str(base / "in" / k) for k in sorted(files)], [str(base / "in" / k) for k in sorted(contexts)],
+                          lo, hi, base / "out", spec, memory_limit, base / "spill")
+        return _payload(sorted(p for p in out.iterdir()), out)
+
+
+def build_ranges(a, work, jobs: list, spec) -> None:
+    """Feature ranges as Ray tasks; each finished range is written into its folder under OUT.work/tables/."""
+    if not jobs:
+        return
+    ray = connect(a.ray)
+    task = ray.remote(num_cpus=1, max_retries=2)(_range_task)
+    ctx_ref = ray.put(_payload([Path(p) for p in work.context_files()], work.sealed))
+    pending = {}
+    for job in jobs:
+        i, lo, hi, folder, files = job
+        pending[task.remote(_payload([Path(p) for p in files], work.sealed), ctx_ref, lo, hi, spec,
+                            a.memory_limit)] = folder
+    with tqdm(total=len(jobs), desc="tables", unit="range", disable=not a.progress) as bar:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            folder = pending.pop(ready[0])
+            tmp = folder.with_name(folder.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            _unpack(ray.get(ready[0]), tmp)
+            os.replace(tmp, folder)
+            bar.update(1)
