@@ -7,8 +7,8 @@ this script prints wall seconds, CPU seconds (user + sys), peak RSS and tokens/s
 peer / saescope (> 1 means saescope is better). Machines of this kind differ in CPU, so only ratios from one
 invocation count; the load average before each run is printed too (the machine may be shared).
 
-saescope is called through its CLI (`.venv/bin/saescope precompute ...`); its input flags are built in
-`saescope_input_args()` so that a pre-tokenized dataset can replace the texts in one line.
+saescope is called through its CLI (`.venv/bin/saescope precompute ...`) on the peer's own token rows
+(pre-tokenized JSONL written from $PEER/data/contexts.jsonl), so both see exactly the same contexts.
 
 Usage:
   python bench/peer.py                       # 2,048 contexts, 4,608 features (the issue's configuration)
@@ -81,14 +81,15 @@ def run_peer(peer: Path, contexts: int, features: int) -> dict:
 
 
 def saescope_input_args(peer: Path, contexts: int, work: Path) -> list[str]:
-    """The flags that say which tokens saescope reads. Today: the peer contexts' texts (re-tokenized and packed
-    by saescope, so the token rows are close to but not exactly the peer's). When saescope reads pre-tokenized
-    rows, return e.g. ["--dataset", str(peer / "data/contexts.jsonl"), "--token-field", "tokens"] instead."""
-    texts = work / "peer_texts.jsonl"
-    with (peer / "data" / "contexts.jsonl").open() as src, texts.open("w") as dst:
-        for line in src:  # all rows: saescope packs documents + EOS, and stops after --tokens
-            dst.write(json.dumps({"text": json.loads(line)["text"]}) + "\n")
-    return ["--dataset", str(texts), "--text-field", "text"]
+    """The flags that say which tokens saescope reads: the peer's own token rows (BOS + 127 tokens each),
+    pre-tokenized, so both tools see exactly the same contexts."""
+    rows = work / f"peer_tokens_c{contexts}.jsonl"
+    with (peer / "data" / "contexts.jsonl").open() as src, rows.open("w") as dst:
+        for n, line in enumerate(src):
+            if n >= contexts:
+                break
+            dst.write(json.dumps({"tokens": json.loads(line)["tokens"]}) + "\n")
+    return ["--dataset", str(rows)]
 
 
 def run_saescope(cmd: list[str], peer: Path, contexts: int, work: Path, extra: list[str]) -> dict:

@@ -50,6 +50,7 @@ class PrecomputeSettings:
     prepend_bos: str = "auto"  # auto follows the SAE config (SAELens prepend_bos)
     memory_limit: str = "1GB"  # DuckDB: the table builder's limit, a quarter of it for the work cache; spills to OUT.work/
     duckdb_threads: int = 2  # threads per DuckDB connection
+    encode_bytes: int = 64 * 2**20  # dense SAE features held at once while extracting nonzeros (per slice of tokens)
     rows_per_range: int = 2_000_000  # activations per feature range when building tables (bounds each SQL phase)
     verify_sample: int = 8  # contexts `precompute` re-encodes in fp32 at the end (`saescope verify`)
     verify_tolerance: float = 1e-4  # max relative difference `saescope verify` accepts

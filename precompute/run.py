@@ -164,15 +164,24 @@ def _batches(it, n_ctx: int, skip: int, batch_size: int):
         yield np.stack(chunk)
 
 
-def sparse_features(sae: SAE, acts: torch.Tensor, special: torch.Tensor, first_ctx: int) -> SparseActs:
+def sparse_features(sae: SAE, acts: torch.Tensor, special: torch.Tensor, first_ctx: int,
+                    chunk_bytes: int = P.encode_bytes) -> SparseActs:
     """Hook activations (B, T, d_in) -> the SAE's nonzero features as parallel arrays, special tokens zeroed.
 
-    The same arithmetic as encode.encode_batch: both call encode_activations."""
-    z = encode_activations(sae, acts, special)  # (B, T, d_sae)
-    b, t, f = torch.nonzero(z, as_tuple=True)
-    vals = z[b, t, f].float().cpu().numpy()
-    return SparseActs((b.cpu().numpy() + first_ctx).astype(np.int32), t.cpu().numpy().astype(np.int16),
-                      f.cpu().numpy().astype(np.int32), vals)
+    The same arithmetic as encode.encode_batch (both call encode_activations), a slice of tokens at a time so
+    that the dense (tokens, d_sae) block stays within chunk_bytes however wide the SAE."""
+    B, T, d_in = acts.shape
+    x, sp = acts.reshape(B * T, d_in), special.reshape(B * T)
+    rows = max(1, chunk_bytes // (4 * sae.cfg.d_sae))
+    parts = []
+    for r0 in range(0, B * T, rows):
+        z = encode_activations(sae, x[r0:r0 + rows], sp[r0:r0 + rows])  # (rows, d_sae)
+        r, f = torch.nonzero(z, as_tuple=True)
+        parts.append((r + r0, f, z[r, f].float()))
+    r = torch.cat([p[0] for p in parts]).cpu().numpy()
+    return SparseActs((r // T + first_ctx).astype(np.int32), (r % T).astype(np.int16),
+                      torch.cat([p[1] for p in parts]).cpu().numpy().astype(np.int32),
+                      torch.cat([p[2] for p in parts]).cpu().numpy())
 
 
 @dataclass
@@ -248,6 +257,7 @@ def run_precompute(a: PrecomputeArgs) -> Path:
     else:
         t_forward = stream_shard(a, lm, loaded, plan, work, 0, prepend)
     done = work.contexts_done(plan)
+    log.info("streamed %d contexts (peak memory so far %s)", done, _peak_rss())
     if done < n_ctx:
         log.warning("the dataset ran out after %d contexts (%d tokens); asked for %d", done, done * a.context_len, n_ctx)
     t_stream = time.time()
@@ -256,8 +266,8 @@ def run_precompute(a: PrecomputeArgs) -> Path:
     t_end = time.time()
     a.timings.update(load=t_loaded - t_start, stream=t_stream - t_loaded, forward=t_forward,
                      publish=t_end - t_stream, tokens=done * a.context_len)
-    log.info("stored %s in %s (load %.0f s, stream %.0f s, tables %.0f s)", ", ".join(ids), a.out,
-             t_loaded - t_start, t_stream - t_loaded, t_end - t_stream)
+    log.info("stored %s in %s (load %.0f s, stream %.0f s, tables %.0f s; peak memory %s)", ", ".join(ids), a.out,
+             t_loaded - t_start, t_stream - t_loaded, t_end - t_stream, _peak_rss())
     return a.out
 
 
@@ -305,6 +315,14 @@ def stream_shard(a: PrecomputeArgs, lm: HookedLM, loaded: list[_Loaded], plan: P
     return t_forward
 
 
+def _peak_rss() -> str:
+    """This process's peak resident memory so far (Linux and macOS), for the log."""
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return f"{kb / 1024 / (1024 if sys.platform == 'darwin' else 1):.0f} MB"
+
+
 def _sample_spec(a: PrecomputeArgs) -> SampleSpec:
     return SampleSpec(a.context_len, a.top_k, a.n_intervals, a.per_interval, a.n_quantiles, a.per_quantile,
                       a.hist_bins)
@@ -335,6 +353,7 @@ def _build_tables(a: PrecomputeArgs, plan: Plan, work: WorkDir) -> list[tuple[in
     ctx_files = work.context_files()
     for i, lo, hi, folder, files in tqdm(todo, desc="tables", unit="range", disable=not a.progress or not todo):
         build_range(files, ctx_files, lo, hi, folder, _sample_spec(a), a.memory_limit, work.root / "spill")
+    log.info("feature ranges built (peak memory so far %s)", _peak_rss())
     return jobs
 
 
@@ -402,6 +421,7 @@ def _publish_one(a: PrecomputeArgs, builder: StoreBuilder, lm: HookedLM, x: _Loa
         c = cooccurrence(tok, feat, d_sae, n=P.n_neighbours)
         cooc = (c.ids, c.jaccard)
         del tok, feat
+        log.info("co-occurrence of %s done (peak memory so far %s)", sae_id, _peak_rss())
     if a.feature_map:
         from .featuremap import build_feature_map
 

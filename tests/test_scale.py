@@ -311,3 +311,32 @@ def test_home_page_shows_the_verify_badge(tiny_store):
     assert f"saescope verify {tiny_store} --sae tiny --sample 8 --seed 0" in text
     api = TestClient(create_app(tiny_store, worker_url=None)).get("/api/saes")  # the JSON twin: the same record
     assert api.status_code == 200 and [x["verify"]["command"] for x in api.json()] == [v["command"]]
+
+
+def test_sparse_features_in_token_slices_equal_one_slice(tiny_lm_dir, tiny_sae_dir, small_corpus):
+    """Extracting nonzeros a few tokens at a time (wide SAEs) gives the same activations as the whole batch."""
+    import itertools
+
+    from precompute.data import iter_dataset_contexts, special_mask
+    from precompute.models import load_model
+    from precompute.run import sparse_features
+    from precompute.saes import load_sae
+
+    lm = load_model(str(tiny_lm_dir), "cpu", "float32")
+    sae = load_sae(str(tiny_sae_dir))
+    ids = np.stack(list(itertools.islice(iter_dataset_contexts(str(small_corpus), "text", lm.tokenizer, 64, True), 3)))
+    acts = lm.activations(torch.from_numpy(ids).long(), sae.cfg.hook_name)
+    special = torch.from_numpy(special_mask(ids, lm.tokenizer))
+    whole = sparse_features(sae, acts, special, 10)
+    sliced = sparse_features(sae, acts, special, 10, chunk_bytes=4 * sae.cfg.d_sae * 7)  # 7 tokens per slice
+    for k in ("ctx", "pos", "feature"):
+        np.testing.assert_array_equal(getattr(sliced, k), getattr(whole, k))
+    np.testing.assert_allclose(sliced.value, whole.value, rtol=1e-6, atol=1e-7)
+    # and against the dense encode written here: every nonzero, at the right (context, position, feature)
+    z = sae.encode(acts.detach()).detach().numpy()
+    z[special.numpy()] = 0
+    c, p, f = np.nonzero(z)
+    np.testing.assert_array_equal(whole.ctx, c + 10)
+    np.testing.assert_array_equal(whole.pos, p)
+    np.testing.assert_array_equal(whole.feature, f)
+    np.testing.assert_allclose(whole.value, z[c, p, f], rtol=1e-5)
