@@ -41,12 +41,14 @@ def precompute(args: argparse.Namespace) -> int:
 def verify(args: argparse.Namespace) -> int:
     from precompute.verify import verify_store
 
-    results = verify_store(args.store, args.sae_id, args.sample, args.seed, args.tolerance)
+    results = verify_store(args.store, args.sae_id, args.sample, args.seed, args.tolerance,
+                           getattr(args, "bound_dtype", None))
     for sae_id, r in results.items():
         status = "ok" if r["ok"] else "FAILED"
-        print(f"{sae_id}: {status}: max rel. diff {r['max_rel_diff']:.2g} (max abs. diff {r['max_abs_diff']:.2g}) "
-              f"on {r['contexts']} contexts, {r['positions']:,} positions of {r['features']:,} feature examples; "
-              f"{r['mismatches']} zero/nonzero mismatches (tolerance {r['tolerance']:g})")
+        print(f"{sae_id}: {status}: max rel. diff {r['max_rel_diff']:.2g} (max abs. diff {r['max_abs_diff']:.2g}, "
+              f"{r['max_peak_diff']:.2g} of the SAE's peak {r['sae_peak']:.3g}) on {r['contexts']} contexts, "
+              f"{r['positions']:,} positions of {r['features']:,} feature examples; {r['mismatches']} zero/nonzero "
+              f"mismatches; checked against the {r['bound']}")
         if r["worst"] and not r["ok"]:
             w = r["worst"]
             print(f"  worst: context {w['ctx_id']} feature {w['feature']} position {w['pos']}: stored "

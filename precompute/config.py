@@ -45,7 +45,7 @@ class PrecomputeSettings:
     n_logits: int = 10
     n_neighbours: int = 10
     device: str = "auto"
-    dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
+    dtype: str = "auto"  # bfloat16 on CUDA and on CPUs with native bf16 (avx512_bf16/amx_bf16), else float32
     text_field: str = "text"
     prepend_bos: str = "auto"  # auto follows the SAE config (SAELens prepend_bos)
     memory_limit: str = "1GB"  # DuckDB: the table builder's limit, a quarter of it for the work cache; spills to OUT.work/
@@ -53,7 +53,14 @@ class PrecomputeSettings:
     encode_bytes: int = 64 * 2**20  # dense SAE features held at once while extracting nonzeros (per slice of tokens)
     rows_per_range: int = 2_000_000  # activations per feature range when building tables (bounds each SQL phase)
     verify_sample: int = 8  # contexts `precompute` re-encodes in fp32 at the end (`saescope verify`)
-    verify_tolerance: float = 1e-4  # max relative difference `saescope verify` accepts
+    verify_tolerance: float = 1e-4  # float32 stores: max relative difference `saescope verify` accepts
+    # bfloat16 / float16 stores (derivation and measurements in precompute/verify.py): max |stored - fp32| where both
+    # are active, as a share of the SAE's largest fp32 activation on the verified contexts; and the largest share
+    # of the compared positions where a TopK/JumpReLU selection may change (one side zero, the other beyond that bound)
+    verify_bound_bf16: float = 0.125
+    verify_changes_bf16: float = 0.05
+    verify_bound_fp16: float = 0.02
+    verify_changes_fp16: float = 0.01
     feature_map: bool = True  # a seeded UMAP of the decoder directions (umap-learn)
     map_min_live: int = 16  # below this many live features the map is fitted on all of them
     cooccurrence: bool = True  # per feature, the features most often active on the same tokens (Jaccard)

@@ -107,6 +107,7 @@ def stream_shards(a, plan, work, prepend: bool) -> None:
     task = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_retries=2)(_stream_task)
     args = asdict(a)
     args["out"] = str(a.out)
+    args["dtype"] = plan.fingerprint["dtype"].removeprefix("torch.")  # the driver's: one dtype on every node
     for k in ("timings", "stop_after_batches"):
         args.pop(k)
     log.info("streaming %d shard(s) of %d on Ray (%s GPU(s) in the cluster)", len(todo), len(plan.shards), gpus or "no")

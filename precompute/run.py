@@ -464,5 +464,6 @@ def _verify_before_publish(a: PrecomputeArgs, builder: StoreBuilder, lm: HookedL
         result = verify_sample(builder, ref_lm, ref_sae, x.sae_id, x.hook, a.verify_sample)  # command names {store}
         del result["date"]  # it ran while the tables were built: the reader reports the row's `created` as its date
         builder.set_verify(x.sae_id, result)
-        log.info("verified %s: max rel. diff %.2g on %d contexts (%d positions, %d zero/nonzero mismatches)",
-                 x.sae_id, result["max_rel_diff"], result["contexts"], result["positions"], result["mismatches"])
+        log.info("verified %s: %s = %.2g (%s); %d contexts, %d positions, %d zero/nonzero mismatches", x.sae_id,
+                 result["metric"], result[result["metric"]], result["bound"], result["contexts"], result["positions"],
+                 result["mismatches"])

@@ -345,7 +345,11 @@ def test_browser_hover_click_zoom_and_pan(server, browser, mapped):
         v0 = page.evaluate("({...saescopeMap.view})")
         assert abs(v0["x"] - x) < 1e-6 and abs(v0["y"] - y) < 1e-6  # f without x/y: centred on the feature
         t = page.evaluate("saescopeMap.transform()")
-        cx, cy = round(t["left"] + 300), round(t["top"] + 200)  # whole pixels: wheel events carry integer clientX/Y
+        w2, h2 = t["ox"] + x * t["scale"], t["oy"] + y * t["scale"]  # the canvas centre (the feature is centred)
+        # a pointer on the map's inner side of the feature, so that zooming about it never hits the view's clamp;
+        # whole pixels: wheel events carry integer clientX/Y
+        cx = round(t["left"] + w2 + (150 if x < 0.5 else -150))
+        cy = round(t["top"] + h2 + (100 if y < 0.5 else -100))
         rx, ry = cx - t["left"], cy - t["top"]
         page.mouse.move(cx, cy)
         mx, my = (rx - t["ox"]) / t["scale"], (ry - t["oy"]) / t["scale"]  # the map point under the pointer
@@ -433,3 +437,20 @@ def test_browser_draws_and_hit_tests_65536_points(server, browser):
     finally:
         ctx.close()
     assert errors == []
+
+
+def test_exact_knn_equals_brute_force_with_ties():
+    """The kNN graph handed to umap-learn: self first, then by cosine descending, ties to the lower index."""
+    from precompute.featuremap import _unit_rows, exact_knn
+
+    rng = np.random.default_rng(0)
+    u = _unit_rows(rng.standard_normal((700, 32)).astype(np.float32))
+    u[5] = u[9]
+    u[100] = u[9]  # three identical directions: ties at every rank they hold
+    idx, dist = exact_knn(u, 6, chunk_bytes=4 * 700 * 50)  # 50 rows per block: blocks do not divide 700
+    S = u.astype(np.float64) @ u.T.astype(np.float64)
+    for r in range(len(u)):
+        want = [j for j in np.lexsort((np.arange(len(u)), -S[r])) if j != r][:5]
+        assert idx[r, 0] == r and dist[r, 0] == 0
+        assert list(idx[r, 1:]) == want, r
+        np.testing.assert_allclose(dist[r, 1:], 1 - S[r, want], atol=1e-6)

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from precompute.embedded import resolve_model, resolve_sae
-from precompute.models import load_model
+from precompute.models import dtype_name, load_model
 from precompute.saes import load_sae
 from precompute.store import Store
 
@@ -48,14 +48,28 @@ def sources_from_store(store_path: Path) -> tuple[str, dict[str, str], dict[str,
     return model, {s.sae_id: s.sae_path for s in infos}, {s.sae_id: s.hook for s in infos}
 
 
+def store_dtype(store_path: Path) -> str:
+    """The dtype the store's activations were computed in, or 'auto' when its SAEs disagree or predate the record.
+
+    A worker on --dtype auto runs the model in it, so that live activations match the stored ones (auto alone
+    would pick bfloat16 on a bf16 CPU for a store built in float32, or float32 on a CPU for a bf16 GPU store)."""
+    with Store(store_path) as store:
+        names = {dtype_name(s.params["dtype"]) for s in store.saes() if s.params.get("dtype")}
+    return names.pop() if len(names) == 1 else "auto"
+
+
 def engine_from_args(args: argparse.Namespace) -> Engine:
     """The engine `saescope worker` runs: SAEs from --store, or one from --model/--sae."""
+    dtype = args.dtype
     if args.store:
         model, saes, hooks = sources_from_store(args.store)
+        if dtype == "auto":
+            dtype = store_dtype(args.store)
+            log.info("model dtype %s: the one the store was built with", dtype)
     else:
         model = resolve_model(args.model)
         ref = resolve_sae(args.sae)
         sae_id = Path(ref).name or ref
         saes, hooks = {sae_id: ref}, {sae_id: args.hook}
-    return build_engine(model, saes, hooks, args.device, args.dtype, args.max_prompt_tokens, args.max_batch,
+    return build_engine(model, saes, hooks, args.device, dtype, args.max_prompt_tokens, args.max_batch,
                         args.batch_wait_ms, args.max_queue, args.timeout)

@@ -486,6 +486,12 @@ def stored_activations(con, sae_id: str, ctx_ids: list[int]) -> dict[int, tuple[
     return out
 
 
+def sae_params(con, sae_id: str) -> dict[str, Any]:
+    """The params JSON of one saes row ({} when the SAE is not there); verify reads the dtype from it."""
+    rows = con.execute("SELECT params FROM saes WHERE sae_id = ?", [sae_id]).fetchall()
+    return json.loads(rows[0][0] or "{}") if rows else {}
+
+
 def _dedup(items: list[str]) -> list[str]:
     seen, out = set(), []
     for x in items:

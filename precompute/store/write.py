@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import PRECOMPUTE
-from .read import stored_activations
+from .read import sae_params, stored_activations
 from .schema import (CROSS, CONTEXTS, EXAMPLES, EXPLANATIONS, FEATURES, GROUPS, META, PER_SAE_TABLES,
                      PRIORITY_SQL, SAES, SCHEMA_VERSION, STORE_TABLES, VOCAB, create_all)
 
@@ -274,6 +274,10 @@ class StoreBuilder:
     def stored_activations(self, sae_id: str, ctx_ids: list[int]) -> dict[int, tuple[list[int], dict[int, tuple[list[int], list[float]]]]]:
         """What this (unpublished) store holds for some contexts; see read.stored_activations."""
         return stored_activations(self.con, sae_id, ctx_ids)
+
+    def sae_params(self, sae_id: str) -> dict[str, Any]:
+        """The params of an SAE written so far (verify reads its dtype)."""
+        return sae_params(self.con, sae_id)
 
     def context_ids(self, sae_id: str) -> list[int]:
         return [r[0] for r in self.con.execute("SELECT ctx_id FROM contexts WHERE sae_id = ? ORDER BY ctx_id", [sae_id]).fetchall()]
