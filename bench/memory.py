@@ -99,9 +99,33 @@ def measure_l0(model: Path, sae_dir: Path) -> float:
     return float((z[:, 1:] > 0).sum(-1).float().mean())
 
 
+def token_rows(folder: Path, model: Path, tokens: int) -> Path:
+    """Pre-tokenized contexts of 128 tokens, enough for `tokens`: the demo corpus (~496k tokens) and then
+    the same contexts again with their tokens after BOS rotated by 1, 2, ... places (new sequences, same
+    vocabulary statistics)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from precompute.data import iter_dataset_contexts
+
+    out = folder / f"tokens_{tokens}.jsonl"
+    if out.exists():
+        return out
+    tok = AutoTokenizer.from_pretrained(str(model))
+    base = list(itertools.islice(iter_dataset_contexts("default", "text", tok, 128, True), tokens // 128))
+    with out.open("w") as f:
+        for n in range(tokens // 128):
+            ctx, r = base[n % len(base)], n // len(base)
+            row = [int(ctx[0])] + np.roll(ctx[1:], r).tolist()
+            f.write(json.dumps({"tokens": row}) + "\n")
+    return out
+
+
 def peak_rss(model: Path, sae: Path, tokens: int, out: Path, memory_limit: str | None) -> tuple[float, float]:
+    rows = token_rows(out.parent, model, tokens)
     cmd = [sys.executable, "-m", "app.cli", "precompute", "--model", str(model), "--sae", str(sae),
-           "--tokens", str(tokens), "--out", str(out)]
+           "--tokens", str(tokens), "--out", str(out), "--dataset", str(rows)]
     if memory_limit:
         cmd += ["--memory-limit", memory_limit]
     t0 = time.time()

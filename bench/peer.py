@@ -146,6 +146,9 @@ def main() -> int:
     ap.add_argument("--saescope", default=str(ROOT / ".venv" / "bin" / "saescope"),
                     help="the saescope command (default: %(default)s)")
     ap.add_argument("--order", choices=("peer-first", "saescope-first"), default="peer-first")
+    ap.add_argument("--also", default=None, metavar="FLAGS",
+                    help="a second saescope run with these extra flags after the peer, e.g. '--dtype bfloat16' "
+                    "(reported against the same peer run)")
     ap.add_argument("saescope_args", nargs="*", help="extra flags for saescope precompute (after --)")
     a = ap.parse_args()
     if not 1 <= a.contexts <= 2048:
@@ -185,6 +188,13 @@ def main() -> int:
         ours = ours_step()
         peer = peer_step()
     print(report(peer, ours))
+    if a.also:
+        print(f"saescope again with {a.also} ...", flush=True)
+        second = run_saescope(shlex.split(a.saescope), a.peer, a.contexts, a.work, [*a.saescope_args, *shlex.split(a.also)])
+        second["tool"] = "saescope+"
+        (a.work / f"saescope_c{a.contexts}_also.json").write_text(json.dumps(second, indent=1))
+        print(f"with {a.also}:")
+        print(report(peer, second))
     return 0
 
 

@@ -108,7 +108,7 @@ def stream_shards(a, plan, work, prepend: bool) -> None:
     args = asdict(a)
     args["out"] = str(a.out)
     args["dtype"] = plan.fingerprint["dtype"].removeprefix("torch.")  # the driver's: one dtype on every node
-    for k in ("timings", "stop_after_batches"):
+    for k in ("timings", "stop_after_batches", "stop_after_ranges"):
         args.pop(k)
     log.info("streaming %d shard(s) of %d on Ray (%s GPU(s) in the cluster)", len(todo), len(plan.shards), gpus or "no")
     pending = {task.remote(args, plan.to_json(), s, prepend): s for s in todo}

@@ -136,6 +136,7 @@ class PrecomputeArgs:
     cooccurrence: bool = P.cooccurrence  # exact Jaccard co-occurrence over active token positions
     progress: bool = True
     stop_after_batches: int | None = field(default=None, repr=False)  # tests: simulate an interrupted run
+    stop_after_ranges: int | None = field(default=None, repr=False)  # tests: ... interrupted while building tables
     timings: dict = field(default_factory=dict, repr=False)  # filled in: load/stream/publish seconds
 
     def specs(self) -> list[SAESpec]:
@@ -351,7 +352,10 @@ def _build_tables(a: PrecomputeArgs, plan: Plan, work: WorkDir) -> list[tuple[in
         build_ranges(a, work, todo, _sample_spec(a))
         return jobs
     ctx_files = work.context_files()
-    for i, lo, hi, folder, files in tqdm(todo, desc="tables", unit="range", disable=not a.progress or not todo):
+    for n, (i, lo, hi, folder, files) in enumerate(tqdm(todo, desc="tables", unit="range",
+                                                        disable=not a.progress or not todo)):
+        if a.stop_after_ranges is not None and n >= a.stop_after_ranges:
+            raise KeyboardInterrupt  # as a Ctrl-C between two ranges: the finished ones stay
         build_range(files, ctx_files, lo, hi, folder, _sample_spec(a), a.memory_limit, work.root / "spill")
     log.info("feature ranges built (peak memory so far %s)", _peak_rss())
     return jobs

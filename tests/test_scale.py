@@ -340,3 +340,26 @@ def test_sparse_features_in_token_slices_equal_one_slice(tiny_lm_dir, tiny_sae_d
     np.testing.assert_array_equal(whole.pos, p)
     np.testing.assert_array_equal(whole.feature, f)
     np.testing.assert_allclose(whole.value, z[c, p, f], rtol=1e-5)
+
+
+def test_a_run_stopped_while_building_tables_resumes_at_the_next_range(tmp_path, tiny_lm_dir, tiny_sae_dir,
+                                                                      small_corpus, caplog):
+    """Ctrl-C after 3 feature ranges: the rerun streams nothing, builds only the other ranges, and the store
+    equals an uninterrupted run with the same ranges."""
+    from precompute.run import PrecomputeArgs, run_precompute
+
+    kw = dict(model=str(tiny_lm_dir), sae=str(tiny_sae_dir), sae_id="tiny", dataset=str(small_corpus),
+              rows_per_range=400, feature_map=False, **TINY_ARGS)
+    ref = run_precompute(PrecomputeArgs(out=tmp_path / "ref.duckdb", **kw))
+    out = tmp_path / "stopped.duckdb"
+    with pytest.raises(KeyboardInterrupt):
+        run_precompute(PrecomputeArgs(out=out, stop_after_ranges=3, **kw))
+    assert not out.exists()
+    done = sorted(p.name for p in (tmp_path / "stopped.duckdb.work" / "tables" / "sae-0").iterdir())
+    assert len(done) == 3 and not any(n.endswith(".tmp") for n in done)
+    caplog.set_level("INFO")
+    run_precompute(PrecomputeArgs(out=out, **kw))
+    n_ranges = int(caplog.text.split("building per-feature tables: ")[1].split(" ")[0])
+    assert f"{n_ranges} feature range(s), {n_ranges - 3} to do" in caplog.text and n_ranges > 3
+    assert "resuming: 40 of 40 contexts already done" in caplog.text
+    assert rows(out, "tiny") == rows(ref, "tiny")

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 RECORD = np.dtype([("ctx", "<i4"), ("pos", "<i2"), ("feature", "<i4"), ("value", "<f4")])  # packed: 14 bytes
-SEAL_ROWS = 4_000_000  # activations per sealing chunk (~56 MB of records plus their sort)
+SEAL_ROWS = 2_000_000  # activations per sealing chunk (~28 MB of records plus their sort and copies)
 ROW_GROUP = 65_536  # Parquet row-group size of sealed activations (min/max statistics per group)
 MAX_BUCKETS = 256  # feature buckets per SAE: Parquet files per SAE and shard
 MIN_BUCKET = 64  # features per bucket at least
