@@ -418,13 +418,12 @@ def _publish_one(a: PrecomputeArgs, builder: StoreBuilder, lm: HookedLM, x: _Loa
     stats["n_ctx"], stats["n_counted"] = builder.put_contexts(sae_id, work.context_files(), used)
     cooc = coords = None
     if a.cooccurrence:
-        from .cooccur import cooccurrence
+        from .cooccur import cooccurrence_from_chunks
 
         read = read_active(work.all_act_files(i), a.context_len, a.memory_limit, work.root / "spill")
-        tok, feat = read(0, stats["n_ctx"] * a.context_len)
-        c = cooccurrence(tok, feat, d_sae, n=P.n_neighbours)
+        c = cooccurrence_from_chunks(read, stats["n_ctx"] * a.context_len, d_sae, n=P.n_neighbours,
+                                     temp_dir=work.root)
         cooc = (c.ids, c.jaccard)
-        del tok, feat
         log.info("co-occurrence of %s done (peak memory so far %s)", sae_id, _peak_rss())
     if a.feature_map:
         from .featuremap import build_feature_map
