@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-secret", default=None, help="shared secret for the worker (sent with every request, and "
                    f"required by the child worker); also read from ${W.secret_env}")
     p.add_argument("--no-prewarm", action="store_true",
-                   help="do not pre-render every feature page in the background after startup")
+                   help="do not pre-render every feature page in the background after startup (stores of more "
+                   f"than {S.prewarm_max_features:,} features are never pre-rendered)")
 
     p = sub.add_parser("worker", help="run the model worker: holds model+SAEs, batches live requests, JSON API",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

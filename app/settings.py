@@ -32,6 +32,7 @@ class ServeSettings:
     max_note_chars: int = 500
     dense_share: float = 0.01  # the feature list calls a feature dense at or above this share of tokens
     cache_bytes: int = 512 * 2**20  # whole-response page cache
+    prewarm_max_features: int = 16_384  # pre-render feature pages only for stores this small (cold pages: ~10 ms)
     worker_restart_max_s: float = 30.0  # longest wait between restarts of a dead child worker
     health_max_age_s: float = 2.0  # how long a worker health answer is trusted
     shutdown_wait_s: float = 10.0  # how long shutdown waits for the page being pre-rendered

@@ -3,6 +3,13 @@
 logit effect of feature f = (W_dec[f] * g) @ W_U, where g is the final norm's elementwise gain. The norm's
 data-dependent scale (1/rms) is left out, so values are effects up to one positive factor per token position;
 the ranking of tokens is exact. The full (d_sae, vocab) matrix is never held: features go in chunks.
+
+Speed (issue 10, 65,536 features): the matmuls are the floor; everything else is kept to few passes over each
+chunk: the bottom tokens by topk(largest=False) (no negated copy), the mean by a float64-accumulating mean (no
+float64 copy), the histogram from uint8 bin indices counted per row (no int64 index and ones tensors).
+Neighbours use the symmetry of the cosine matrix: each block of it is formed once and read by both its rows
+and its columns, half the multiply-adds of row chunks. Values equal the row-chunk computation bit for bit
+(a block of a matrix product is the product of the blocks; tests/test_large_sae.py checks against brute force).
 """
 
 from __future__ import annotations
@@ -10,15 +17,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+LOGIT_BLOCK_BYTES = 128 * 2**20  # one float32 (chunk, vocab) block of effects: 682 features of a 49,152 vocabulary
 LOGIT_METHOD = ("W_dec[f] * final_norm_gain @ W_U (direct path; the final norm's gain is folded in, "
                 "its per-token 1/rms scale is not, so values are relative; no logit soft-capping)")
 
 
 @torch.no_grad()
 def logit_effects(W_dec: torch.Tensor, W_U: torch.Tensor, gain: torch.Tensor | None, n: int = 10, bins: int = 50,
-                  chunk: int = 512) -> dict[str, np.ndarray]:
-    """W_dec (d_sae, d), W_U (d, vocab), gain (d,) -> top/bottom n tokens and a histogram per feature."""
+                  chunk: int | None = None) -> dict[str, np.ndarray]:
+    """W_dec (d_sae, d), W_U (d, vocab), gain (d,) -> top/bottom n tokens and a histogram per feature.
+
+    chunk: features per (chunk, vocab) block; None sizes it to LOGIT_BLOCK_BYTES (larger blocks multiply faster).
+
+    Histogram: `bins` equal-width bins over [min, max] of the feature's effects; bin of x =
+    trunc(clamp((x - min) * (bins / (max - min)), 0, bins - 1)) in float32.
+    """
+    assert bins <= 256, f"bins={bins}: bin indices are kept as uint8 (at most 256 bins)"
     d_sae = W_dec.shape[0]
+    chunk = chunk or max(1, LOGIT_BLOCK_BYTES // (4 * W_U.shape[1]))
     W = W_dec.float() * (gain.float() if gain is not None else 1.0)
     W_U = W_U.float()
     out = {"pos_ids": np.zeros((d_sae, n), np.int32), "pos_vals": np.zeros((d_sae, n), np.float32),
@@ -27,30 +43,66 @@ def logit_effects(W_dec: torch.Tensor, W_U: torch.Tensor, gain: torch.Tensor | N
            "hist_hi": np.zeros(d_sae, np.float32), "mean": np.zeros(d_sae, np.float32)}
     for s in range(0, d_sae, chunk):
         L = W[s:s + chunk] @ W_U  # (c, vocab)
-        top, bot = L.topk(n, dim=-1), (-L).topk(n, dim=-1)
+        top, bot = L.topk(n, dim=-1), L.topk(n, dim=-1, largest=False)
         out["pos_ids"][s:s + chunk], out["pos_vals"][s:s + chunk] = top.indices.numpy(), top.values.numpy()
-        out["neg_ids"][s:s + chunk], out["neg_vals"][s:s + chunk] = bot.indices.numpy(), (-bot.values).numpy()
-        out["mean"][s:s + chunk] = L.double().mean(dim=-1).float().numpy()  # softmax ignores this shift
+        out["neg_ids"][s:s + chunk], out["neg_vals"][s:s + chunk] = bot.indices.numpy(), bot.values.numpy()
+        out["mean"][s:s + chunk] = L.mean(dim=-1, dtype=torch.float64).float().numpy()  # softmax ignores this shift
         lo, hi = L.aminmax(dim=-1)  # (c,)
-        # bin index in place (L is not needed any more): fewer full-size temporaries
+        # bin index in place (L is not needed any more), then one byte per entry
         L.sub_(lo[:, None]).mul_((bins / (hi - lo).clamp_min(1e-12))[:, None]).clamp_(0, bins - 1)
-        idx = L.long()
-        h = torch.zeros(L.shape[0], bins, dtype=torch.long).scatter_add_(1, idx, torch.ones_like(idx))
-        out["hist"][s:s + chunk], out["hist_lo"][s:s + chunk], out["hist_hi"][s:s + chunk] = h.numpy(), lo.numpy(), hi.numpy()
+        idx = L.to(torch.uint8).numpy()  # (c, vocab), values 0..bins-1 (truncation, as int64 conversion)
+        h = out["hist"][s:s + chunk]
+        for r in range(idx.shape[0]):
+            h[r] = np.bincount(idx[r], minlength=bins)
+        out["hist_lo"][s:s + chunk], out["hist_hi"][s:s + chunk] = lo.numpy(), hi.numpy()
     return out
 
 
 @torch.no_grad()
-def nearest_features(W_dec: torch.Tensor, n: int = 10, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Top-n other features by cosine similarity of decoder rows: (d_sae, n) ids and similarities."""
-    Wn = W_dec.float() / W_dec.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+def nearest_features(W_dec: torch.Tensor, n: int = 10, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Top-n other features by cosine similarity of decoder rows: (d_sae, n) ids and similarities, best first.
+
+    Block (i, j) of the cosine matrix (j >= i) is formed once; its rows update the candidates of block i's
+    features and its columns those of block j's. Ties in similarity are ordered by the lower feature index.
+    """
+    Wn = W_dec.float() / W_dec.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (d_sae, d)
     d_sae = Wn.shape[0]
     n = min(n, d_sae - 1)
+    if n <= 0:
+        return np.zeros((d_sae, 0), np.int32), np.zeros((d_sae, 0), np.float32)
     ids, sims = np.zeros((d_sae, n), np.int32), np.zeros((d_sae, n), np.float32)
-    for s in range(0, d_sae, chunk):
-        S = Wn[s:s + chunk] @ Wn.T  # (c, d_sae)
-        rows = torch.arange(S.shape[0])
-        S[rows, rows + s] = -float("inf")
-        t = S.topk(n, dim=-1)
-        ids[s:s + chunk], sims[s:s + chunk] = t.indices.numpy(), t.values.numpy()
+    starts = range(0, d_sae, chunk)
+    cands: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {s: [] for s in starts}  # block -> (sims, ids)
+
+    def top(S: torch.Tensor, col0: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k of each row of the block S (columns = features col0..), ties by the lower index."""
+        k = min(n, S.shape[1])
+        t = S.topk(min(k + 1, S.shape[1]), dim=-1)  # one more, to see ties at the k-th place
+        v, i = t.values[:, :k], t.indices[:, :k]
+        if t.values.shape[1] > k:
+            tied = (t.values[:, k] == t.values[:, k - 1]).nonzero().flatten()
+            if len(tied):  # topk breaks those ties arbitrarily: take them by the lower index
+                o = torch.sort(S[tied], dim=1, descending=True, stable=True).indices[:, :k]
+                v, i = v.clone(), i.clone()
+                v[tied], i[tied] = S[tied].gather(1, o), o
+        return v, i + col0
+
+    for s in starts:
+        A = Wn[s:s + chunk]
+        for t in range(s, d_sae, chunk):
+            S = A @ Wn[t:t + chunk].T  # (ca, cb)
+            if t == s:
+                rows = torch.arange(S.shape[0])
+                S[rows, rows] = -float("inf")  # never one's own neighbour
+            cands[s].append(top(S, t))
+            if t != s:
+                cands[t].append(top(S.T.contiguous(), s))  # topk along the rows of a copy: 2-3x faster
+        # every block of rows s.. has been seen (columns < s earlier, as the other side): merge its candidates
+        v = torch.cat([c[0] for c in cands[s]], dim=1)  # (ca, n * blocks)
+        i = torch.cat([c[1] for c in cands[s]], dim=1)
+        del cands[s]
+        order = torch.sort(i, dim=1, stable=True).indices  # lower id first ...
+        v, i = v.gather(1, order), i.gather(1, order)
+        order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :n]  # ... then by similarity
+        ids[s:s + chunk], sims[s:s + chunk] = i.gather(1, order).numpy(), v.gather(1, order).numpy()
     return ids, sims

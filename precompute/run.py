@@ -392,15 +392,12 @@ def _cross_matches(builder: StoreBuilder, loaded: list[_Loaded], n: int = 5) -> 
                 builder.put_cross(x.sae_id, y.sae_id, np.asarray(m.ids), np.asarray(m.cos))
 
 
-LOGIT_CHUNK = 128  # features per logit-effect chunk: (chunk, vocab) float32 plus two int64 copies stay small
-
-
 def _from_weights(lm: HookedLM, x: _Loaded) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Logit effects and decoder-cosine neighbours of one SAE (small (d_sae, n) arrays)."""
     W_dec = x.sae.W_dec.detach().cpu()
     if x.sae.cfg.normalize_activations != "none":
         log.info("the SAE normalizes its input; logit effects use the raw decoder directions")
-    logits = logit_effects(W_dec, lm.unembedding().cpu(), lm.final_norm_gain(), n=P.n_logits, chunk=LOGIT_CHUNK)
+    logits = logit_effects(W_dec, lm.unembedding().cpu(), lm.final_norm_gain(), n=P.n_logits)
     return logits, nearest_features(W_dec, n=P.n_neighbours)
 
 

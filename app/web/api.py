@@ -110,9 +110,9 @@ def _ex(e) -> ExampleOut:
     return ExampleOut(tokens=e.tokens, values=e.acts, pos=e.pos, value=e.value, ctx_id=e.ctx_id)
 
 
-def _groups(store, sae_id, index, kind) -> list[GroupOut]:
+def _groups(groups) -> list[GroupOut]:
     return [GroupOut(kind=g.kind, group=g.grp, lo=g.lo, hi=g.hi, n_tokens=g.n_tokens, share=g.share,
-                     examples=[_ex(e) for e in g.examples]) for g in store.groups(sae_id, index, kind)]
+                     examples=[_ex(e) for e in g.examples]) for g in groups]
 
 
 @router.get("/saes", response_model=list[SAEOut], summary="SAEs in the store")
@@ -138,10 +138,11 @@ def api_features(request: Request, sae_id: str, sort: Literal["index", "density"
 def api_feature(request: Request, sae_id: str, index: int):
     store = store_of(request)
     _, f = feature_or_404(store, sae_id, index)
+    examples = store.examples_by_kind(sae_id, index, ("top", "interval", "quantile"))  # one query for all kinds
+    groups = store.groups_by_kind(sae_id, index, ("interval", "quantile"), examples=examples)
     return FeatureOut(**{k: getattr(f, k) for k in FeatureOut.model_fields if hasattr(f, k)},
-                      top_examples=[_ex(e) for e in store.examples(sae_id, index, "top")],
-                      intervals=_groups(store, sae_id, index, "interval"),
-                      quantiles=_groups(store, sae_id, index, "quantile"))
+                      top_examples=[_ex(e) for e in examples["top"]],
+                      intervals=_groups(groups["interval"]), quantiles=_groups(groups["quantile"]))
 
 
 @router.get("/saes/{sae_id}/features/{index}/neuronpedia", summary="one feature in Neuronpedia's JSON field names")

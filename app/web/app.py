@@ -21,6 +21,7 @@ from ..settings import SERVE, VERSION
 from ..worker.client import WorkerClient
 from . import api, live, maps, pages
 from .cache import PageCache, cacheable_paths
+from .lookups import warm_up
 from .templates import STATIC, page
 
 log = logging.getLogger(__name__)
@@ -61,13 +62,20 @@ def create_app(store_path: Path | str, worker_url: str | None = None, cache: boo
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         task = None
-        if cached is not None and prewarm:
+        # what every page reads besides its own rows (vocabularies, map indexes), off the event loop: not pages
+        warm = asyncio.get_running_loop().run_in_executor(None, warm_up, store)
+        n_features = sum(s.d_sae for s in store.saes())
+        if cached is not None and prewarm and n_features <= SERVE.prewarm_max_features:
             paths = [f"/sae/{s.sae_id}/feature/{i}" for s in store.saes() for i in range(s.d_sae)]
             task = asyncio.get_running_loop().create_task(cached.prewarm(paths))
+        elif cached is not None and prewarm:
+            log.info("%d features: pages are rendered when first asked for (pre-rendering stops at %d)", n_features,
+                     SERVE.prewarm_max_features)
         yield
         if task is not None:  # let the page being rendered finish before the store closes under it
             cached.stop()
             await asyncio.wait([task], timeout=SERVE.shutdown_wait_s)
+        await asyncio.wait([warm], timeout=SERVE.shutdown_wait_s)
         store.close()
 
     app = FastAPI(title="saescope", version=VERSION, lifespan=lifespan, description=DESCRIPTION)

@@ -82,12 +82,15 @@ def feature_page(request: Request, sae_id: str, index: int,
     ctx["map_near"] = None if is_htmx(request) else neighbourhood(store, sae, f)  # the map around it (SVG)
     html = vocab_html(store, sae.model_key)
     special = frozenset(sae.params.get("special_token_ids", ()))
+    tab_only = bool(samples) and is_htmx(request) and request.headers.get("HX-Target") != "examples"
+    kinds = ((samples,) if tab_only else ("top", samples)) if samples else ("top",)
+    examples = store.examples_by_kind(sae_id, index, kinds)  # every kind shown, in one query
     if samples:  # a sample tab: as a fragment for htmx, inside the whole page otherwise (works without JS)
         ctx["groups"] = [(g, [window(e, left, right, html, special) for e in g.examples])
-                         for g in store.groups(sae_id, index, samples)]
-        if is_htmx(request) and request.headers.get("HX-Target") != "examples":
+                         for g in store.groups_by_kind(sae_id, index, (samples,), examples=examples)[samples]]
+        if tab_only:
             return page(request, "feature.html", {**ctx, "top": None}, block="samples")
-    ctx["top"] = [window(e, left, right, html, special) for e in store.examples(sae_id, index, "top")]
+    ctx["top"] = [window(e, left, right, html, special) for e in examples["top"]]
     return page(request, "feature.html", ctx, block="examples")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 
 from .schema import EXPLANATIONS, FEATURES, SAES, SCHEMA_VERSION, STORE_TABLES
 
@@ -117,6 +118,9 @@ class Store:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._bm25: dict[str, tuple[Any, list[int], list[str]]] = {}  # sae_id -> (BM25Index, features, texts)
+        self._maps: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # sae_id -> map index (_map_index)
+        self._summary: dict[str, tuple[np.ndarray, ...]] = {}  # sae_id -> feature summaries (_summaries)
+        self._compared: dict[str, list[str]] | None = None  # sae_id -> SAEs it was compared with (cross_matches)
         try:
             self._con = duckdb.connect(str(self.path), read_only=True)
         except duckdb.Error as err:
@@ -171,6 +175,15 @@ class Store:
         except duckdb.Error as err:  # I/O errors, and "Corrupt database file: computed checksum ..." (a plain Error)
             raise damaged(self.path, err) from err
 
+    def _np(self, sql: str, params: list | None = None) -> dict[str, np.ndarray]:
+        """Like _q, as numpy columns."""
+        try:
+            return self._cursor().execute(sql, params or []).fetchnumpy()
+        except duckdb.ProgrammingError:
+            raise
+        except duckdb.Error as err:
+            raise damaged(self.path, err) from err
+
     def close(self) -> None:
         self._con.close()
 
@@ -203,6 +216,15 @@ class Store:
             self._vocab[model_key] = [r[0] for r in rows]
         return self._vocab[model_key]
 
+    def warm(self) -> None:
+        """Read into memory what any feature page needs besides its own rows (each SAE's vocabulary and map
+        index), so that no page pays for it; meant for a background thread at startup (about a second)."""
+        for s in self.saes():
+            self.vocab(s.model_key)
+            self._map_index(s.sae_id)
+            self._summaries(s.sae_id)
+        self.compared_with("")
+
     def _tok(self, sae_id: str):
         v = self.vocab(self._saes[sae_id].model_key)
         return lambda i: v[i] if 0 <= i < len(v) else f"<id {i}>"
@@ -226,11 +248,45 @@ class Store:
         return FeatureRow(r[0], r[1], r[2], r[3], r[4], _dedup([tok(i) for i in r[5]]), r[6] if len(r) > 6 else None)
 
     def features_by_index(self, sae_id: str, indices: list[int]) -> dict[int, FeatureRow]:
+        """The summary rows of these features (ids that do not exist are left out), from the SAE's summary
+        index in memory: no query, so a page may ask for dozens (a map neighbourhood, a list)."""
         if not indices:
             return {}
-        rows = self._q("""SELECT feature, density, max_act, mean_act, n_active, top_token_ids FROM features
-                          WHERE sae_id = ? AND list_contains(?, feature)""", [sae_id, list(map(int, indices))])
-        return {r[0]: self._row(sae_id, r) for r in rows}
+        feat, dens, mx, mean, n_act, offsets, toks = self._summaries(sae_id)
+        tok = self._tok(sae_id)
+        out = {}
+        for i in map(int, indices):
+            at = np.searchsorted(feat, i)
+            if at < len(feat) and feat[at] == i and i not in out:
+                ids = toks[offsets[at]:offsets[at + 1]].tolist()
+                out[i] = FeatureRow(i, float(dens[at]), float(mx[at]), float(mean[at]), int(n_act[at]),
+                                    _dedup([tok(t) for t in ids]))
+        return out
+
+    def _summaries(self, sae_id: str) -> tuple[np.ndarray, ...]:
+        """(feature ascending, density, max_act, mean_act, n_active, top-token offsets, top tokens flat) of every
+        feature of the SAE, read once (65,536 features: ~5 MB, tens of ms)."""
+        with self._lock:
+            hit = self._summary.get(sae_id)
+        if hit is None:
+            try:
+                t = self._cursor().sql("""SELECT feature, density, max_act, mean_act, n_active, top_token_ids
+                                          FROM features WHERE sae_id = ? ORDER BY feature""",
+                                       params=[sae_id]).to_arrow_table()
+            except duckdb.ProgrammingError:
+                raise
+            except duckdb.Error as err:
+                raise damaged(self.path, err) from err
+            t = t.combine_chunks()
+            top = t.column("top_token_ids").chunk(0) if t.num_rows else None
+            col = lambda name, dt: np.asarray(t.column(name).to_numpy(zero_copy_only=False), dt)
+            offsets = np.asarray(top.offsets, np.int64) if top is not None else np.zeros(1, np.int64)
+            flat = np.asarray(top.values, np.int64) if top is not None else np.zeros(0, np.int64)
+            hit = (col("feature", np.int64), col("density", np.float64), col("max_act", np.float32),
+                   col("mean_act", np.float32), col("n_active", np.int64), offsets, flat)
+            with self._lock:
+                self._summary[sae_id] = hit
+        return hit
 
     def count_features(self, sae_id: str, min_density: float | None = None, max_density: float | None = None,
                        dead: bool | None = None, min_score: float | None = None) -> int:
@@ -260,13 +316,20 @@ class Store:
 
     def cross(self, sae_id: str, index: int) -> list[tuple[str, list[tuple[int, float]]]]:
         """The feature's nearest decoder directions in each other SAE of this store it was compared with."""
+        if not self.compared_with(sae_id):  # most stores: one SAE, or SAEs of different widths (no query)
+            return []
         rows = self._q("SELECT other, ids, cos FROM cross_matches WHERE sae_id = ? AND feature = ? ORDER BY other",
                        [sae_id, index])
         return [(o, list(zip(ids, cos))) for o, ids, cos in rows]
 
     def compared_with(self, sae_id: str) -> list[str]:
-        return [r[0] for r in self._q("SELECT DISTINCT other FROM cross_matches WHERE sae_id = ? ORDER BY other",
-                                      [sae_id])]
+        """The SAEs this one has cross matches with (read once for the whole store)."""
+        if self._compared is None:
+            pairs: dict[str, list[str]] = {}
+            for a, b in self._q("SELECT DISTINCT sae_id, other FROM cross_matches ORDER BY sae_id, other"):
+                pairs.setdefault(a, []).append(b)
+            self._compared = pairs
+        return list(self._compared.get(sae_id, []))
 
     def best_matches(self, sae_id: str, other: str, limit: int, offset: int) -> list[tuple[int, int, float, bool]]:
         """(feature of sae_id, its best match in other, cosine, whether that match's best match is the feature)."""
@@ -286,12 +349,38 @@ class Store:
         return {c: [r[i] for r in rows] for i, c in enumerate(cols)}
 
     def map_neighbourhood(self, sae_id: str, index: int, k: int) -> list[tuple[int, float, float]]:
-        """The k features nearest to `index` on the map, itself first: (feature, x, y)."""
-        return [tuple(r) for r in self._q("""
-            WITH me AS (SELECT map_x AS x0, map_y AS y0 FROM features WHERE sae_id = ? AND feature = ?)
-            SELECT feature, map_x, map_y FROM features, me WHERE sae_id = ? AND map_x IS NOT NULL
-            ORDER BY (map_x - x0) * (map_x - x0) + (map_y - y0) * (map_y - y0), feature LIMIT ?""",
-            [sae_id, index, sae_id, k + 1])]
+        """The k features nearest to `index` on the map, itself first: (feature, x, y); [] when it has no point.
+
+        Order: squared distance in float32 (REAL) arithmetic, ties by the lower feature, as the SQL
+        `ORDER BY (map_x - x0) * (map_x - x0) + (map_y - y0) * (map_y - y0), feature` would give; computed in
+        memory over the SAE's map index (one vectorised pass over its points, no scan of the table)."""
+        feat, xs, ys = self._map_index(sae_id)
+        at = np.searchsorted(feat, index)
+        if at >= len(feat) or feat[at] != index:
+            return []
+        x0, y0 = xs[at], ys[at]
+        dx, dy = xs - x0, ys - y0
+        d = dx * dx + dy * dy  # (n,) float32
+        m = min(k + 1, len(d))
+        if m < len(d):  # everything within the m-th smallest distance (ties at the boundary included)
+            cand = np.flatnonzero(d <= np.partition(d, m - 1)[m - 1])
+        else:
+            cand = np.arange(len(d))
+        take = cand[np.lexsort((feat[cand], d[cand]))][:m]
+        return [(int(feat[j]), float(xs[j]), float(ys[j])) for j in take]
+
+    def _map_index(self, sae_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(feature ids ascending, map x, map y as float32) of the SAE's features with a map point, read once."""
+        with self._lock:
+            hit = self._maps.get(sae_id)
+        if hit is None:
+            r = self._np("""SELECT feature, map_x, map_y FROM features
+                            WHERE sae_id = ? AND map_x IS NOT NULL AND map_y IS NOT NULL ORDER BY feature""", [sae_id])
+            hit = (np.asarray(r["feature"], np.int64), np.asarray(r["map_x"], np.float32),
+                   np.asarray(r["map_y"], np.float32))
+            with self._lock:
+                self._maps[sae_id] = hit
+        return hit
 
     def random_feature(self, sae_id: str) -> int:
         row = next(iter(self._q("SELECT feature FROM features WHERE sae_id = ? AND n_active > 0 ORDER BY random() LIMIT 1",
@@ -323,24 +412,30 @@ class Store:
             explanation_rows=expl_rows, logit_mean=r["logit_mean"] or 0.0)
 
     def examples(self, sae_id: str, index: int, kind: str = "top") -> list[Example]:
-        rows = self._q("""SELECT kind, grp, rank, ctx_id, pos, value, act_pos, act_val FROM examples
-                          WHERE sae_id = ? AND feature = ? AND kind = ? ORDER BY grp, rank""",
-                       [sae_id, index, kind])
+        return self.examples_by_kind(sae_id, index, (kind,))[kind]
+
+    def examples_by_kind(self, sae_id: str, index: int, kinds: tuple[str, ...] = ("top", "interval", "quantile")
+                         ) -> dict[str, list[Example]]:
+        """kind -> the feature's stored examples of that kind (ordered by group, rank): two queries for all kinds
+        (examples rows sit sorted by feature, so the scan reads one row group; then their contexts)."""
+        out: dict[str, list[Example]] = {k: [] for k in kinds}
+        rows = self._q(f"""SELECT kind, grp, rank, ctx_id, pos, value, act_pos, act_val FROM examples
+                           WHERE sae_id = ? AND feature = ? AND kind IN ({', '.join('?' * len(kinds))})
+                           ORDER BY kind, grp, rank""", [sae_id, index, *kinds])
         if not rows:
-            return []
+            return out
         ctx_ids = sorted({r[3] for r in rows})
         ctx = dict(self._q("""SELECT ctx_id, tokens FROM contexts WHERE sae_id = ? AND ctx_id >= ? AND ctx_id <= ?
                               AND list_contains(?, ctx_id)""", [sae_id, ctx_ids[0], ctx_ids[-1], ctx_ids]))
         v = self.vocab(self._saes[sae_id].model_key)
         n = len(v)
-        out = []
         for kind_, grp, rank, ctx_id, pos, value, apos, aval in rows:
             tokens = ctx[ctx_id]
             acts = [0.0] * len(tokens)
             for p, a in zip(apos, aval):
                 acts[p] = a
             strs = [v[t] if 0 <= t < n else f"<id {t}>" for t in tokens]
-            out.append(Example(kind_, grp, rank, ctx_id, pos, value, strs, list(tokens), acts))
+            out[kind_].append(Example(kind_, grp, rank, ctx_id, pos, value, strs, list(tokens), acts))
         return out
 
     def context_ids(self, sae_id: str) -> list[int]:
@@ -352,14 +447,25 @@ class Store:
         return stored_activations(self._cursor(), sae_id, ctx_ids)
 
     def groups(self, sae_id: str, index: int, kind: str) -> list[Group]:
-        rows = self._q("""SELECT kind, grp, lo, hi, n_tokens, share FROM groups
-                          WHERE sae_id = ? AND feature = ? AND kind = ? ORDER BY grp DESC""",
-                       [sae_id, index, kind])
-        groups = {r[1]: Group(*r) for r in rows}
-        for ex in self.examples(sae_id, index, kind):
-            if ex.grp in groups:
-                groups[ex.grp].examples.append(ex)
-        return list(groups.values())
+        return self.groups_by_kind(sae_id, index, (kind,))[kind]
+
+    def groups_by_kind(self, sae_id: str, index: int, kinds: tuple[str, ...] = ("interval", "quantile"),
+                       examples: dict[str, list[Example]] | None = None) -> dict[str, list[Group]]:
+        """kind -> the feature's sample groups of that kind (highest group first) with their examples; pass
+        `examples` (examples_by_kind with these kinds) when already read, to skip reading them again."""
+        rows = self._q(f"""SELECT kind, grp, lo, hi, n_tokens, share FROM groups
+                           WHERE sae_id = ? AND feature = ? AND kind IN ({', '.join('?' * len(kinds))})
+                           ORDER BY kind, grp DESC""", [sae_id, index, *kinds])
+        groups: dict[str, dict[int, Group]] = {k: {} for k in kinds}
+        for r in rows:
+            groups[r[0]][r[1]] = Group(*r)
+        if examples is None:
+            examples = self.examples_by_kind(sae_id, index, kinds)
+        for kind in kinds:
+            for ex in examples.get(kind, []):
+                if ex.grp in groups[kind]:
+                    groups[kind][ex.grp].examples.append(ex)
+        return {k: list(g.values()) for k, g in groups.items()}
 
     def stats(self, sae_id: str) -> dict[str, int]:
         """Row counts and coverage, for reports and benchmarks."""
