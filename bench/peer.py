@@ -92,13 +92,13 @@ def saescope_input_args(peer: Path, contexts: int, work: Path) -> list[str]:
     return ["--dataset", str(rows)]
 
 
-def run_saescope(cmd: list[str], peer: Path, contexts: int, work: Path, extra: list[str]) -> dict:
-    out = work / f"saescope_c{contexts}.duckdb"
+def run_saescope(cmd: list[str], peer: Path, contexts: int, work: Path, extra: list[str], tag: str = "") -> dict:
+    out = work / f"saescope_c{contexts}{tag}.duckdb"
     for p in (out, out.with_name(out.name + ".tmp"), out.with_name(out.name + ".tmp.wal"), out.with_name(out.name + ".wal")):
         p.unlink(missing_ok=True)
     shutil.rmtree(out.with_name(out.name + ".work"), ignore_errors=True)
-    time_file = work / f"saescope_c{contexts}.time.txt"
-    log_file = work / f"saescope_c{contexts}.log"
+    time_file = work / f"saescope_c{contexts}{tag}.time.txt"
+    log_file = work / f"saescope_c{contexts}{tag}.log"
     args = [*cmd, "precompute", "--model", "default", "--sae", str(peer / "sae"),
             *saescope_input_args(peer, contexts, work), "--tokens", str(contexts * CTX_LEN),
             "--context-len", str(CTX_LEN), "--out", str(out), "--sae-id", "peer", "--restart", *extra]
@@ -110,7 +110,7 @@ def run_saescope(cmd: list[str], peer: Path, contexts: int, work: Path, extra: l
     if proc.returncode != 0:
         raise RuntimeError(f"saescope failed ({shlex.join(args)}):\n{text[-4000:]}")
     res = parse_time_v(time_file.read_text())
-    split = re.search(r"\(load (\d+) s, stream (\d+) s, tables (\d+) s\)", text)
+    split = re.search(r"\(load (\d+) s, stream (\d+) s, tables (\d+) s[;)]", text)
     ran_out = re.search(r"ran out after (\d+) contexts", text)
     res.update(tool="saescope", contexts=contexts, features="all", command=shlex.join(args), load_before=load,
                phases=dict(zip(("load_s", "stream_s", "tables_s"), map(int, split.groups()))) if split else None,
@@ -190,7 +190,8 @@ def main() -> int:
     print(report(peer, ours))
     if a.also:
         print(f"saescope again with {a.also} ...", flush=True)
-        second = run_saescope(shlex.split(a.saescope), a.peer, a.contexts, a.work, [*a.saescope_args, *shlex.split(a.also)])
+        second = run_saescope(shlex.split(a.saescope), a.peer, a.contexts, a.work, [*a.saescope_args, *shlex.split(a.also)],
+                              tag="_also")
         second["tool"] = "saescope+"
         (a.work / f"saescope_c{a.contexts}_also.json").write_text(json.dumps(second, indent=1))
         print(f"with {a.also}:")

@@ -64,7 +64,8 @@ def main() -> int:
     from precompute.data import iter_dataset_contexts
     from precompute.embedded import resolve_model, resolve_sae
     from precompute.models import load_model
-    from precompute.run import PrecomputeArgs, encode_batch, run_precompute
+    from precompute.encode import encode_batch
+    from precompute.run import PrecomputeArgs, run_precompute
     from precompute.saes import load_sae
 
     lm = load_model(resolve_model("default"), "cpu", "float32")
