@@ -129,11 +129,17 @@ def peak_rss(model: Path, sae: Path, tokens: int, out: Path, memory_limit: str |
     if memory_limit:
         cmd += ["--memory-limit", memory_limit]
     t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read()
+    log_path = out.with_suffix(".log")
+    with log_path.open("w") as log:  # a file, not a pipe: a full pipe would stall the child
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True,
+                                env={**os.environ, "TQDM_DISABLE": "1"})
+        _, status, usage = os.wait4(proc.pid, 0)
+    err = log_path.read_text()
     if status != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
+    for line in err.splitlines():  # precompute logs its peak memory after each phase
+        if "peak memory" in line:
+            print("    " + line.split(" INFO ")[-1], flush=True)
     return usage.ru_maxrss / 1024, time.time() - t0
 
 
