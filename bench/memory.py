@@ -4,7 +4,8 @@ Configuration (the issue's): a tiny cheap model, so the forward pass costs littl
 Llama with d_model 576 (SmolLM2's tokenizer and vocabulary), saved with save_pretrained; a random ReLU
 ('standard') SAE of 16,384 features on blocks.1.hook_resid_post whose encoder biases are shifted so that L0 ~ 80
 (one shared bias; random directions fire alike). Each size runs `python -m app.cli precompute` as a child
-process; its peak RSS comes from os.wait4 (ru_maxrss, the whole child: torch, DuckDB, Python).
+process, started by a small launcher (bench.common.peak_rss: Linux would otherwise count this benchmark's own
+memory, copied at fork, in the child's peak); its peak RSS comes from os.wait4 (ru_maxrss: torch, DuckDB, Python).
 
 Usage: python bench/memory.py [--tokens 131072 524288 1048576] [--memory-limit 1GB] [--l0 80]
 """
@@ -14,16 +15,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import ROOT  # noqa: E402
+from bench.common import peak_rss as peak_rss_of  # noqa: E402
 
 D_MODEL, D_SAE, HOOK = 576, 16_384, "blocks.1.hook_resid_post"
 
@@ -128,19 +127,13 @@ def peak_rss(model: Path, sae: Path, tokens: int, out: Path, memory_limit: str |
            "--tokens", str(tokens), "--out", str(out), "--dataset", str(rows)]
     if memory_limit:
         cmd += ["--memory-limit", memory_limit]
-    t0 = time.time()
     log_path = out.with_suffix(".log")
-    with log_path.open("w") as log:  # a file, not a pipe: a full pipe would stall the child
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True,
-                                env={**os.environ, "TQDM_DISABLE": "1"})
-        _, status, usage = os.wait4(proc.pid, 0)
+    rss, secs = peak_rss_of(cmd, log_path, env={**os.environ, "TQDM_DISABLE": "1"})
     err = log_path.read_text()
-    if status != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
     for line in err.splitlines():  # precompute logs its peak memory after each phase
         if "peak memory" in line:
             print("    " + line.split(" INFO ")[-1], flush=True)
-    return usage.ru_maxrss / 1024, time.time() - t0
+    return rss, secs
 
 
 def main() -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,18 +24,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import ROOT  # noqa: E402
+from bench.common import peak_rss  # noqa: E402
 
 
 def peak_rss_mb(tokens: int, out: Path, sae: str, dataset: str) -> tuple[float, float]:
+    """Through bench.common.peak_rss: a small launcher, so this process's own memory is not counted."""
     cmd = [sys.executable, "-m", "app.cli", "precompute", "--tokens", str(tokens), "--out", str(out), "--sae", sae,
            "--dataset", dataset]
-    t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed")
-    return usage.ru_maxrss / 1024, time.time() - t0
+    return peak_rss(cmd, out.with_suffix(".log"), env={**os.environ, "TQDM_DISABLE": "1"})
 
 
 def main() -> int:
