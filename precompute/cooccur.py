@@ -39,7 +39,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-BLOCK_BYTES = 256 * 2**20  # working memory of pass 2: X's rows and features' tokens, or a dense block of C
+BLOCK_BYTES = 128 * 2**20  # working memory of pass 2: X's rows and features' tokens, or a dense block of C
 CHUNK_TOKENS = 65_536  # tokens per read() call (at L0 80: ~5M activations, ~100 MB while spilled)
 _MAX_TOKENS = 2**31 - 1  # counts and token ids are int32
 _SPARSE_ROWS = 0.5  # rows of C with fewer products than this times d_sae list the partners they touch

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-LOGIT_BLOCK_BYTES = 128 * 2**20  # one float32 (chunk, vocab) block of effects: 682 features of a 49,152 vocabulary
+LOGIT_BLOCK_BYTES = 32 * 2**20  # one float32 (chunk, vocab) block of effects: 170 features of a 49,152 vocabulary
 LOGIT_METHOD = ("W_dec[f] * final_norm_gain @ W_U (direct path; the final norm's gain is folded in, "
                 "its per-token 1/rms scale is not, so values are relative; no logit soft-capping)")
 
