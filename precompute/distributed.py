@@ -44,10 +44,8 @@ def connect(address: str | None):
     ray = _ray()
     if not ray.is_initialized():
         try:
-            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                     log_to_driver=False) if address else ray.init(include_dashboard=False,
-                                                                    logging_level=logging.WARNING,
-                                                                    log_to_driver=False)
+            # address None: $RAY_ADDRESS if set, else a new local Ray
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise RuntimeError(f"could not connect to the Ray cluster at {address!r}: {err}; start it with "
                                "`ray start --head` (or give --ray auto on a node of a running cluster)") from err
