@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from precompute.config import EMBEDDED, PRECOMPUTE, TRAIN
+from saescope.precompute.config import EMBEDDED, PRECOMPUTE, TRAIN
 
 from .settings import SERVE, WORKER
 
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bound", dest="bound_dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="hold the store to this dtype's bound (default: the dtype it was built with)")
 
-    from precompute.export import FORMATS, NEURONPEDIA
+    from saescope.precompute.export import FORMATS, NEURONPEDIA
 
     p = sub.add_parser("export", help="write one SAE of a store as the batch files Neuronpedia imports", description=(
         "Writes OUT/batch-<n>.json in the layout SAEDashboard's NeuronpediaRunner writes (its run metadata and a list "
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=None, help="layer number (default: N of the hook blocks.N.…)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
 
-    from precompute.config import EXPLAIN as X
+    from saescope.precompute.config import EXPLAIN as X
 
     p = sub.add_parser("explain", help="explain features with an LLM (and score the explanations); stored with provenance",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=(
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.set_verbosity_error()
     except ImportError:
         pass
-    from precompute.store import StoreError
+    from saescope.precompute.store import StoreError
 
     from . import commands
 

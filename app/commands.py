@@ -5,22 +5,23 @@ from __future__ import annotations
 import argparse
 import logging
 
-from precompute.config import DEFAULT, EMBEDDED, PRECOMPUTE
+from saescope.precompute.config import DEFAULT, EMBEDDED, PRECOMPUTE
+from saescope.precompute.errors import UserError
 
 log = logging.getLogger("saescope")
 
 
 def convert_default(args: argparse.Namespace) -> int:
-    from precompute.embedded import convert_default_model
+    from saescope.precompute.embedded import convert_default_model
 
     print(convert_default_model(force=args.force))
     return 0
 
 
 def train_sae(args: argparse.Namespace) -> int:
-    from precompute.embedded import MODEL_ID, resolve_model
-    from precompute.models import load_model
-    from precompute.train import train_sae as run
+    from saescope.precompute.embedded import MODEL_ID, resolve_model
+    from saescope.precompute.models import load_model
+    from saescope.precompute.train import train_sae as run
 
     lm = load_model(resolve_model(args.model), args.device, args.dtype)
     report = run(lm, args.hook, args.dataset, args.out, tokens=args.tokens, context_len=args.context_len,
@@ -32,14 +33,14 @@ def train_sae(args: argparse.Namespace) -> int:
 
 
 def precompute(args: argparse.Namespace) -> int:
-    from precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.run import PrecomputeArgs, run_precompute
 
     run_precompute(PrecomputeArgs.from_namespace(args))
     return 0
 
 
 def verify(args: argparse.Namespace) -> int:
-    from precompute.verify import verify_store
+    from saescope.precompute.verify import verify_store
 
     results = verify_store(args.store, args.sae_id, args.sample, args.seed, args.tolerance,
                            getattr(args, "bound_dtype", None))
@@ -71,7 +72,7 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def _demo_store_is_current(out, tokens: int) -> bool:
-    from precompute.store import Store, StoreError
+    from saescope.precompute.store import Store, StoreError
 
     if not out.exists():
         return False
@@ -84,8 +85,8 @@ def _demo_store_is_current(out, tokens: int) -> bool:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from precompute.run import PrecomputeArgs, run_precompute
-    from precompute.store import Store
+    from saescope.precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.store import Store
 
     if _demo_store_is_current(args.out, args.tokens):
         print(f"using the existing demo store {args.out} (delete it to rebuild)")
@@ -108,7 +109,7 @@ def demo(args: argparse.Namespace) -> int:
 def import_explanations(args: argparse.Namespace) -> int:
     import json
 
-    from precompute.store.write import add_explanations
+    from saescope.precompute.store.write import add_explanations
 
     text = args.file.read_text(encoding="utf-8")
     records = json.loads(text) if args.file.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
@@ -117,7 +118,7 @@ def import_explanations(args: argparse.Namespace) -> int:
         index = r.get("index", r.get("feature"))
         desc = r.get("description", r.get("text"))
         if index is None or desc is None:
-            raise ValueError(f"{args.file} record {n}: needs 'index' (or 'feature') and 'description' (or 'text'); "
+            raise UserError(f"{args.file} record {n}: needs 'index' (or 'feature') and 'description' (or 'text'); "
                              f"has {', '.join(r) or 'nothing'}")
         rows.append((int(index), str(desc)))
     added = add_explanations(args.store, args.sae_id, rows, args.source or args.file.name, args.replace)
@@ -126,8 +127,8 @@ def import_explanations(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    from precompute.export import export_neuronpedia, parse_features, pick_sae
-    from precompute.store import Store
+    from saescope.precompute.export import export_neuronpedia, parse_features, pick_sae
+    from saescope.precompute.store import Store
 
     features = None
     if args.features:
@@ -144,21 +145,21 @@ def export(args: argparse.Namespace) -> int:
 def explain(args: argparse.Namespace) -> int:
     import sys
 
-    from precompute.explain import ExplainConfig, LocalChatBackend, OpenAIChatBackend
-    from precompute.explain.run import run_explain
-    from precompute.export import parse_features, pick_sae
-    from precompute.store import Store
+    from saescope.precompute.explain import ExplainConfig, LocalChatBackend, OpenAIChatBackend
+    from saescope.precompute.explain.run import run_explain
+    from saescope.precompute.export import parse_features, pick_sae
+    from saescope.precompute.store import Store
 
     if args.concurrency < 1:
-        raise ValueError(f"--concurrency must be at least 1; got {args.concurrency}")
+        raise UserError(f"--concurrency must be at least 1; got {args.concurrency}")
     with Store(args.store) as store:
         sae = pick_sae(store, args.sae_id)
     features = None if args.all else parse_features(args.features, sae.d_sae)
     cfg = ExplainConfig(explain_max_tokens=args.max_tokens, n_test=args.n_test, n_top=args.n_top,
                         per_group_explain=args.per_group)
     if args.llm == "local":
-        from precompute.embedded import convert_default_model
-        from precompute.explain.run import local_llm_name, pending_features
+        from saescope.precompute.embedded import convert_default_model
+        from saescope.precompute.explain.run import local_llm_name, pending_features
 
         if args.llm_model is None:
             print("warning: explaining with the embedded SmolLM2-135M-Instruct: it works offline but is weak; expect "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-ECHO_CHARS = 60  # how much of a rejected input an error message repeats
+from saescope.precompute.errors import ECHO_CHARS, echo  # noqa: F401  (one echo for every error message)
 
 
 class AppError(Exception):
@@ -16,15 +16,6 @@ class AppError(Exception):
 
     def as_json(self) -> dict:
         return {"error": {"status": self.status, "title": self.title, "message": self.message}}
-
-
-def echo(value: object) -> str:
-    """A rejected input as an error message repeats it: short, with its length when cut."""
-    text = repr(value)
-    if len(text) <= ECHO_CHARS:
-        return text
-    size = f"{len(value):,}-character" if isinstance(value, str) else f"{len(text):,}-character"
-    return f"{text[:ECHO_CHARS]}… (a {size} value, cut)"
 
 
 def validation_message(errors: list[dict]) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from precompute import __version__
+from saescope.precompute import __version__
 
 
 @dataclass(frozen=True)

@@ -33,12 +33,12 @@ def _quantiles(x: torch.Tensor) -> str:
 
 
 def default_model(tokens: int, rounds: int, low: str) -> None:
-    from precompute.config import PRECOMPUTE
-    from precompute.data import iter_dataset_contexts, special_mask
-    from precompute.embedded import resolve_model, resolve_sae
-    from precompute.encode import encode_activations
-    from precompute.models import load_model
-    from precompute.saes import load_sae
+    from saescope.precompute.config import PRECOMPUTE
+    from saescope.precompute.data import iter_dataset_contexts, special_mask
+    from saescope.precompute.embedded import resolve_model, resolve_sae
+    from saescope.precompute.encode import encode_activations
+    from saescope.precompute.models import load_model
+    from saescope.precompute.saes import load_sae
 
     tau = {"bfloat16": PRECOMPUTE.verify_bound_bf16, "float16": PRECOMPUTE.verify_bound_fp16}[low]
     T, B = PRECOMPUTE.context_len, PRECOMPUTE.batch_size
@@ -114,7 +114,7 @@ def tiny_models(low: str) -> None:
     """The hook error through the layers of tiny random models (the test fixtures' configs: 3 layers, d_model 32)."""
     from transformers import AutoModelForCausalLM
 
-    from precompute.models import HookedLM
+    from saescope.precompute.models import HookedLM
     from tests.conftest import _tiny_config
 
     ids = torch.from_numpy(np.random.default_rng(0).integers(0, 300, (8, 64)))
@@ -135,7 +135,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="timing rounds (the differences come from the first)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     a = ap.parse_args()
-    from precompute.models import cpu_has_native_bf16, resolve_dtype
+    from saescope.precompute.models import cpu_has_native_bf16, resolve_dtype
 
     print(f"this CPU has native bf16 (avx512_bf16/amx_bf16): {cpu_has_native_bf16()}; --dtype auto on cpu resolves "
           f"to {resolve_dtype('auto', 'cpu')}")

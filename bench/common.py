@@ -22,7 +22,7 @@ def free_port() -> int:
 def ensure_store(path: Path, tokens: int) -> Path:
     """The embedded default precomputed over `tokens` tokens (built once, reused)."""
     if not path.exists():
-        subprocess.run([sys.executable, "-m", "app.cli", "precompute", "--tokens", str(tokens), "--out", str(path)],
+        subprocess.run([sys.executable, "-m", "saescope.app.cli", "precompute", "--tokens", str(tokens), "--out", str(path)],
                        check=True, cwd=ROOT)
     return path
 
@@ -47,7 +47,7 @@ def pct(xs: list[float], q: float) -> float:
 def start_worker(*extra: str) -> tuple[subprocess.Popen, str]:
     """`saescope worker` on the embedded default on a free port (its own process group): (process, base URL)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--port", str(port), *extra], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "saescope.app.cli", "worker", "--port", str(port), *extra], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     wait_up(url + "/health", 180)

@@ -55,7 +55,7 @@ def child(mode: str, d_sae: int, tokens: int, l0: int, old_module: str | None, o
 
     import scipy.sparse  # noqa: F401
 
-    from precompute.cooccur import cooccurrence_from_chunks
+    from saescope.precompute.cooccur import cooccurrence_from_chunks
 
     t = time.perf_counter()
     res = None

@@ -26,7 +26,7 @@ from bench.common import pct  # noqa: E402
 
 def prompt_of(tokenizer, n: int) -> list[int]:
     """BOS + the first n-1 tokens of the first long enough demo-corpus text."""
-    from precompute.data import iter_texts
+    from saescope.precompute.data import iter_texts
 
     for text in iter_texts("default"):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -54,16 +54,16 @@ def main() -> int:
     a = ap.parse_args()
     import torch
 
-    from precompute import intervene as iv
-    from precompute.config import REPO_ROOT
-    from precompute.embedded import convert_default_model
-    from precompute.models import load_model
-    from precompute.saes import load_sae
+    from saescope.precompute import intervene as iv
+    from saescope.precompute.config import EMBEDDED
+    from saescope.precompute.embedded import convert_default_model
+    from saescope.precompute.models import load_model
+    from saescope.precompute.saes import load_sae
 
     lm = load_model(str(convert_default_model()), device="cpu", dtype="float32")
     if a.threads:
         torch.set_num_threads(a.threads)
-    sae = load_sae(REPO_ROOT / "precompute" / "data" / "demo_sae")
+    sae = load_sae(EMBEDDED.sae_dir)
     p32, p64 = prompt_of(lm.tokenizer, 32), prompt_of(lm.tokenizer, 64)
     edits = [iv.Edit(365, "add", 10.0)]
     n = 32

@@ -4,7 +4,7 @@ cold feature pages with no pre-rendering.
 Configuration: bench/memory.py's random 2-layer Llama (d_model 576, SmolLM2's 49,152-token vocabulary) and its
 random ReLU SAE with a shifted bias for L0 ~ 70, widened to 65,536 features.
 
-  build    `python -m app.cli precompute` as a child on --tokens tokens of the default corpus; the phase times
+  build    `python -m saescope.app.cli precompute` as a child on --tokens tokens of the default corpus; the phase times
            come from its log lines (timestamps to the second), the co-occurrence and map lines carry their own.
   weights  logit effects and decoder-cosine neighbours of the 65k SAE in this process: the reference
            implementation (the code before issue 10, kept below) against precompute.logits, same run, as ratios;
@@ -68,7 +68,7 @@ def build(work: Path, tokens: int, l0: float, extra: list[str]) -> Path:
     memory.make_model(model)
     memory.make_sae(sae_dir, model, l0)
     store.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "app.cli", "precompute", "--model", str(model), "--sae", str(sae_dir),
+    cmd = [sys.executable, "-m", "saescope.app.cli", "precompute", "--model", str(model), "--sae", str(sae_dir),
            "--sae-id", "relu65k", "--tokens", str(tokens), "--out", str(store), "--restart", *extra]
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.time()
@@ -144,10 +144,10 @@ def reference_nearest_features(W_dec, n=10, chunk=1024):
 def weights(work: Path, n_features: int) -> None:
     import torch
 
-    from precompute.config import PRECOMPUTE as P
-    from precompute.logits import logit_effects, nearest_features
-    from precompute.models import load_model
-    from precompute.saes import load_sae
+    from saescope.precompute.config import PRECOMPUTE as P
+    from saescope.precompute.logits import logit_effects, nearest_features
+    from saescope.precompute.models import load_model
+    from saescope.precompute.saes import load_sae
 
     model, sae_dir, _ = paths(work)
     memory.make_model(model)
@@ -197,8 +197,8 @@ def _features(n: int, d_sae: int, seed: int) -> list[int]:
 def serve_in_process(store: Path, n: int) -> None:
     import httpx
 
-    from app.web import lookups
-    from app.web.app import create_app
+    from saescope.app.web import lookups
+    from saescope.app.web.app import create_app
 
     app = create_app(store)  # no page cache: every request renders
     if hasattr(lookups, "warm_up"):  # (absent before issue 10: run against an older checkout for the baseline)
@@ -229,7 +229,7 @@ def serve_uvicorn(store: Path, n: int) -> None:
     import httpx
 
     port = free_port()
-    cmd = [sys.executable, "-m", "app.cli", "serve", str(store), "--port", str(port), "--no-worker",
+    cmd = [sys.executable, "-m", "saescope.app.cli", "serve", str(store), "--port", str(port), "--no-worker",
            "--no-prewarm"]
     print("  $ " + " ".join(cmd))
     t0 = time.perf_counter()
@@ -266,8 +266,8 @@ import asyncio, os, random, sys, time
 root, seed, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 sys.path.insert(0, root)
 import httpx
-from app.web import lookups
-from app.web.app import create_app
+from saescope.app.web import lookups
+from saescope.app.web.app import create_app
 app = create_app(sys.argv[4])
 if hasattr(lookups, "warm_up"):
     lookups.warm_up(app.state.store)

@@ -3,7 +3,7 @@
 Configuration (the issue's): a tiny cheap model, so the forward pass costs little, as on a GPU: a random 2-layer
 Llama with d_model 576 (SmolLM2's tokenizer and vocabulary), saved with save_pretrained; a random ReLU
 ('standard') SAE of 16,384 features on blocks.1.hook_resid_post whose encoder biases are shifted so that L0 ~ 80
-(one shared bias; random directions fire alike). Each size runs `python -m app.cli precompute` as a child
+(one shared bias; random directions fire alike). Each size runs `python -m saescope.app.cli precompute` as a child
 process, started by a small launcher (bench.common.peak_rss: Linux would otherwise count this benchmark's own
 memory, copied at fork, in the child's peak); its peak RSS comes from os.wait4 (ru_maxrss: torch, DuckDB, Python).
 
@@ -31,7 +31,7 @@ def make_model(folder: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from precompute.embedded import convert_default_model
+    from saescope.precompute.embedded import convert_default_model
 
     if (folder / "config.json").exists():
         return folder
@@ -49,10 +49,10 @@ def make_sae(folder: Path, model: Path, l0: float) -> tuple[Path, float]:
     """A random ReLU SAE whose (shared) encoder bias puts L0 at l0 on calibration tokens."""
     import torch
 
-    from precompute.data import iter_contexts, iter_texts
-    from precompute.models import load_model
-    from precompute.saes import SAEConfig, load_sae, save_saelens
-    from precompute.saes.standard import StandardSAE
+    from saescope.precompute.data import iter_contexts, iter_texts
+    from saescope.precompute.models import load_model
+    from saescope.precompute.saes import SAEConfig, load_sae, save_saelens
+    from saescope.precompute.saes.standard import StandardSAE
 
     if not (folder / "cfg.json").exists():
         torch.manual_seed(1)
@@ -86,10 +86,10 @@ def make_sae(folder: Path, model: Path, l0: float) -> tuple[Path, float]:
 
 def measure_l0(model: Path, sae_dir: Path) -> float:
 
-    from precompute.data import iter_contexts, iter_texts
-    from precompute.encode import encode_batch
-    from precompute.models import load_model
-    from precompute.saes import load_sae
+    from saescope.precompute.data import iter_contexts, iter_texts
+    from saescope.precompute.encode import encode_batch
+    from saescope.precompute.models import load_model
+    from saescope.precompute.saes import load_sae
 
     lm = load_model(str(model), "cpu", "float32")
     sae = load_sae(str(sae_dir))
@@ -106,7 +106,7 @@ def token_rows(folder: Path, model: Path, tokens: int) -> Path:
 
     from transformers import AutoTokenizer
 
-    from precompute.data import iter_dataset_contexts
+    from saescope.precompute.data import iter_dataset_contexts
 
     out = folder / f"tokens_{tokens}.jsonl"
     if out.exists():
@@ -123,7 +123,7 @@ def token_rows(folder: Path, model: Path, tokens: int) -> Path:
 
 def peak_rss(model: Path, sae: Path, tokens: int, out: Path, memory_limit: str | None) -> tuple[float, float]:
     rows = token_rows(out.parent, model, tokens)
-    cmd = [sys.executable, "-m", "app.cli", "precompute", "--model", str(model), "--sae", str(sae),
+    cmd = [sys.executable, "-m", "saescope.app.cli", "precompute", "--model", str(model), "--sae", str(sae),
            "--tokens", str(tokens), "--out", str(out), "--dataset", str(rows)]
     if memory_limit:
         cmd += ["--memory-limit", memory_limit]

@@ -29,7 +29,7 @@ def main() -> int:
 
     import torch
 
-    from precompute.run import PrecomputeArgs, SAESpec, run_precompute
+    from saescope.precompute.run import PrecomputeArgs, SAESpec, run_precompute
 
     specs = [SAESpec("default", f"blocks.{L}.hook_resid_post", f"demo-l{L}") for L in a.layers]
     common = dict(tokens=a.tokens, progress=False, verify_sample=0)

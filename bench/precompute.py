@@ -29,7 +29,7 @@ from bench.common import peak_rss  # noqa: E402
 
 def peak_rss_mb(tokens: int, out: Path, sae: str, dataset: str) -> tuple[float, float]:
     """Through bench.common.peak_rss: a small launcher, so this process's own memory is not counted."""
-    cmd = [sys.executable, "-m", "app.cli", "precompute", "--tokens", str(tokens), "--out", str(out), "--sae", sae,
+    cmd = [sys.executable, "-m", "saescope.app.cli", "precompute", "--tokens", str(tokens), "--out", str(out), "--sae", sae,
            "--dataset", dataset]
     return peak_rss(cmd, out.with_suffix(".log"), env={**os.environ, "TQDM_DISABLE": "1"})
 
@@ -54,14 +54,14 @@ def main() -> int:
 
     import torch
 
-    from precompute.store import Store
-    from precompute.config import PRECOMPUTE
-    from precompute.data import iter_dataset_contexts
-    from precompute.embedded import resolve_model, resolve_sae
-    from precompute.models import load_model
-    from precompute.encode import encode_batch
-    from precompute.run import PrecomputeArgs, run_precompute
-    from precompute.saes import load_sae
+    from saescope.precompute.store import Store
+    from saescope.precompute.config import PRECOMPUTE
+    from saescope.precompute.data import iter_dataset_contexts
+    from saescope.precompute.embedded import resolve_model, resolve_sae
+    from saescope.precompute.models import load_model
+    from saescope.precompute.encode import encode_batch
+    from saescope.precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.saes import load_sae
 
     lm = load_model(resolve_model("default"), "cpu", "float32")
     sae = load_sae(str(resolve_sae(a.sae)))

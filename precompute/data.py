@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import DEFAULT, cache_dir
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def iter_texts(dataset: str, text_field: str = "text", split: str = "train") -> 
     if path.is_dir():
         for row in _hf_dataset(path, split):
             if text_field not in row:
-                raise ValueError(f"{path}: no column {text_field!r} (columns: {', '.join(row)}); set --text-field")
+                raise UserError(f"{path}: no column {text_field!r} (columns: {', '.join(row)}); set --text-field")
             yield str(row[text_field])
         return
     if path.exists():
@@ -102,25 +103,25 @@ def iter_texts(dataset: str, text_field: str = "text", split: str = "train") -> 
                         continue
                     row = json.loads(line)
                     if text_field not in row:
-                        raise ValueError(f"{path}:{i + 1}: no field {text_field!r} (fields: {', '.join(row)}); set --text-field")
+                        raise UserError(f"{path}:{i + 1}: no field {text_field!r} (fields: {', '.join(row)}); set --text-field")
                     yield str(row[text_field])
         elif path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
             pf = pq.ParquetFile(path)
             if text_field not in pf.schema_arrow.names:
-                raise ValueError(f"{path}: no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); set --text-field")
+                raise UserError(f"{path}: no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); set --text-field")
             for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
                 yield from (str(t) for t in batch.column(0).to_pylist())
         else:
-            raise ValueError(f"dataset file {path} has suffix {path.suffix!r}; valid: .txt, .jsonl, .parquet")
+            raise UserError(f"dataset file {path} has suffix {path.suffix!r}; valid: .txt, .jsonl, .parquet")
         return
     if dataset.startswith((".", "/", "~")):
         raise FileNotFoundError(f"dataset file {dataset!r} does not exist")
     try:
         import datasets  # type: ignore
     except ImportError as err:
-        raise ValueError(
+        raise UserError(
             f"dataset {dataset!r} is not a local file; to stream a Hugging Face dataset, pip install datasets "
             "(and have network). Offline, pass a local .txt/.jsonl/.parquet file or 'default'."
         ) from err
@@ -129,7 +130,7 @@ def iter_texts(dataset: str, text_field: str = "text", split: str = "train") -> 
         for row in ds:
             yield str(row[text_field])
     except Exception as err:
-        raise ValueError(f"could not stream dataset {dataset!r} from the hub ({type(err).__name__}: {err}); "
+        raise UserError(f"could not stream dataset {dataset!r} from the hub ({type(err).__name__}: {err}); "
                          "no network? pass a local .txt/.jsonl/.parquet file") from err
 
 
@@ -141,14 +142,14 @@ def _hf_dataset(path: Path, split: str):
     try:
         import datasets  # type: ignore
     except ImportError as err:
-        raise ValueError(f"{path} is a folder; reading it as a Hugging Face dataset needs `pip install datasets`") from err
+        raise UserError(f"{path} is a folder; reading it as a Hugging Face dataset needs `pip install datasets`") from err
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         ds = datasets.load_from_disk(str(path))
     else:
         ds = datasets.load_dataset(str(path), split=split)
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise ValueError(f"{path} has splits {', '.join(ds)}; no {split!r}")
+            raise UserError(f"{path} has splits {', '.join(ds)}; no {split!r}")
         ds = ds[split]
     return ds
 
@@ -186,7 +187,7 @@ def iter_token_rows(dataset: str, column: str, split: str = "train") -> Iterator
                 if line.strip():
                     row = json.loads(line)
                     if column not in row:
-                        raise ValueError(f"{path}:{i + 1}: no field {column!r}; every row needs its token ids")
+                        raise UserError(f"{path}:{i + 1}: no field {column!r}; every row needs its token ids")
                     yield list(row[column])
     else:
         import pyarrow.parquet as pq
@@ -208,7 +209,7 @@ def iter_token_contexts(rows: Iterator[list[int]], tokenizer, context_len: int, 
         if bos is not None and (not row or row[0] != bos):
             row = [bos] + list(row)
         if len(row) < context_len:
-            raise ValueError(f"{source}: row {i} has {len(row)} tokens; every row must hold at least --context-len "
+            raise UserError(f"{source}: row {i} has {len(row)} tokens; every row must hold at least --context-len "
                              f"{context_len} (BOS included{'' if bos is None else ', added when missing'}); "
                              "lower --context-len to the rows' length")
         if len(row) > context_len and not told:
@@ -217,7 +218,7 @@ def iter_token_contexts(rows: Iterator[list[int]], tokenizer, context_len: int, 
             told = True
         ctx = np.asarray(row[:context_len], dtype=np.int64)
         if ctx.min() < 0 or ctx.max() >= vocab:
-            raise ValueError(f"{source}: row {i} holds token id {int(ctx.max() if ctx.max() >= vocab else ctx.min())}, "
+            raise UserError(f"{source}: row {i} holds token id {int(ctx.max() if ctx.max() >= vocab else ctx.min())}, "
                              f"outside the tokenizer's vocabulary 0..{vocab - 1}: tokenized for another model?")
         yield ctx.astype(np.int32)
 
@@ -241,10 +242,10 @@ def iter_contexts(texts: Iterator[str], tokenizer, context_len: int, prepend_bos
     """Fixed-length int32 token contexts cut from the document stream."""
     bos = bos_id(tokenizer) if prepend_bos else None
     if prepend_bos and bos is None:
-        raise ValueError("prepend_bos is on but the tokenizer has neither a BOS nor an EOS token")
+        raise UserError("prepend_bos is on but the tokenizer has neither a BOS nor an EOS token")
     body = context_len - (1 if bos is not None else 0)
     if body < 1:
-        raise ValueError(f"context length {context_len} is too short")
+        raise UserError(f"context length {context_len} is too short")
     sep = tokenizer.eos_token_id
     buf: list[int] = []
     for text in texts:

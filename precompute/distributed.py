@@ -26,6 +26,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from .errors import SetupError
+
 log = logging.getLogger(__name__)
 RAY_EXTRA = "pip install 'saescope[ray]'"
 
@@ -34,7 +36,7 @@ def _ray():
     try:
         import ray
     except ImportError as err:
-        raise RuntimeError(f"--shards > 1 runs on Ray, which is not installed here; {RAY_EXTRA} (or run without "
+        raise SetupError(f"--shards > 1 runs on Ray, which is not installed here; {RAY_EXTRA} (or run without "
                            "--shards: one process needs no Ray)") from err
     return ray
 
@@ -47,7 +49,7 @@ def connect(address: str | None):
             # address None: $RAY_ADDRESS if set, else a new local Ray
             ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as err:
-            raise RuntimeError(f"could not connect to the Ray cluster at {address!r}: {err}; start it with "
+            raise SetupError(f"could not connect to the Ray cluster at {address!r}: {err}; start it with "
                                "`ray start --head` (or give --ray auto on a node of a running cluster)") from err
     return ray
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .config import DEFAULT, EMBEDDED, cache_dir
+from .errors import SetupError
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def convert_default_model(force: bool = False) -> Path:
     missing, unexpected = plain.load_state_dict(quant.state_dict(), strict=False)
     missing = [m for m in missing if "lm_head" not in m]  # tied to the embedding
     if missing or unexpected:
-        raise RuntimeError(f"GGUF conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise SetupError(f"GGUF conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     plain.tie_weights()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+from .errors import UserError
 
 if TYPE_CHECKING:  # the store (and duckdb) are imported when an export runs, not when the CLI builds its parser
     from .store import Example, Feature, SAEInfo, Store
@@ -116,7 +117,7 @@ def feature_batches(indices: Sequence[int], per_batch: int) -> list[list[int]]:
     """Split like NeuronpediaRunner.get_feature_batches: numpy.array_split into ceil(n / per_batch) parts,
     so the first n % parts batches hold one feature more than the rest."""
     if per_batch < 1:
-        raise ValueError(f"features per batch must be >= 1, got {per_batch}")
+        raise UserError(f"features per batch must be >= 1, got {per_batch}")
     n = len(indices)
     parts = math.ceil(n / per_batch)
     if parts == 0:
@@ -136,10 +137,10 @@ def parse_features(spec: str, d_sae: int) -> list[int]:
     for part in (p.strip() for p in spec.split(",")):
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if not m:
-            raise ValueError(f"--features: cannot read {part!r}; use indices and inclusive ranges like 0-127,300")
+            raise UserError(f"--features: cannot read {part!r}; use indices and inclusive ranges like 0-127,300")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if lo > hi or hi >= d_sae:
-            raise ValueError(f"--features: {part!r} is outside 0-{d_sae - 1} (the SAE has {d_sae} features)")
+            raise UserError(f"--features: {part!r} is outside 0-{d_sae - 1} (the SAE has {d_sae} features)")
         out.update(range(lo, hi + 1))
     return sorted(out)
 
@@ -229,18 +230,18 @@ def pick_sae(store: "Store", sae_id: str | None) -> "SAEInfo":
     if sae_id is None:
         if len(ids) == 1:
             return store.saes()[0]
-        raise ValueError(f"{store.path} holds {len(ids)} SAEs; choose one with --sae: {', '.join(ids) or '(none)'}")
+        raise UserError(f"{store.path} holds {len(ids)} SAEs; choose one with --sae: {', '.join(ids) or '(none)'}")
     sae = store.sae(sae_id)
     if sae is None:
-        raise ValueError(f"unknown SAE id {sae_id!r} in {store.path}; valid: {', '.join(ids) or '(none)'}")
+        raise UserError(f"unknown SAE id {sae_id!r} in {store.path}; valid: {', '.join(ids) or '(none)'}")
     return sae
 
 
 def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} exists and is a file; give a folder path for the batch files")
+        raise UserError(f"{out} exists and is a file; give a folder path for the batch files")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise ValueError(f"{out} exists and is not empty; choose a new folder or pass --force to replace it")
+        raise UserError(f"{out} exists and is not empty; choose a new folder or pass --force to replace it")
 
 
 def export_neuronpedia(store_path: Path | str, out: Path | str, sae_id: str | None = None, *,
@@ -262,20 +263,20 @@ def export_neuronpedia(store_path: Path | str, out: Path | str, sae_id: str | No
     t0 = time.perf_counter()
     out = Path(out)
     if features_per_batch < 1:
-        raise ValueError(f"--features-per-batch must be >= 1, got {features_per_batch}")
+        raise UserError(f"--features-per-batch must be >= 1, got {features_per_batch}")
     _check_out(out, force)
     with Store(store_path) as store:
         sae = pick_sae(store, sae_id)
         layer = layer if layer is not None else layer_of(sae.hook)
         if layer is None:
-            raise ValueError(f"cannot read a layer number from the hook {sae.hook!r} (expected blocks.N.…); "
+            raise UserError(f"cannot read a layer number from the hook {sae.hook!r} (expected blocks.N.…); "
                              "pass --layer N")
         indices = list(range(sae.d_sae)) if features is None else sorted({int(i) for i in features})
         if not indices:
-            raise ValueError("no features selected to export")
+            raise UserError("no features selected to export")
         bad = [i for i in indices if not 0 <= i < sae.d_sae]
         if bad:
-            raise ValueError(f"feature {bad[0]} is outside 0-{sae.d_sae - 1} ({sae.sae_id} has {sae.d_sae} features)")
+            raise UserError(f"feature {bad[0]} is outside 0-{sae.d_sae - 1} ({sae.sae_id} has {sae.d_sae} features)")
         batches = feature_batches(indices, features_per_batch)
         meta = {"model_id": model_id or sae.model_id, "layer": layer, "sae_set": set_name or set_name_of(sae.sae_id),
                 "sae_id_suffix": sae_id_suffix}
@@ -291,7 +292,7 @@ def export_neuronpedia(store_path: Path | str, out: Path | str, sae_id: str | No
                     for i in batch:
                         f = store.feature(sae.sae_id, i)
                         if f is None:
-                            raise ValueError(f"{store.path}: {sae.sae_id} has no row for feature {i}; the store is "
+                            raise UserError(f"{store.path}: {sae.sae_id} has no row for feature {i}; the store is "
                                              "incomplete, rebuild it with `saescope precompute`")
                         feats.append(neuronpedia_feature(store, sae, f, decimals))
                         bar.update(1)
@@ -299,7 +300,7 @@ def export_neuronpedia(store_path: Path | str, out: Path | str, sae_id: str | No
                     try:
                         text = json.dumps({**meta, "features": feats}, allow_nan=False)
                     except ValueError as err:  # NaN/inf in a stored number: refuse rather than write invalid JSON
-                        raise ValueError(f"batch {b} (features {batch[0]}-{batch[-1]}) holds a non-finite number; "
+                        raise UserError(f"batch {b} (features {batch[0]}-{batch[-1]}) holds a non-finite number; "
                                          f"the store may be damaged ({err})") from err
                     path.write_text(text, encoding="utf-8")
                     files.append(out / path.name)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,9 @@ def _as_numpy(w: Any) -> np.ndarray:
         w = w.detach().to("cpu").float().numpy()
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
-        raise ValueError(f"decoder weights must be 2-D (d_sae, d_in); got shape {w.shape}")
+        raise UserError(f"decoder weights must be 2-D (d_sae, d_in); got shape {w.shape}")
     if not np.isfinite(w).all():
-        raise ValueError("decoder weights contain NaN or inf; the map needs finite directions")
+        raise UserError("decoder weights contain NaN or inf; the map needs finite directions")
     return w
 
 
@@ -142,10 +143,10 @@ def build_feature_map(w_dec: Any, mask: np.ndarray | None = None, params: MapPar
     d_sae = len(w)
     keep = np.ones(d_sae, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
     if keep.shape != (d_sae,):
-        raise ValueError(f"mask must have shape ({d_sae},) (one flag per feature); got {keep.shape}")
+        raise UserError(f"mask must have shape ({d_sae},) (one flag per feature); got {keep.shape}")
     n_fit = int(keep.sum())
     if n_fit < 4:
-        raise ValueError(f"the map needs at least 4 features to fit; the mask selects {n_fit} of {d_sae}")
+        raise UserError(f"the map needs at least 4 features to fit; the mask selects {n_fit} of {d_sae}")
     unit = _unit_rows(w)  # cosine geometry; unit rows also make pynndescent's cosine path cheaper
     n_neighbors = min(params.n_neighbors, n_fit - 1)
     n_epochs = params.n_epochs or epochs_for(n_fit)
@@ -180,12 +181,12 @@ def map_neighbours(coords: np.ndarray, k: int = 10, features: np.ndarray | None 
     coords = np.asarray(coords, dtype=np.float64)
     d_sae = len(coords)
     if coords.ndim != 2 or coords.shape[1] != 2:
-        raise ValueError(f"coords must have shape (d_sae, 2); got {coords.shape}")
+        raise UserError(f"coords must have shape (d_sae, 2); got {coords.shape}")
     if not 1 <= k < d_sae:
-        raise ValueError(f"k must be between 1 and d_sae - 1 = {d_sae - 1}; got {k}")
+        raise UserError(f"k must be between 1 and d_sae - 1 = {d_sae - 1}; got {k}")
     q = np.arange(d_sae) if features is None else np.asarray(features, dtype=np.int64).reshape(-1)
     if q.size and (q.min() < 0 or q.max() >= d_sae):
-        raise ValueError(f"feature ids must be in [0, {d_sae}); got {q.min()}..{q.max()}")
+        raise UserError(f"feature ids must be in [0, {d_sae}); got {q.min()}..{q.max()}")
     # take a few extra so that self and ties at the boundary are resolved exactly below
     extra = min(d_sae, k + 1 + 8)
     dist, idx = cKDTree(coords).query(coords[q], k=extra)  # (q, extra)
@@ -206,9 +207,9 @@ def encode_coords(coords: np.ndarray) -> dict[str, Any]:
     """
     coords = np.asarray(coords, dtype=np.float64)
     if coords.ndim != 2 or coords.shape[1] != 2:
-        raise ValueError(f"coords must have shape (n, 2); got {coords.shape}")
+        raise UserError(f"coords must have shape (n, 2); got {coords.shape}")
     if not np.isfinite(coords).all() or coords.min() < 0 or coords.max() > 1:
-        raise ValueError("coords must be finite and in [0, 1] (use normalise_coords first)")
+        raise UserError("coords must be finite and in [0, 1] (use normalise_coords first)")
     q = np.rint(coords * QUANT_MAX).astype("<u2")  # (n, 2)
     return {"n": int(len(coords)), "scale": QUANT_MAX, "xy": base64.b64encode(q.tobytes()).decode("ascii")}
 
@@ -217,5 +218,5 @@ def decode_coords(payload: dict[str, Any]) -> np.ndarray:
     """Inverse of `encode_coords` (to 1/65535): payload -> (n, 2) float32."""
     raw = np.frombuffer(base64.b64decode(payload["xy"]), dtype="<u2")
     if raw.size != 2 * payload["n"]:
-        raise ValueError(f"payload holds {raw.size // 2} points but says n={payload['n']}")
+        raise UserError(f"payload holds {raw.size // 2} points but says n={payload['n']}")
     return (raw.reshape(-1, 2).astype(np.float32) / np.float32(payload["scale"]))

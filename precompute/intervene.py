@@ -48,6 +48,7 @@ import torch
 
 from .models import HookedLM, _StopForward, _submodule, parse_hook
 from .saes import SAE
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,10 @@ def _check_int(name: str, v: object, lo: int, hi: int) -> int:
         except (TypeError, ValueError, OverflowError):
             ok = False
         if not ok:
-            raise ValueError(f"{name} must be an integer in {lo}..{hi}; got {v!r}")
+            raise UserError(f"{name} must be an integer in {lo}..{hi}; got {v!r}")
         v = int(v)  # type: ignore[arg-type]
     if not lo <= v <= hi:
-        raise ValueError(f"{name} {v} is out of range; allowed: {lo}..{hi}")
+        raise UserError(f"{name} {v} is out of range; allowed: {lo}..{hi}")
     return v
 
 
@@ -93,24 +94,24 @@ def validate_ids(ids: Sequence[int] | torch.Tensor, vocab_size: int, limit: int 
     """Token ids as a 1-D long tensor, or ValueError naming what is wrong (empty, too long, outside the vocabulary)."""
     if isinstance(ids, torch.Tensor):
         if ids.dim() > 2 or (ids.dim() == 2 and ids.shape[0] != 1):
-            raise ValueError(f"expected one sequence of token ids; got a tensor of shape {tuple(ids.shape)}")
+            raise UserError(f"expected one sequence of token ids; got a tensor of shape {tuple(ids.shape)}")
         t = ids.detach().cpu().reshape(-1)
     else:
         try:
             t = torch.tensor(list(ids))
         except (TypeError, ValueError, RuntimeError):
-            raise ValueError("token ids must be a flat list of integers") from None
+            raise UserError("token ids must be a flat list of integers") from None
     if t.numel() == 0:
-        raise ValueError("the prompt is empty; give at least 1 token")
+        raise UserError("the prompt is empty; give at least 1 token")
     if t.numel() > limit:
-        raise ValueError(f"the prompt has {t.numel()} tokens; the limit is {limit}")
+        raise UserError(f"the prompt has {t.numel()} tokens; the limit is {limit}")
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or t.dim() != 1:
-        raise ValueError("token ids must be a flat list of integers")
+        raise UserError("token ids must be a flat list of integers")
     t = t.long()
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
-        raise ValueError(f"token id {bad} is outside the vocabulary; allowed: 0..{vocab_size - 1}")
+        raise UserError(f"token id {bad} is outside the vocabulary; allowed: 0..{vocab_size - 1}")
     return t
 
 
@@ -118,28 +119,28 @@ def validate_edits(edits: Sequence[Edit], d_sae: int, seq_len: int, *, allow_emp
     """Checked edits (positions as sorted tuples) or ValueError saying which edit is wrong and what is allowed."""
     edits = tuple(edits)
     if not edits and not allow_empty:
-        raise ValueError("no edits given; give at least 1 (feature, mode, value)")
+        raise UserError("no edits given; give at least 1 (feature, mode, value)")
     if len(edits) > MAX_EDITS:
-        raise ValueError(f"{len(edits)} edits given; the limit is {MAX_EDITS}")
+        raise UserError(f"{len(edits)} edits given; the limit is {MAX_EDITS}")
     out = []
     for i, e in enumerate(edits):
         if not isinstance(e, Edit):
-            raise ValueError(f"edit {i} is a {type(e).__name__}; expected an Edit")
+            raise UserError(f"edit {i} is a {type(e).__name__}; expected an Edit")
         f = _check_int(f"edit {i}: feature", e.feature, 0, d_sae - 1)
         if e.mode not in EDIT_MODES:
-            raise ValueError(f"edit {i}: unknown mode {e.mode!r}; valid: {', '.join(EDIT_MODES)}")
+            raise UserError(f"edit {i}: unknown mode {e.mode!r}; valid: {', '.join(EDIT_MODES)}")
         try:
             v = float(e.value)
         except (TypeError, ValueError):
-            raise ValueError(f"edit {i}: value must be a number; got {e.value!r}") from None
+            raise UserError(f"edit {i}: value must be a number; got {e.value!r}") from None
         if not math.isfinite(v):
-            raise ValueError(f"edit {i}: value {v} is not finite; allowed: -{MAX_ABS_VALUE:g}..{MAX_ABS_VALUE:g}")
+            raise UserError(f"edit {i}: value {v} is not finite; allowed: -{MAX_ABS_VALUE:g}..{MAX_ABS_VALUE:g}")
         if abs(v) > MAX_ABS_VALUE:
-            raise ValueError(f"edit {i}: value {v:g} is too large; allowed: -{MAX_ABS_VALUE:g}..{MAX_ABS_VALUE:g}")
+            raise UserError(f"edit {i}: value {v:g} is too large; allowed: -{MAX_ABS_VALUE:g}..{MAX_ABS_VALUE:g}")
         pos = None
         if e.positions is not None:
             if len(e.positions) == 0:
-                raise ValueError(f"edit {i}: positions is empty; give positions, or none at all for every position")
+                raise UserError(f"edit {i}: positions is empty; give positions, or none at all for every position")
             pos = tuple(sorted({_check_int(f"edit {i}: position", p, 0, seq_len - 1) for p in e.positions}))
         out.append(Edit(f, e.mode, 0.0 if e.mode == "ablate" else v, pos))
     return tuple(out)
@@ -148,10 +149,10 @@ def validate_edits(edits: Sequence[Edit], d_sae: int, seq_len: int, *, allow_emp
 def _hook_of(lm: HookedLM, sae: SAE, hook: str | None) -> str:
     hook = hook or sae.cfg.hook_name
     if not hook:
-        raise ValueError("the SAE names no hook (cfg.hook_name is empty); pass hook='blocks.<L>.<kind>'")
+        raise UserError("the SAE names no hook (cfg.hook_name is empty); pass hook='blocks.<L>.<kind>'")
     width = lm.hook_width(hook)
     if width != sae.cfg.d_in:
-        raise ValueError(f"the SAE reads {sae.cfg.d_in}-wide activations but {hook} of {lm.name} is {width} wide")
+        raise UserError(f"the SAE reads {sae.cfg.d_in}-wide activations but {hook} of {lm.name} is {width} wide")
     return hook
 
 
@@ -501,11 +502,11 @@ def _check_sampling(s: Sampling) -> Sampling:
     try:
         temp, top_p = float(s.temperature), float(s.top_p)
     except (TypeError, ValueError):
-        raise ValueError("temperature and top_p must be numbers") from None
+        raise UserError("temperature and top_p must be numbers") from None
     if not (math.isfinite(temp) and 0.0 <= temp <= MAX_TEMPERATURE):
-        raise ValueError(f"temperature {s.temperature!r} is out of range; allowed: 0 (greedy)..{MAX_TEMPERATURE:g}")
+        raise UserError(f"temperature {s.temperature!r} is out of range; allowed: 0 (greedy)..{MAX_TEMPERATURE:g}")
     if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p {s.top_p!r} is out of range; allowed: greater than 0, at most 1")
+        raise UserError(f"top_p {s.top_p!r} is out of range; allowed: greater than 0, at most 1")
     seed = _check_int("seed", s.seed, 0, 2**63 - 1)
     return Sampling(temp, top_p, seed)
 
@@ -602,7 +603,7 @@ def generate(lm: HookedLM, sae: SAE, ids: Sequence[int] | torch.Tensor, edits: S
     s = _check_sampling(sampling)
     T = prompt.numel()
     if T + n_new > _context(lm):
-        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({n_new}) is {T + n_new}; "
+        raise UserError(f"prompt ({T} tokens) + max_new_tokens ({n_new}) is {T + n_new}; "
                          f"the limit for {lm.name} is {_context(lm)}")
     edits = validate_edits(edits, sae.cfg.d_sae, T + n_new)
     watch = list(dict.fromkeys(e.feature for e in edits))

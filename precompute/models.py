@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import SetupError, UserError
+
 log = logging.getLogger(__name__)
 
 HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_mlp_out|hook_attn_out)$")
@@ -30,7 +32,7 @@ HOOK_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_ou
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(SetupError):
     """A model or tokenizer could not be loaded; the message says why and what to do."""
 
 
@@ -51,12 +53,12 @@ class HookSpec:
 def parse_hook(name: str, n_layers: int | None = None) -> HookSpec:
     m = HOOK_RE.match(name)
     if not m:
-        raise ValueError(
+        raise UserError(
             f"unknown hook name {name!r}; valid: blocks.<layer>.<kind> with kind one of {', '.join(HOOK_KINDS)}"
         )
     spec = HookSpec(int(m.group(1)), m.group(2))
     if n_layers is not None and not 0 <= spec.layer < n_layers:
-        raise ValueError(f"hook {name!r} names layer {spec.layer}, but the model has layers 0..{n_layers - 1}")
+        raise UserError(f"hook {name!r} names layer {spec.layer}, but the model has layers 0..{n_layers - 1}")
     return spec
 
 
@@ -99,11 +101,11 @@ def resolve_dtype(dtype: str, device: str, cpuinfo: str | None = None) -> torch.
             return torch.float32
         env = os.environ.get(CPU_BF16_ENV, "0").strip().lower()
         if env not in ("auto", "0", "1"):
-            raise ValueError(f"${CPU_BF16_ENV}={env!r}; valid: auto (follow the CPU's flags), 0 (float32), 1 (bfloat16)")
+            raise UserError(f"${CPU_BF16_ENV}={env!r}; valid: auto (follow the CPU's flags), 0 (float32), 1 (bfloat16)")
         native = cpu_has_native_bf16(cpuinfo) if env == "auto" else env == "1"
         return torch.bfloat16 if native else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: auto, {', '.join(DTYPES)}")
+        raise UserError(f"unknown dtype {dtype!r}; valid: auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -111,7 +113,7 @@ def dtype_name(dtype: torch.dtype | str) -> str:
     """'float32', 'bfloat16' or 'float16' from a torch dtype or its str() as stored ('torch.bfloat16')."""
     name = str(dtype).removeprefix("torch.")
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+        raise UserError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     return name
 
 
@@ -259,7 +261,7 @@ class HookedLM:
                 h.remove()
         missing = [h for h in specs if h not in captured]
         if missing:
-            raise RuntimeError(f"hooks {missing} did not fire; the module layout of {type(self.model).__name__} "
+            raise SetupError(f"hooks {missing} did not fire; the module layout of {type(self.model).__name__} "
                                "is not supported")
         return {h: captured[h].float() for h in hooks}
 

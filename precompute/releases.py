@@ -26,16 +26,19 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from .config import PACKAGE_DATA
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
-VENDORED = Path(__file__).resolve().parent / "data" / "saelens_releases.json.gz"
+VENDORED = PACKAGE_DATA / "saelens_releases.json.gz"
 VENDORED_FROM = "sae-lens 6.54.12"  # the wheel whose pretrained_saes.yaml the vendored copy was trimmed from
 
 # SAELens conversion_func -> saescope reader (precompute.saes.formats); None means SAELens's own folder format
 READERS = {None: "saelens", "sae_lens": "saelens", "gemma_2": "gemmascope", "sparsify": "sparsify"}
 
 
-class ReleaseError(ValueError):
+class ReleaseError(UserError):
     """A release reference that cannot be resolved; the message says what is valid."""
 
 

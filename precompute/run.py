@@ -37,6 +37,7 @@ from .saes import SAE, load_sae
 from .store.spill import Plan, ShardWriter, WorkDir
 from .store.write import SampleSpec, SparseActs, StoreBuilder, build_range, feature_ranges, read_active, size_bytes
 from .tokens import token_strings
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 E, P = EMBEDDED, PRECOMPUTE
@@ -61,7 +62,7 @@ def load_run_file(path: Path) -> list[SAESpec]:
     Each entry: path (required), hook and id (optional)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--run {path}: no such file (a .toml with [[sae]] entries or a .json list)")
+        raise UserError(f"--run {path}: no such file (a .toml with [[sae]] entries or a .json list)")
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix == ".toml":
@@ -71,20 +72,20 @@ def load_run_file(path: Path) -> list[SAESpec]:
         elif path.suffix == ".json":
             data = json.loads(text)
         else:
-            raise ValueError(f"--run {path}: unknown suffix {path.suffix!r}; valid: .toml, .json")
+            raise UserError(f"--run {path}: unknown suffix {path.suffix!r}; valid: .toml, .json")
     except (ValueError, json.JSONDecodeError) as err:  # tomllib.TOMLDecodeError is a ValueError
-        raise ValueError(f"--run {path} could not be parsed: {err}") from err
+        raise UserError(f"--run {path} could not be parsed: {err}") from err
     entries = data if isinstance(data, list) else data.get("sae") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries:
-        raise ValueError(f"--run {path} lists no SAEs; write one [[sae]] table (TOML) or a list under \"sae\" "
+        raise UserError(f"--run {path} lists no SAEs; write one [[sae]] table (TOML) or a list under \"sae\" "
                          "(JSON) per SAE, each with path = ... and optionally hook = ... and id = ...")
     specs = []
     for n, e in enumerate(entries, 1):
         if not isinstance(e, dict) or "path" not in e:
-            raise ValueError(f"--run {path}: SAE entry {n} needs a path (and optionally hook, id); got {e!r}")
+            raise UserError(f"--run {path}: SAE entry {n} needs a path (and optionally hook, id); got {e!r}")
         unknown = set(e) - RUN_FILE_KEYS
         if unknown:
-            raise ValueError(f"--run {path}: SAE entry {n} has unknown keys {sorted(unknown)}; valid: path, hook, id")
+            raise UserError(f"--run {path}: SAE entry {n} has unknown keys {sorted(unknown)}; valid: path, hook, id")
         specs.append(SAESpec(str(e["path"]), e.get("hook"), e.get("id", e.get("sae_id"))))
     return specs
 
@@ -94,12 +95,12 @@ def specs_from_cli(saes: list[str] | None, hooks: list[str] | None, ids: list[st
     """Repeated --sae/--hook/--sae-id (aligned by position) or a --run file -> SAE specs."""
     if run_file is not None:
         if saes or hooks or ids:
-            raise ValueError("give the SAEs either with --run FILE or with --sae/--hook/--sae-id, not both")
+            raise UserError("give the SAEs either with --run FILE or with --sae/--hook/--sae-id, not both")
         return load_run_file(run_file)
     saes = saes or [E.sae]
     for flag, vals in (("--hook", hooks), ("--sae-id", ids)):
         if vals and len(vals) != len(saes):
-            raise ValueError(f"{flag} was given {len(vals)} time(s) for {len(saes)} --sae; give it once per --sae, "
+            raise UserError(f"{flag} was given {len(vals)} time(s) for {len(saes)} --sae; give it once per --sae, "
                              "in the same order, or not at all")
     return [SAESpec(p, hooks[i] if hooks else None, ids[i] if ids else None) for i, p in enumerate(saes)]
 
@@ -208,9 +209,9 @@ def run_precompute(a: PrecomputeArgs) -> Path:
     specs = a.specs()
     size_bytes(a.memory_limit)  # a bad --memory-limit fails before anything loads
     if a.shards < 1:
-        raise ValueError(f"--shards {a.shards}: give 1 (one process, no Ray) or more (Ray tasks)")
+        raise UserError(f"--shards {a.shards}: give 1 (one process, no Ray) or more (Ray tasks)")
     if a.ray and a.shards == 1:
-        raise ValueError("--ray needs --shards N with N > 1 (one shard runs in this process, without Ray)")
+        raise UserError("--ray needs --shards N with N > 1 (one shard runs in this process, without Ray)")
     loaded = _load_saes(a, specs)  # the cheaper check first: a bad SAE fails before the model loads
     model_path = resolve_model(a.model)
     lm = load_model(model_path, a.device, a.dtype)
@@ -219,27 +220,27 @@ def run_precompute(a: PrecomputeArgs) -> Path:
         x.sae.to(lm.device)
         width = lm.hook_width(x.hook)
         if x.sae.cfg.d_in != width:
-            raise ValueError(f"SAE {x.spec.path!r} reads vectors of width d_in={x.sae.cfg.d_in}, but {x.hook} of model "
+            raise UserError(f"SAE {x.spec.path!r} reads vectors of width d_in={x.sae.cfg.d_in}, but {x.hook} of model "
                              f"{a.model!r} has width {width}; pick the SAE trained on this model, or the model it was "
                              "trained on")
         x.sae_id = x.spec.sae_id or default_sae_id(model_label, x.hook, x.sae)
         if not re.fullmatch(r"[A-Za-z0-9._-]+", x.sae_id):
-            raise ValueError(f"--sae-id {x.sae_id!r} may only hold letters, digits, '.', '_' and '-'")
+            raise UserError(f"--sae-id {x.sae_id!r} may only hold letters, digits, '.', '_' and '-'")
     ids = [x.sae_id for x in loaded]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
-        raise ValueError(f"two SAEs of this run would both be stored as {', '.join(dup)}; give each its own --sae-id")
+        raise UserError(f"two SAEs of this run would both be stored as {', '.join(dup)}; give each its own --sae-id")
     if a.prepend_bos == "auto":
         wants = {x.sae.cfg.prepend_bos for x in loaded}
         if len(wants) > 1:
-            raise ValueError("the SAEs of this run disagree on prepend_bos (their configs); they share one token "
+            raise UserError("the SAEs of this run disagree on prepend_bos (their configs); they share one token "
                              "stream, so pass --prepend-bos yes or --prepend-bos no")
         prepend = wants.pop()
     else:
         prepend = a.prepend_bos == "yes"
     n_ctx = a.tokens // a.context_len
     if n_ctx < 1:
-        raise ValueError(f"--tokens {a.tokens} is less than one context of {a.context_len} tokens")
+        raise UserError(f"--tokens {a.tokens} is less than one context of {a.context_len} tokens")
     work = WorkDir(a.out.with_name(a.out.name + ".work"))
     fingerprint = {"model": model_path, "saes": [[x.path, x.hook] for x in loaded], "dataset": a.dataset,
                    "text_field": a.text_field, "contexts": n_ctx, "context_len": a.context_len,

@@ -23,6 +23,7 @@ from .data import iter_contexts, iter_texts, special_mask
 from .models import HookedLM
 from .saes import SAEConfig, save_saelens
 from .saes.topk import TopKSAE
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def collect_activations(lm: HookedLM, hook: str, dataset: str, tokens: int, cont
                 bar.update(ids.size)
                 batch = []
     if not out:
-        raise ValueError(f"dataset {dataset!r} gave no context of {context_len} tokens")
+        raise UserError(f"dataset {dataset!r} gave no context of {context_len} tokens")
     return torch.cat(out)
 
 

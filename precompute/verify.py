@@ -55,6 +55,7 @@ from .encode import encode_batch
 from .models import DTYPES, HookedLM, dtype_name, load_model
 from .saes import SAE, load_sae
 from .store import Store
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 FLOOR_SHARE = 1e-3
@@ -124,7 +125,7 @@ def stored_dtype(source: StoredSource, sae_id: str) -> str:
 def sample_contexts(ctx_ids: list[int], n: int, seed: int = 0) -> list[int]:
     """n of the context ids, drawn without replacement by a seeded generator (all of them if fewer)."""
     if n < 1:
-        raise ValueError(f"--sample {n}: verify needs at least one context")
+        raise UserError(f"--sample {n}: verify needs at least one context")
     ids = sorted(ctx_ids)
     if len(ids) <= n:
         return ids
@@ -227,14 +228,14 @@ def verify_store(path: Path, sae_id: str | None = None, sample: int = PRECOMPUTE
     Each SAE is held to the bound of the dtype it was built with, unless `dtype` names another (float32,
     bfloat16, float16); `tolerance` replaces the bound's number."""
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"--bound {dtype!r}: unknown dtype; valid: {', '.join(DTYPES)}")
+        raise UserError(f"--bound {dtype!r}: unknown dtype; valid: {', '.join(DTYPES)}")
     with Store(path) as store:
         saes = store.saes()
         if sae_id is not None:
             saes = [s for s in saes if s.sae_id == sae_id]
             if not saes:
                 have = ", ".join(s.sae_id for s in store.saes()) or "none"
-                raise ValueError(f"{path} has no SAE {sae_id!r}; valid: {have}")
+                raise UserError(f"{path} has no SAE {sae_id!r}; valid: {have}")
         models: dict[str, HookedLM] = {}
         out = {}
         for s in saes:

@@ -34,7 +34,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
-    from precompute.embedded import convert_default_model
+    from saescope.precompute.embedded import convert_default_model
 
     return convert_default_model()
 
@@ -98,8 +98,8 @@ def tiny_lm_dir(tmp_path_factory, default_model_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sae_dir(tmp_path_factory) -> Path:
     """A random TopK SAE (d_in 64, 96 features, k 6) on the tiny Llama's blocks.1.hook_resid_post."""
-    from precompute.saes import SAEConfig, save_saelens
-    from precompute.saes.topk import TopKSAE
+    from saescope.precompute.saes import SAEConfig, save_saelens
+    from saescope.precompute.saes.topk import TopKSAE
 
     torch.manual_seed(1)
     sae = TopKSAE(SAEConfig(architecture="topk", d_in=64, d_sae=96, k=6, hook_name="blocks.1.hook_resid_post",
@@ -118,8 +118,8 @@ def tiny_sae_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def second_sae_dir(tmp_path_factory) -> Path:
     """A random ReLU ('standard') SAE (64 -> 48) on the tiny Llama's blocks.2.hook_resid_pre."""
-    from precompute.saes import SAEConfig, save_saelens
-    from precompute.saes.standard import StandardSAE
+    from saescope.precompute.saes import SAEConfig, save_saelens
+    from saescope.precompute.saes.standard import StandardSAE
 
     torch.manual_seed(7)
     sae = StandardSAE(SAEConfig(architecture="standard", d_in=64, d_sae=48, hook_name="blocks.2.hook_resid_pre",
@@ -138,7 +138,7 @@ def second_sae_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     """A few kilobytes of text as JSONL, taken from the demo corpus (offline, deterministic)."""
-    from precompute.data import demo_corpus
+    from saescope.precompute.data import demo_corpus
 
     out = tmp_path_factory.mktemp("corpus") / "small.jsonl"
     with demo_corpus().open() as f, out.open("w") as g:
@@ -155,7 +155,7 @@ TINY_ARGS = dict(tokens=64 * 40, context_len=64, batch_size=8, top_k=5, n_interv
 
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory, tiny_lm_dir, tiny_sae_dir, small_corpus) -> Path:
-    from precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.run import PrecomputeArgs, run_precompute
 
     out = tmp_path_factory.mktemp("tinystore") / "tiny.duckdb"
     run_precompute(PrecomputeArgs(out=out, model=str(tiny_lm_dir), sae=str(tiny_sae_dir), dataset=str(small_corpus),
@@ -166,7 +166,7 @@ def tiny_store(tmp_path_factory, tiny_lm_dir, tiny_sae_dir, small_corpus) -> Pat
 @pytest.fixture(scope="session")
 def demo_store(tmp_path_factory, default_model_dir) -> Path:
     """The embedded default (SmolLM2 + the committed demo SAE) over 16k tokens of the demo corpus."""
-    from precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.run import PrecomputeArgs, run_precompute
 
     out = tmp_path_factory.mktemp("demostore") / "demo.duckdb"
     # no map here: tests of the map use the tiny store (same code path) and the demo SAE's real decoder rows

@@ -13,9 +13,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _imports(path: Path) -> set[str]:
-    """Absolute module names a file imports (relative imports resolved against its package)."""
+    """Absolute module names a file imports (relative imports resolved against its package: the checkout's
+    app/ and precompute/ are saescope.app and saescope.precompute)."""
     tree = ast.parse(path.read_text())
-    pkg = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    pkg = ".".join(("saescope",) + path.relative_to(ROOT).with_suffix("").parts[:-1])
     out = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -34,7 +35,7 @@ def _py(folder: str) -> list[Path]:
 
 
 def test_precompute_never_imports_app():
-    offenders = {str(p.relative_to(ROOT)): sorted(m for m in _imports(p) if m == "app" or m.startswith("app."))
+    offenders = {str(p.relative_to(ROOT)): sorted(m for m in _imports(p) if m == "saescope.app" or m.startswith("saescope.app."))
                  for p in _py("precompute")}
     assert {k: v for k, v in offenders.items() if v} == {}
 
@@ -50,7 +51,7 @@ def test_relative_import_resolution_catches_a_violation(tmp_path):
     p = ROOT / "precompute" / "saes" / "_probe_tmp.py"
     p.write_text("from ...app import settings\n")
     try:
-        assert "app" in _imports(p)
+        assert "saescope.app" in _imports(p)
     finally:
         p.unlink()
 
@@ -61,7 +62,7 @@ LIMIT_LINE = re.compile(r"Query\(|Field\(|Form\(|maxlength=|max=|min=|port|timeo
 def test_serving_defaults_are_written_once():
     """Where a route, wire model, template or signature states a limit or default, it reads app/settings.py:
     none of the settings' numbers is written down there again."""
-    from app.settings import MAP, SERVE, WORKER
+    from saescope.app.settings import MAP, SERVE, WORKER
 
     literals = {str(v) for obj in (SERVE, WORKER, MAP) for v in vars(obj).values()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 8}
@@ -80,7 +81,7 @@ def test_serving_defaults_are_written_once():
 
 def test_every_route_declares_whether_it_is_cached():
     """Pages of precomputed data opt in with @cacheable; live routes never do."""
-    from app.web import api, live, pages
+    from saescope.app.web import api, live, pages
 
     cached = {r.path for router in (pages.router, api.router) for r in router.routes
               if getattr(r.endpoint, "cacheable", False)}
@@ -90,8 +91,8 @@ def test_every_route_declares_whether_it_is_cached():
 
 
 def test_store_schema_drives_create_insert_and_reader():
-    from precompute.store import SAEInfo
-    from precompute.store.schema import FEATURES, SAES, STORE_TABLES
+    from saescope.precompute.store import SAEInfo
+    from saescope.precompute.store.schema import FEATURES, SAES, STORE_TABLES
 
     assert [f.name for f in SAEInfo.__dataclass_fields__.values()] == SAES.names
     for t in STORE_TABLES:
@@ -103,7 +104,7 @@ def test_store_schema_drives_create_insert_and_reader():
     assert not re.search(r"INSERT INTO \w+ SELECT \*", src) and not re.search(r"INSERT INTO \w+ VALUES", src)
 
 
-@pytest.mark.parametrize("module", ["app.worker.client"])
+@pytest.mark.parametrize("module", ["saescope.app.worker.client"])
 def test_worker_client_is_typed_with_the_wire_models(module):
     import importlib
     import inspect

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from precompute.config import PRECOMPUTE
-from precompute.store import Store
+from saescope.precompute.config import PRECOMPUTE
+from saescope.precompute.store import Store
 from tests.conftest import TINY_ARGS
 
 TAU, CHANGES = PRECOMPUTE.verify_bound_bf16, PRECOMPUTE.verify_changes_bf16
@@ -29,7 +29,7 @@ KINDS = ("top", "interval", "quantile")
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory, tiny_lm_dir, tiny_sae_dir, small_corpus) -> dict[str, Path]:
-    from precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.run import PrecomputeArgs, run_precompute
 
     root = tmp_path_factory.mktemp("bf16")
     out = {}
@@ -45,8 +45,8 @@ def ref(tiny_lm_dir, tiny_sae_dir, small_corpus) -> dict:
     """Dense float32 activations of every feature on every token: hidden_states + the TopK formula by hand."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from precompute.data import iter_contexts, iter_texts
-    from precompute.saes import load_sae
+    from saescope.precompute.data import iter_contexts, iter_texts
+    from saescope.precompute.saes import load_sae
 
     tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32).eval()
@@ -83,7 +83,7 @@ def _rows(path: Path) -> dict:
 
 
 def test_auto_is_bf16_on_cuda_and_on_native_bf16_cpus_only_when_asked(monkeypatch):
-    from precompute.models import (
+    from saescope.precompute.models import (
         CPU_BF16_ENV,
         cpu_has_native_bf16,
         dtype_name,
@@ -233,8 +233,8 @@ def test_precompute_verified_the_bf16_store_against_the_bf16_bound(stores, ref):
 
 
 def test_verify_cli_passes_bf16_with_its_bound_and_fails_it_with_float32(stores, capsys):
-    from app.cli import main
-    from precompute.verify import verify_store
+    from saescope.app.cli import main
+    from saescope.precompute.verify import verify_store
 
     assert main(["verify", str(stores["bfloat16"]), "--sample", "8"]) == 0
     out = capsys.readouterr().out
@@ -255,7 +255,7 @@ def test_home_page_badge_names_the_bf16_bound(stores):
 
     from fastapi.testclient import TestClient
 
-    from app.web.app import create_app
+    from saescope.app.web.app import create_app
 
     with Store(stores["bfloat16"]) as s:
         v = s.sae("tiny").verify
@@ -268,9 +268,9 @@ def test_home_page_badge_names_the_bf16_bound(stores):
 
 def test_worker_on_auto_runs_the_model_in_the_stores_dtype(stores, monkeypatch):
     """Live activations must match the stored ones: `saescope worker --store S` (auto) follows S's dtype."""
-    from app.cli import build_parser
-    from app.worker.engine import engine_from_args, store_dtype
-    from precompute.models import CPU_BF16_ENV
+    from saescope.app.cli import build_parser
+    from saescope.app.worker.engine import engine_from_args, store_dtype
+    from saescope.precompute.models import CPU_BF16_ENV
 
     assert store_dtype(stores["bfloat16"]) == "bfloat16" and store_dtype(stores["float32"]) == "float32"
     for env in ("0", "1"):  # whatever auto would pick on this CPU

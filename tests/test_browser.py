@@ -11,8 +11,8 @@ from urllib.parse import parse_qs, urlparse
 import httpx
 import pytest
 
-from app.web.format import fmt
-from precompute.store import Store
+from saescope.app.web.format import fmt
+from saescope.precompute.store import Store
 from tests.conftest import ARTIFACTS, free_port, stop_group
 
 pytestmark = pytest.mark.browser
@@ -27,7 +27,7 @@ if not os.path.exists(CHROMIUM) and os.environ.get("SAESCOPE_SKIP_BROWSER") == "
 @pytest.fixture(scope="module")
 def server(demo_store):
     port, wport = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", str(demo_store), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "saescope.app.cli", "serve", str(demo_store), "--port", str(port),
                              "--worker-port", str(wport)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     base = f"http://127.0.0.1:{port}"

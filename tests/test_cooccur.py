@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from precompute.cooccur import cooccurrence, cooccurrence_from_chunks
+from saescope.precompute.cooccur import cooccurrence, cooccurrence_from_chunks
 
 
 def brute(tok: np.ndarray, feat: np.ndarray, d_sae: int, n: int, which=None) -> dict[int, list[tuple]]:
@@ -71,7 +71,7 @@ def test_chunked_equals_sets_and_the_in_memory_wrapper(skewed, chunk_tokens, blo
     read, calls = reader(tok, feat)
     if block_bytes == "fused":  # twice X's rows (int32 features + int64 token offsets): they just fit
         block_bytes = 2 * (4 * len(set(zip(tok.tolist(), feat.tolist()))) + 8 * 171)
-    with caplog.at_level(logging.INFO, logger="precompute.cooccur"):
+    with caplog.at_level(logging.INFO, logger="saescope.precompute.cooccur"):
         res = cooccurrence_from_chunks(read, 170, d_sae, n=n, chunk_tokens=chunk_tokens, block_bytes=block_bytes,
                                        temp_dir=tmp_path)
     if block_bytes <= 2400:  # a dense block of C, X's rows read in groups of chunks
@@ -120,7 +120,7 @@ def test_ties_in_sparse_rows_where_partners_are_met_out_of_order(caplog):
     for n in (1, 2, 4, 6):
         want = brute(tok, feat, d_sae, n, which=[0, 5, 2900])
         assert [b for _, b, _ in want[0]] == [5, 700, 2000, 2900][:n]
-        with caplog.at_level(logging.INFO, logger="precompute.cooccur"):
+        with caplog.at_level(logging.INFO, logger="saescope.precompute.cooccur"):
             res = cooccurrence(tok, feat, d_sae, n=n)
         assert re.search(r"resident, 1 blocks row by row \(1 sparse\)", caplog.text)
         check(res, want, n)
@@ -142,7 +142,7 @@ def test_larger_random_corpora_on_a_sample_of_features(d_sae, n_tok, l0, block_b
     want = brute(tok, feat, d_sae, n, which=sample)
     assert any(len(c) == n for c in want.values())  # full lists (ties at the cut too, likely)
     read, _ = reader(tok, feat)
-    with caplog.at_level(logging.INFO, logger="precompute.cooccur"):
+    with caplog.at_level(logging.INFO, logger="saescope.precompute.cooccur"):
         res = cooccurrence_from_chunks(read, n_tok, d_sae, n=n, chunk_tokens=700, block_bytes=block_bytes)
     assert re.search(how, caplog.text), caplog.text
     check(res, want, n)

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from precompute.data import iter_contexts, iter_texts, special_mask
+from saescope.precompute.data import iter_contexts, iter_texts, special_mask
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from precompute.data import iter_contexts, iter_dataset_contexts, iter_texts, token_column
-from precompute.models import load_tokenizer
+from saescope.precompute.data import iter_contexts, iter_dataset_contexts, iter_texts, token_column
+from saescope.precompute.models import load_tokenizer
 from tests.conftest import TINY_ARGS
 
 TABLES = {"features": "feature", "examples": "feature, kind, grp, rank", "groups": "feature, kind, grp",
@@ -38,7 +38,7 @@ def text_contexts(tiny_lm_dir, small_corpus) -> list[np.ndarray]:
 @pytest.mark.parametrize("fmt, column", [("jsonl", "input_ids"), ("parquet", "tokens")])
 def test_pretokenized_input_gives_the_same_store_as_the_same_tokens_fed_as_text(
         fmt, column, text_contexts, tiny_store, tiny_lm_dir, tiny_sae_dir, tmp_path):
-    from precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.run import PrecomputeArgs, run_precompute
 
     src = tmp_path / f"tokens.{fmt}"
     if fmt == "jsonl":
@@ -89,8 +89,8 @@ def test_hugging_face_datasets_on_disk_read_offline(small_corpus, tmp_path):
 
 
 def test_sae_release_references_resolve_through_the_saelens_registry_offline(monkeypatch):
-    from precompute.releases import ReleaseError
-    from precompute.saes import load_sae
+    from saescope.precompute.releases import ReleaseError
+    from saescope.precompute.saes import load_sae
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError) as err:

@@ -35,7 +35,7 @@ def local_ray():
 
 
 def args(out: Path, tiny_lm_dir, tiny_sae_dir, second_sae_dir, small_corpus, **kw):
-    from precompute.run import PrecomputeArgs, SAESpec
+    from saescope.precompute.run import PrecomputeArgs, SAESpec
 
     return PrecomputeArgs(out=out, model=str(tiny_lm_dir), dataset=str(small_corpus),
                           saes=[SAESpec(str(tiny_sae_dir), None, "tiny"), SAESpec(str(second_sae_dir), None, "relu")],
@@ -44,7 +44,7 @@ def args(out: Path, tiny_lm_dir, tiny_sae_dir, second_sae_dir, small_corpus, **k
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, tiny_lm_dir, tiny_sae_dir, second_sae_dir, small_corpus) -> Path:
-    from precompute.run import run_precompute
+    from saescope.precompute.run import run_precompute
 
     out = tmp_path_factory.mktemp("single") / "one.duckdb"
     return run_precompute(args(out, tiny_lm_dir, tiny_sae_dir, second_sae_dir, small_corpus))
@@ -52,7 +52,7 @@ def single(tmp_path_factory, tiny_lm_dir, tiny_sae_dir, second_sae_dir, small_co
 
 def test_sharded_on_ray_equals_one_process(local_ray, single, tmp_path, tiny_lm_dir, tiny_sae_dir, second_sae_dir,
                                            small_corpus, caplog):
-    from precompute.run import run_precompute
+    from saescope.precompute.run import run_precompute
 
     caplog.set_level("INFO")
     out = tmp_path / "sharded.duckdb"
@@ -69,10 +69,10 @@ def test_sharded_on_ray_equals_one_process(local_ray, single, tmp_path, tiny_lm_
 def test_a_sealed_shard_is_not_streamed_again(local_ray, single, tmp_path, tiny_lm_dir, tiny_sae_dir, second_sae_dir,
                                               small_corpus, caplog):
     """Shard 1 finished before the run was stopped: the rerun streams only shards 0 and 2 and equals the rest."""
-    from precompute.embedded import resolve_model
-    from precompute.models import load_model
-    from precompute.run import _load_saes, stream_shard
-    from precompute.store.spill import Plan, WorkDir
+    from saescope.precompute.embedded import resolve_model
+    from saescope.precompute.models import load_model
+    from saescope.precompute.run import _load_saes, stream_shard
+    from saescope.precompute.store.spill import Plan, WorkDir
 
     out = tmp_path / "resumed.duckdb"
     a = args(out, tiny_lm_dir, tiny_sae_dir, second_sae_dir, small_corpus, shards=3)
@@ -89,7 +89,7 @@ def test_a_sealed_shard_is_not_streamed_again(local_ray, single, tmp_path, tiny_
     stream_shard(a, lm, loaded, plan, work, 1, True, progress=False)
     assert work.is_sealed(1) and not work.is_sealed(0)
 
-    from precompute.run import run_precompute
+    from saescope.precompute.run import run_precompute
 
     caplog.set_level("INFO")
     run_precompute(a)
@@ -98,7 +98,7 @@ def test_a_sealed_shard_is_not_streamed_again(local_ray, single, tmp_path, tiny_
 
 
 def test_shard_plans_fall_on_batch_edges():
-    from precompute.store.spill import Plan
+    from saescope.precompute.store.spill import Plan
 
     p = Plan.make({}, n_ctx=41, context_len=64, batch_size=8, d_sae=[96], n_shards=3)
     assert p.shards[0][0] == 0 and p.shards[-1][1] == 41
@@ -109,7 +109,7 @@ def test_shard_plans_fall_on_batch_edges():
 
 
 def test_ray_without_shards_is_refused(tmp_path, tiny_lm_dir, tiny_sae_dir, second_sae_dir, small_corpus):
-    from precompute.run import run_precompute
+    from saescope.precompute.run import run_precompute
 
     with pytest.raises(ValueError, match="--ray needs --shards"):
         run_precompute(args(tmp_path / "x.duckdb", tiny_lm_dir, tiny_sae_dir, second_sae_dir, small_corpus,
@@ -120,10 +120,10 @@ def test_sealed_parquet_partitions_features_by_bucket(tmp_path, tiny_lm_dir, tin
     """Each bucket file holds only its own features, sorted, and the counts file adds up to the rows."""
     import pyarrow.parquet as pq
 
-    from precompute.embedded import resolve_model
-    from precompute.models import load_model
-    from precompute.run import PrecomputeArgs, _load_saes, stream_shard
-    from precompute.store.spill import Plan, WorkDir, bucket_width
+    from saescope.precompute.embedded import resolve_model
+    from saescope.precompute.models import load_model
+    from saescope.precompute.run import PrecomputeArgs, _load_saes, stream_shard
+    from saescope.precompute.store.spill import Plan, WorkDir, bucket_width
 
     a = PrecomputeArgs(out=tmp_path / "p.duckdb", model=str(tiny_lm_dir), sae=str(tiny_sae_dir),
                        dataset=str(small_corpus), **TINY_ARGS)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from precompute.explain import (
+from saescope.precompute.explain import (
     PROMPT_VERSION,
     ChatBackend,
     Completion,
@@ -38,7 +38,7 @@ from precompute.explain import (
     score_explanation,
     split_material,
 )
-from precompute.explain.prompts import (
+from saescope.precompute.explain.prompts import (
     active_mask,
     explainer_messages,
     parse_explanation,
@@ -46,8 +46,8 @@ from precompute.explain.prompts import (
     render,
     window,
 )
-from precompute.explain.scoring import Judgement, balanced_accuracy
-from precompute.explain.search import BM25Index, highlight, terms
+from saescope.precompute.explain.scoring import Judgement, balanced_accuracy
+from saescope.precompute.store.search import BM25Index, highlight, terms
 from tests.conftest import free_port, serve_in_thread
 
 SMALL = ExplainConfig(n_top=3, per_group_explain=1, n_test=8, left=8, right=2, explain_max_tokens=24, n_per_prompt=2)
@@ -65,8 +65,8 @@ def local(default_model_dir) -> LocalChatBackend:
 @pytest.fixture(scope="module")
 def corpus_tokens(local) -> tuple[list[list[str]], list[list[int]]]:
     """48-token contexts of the demo corpus as token strings (real SmolLM2 tokenization), and their ids."""
-    from precompute.data import demo_corpus
-    from precompute.tokens import token_strings
+    from saescope.precompute.data import demo_corpus
+    from saescope.precompute.tokens import token_strings
 
     tok = local.tokenizer
     strs = token_strings(tok)
@@ -352,13 +352,13 @@ def test_prefix_cache_gives_the_same_answer_as_plain_generate(local):
 
 def test_local_model_explains_two_real_sae_features(local, corpus_tokens):
     """Activations of the committed demo SAE on demo-corpus contexts, computed here; two features explained."""
-    from precompute.config import REPO_ROOT
-    from precompute.data import bos_id
-    from precompute.models import HookedLM
-    from precompute.saes import load_sae
+    from saescope.precompute.config import EMBEDDED
+    from saescope.precompute.data import bos_id
+    from saescope.precompute.models import HookedLM
+    from saescope.precompute.saes import load_sae
 
     contexts, ids = corpus_tokens
-    sae = load_sae(REPO_ROOT / "precompute" / "data" / "demo_sae")
+    sae = load_sae(EMBEDDED.sae_dir)
     lm = HookedLM(local.model, local.tokenizer, "default", "cpu")
     bos = bos_id(local.tokenizer)
     batch = torch.tensor([[bos] + c[:23] for c in ids[:24]])  # (24, 24) with BOS, as the SAE was trained
@@ -391,7 +391,7 @@ def test_local_model_explains_two_real_sae_features(local, corpus_tokens):
 def server(local):
     from fastapi import FastAPI
 
-    from precompute.explain.openai_route import make_chat_router
+    from saescope.precompute.explain.openai_route import make_chat_router
 
     app = FastAPI()
     app.include_router(make_chat_router(local, model_name="smollm2", api_key="sk-test"))

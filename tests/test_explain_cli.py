@@ -22,13 +22,13 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app.cli import main
-from app.web.app import create_app
-from precompute.explain import PROMPT_VERSION, ExplainConfig, OpenAIChatBackend, score_explanation
-from precompute.explain.run import SOURCE, material_from_store, score_row
-from precompute.explain.search import BM25Index
-from precompute.store import Store
-from precompute.store.write import add_explanations
+from saescope.app.cli import main
+from saescope.app.web.app import create_app
+from saescope.precompute.explain import PROMPT_VERSION, ExplainConfig, OpenAIChatBackend, score_explanation
+from saescope.precompute.explain.run import SOURCE, material_from_store, score_row
+from saescope.precompute.store.search import BM25Index
+from saescope.precompute.store import Store
+from saescope.precompute.store.write import add_explanations
 from tests.conftest import serve_in_thread
 
 TINY = ["--n-top", "2", "--per-group", "0", "--no-progress"]  # 2 examples in the prompt: seconds, not minutes
@@ -62,7 +62,7 @@ def covers_every_activation(store: Store, sae_id: str, index: int) -> bool:
 @pytest.fixture(scope="module")
 def engine(demo_store):
     """The model worker's engine for the demo store: the model and SAE the store was built with."""
-    from app.worker.engine import build_engine, sources_from_store
+    from saescope.app.worker.engine import build_engine, sources_from_store
 
     model, saes, hooks = sources_from_store(demo_store)
     return build_engine(model, saes, hooks, "cpu", "float32")
@@ -70,7 +70,7 @@ def engine(demo_store):
 
 def test_non_activating_contexts_are_truly_zero(demo_store, demo_info, engine):
     """Re-encode the returned contexts with the model and SAE: the feature is 0 on every token of each."""
-    from precompute.encode import encode_batch
+    from saescope.precompute.encode import encode_batch
 
     sae_id, f, _ = demo_info
     with Store(demo_store) as s:
@@ -138,7 +138,7 @@ def test_cli_local_explains_with_provenance_resumes_and_shows(demo_store, demo_i
 def worker_url(engine):
     """The model worker for the demo store, in this process under uvicorn on a free port."""
 
-    from app.worker.routes import create_worker_app
+    from saescope.app.worker.routes import create_worker_app
 
     with serve_in_thread(create_worker_app(engine)) as url:
         yield url
@@ -174,8 +174,8 @@ def test_cli_scores_through_the_workers_openai_route(demo_store, demo_info, work
 
 def test_explain_button_runs_through_the_worker(demo_store, demo_info, worker_url):
     """The dashboard sends the feature's stored examples to the worker's POST /explain; the answer is shown."""
-    from app.web.live import explain_request
-    from app.worker.client import WorkerClient
+    from saescope.app.web.live import explain_request
+    from saescope.app.worker.client import WorkerClient
 
     sae_id, f, _ = demo_info
     with Store(demo_store) as s:

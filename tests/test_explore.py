@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from precompute.config import REPO_ROOT
+from saescope.precompute.config import EMBEDDED
 
-DEMO_SAE = REPO_ROOT / "precompute" / "data" / "demo_sae"
+DEMO_SAE = EMBEDDED.sae_dir
 
 
 @pytest.fixture(scope="module")
 def demo_sae():
-    from precompute.saes import load_sae
+    from saescope.precompute.saes import load_sae
 
     return load_sae(DEMO_SAE)
 
@@ -26,7 +26,7 @@ def demo_sae():
 @pytest.fixture(scope="module")
 def small_map(demo_sae):
     """Two builds of the map of 240 real decoder rows, 20 of them left out of the fit by the mask."""
-    from precompute.featuremap import MapParams, build_feature_map
+    from saescope.precompute.featuremap import MapParams, build_feature_map
 
     w = demo_sae.W_dec.detach()[:240]  # (240, 576)
     mask = np.ones(240, dtype=bool)
@@ -60,7 +60,7 @@ def test_masked_features_sit_at_the_weighted_mean_of_their_nearest_fitted_featur
 
 
 def test_map_rejects_bad_input():
-    from precompute.featuremap import build_feature_map
+    from saescope.precompute.featuremap import build_feature_map
 
     with pytest.raises(ValueError, match="mask must have shape"):
         build_feature_map(np.ones((10, 4), np.float32), mask=np.ones(9, bool))
@@ -71,7 +71,7 @@ def test_map_rejects_bad_input():
 
 
 def test_map_neighbours_equal_brute_force():
-    from precompute.featuremap import map_neighbours
+    from saescope.precompute.featuremap import map_neighbours
 
     rng = np.random.default_rng(0)
     xy = rng.random((300, 2)).astype(np.float32)
@@ -90,7 +90,7 @@ def test_map_neighbours_equal_brute_force():
 
 
 def test_coords_payload_round_trips():
-    from precompute.featuremap import decode_coords, encode_coords
+    from saescope.precompute.featuremap import decode_coords, encode_coords
 
     xy = np.random.default_rng(1).random((1000, 2)).astype(np.float32)
     xy[0] = (0, 1)
@@ -129,7 +129,7 @@ def _check(res, brute, n):
 
 @pytest.mark.parametrize("block_bytes", [1, 32 * 37 * 5, 2**28])  # one column per block .. all in one block
 def test_cooccurrence_equals_brute_force(block_bytes):
-    from precompute.cooccur import cooccurrence
+    from saescope.precompute.cooccur import cooccurrence
 
     rng = np.random.default_rng(2)
     d_sae, n_tok, n = 37, 150, 6
@@ -147,7 +147,7 @@ def test_cooccurrence_equals_brute_force(block_bytes):
 
 def test_cooccurrence_of_real_sae_codes(demo_sae):
     """Codes of the demo TopK SAE on inputs built from its own decoder directions, checked on a sample."""
-    from precompute.cooccur import cooccurrence
+    from saescope.precompute.cooccur import cooccurrence
 
     g = torch.Generator().manual_seed(3)
     d_sae = demo_sae.cfg.d_sae
@@ -167,7 +167,7 @@ def test_cooccurrence_of_real_sae_codes(demo_sae):
 
 
 def test_cooccurrence_rejects_bad_input():
-    from precompute.cooccur import cooccurrence
+    from saescope.precompute.cooccur import cooccurrence
 
     with pytest.raises(ValueError, match=r"feature ids must be in \[0, 4\)"):
         cooccurrence(np.array([0, 1]), np.array([0, 4]), 4)
@@ -179,7 +179,7 @@ def test_cooccurrence_rejects_bad_input():
 
 # ---------------------------------------------------------------- cross-SAE matches
 def test_cross_sae_matches_equal_brute_force_cosine(demo_sae):
-    from precompute.compare import best_match, mutual_best, nearest_across
+    from saescope.precompute.compare import best_match, mutual_best, nearest_across
 
     g = torch.Generator().manual_seed(4)
     a = demo_sae.W_dec.detach()[:300]  # (300, 576)
@@ -205,7 +205,7 @@ def test_cross_sae_matches_equal_brute_force_cosine(demo_sae):
 # ---------------------------------------------------------------- SAELens releases
 @pytest.fixture(scope="module")
 def registry():
-    from precompute import releases
+    from saescope.precompute import releases
 
     releases.load_registry.cache_clear()
     regs, source = releases.load_registry(prefer_installed=False)
@@ -215,14 +215,14 @@ def registry():
 
 
 def _vendored_only(monkeypatch):
-    from precompute import releases
+    from saescope.precompute import releases
 
     releases.load_registry.cache_clear()
     monkeypatch.setattr(releases, "_installed_yaml", lambda: None)
 
 
 def test_known_releases_resolve(registry, monkeypatch):
-    from precompute.releases import resolve_release
+    from saescope.precompute.releases import resolve_release
 
     _vendored_only(monkeypatch)
     regs, _ = registry
@@ -248,7 +248,7 @@ def test_known_releases_resolve(registry, monkeypatch):
 
 
 def test_release_errors_name_the_choices(monkeypatch):
-    from precompute.releases import ReleaseError, looks_like_release, resolve_release
+    from saescope.precompute.releases import ReleaseError, looks_like_release, resolve_release
 
     _vendored_only(monkeypatch)
     with pytest.raises(ReleaseError, match="did you mean: gemma-scope-2b-pt-res"):
@@ -269,7 +269,7 @@ def test_release_errors_name_the_choices(monkeypatch):
 def test_offline_fetch_says_what_to_download(monkeypatch):
     import huggingface_hub.constants
 
-    from precompute.releases import fetch_release, resolve_release
+    from saescope.precompute.releases import fetch_release, resolve_release
 
     _vendored_only(monkeypatch)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the real library, offline

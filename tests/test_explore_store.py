@@ -10,18 +10,18 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app.web.app import create_app
-from precompute.store import Store
+from saescope.app.web.app import create_app
+from saescope.precompute.store import Store
 from tests.conftest import TINY_ARGS
 
 
 @pytest.fixture(scope="module")
 def active_sets(tiny_store, tiny_lm_dir, tiny_sae_dir, small_corpus):
     """feature -> set of token indices where it is active, recomputed here for every streamed context."""
-    from precompute.data import iter_dataset_contexts
-    from precompute.encode import encode_batch
-    from precompute.models import load_model
-    from precompute.saes import load_sae
+    from saescope.precompute.data import iter_dataset_contexts
+    from saescope.precompute.encode import encode_batch
+    from saescope.precompute.models import load_model
+    from saescope.precompute.saes import load_sae
 
     lm, sae = load_model(str(tiny_lm_dir), "cpu", "float32"), load_sae(str(tiny_sae_dir))
     T = TINY_ARGS["context_len"]
@@ -69,9 +69,9 @@ def test_centred_logit_effects_and_the_map_are_stored(tiny_store, active_sets):
 
 @pytest.fixture(scope="module")
 def two_sae_store(tmp_path_factory, tiny_lm_dir, tiny_sae_dir, small_corpus):
-    from precompute.run import PrecomputeArgs, SAESpec, run_precompute
-    from precompute.saes import SAEConfig, load_sae, save_saelens
-    from precompute.saes.topk import TopKSAE
+    from saescope.precompute.run import PrecomputeArgs, SAESpec, run_precompute
+    from saescope.precompute.saes import SAEConfig, load_sae, save_saelens
+    from saescope.precompute.saes.topk import TopKSAE
 
     torch.manual_seed(3)
     other = TopKSAE(SAEConfig(architecture="topk", d_in=64, d_sae=80, k=6, hook_name="blocks.2.hook_resid_post",

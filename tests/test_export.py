@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.cli import build_parser, main
-from precompute.export import export_neuronpedia, feature_batches, neuronpedia_api_feature, parse_features
-from precompute.store import Store
+from saescope.app.cli import build_parser, main
+from saescope.precompute.export import export_neuronpedia, feature_batches, neuronpedia_api_feature, parse_features
+from saescope.precompute.store import Store
 
 BATCH = {"model_id": str, "layer": int, "sae_set": str, "sae_id_suffix": (str, type(None)), "features": list}
 FEATURE = {

@@ -13,10 +13,10 @@ import math
 import pytest
 import torch
 
-from precompute import intervene as iv
-from precompute.config import REPO_ROOT
-from precompute.models import HookedLM
-from precompute.saes import REGISTRY, SAE, SAEConfig, load_sae
+from saescope.precompute import intervene as iv
+from saescope.precompute.config import EMBEDDED
+from saescope.precompute.models import HookedLM
+from saescope.precompute.saes import REGISTRY, SAE, SAEConfig, load_sae
 
 FAMILIES = ["gpt2", "neox", "llama", "gemma2"]
 KINDS = ["hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out"]
@@ -53,7 +53,7 @@ def tiny(tiny_family_dir):
 
 @pytest.fixture(scope="module")
 def default_lm(default_model_dir) -> HookedLM:
-    from precompute.models import load_model
+    from saescope.precompute.models import load_model
 
     lm = load_model(str(default_model_dir), device="cpu", dtype="float32")
     torch.set_num_threads(1)  # load_model sets the thread count from SAESCOPE_THREADS / the cores
@@ -62,7 +62,7 @@ def default_lm(default_model_dir) -> HookedLM:
 
 @pytest.fixture(scope="module")
 def demo_sae() -> SAE:
-    return load_sae(REPO_ROOT / "precompute" / "data" / "demo_sae")
+    return load_sae(EMBEDDED.sae_dir)
 
 
 def make_sae(arch: str, norm: str, hook: str, d_in: int = 32, d_sae: int = 64, seed: int = 0, dec: float = 0.3) -> SAE:
@@ -392,7 +392,7 @@ def test_sampling_is_seeded_and_rows_do_not_share_randomness(tiny):
 
 
 def test_steering_with_a_feature_raises_the_token_it_promotes(default_lm, demo_sae):
-    from precompute.logits import logit_effects
+    from saescope.precompute.logits import logit_effects
 
     sub = 512  # the first 512 features are plenty to find a strong one, and keep this fast
     eff = logit_effects(demo_sae.W_dec[:sub], default_lm.unembedding(), default_lm.final_norm_gain(), n=1)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from precompute.logits import logit_effects, nearest_features
-from precompute.store import Store
+from saescope.precompute.logits import logit_effects, nearest_features
+from saescope.precompute.store import Store
 
 SAE = "tiny"
 

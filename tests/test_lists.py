@@ -9,9 +9,9 @@ from urllib.parse import parse_qsl, urlencode, urlparse
 import pytest
 from fastapi.testclient import TestClient
 
-from app.settings import SERVE
-from app.web.app import create_app
-from precompute.store import Store
+from saescope.app.settings import SERVE
+from saescope.app.web.app import create_app
+from saescope.precompute.store import Store
 
 
 @pytest.fixture(scope="module")

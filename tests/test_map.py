@@ -26,13 +26,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.web.app import create_app
-from app.settings import MAP
-from app.web.maps import map_payload
-from app.web.tokens import visible
-from precompute.featuremap import QUANT_MAX, build_feature_map, decode_coords
-from precompute.saes import load_sae
-from precompute.store import Store
+from saescope.app.web.app import create_app
+from saescope.app.settings import MAP
+from saescope.app.web.maps import map_payload
+from saescope.app.web.tokens import visible
+from saescope.precompute.featuremap import QUANT_MAX, build_feature_map, decode_coords
+from saescope.precompute.saes import load_sae
+from saescope.precompute.store import Store
 from tests.conftest import ARTIFACTS, free_port, stop_group
 
 SAE = "tiny"
@@ -273,7 +273,7 @@ def server(mapped, tmp_path_factory):
     shutil.copy(mapped["path"], copy)
     port = free_port()
     log = (copy.parent / "serve.log").open("w")  # a file, not a pipe nobody drains (a full pipe blocks the server)
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", str(copy), "--no-worker", "--no-prewarm",
+    proc = subprocess.Popen([sys.executable, "-m", "saescope.app.cli", "serve", str(copy), "--no-worker", "--no-prewarm",
                              "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline, up = time.time() + 60, False
@@ -441,7 +441,7 @@ def test_browser_draws_and_hit_tests_65536_points(server, browser):
 
 def test_exact_knn_equals_brute_force_with_ties():
     """The kNN graph handed to umap-learn: self first, then by cosine descending, ties to the lower index."""
-    from precompute.featuremap import _unit_rows, exact_knn
+    from saescope.precompute.featuremap import _unit_rows, exact_knn
 
     rng = np.random.default_rng(0)
     u = _unit_rows(rng.standard_normal((700, 32)).astype(np.float32))

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from precompute.models import HookedLM, load_model, parse_hook
+from saescope.precompute.models import HookedLM, load_model, parse_hook
 
 FAMILIES = ["gpt2", "neox", "llama", "gemma2"]
 
@@ -69,7 +69,7 @@ def test_bad_hook_names_list_the_valid_forms(tiny_family_dir):
 
 
 def test_missing_hub_model_says_to_use_a_local_folder():
-    from precompute.models import ModelLoadError
+    from saescope.precompute.models import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="local folder"):
         load_model("no-such-owner/no-such-model-xyz")

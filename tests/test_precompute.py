@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from precompute.store import Store
-from precompute.store.schema import priority
+from saescope.precompute.store import Store
+from saescope.precompute.store.schema import priority
 from tests.conftest import TINY_ARGS
 
 T = TINY_ARGS["context_len"]
@@ -28,8 +28,8 @@ def brute(tiny_lm_dir, tiny_sae_dir, small_corpus):
     """Dense activations of every feature on every token, computed without the precompute code path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from precompute.data import iter_contexts, iter_texts
-    from precompute.saes import load_sae
+    from saescope.precompute.data import iter_contexts, iter_texts
+    from saescope.precompute.saes import load_sae
 
     tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32).eval()
@@ -183,9 +183,9 @@ def test_logit_effects_and_neighbours(store, brute):
 
 def test_stored_activations_equal_a_fresh_recompute(store, tiny_lm_dir, tiny_sae_dir):
     """Each top example's context, run alone through the live code path, gives the stored values to 1e-4."""
-    from precompute.models import load_model
-    from precompute.encode import encode_batch
-    from precompute.saes import load_sae
+    from saescope.precompute.models import load_model
+    from saescope.precompute.encode import encode_batch
+    from saescope.precompute.saes import load_sae
 
     lm = load_model(str(tiny_lm_dir), "cpu", "float32")
     sae = load_sae(str(tiny_sae_dir))
@@ -208,7 +208,7 @@ def dump(path: Path) -> dict:
 
 
 def test_interrupted_run_resumes_to_the_same_store(tmp_path, tiny_store, tiny_lm_dir, tiny_sae_dir, small_corpus, caplog):
-    from precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.run import PrecomputeArgs, run_precompute
 
     args = dict(out=tmp_path / "r.duckdb", model=str(tiny_lm_dir), sae=str(tiny_sae_dir), dataset=str(small_corpus),
                 sae_id="tiny", **TINY_ARGS)
@@ -225,7 +225,7 @@ def test_interrupted_run_resumes_to_the_same_store(tmp_path, tiny_store, tiny_lm
 def test_kill_9_then_the_same_command_resumes(tmp_path, tiny_store, tiny_lm_dir, tiny_sae_dir, small_corpus):
     """A real SIGKILL of the CLI mid-stream; the rerun completes and equals the uninterrupted store."""
     out = tmp_path / "k.duckdb"
-    cmd = [sys.executable, "-m", "app.cli", "precompute", "--model", str(tiny_lm_dir), "--sae", str(tiny_sae_dir),
+    cmd = [sys.executable, "-m", "saescope.app.cli", "precompute", "--model", str(tiny_lm_dir), "--sae", str(tiny_sae_dir),
            "--dataset", str(small_corpus), "--sae-id", "tiny", "--tokens", str(TINY_ARGS["tokens"]),
            "--context-len", str(T), "--batch-size", "1", "--top-k", str(TINY_ARGS["top_k"]), "--out", str(out),
            "--no-map"]  # the map is checked elsewhere; here it would only add a numba compile to the subprocess
@@ -257,7 +257,7 @@ def test_kill_9_then_the_same_command_resumes(tmp_path, tiny_store, tiny_lm_dir,
 
 
 def test_changed_settings_refuse_to_resume(tmp_path, tiny_lm_dir, tiny_sae_dir, small_corpus):
-    from precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.run import PrecomputeArgs, run_precompute
 
     args = dict(out=tmp_path / "c.duckdb", model=str(tiny_lm_dir), sae=str(tiny_sae_dir), dataset=str(small_corpus),
                 **TINY_ARGS)
@@ -271,7 +271,7 @@ def test_changed_settings_refuse_to_resume(tmp_path, tiny_lm_dir, tiny_sae_dir, 
 
 
 def test_two_saes_share_one_store(tmp_path, tiny_lm_dir, tiny_sae_dir, small_corpus):
-    from precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.run import PrecomputeArgs, run_precompute
 
     out = tmp_path / "two.duckdb"
     for sid in ("a", "b"):
@@ -283,7 +283,7 @@ def test_two_saes_share_one_store(tmp_path, tiny_lm_dir, tiny_sae_dir, small_cor
 
 
 def test_unknown_store_version_is_refused(tmp_path):
-    from precompute.store import StoreError
+    from saescope.precompute.store import StoreError
 
     p = tmp_path / "old.duckdb"
     con = duckdb.connect(str(p))

@@ -24,8 +24,8 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 
-from app.web.app import create_app
-from precompute.store import Store, StoreError
+from saescope.app.web.app import create_app
+from saescope.precompute.store import Store, StoreError
 from tests.conftest import ROOT, free_port
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
@@ -66,7 +66,7 @@ def test_1_relative_model_and_sae_paths_are_stored_absolute(tmp_path, monkeypatc
                                                             small_corpus):
     """Before: `--model models/lm` was stored as the string 'models/lm', so a worker started from any other
     directory could not find the model. (`saescope precompute` runs in this process, from another directory.)"""
-    from app.cli import main
+    from saescope.app.cli import main
 
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "lm").symlink_to(tiny_lm_dir, target_is_directory=True)
@@ -88,7 +88,7 @@ def test_1_relative_model_and_sae_paths_are_stored_absolute(tmp_path, monkeypatc
 def test_1_a_worker_that_cannot_load_the_model_says_why_on_the_page(tmp_path, tiny_store):
     """Before: the page said only that the worker was unreachable ("connection refused"); the real cause (the
     relative model path 'models/x' that does not exist from the worker's directory) was only in the log."""
-    from app.web.launch import WorkerSupervisor
+    from saescope.app.web.launch import WorkerSupervisor
 
     copy = tmp_path / "bogus.duckdb"
     shutil.copy(tiny_store, copy)
@@ -157,7 +157,7 @@ def test_2_serve_refuses_a_damaged_store_with_exit_code_2(tmp_path, tiny_store):
     ports, procs = {}, {}
     for name, path in _damaged_copies(tiny_store, tmp_path).items():
         ports[name] = free_port()
-        procs[name] = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", str(path), "--no-worker", "--port",
+        procs[name] = subprocess.Popen([sys.executable, "-m", "saescope.app.cli", "serve", str(path), "--no-worker", "--port",
                                         str(ports[name])], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                                        stderr=(tmp_path / f"{name}.err").open("w"), start_new_session=True)
     try:
@@ -183,7 +183,7 @@ def test_3_serve_restarts_its_worker_after_it_dies(tmp_path, tiny_store):
     """Before: a dead child worker stayed dead (while the page promised live inspection "comes back by itself")."""
     port, wport = free_port(), free_port()
     err = (tmp_path / "serve.err").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", str(tiny_store), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "saescope.app.cli", "serve", str(tiny_store), "--port", str(port),
                              "--worker-port", str(wport), "--no-prewarm"], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     health = f"http://127.0.0.1:{wport}/health"
@@ -252,8 +252,8 @@ def test_4_a_100k_prompt_in_a_body_gets_a_short_422(tiny_client, worker_client):
 # ------------------------------------------------------------------------------------------ 5. worker errors
 @pytest.fixture(scope="module")
 def worker_client(tiny_lm_dir, tiny_sae_dir):
-    from app.worker.engine import build_engine
-    from app.worker.routes import create_worker_app
+    from saescope.app.worker.engine import build_engine
+    from saescope.app.worker.routes import create_worker_app
 
     engine = build_engine(str(tiny_lm_dir), {"tiny": str(tiny_sae_dir)}, {"tiny": None}, "cpu", "float32")
     with TestClient(create_worker_app(engine)) as client:
@@ -297,7 +297,7 @@ def test_6_stopping_serve_while_pages_prerender_is_clean(tmp_path, demo_store):
     port = free_port()
     out, err = tmp_path / "out.txt", tmp_path / "err.txt"
     as_in_a_terminal = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                        "sys.argv = ['saescope'] + sys.argv[1:]; runpy.run_module('app.cli', run_name='__main__')")
+                        "sys.argv = ['saescope'] + sys.argv[1:]; runpy.run_module('saescope.app.cli', run_name='__main__')")
     with out.open("w") as fo, err.open("w") as fe:
         proc = subprocess.Popen([sys.executable, "-c", as_in_a_terminal, "serve", str(demo_store), "--port", str(port),
                                  "--no-worker"], cwd=ROOT, env=ENV, stdout=fo, stderr=fe, start_new_session=True)
@@ -339,9 +339,9 @@ def test_7_samples_render_without_javascript_and_pages_have_the_live_region(tiny
 # ------------------------------------------------------------------------------------------ 8. SAE without cfg.json
 def test_8_an_sae_folder_without_cfg_json_says_what_is_missing(tmp_path, capsys, tiny_sae_dir, tiny_lm_dir):
     """Before: load_sae raised a bare "[Errno 2] No such file or directory: '.../cfg.json'"."""
-    from app.cli import main
-    from precompute.saes import load_sae
-    from precompute.saes.base import SAEFormatError
+    from saescope.app.cli import main
+    from saescope.precompute.saes import load_sae
+    from saescope.precompute.saes.base import SAEFormatError
 
     folder = tmp_path / "sae_no_cfg"
     folder.mkdir()

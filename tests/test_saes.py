@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from precompute.saes import REGISTRY, SAEFormatError, load_sae
+from saescope.precompute.saes import REGISTRY, SAEFormatError, load_sae
 
 D_IN, D_SAE = 16, 40
 
@@ -205,7 +205,7 @@ def test_folder_with_no_sae_names_the_formats(tmp_path):
 
 
 def test_d_in_mismatch_with_the_hook_is_explained(tmp_path, tiny_lm_dir):
-    from precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.run import PrecomputeArgs, run_precompute
 
     folder = write_saelens(tmp_path / "s", "standard", _rand())  # d_in 16, the tiny model has width 64
     with pytest.raises(ValueError, match="d_in=16.*has width 64"):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from precompute.store import Store
+from saescope.precompute.store import Store
 from tests.conftest import TINY_ARGS
 
 TABLES = ("features", "examples", "groups", "contexts", "explanations")
@@ -33,7 +33,7 @@ def rows(path: Path, sae_id: str) -> dict[str, list]:
 def two_runs(tmp_path_factory, tiny_store, tiny_lm_dir, tiny_sae_dir, second_sae_dir, small_corpus):
     """One 2-SAE run, and each SAE alone (separate single-SAE runs; the TopK one is the session's tiny_store),
     over the same tokens."""
-    from precompute.run import PrecomputeArgs, SAESpec, run_precompute
+    from saescope.precompute.run import PrecomputeArgs, SAESpec, run_precompute
 
     root = tmp_path_factory.mktemp("multi")
     common = dict(model=str(tiny_lm_dir), dataset=str(small_corpus), **TINY_ARGS)
@@ -58,7 +58,7 @@ def test_two_saes_in_one_pass_equal_separate_runs(two_runs):
 
 def test_activations_multi_equals_one_hook_at_a_time(tiny_lm_dir, small_corpus):
     """One pass with several hooks gives bitwise the activations of a pass per hook, and of the HF hidden states."""
-    from precompute.models import load_model
+    from saescope.precompute.models import load_model
 
     lm = load_model(str(tiny_lm_dir), "cpu", "float32")
     ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -74,7 +74,7 @@ def test_activations_multi_equals_one_hook_at_a_time(tiny_lm_dir, small_corpus):
 
 
 def test_activations_multi_stops_after_the_deepest_hook(tiny_lm_dir):
-    from precompute.models import load_model
+    from saescope.precompute.models import load_model
 
     lm = load_model(str(tiny_lm_dir), "cpu", "float32")
     ran: list[int] = []
@@ -89,7 +89,7 @@ def test_activations_multi_stops_after_the_deepest_hook(tiny_lm_dir):
 
 def test_feature_ranges_give_the_same_tables(tmp_path, tiny_store, tiny_lm_dir, tiny_sae_dir, small_corpus):
     """Building tables in many small feature ranges (a few hundred activations each) changes no row."""
-    from precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.run import PrecomputeArgs, run_precompute
 
     out = tmp_path / "ranges.duckdb"
     run_precompute(PrecomputeArgs(out=out, model=str(tiny_lm_dir), sae=str(tiny_sae_dir), sae_id="tiny",
@@ -98,7 +98,7 @@ def test_feature_ranges_give_the_same_tables(tmp_path, tiny_store, tiny_lm_dir, 
 
 
 def test_feature_ranges_cut_by_row_count():
-    from precompute.store.write import feature_ranges
+    from saescope.precompute.store.write import feature_ranges
 
     counts = np.array([3, 4, 5, 0, 20, 1, 1, 9, 2])
     ranges = feature_ranges(counts, 10)
@@ -109,8 +109,8 @@ def test_feature_ranges_cut_by_row_count():
 
 
 def test_run_file_and_repeated_flags(tmp_path, tiny_sae_dir, second_sae_dir):
-    from app.cli import build_parser
-    from precompute.run import PrecomputeArgs, SAESpec
+    from saescope.app.cli import build_parser
+    from saescope.precompute.run import PrecomputeArgs, SAESpec
 
     toml = tmp_path / "run.toml"
     toml.write_text(f'[[sae]]\npath = "{tiny_sae_dir}"\nid = "a"\n\n[[sae]]\npath = "{second_sae_dir}"\n'
@@ -139,15 +139,15 @@ def test_run_file_and_repeated_flags(tmp_path, tiny_sae_dir, second_sae_dir):
     (["--run", "nope.toml"], "no such file"),
 ])
 def test_bad_sae_lists_are_refused_readably(argv, match):
-    from app.cli import build_parser
-    from precompute.run import PrecomputeArgs
+    from saescope.app.cli import build_parser
+    from saescope.precompute.run import PrecomputeArgs
 
     with pytest.raises(ValueError, match=match):
         PrecomputeArgs.from_namespace(build_parser().parse_args(["precompute", "--out", "x", *argv]))
 
 
 def test_bad_run_files(tmp_path):
-    from precompute.run import load_run_file
+    from saescope.precompute.run import load_run_file
 
     cases = {"a.toml": ("[[sae]]\nhook = 'x'\n", "needs a path"), "b.toml": ("[[sae]]\npath = 'p'\nlayer = 3\n", "unknown keys"),
              "c.json": ("{}", "lists no SAEs"), "d.yaml": ("sae: []", "unknown suffix"), "e.toml": ("[[sae", "could not be parsed")}
@@ -158,7 +158,7 @@ def test_bad_run_files(tmp_path):
 
 
 def test_same_sae_id_twice_is_refused(tmp_path, tiny_lm_dir, tiny_sae_dir, small_corpus):
-    from precompute.run import PrecomputeArgs, SAESpec, run_precompute
+    from saescope.precompute.run import PrecomputeArgs, SAESpec, run_precompute
 
     specs = [SAESpec(str(tiny_sae_dir), None, "same"), SAESpec(str(tiny_sae_dir), "blocks.0.hook_resid_post", "same")]
     with pytest.raises(ValueError, match="both be stored as same"):
@@ -167,7 +167,7 @@ def test_same_sae_id_twice_is_refused(tmp_path, tiny_lm_dir, tiny_sae_dir, small
 
 
 def test_bad_memory_limit_is_refused(tmp_path, tiny_lm_dir, tiny_sae_dir, small_corpus):
-    from precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.run import PrecomputeArgs, run_precompute
 
     with pytest.raises(ValueError, match="is not a size"):
         run_precompute(PrecomputeArgs(out=tmp_path / "x.duckdb", model=str(tiny_lm_dir), sae=str(tiny_sae_dir),
@@ -190,7 +190,7 @@ def test_precompute_stores_its_verification(tiny_store):
 
 
 def test_verify_cli_on_the_tiny_store(tiny_store, capsys):
-    from app.cli import main
+    from saescope.app.cli import main
 
     assert main(["verify", str(tiny_store), "--sae", "tiny", "--sample", "5", "--seed", "3"]) == 0
     out = capsys.readouterr().out
@@ -199,7 +199,7 @@ def test_verify_cli_on_the_tiny_store(tiny_store, capsys):
 
 def test_verify_reports_a_tampered_value(tmp_path, tiny_store):
     """Change one stored activation (in every example row of that feature and context): verify names it."""
-    from precompute.verify import verify_store
+    from saescope.precompute.verify import verify_store
 
     copy = tmp_path / "tampered.duckdb"
     shutil.copyfile(tiny_store, copy)
@@ -221,7 +221,7 @@ def test_verify_reports_a_tampered_value(tmp_path, tiny_store):
 
 def test_verify_reports_zero_nonzero_mismatches(tmp_path, tiny_store, capsys):
     """A stored activation dropped (a nonzero that the store says is zero) is a zero/nonzero mismatch."""
-    from app.cli import main
+    from saescope.app.cli import main
 
     copy = tmp_path / "dropped.duckdb"
     shutil.copyfile(tiny_store, copy)
@@ -242,14 +242,14 @@ def test_verify_reports_zero_nonzero_mismatches(tmp_path, tiny_store, capsys):
 
 
 def test_verify_unknown_sae_says_what_exists(tiny_store):
-    from precompute.verify import verify_store
+    from saescope.precompute.verify import verify_store
 
     with pytest.raises(ValueError, match="no SAE 'nope'; valid: tiny"):
         verify_store(tiny_store, "nope")
 
 
 def test_verify_needs_a_sample():
-    from precompute.verify import sample_contexts
+    from saescope.precompute.verify import sample_contexts
 
     with pytest.raises(ValueError, match="at least one context"):
         sample_contexts([1, 2, 3], 0)
@@ -277,7 +277,7 @@ def test_schema_2_columns_exist_and_are_read(tiny_store):
 
 
 def test_add_explanations_fills_new_columns_with_null(tmp_path, tiny_store):
-    from precompute.store.write import add_explanations
+    from saescope.precompute.store.write import add_explanations
 
     copy = tmp_path / "expl.duckdb"
     shutil.copyfile(tiny_store, copy)
@@ -299,7 +299,7 @@ def test_home_page_shows_the_verify_badge(tiny_store):
 
     from fastapi.testclient import TestClient
 
-    from app.web.app import create_app
+    from saescope.app.web.app import create_app
 
     with Store(tiny_store) as s:
         v = s.sae("tiny").verify
@@ -317,10 +317,10 @@ def test_sparse_features_in_token_slices_equal_one_slice(tiny_lm_dir, tiny_sae_d
     """Extracting nonzeros a few tokens at a time (wide SAEs) gives the same activations as the whole batch."""
     import itertools
 
-    from precompute.data import iter_dataset_contexts, special_mask
-    from precompute.models import load_model
-    from precompute.run import sparse_features
-    from precompute.saes import load_sae
+    from saescope.precompute.data import iter_dataset_contexts, special_mask
+    from saescope.precompute.models import load_model
+    from saescope.precompute.run import sparse_features
+    from saescope.precompute.saes import load_sae
 
     lm = load_model(str(tiny_lm_dir), "cpu", "float32")
     sae = load_sae(str(tiny_sae_dir))
@@ -346,7 +346,7 @@ def test_a_run_stopped_while_building_tables_resumes_at_the_next_range(tmp_path,
                                                                       small_corpus, caplog):
     """Ctrl-C after 3 feature ranges: the rerun streams nothing, builds only the other ranges, and the store
     equals an uninterrupted run with the same ranges."""
-    from precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.run import PrecomputeArgs, run_precompute
 
     kw = dict(model=str(tiny_lm_dir), sae=str(tiny_sae_dir), sae_id="tiny", dataset=str(small_corpus),
               rows_per_range=400, feature_map=False, **TINY_ARGS)

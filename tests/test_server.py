@@ -12,10 +12,10 @@ import duckdb
 import pytest
 from fastapi.testclient import TestClient
 
-from app.web.format import fmt, pct
-from app.web.tokens import visible
-from app.web.app import create_app
-from precompute.store import Store
+from saescope.app.web.format import fmt, pct
+from saescope.app.web.tokens import visible
+from saescope.app.web.app import create_app
+from saescope.precompute.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -136,12 +136,12 @@ def test_search_by_index_token_and_explanation(demo, demo_store, tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "app.cli", "import-explanations", str(copy), str(src), "--sae-id", sae.sae_id],
+    r = subprocess.run([sys.executable, "-m", "saescope.app.cli", "import-explanations", str(copy), str(src), "--sae-id", sae.sae_id],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "added 2 explanations" in r.stdout, r.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"feature": 99999, "text": "x"}\n')
-    r = subprocess.run([sys.executable, "-m", "app.cli", "import-explanations", str(copy), str(bad), "--sae-id", sae.sae_id],
+    r = subprocess.run([sys.executable, "-m", "saescope.app.cli", "import-explanations", str(copy), str(bad), "--sae-id", sae.sae_id],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "outside 0..4095" in r.stderr
     c2 = TestClient(create_app(copy))
@@ -219,11 +219,11 @@ def test_openapi_document_is_current(demo):
     for path in ("/api/saes", "/api/saes/{sae_id}/features/{index}", "/api/saes/{sae_id}/search", "/api/inspect"):
         assert path in doc["paths"], path
     committed = json.loads((ROOT / "docs" / "openapi.json").read_text())
-    assert committed == doc, "docs/openapi.json is stale: regenerate with `python -m app.openapi`"
-    from app.openapi import worker_doc
+    assert committed == doc, "docs/openapi.json is stale: regenerate with `python -m saescope.app.openapi`"
+    from saescope.app.openapi import worker_doc
 
     worker = json.loads((ROOT / "docs" / "worker-openapi.json").read_text())
-    assert worker == worker_doc(), "docs/worker-openapi.json is stale: regenerate with `python -m app.openapi`"
+    assert worker == worker_doc(), "docs/worker-openapi.json is stale: regenerate with `python -m saescope.app.openapi`"
     for path in ("/health", "/tokenize", "/activations", "/top_features", "/token_features"):
         assert path in worker["paths"], path
 

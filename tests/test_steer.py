@@ -16,8 +16,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app.settings import WORKER
-from app.web.app import create_app
+from saescope.app.settings import WORKER
+from saescope.app.web.app import create_app
 from tests.conftest import free_port
 from tests.test_worker import stop
 
@@ -30,7 +30,7 @@ PROMPT = "The file descriptor is closed because the buffer is full."
 def worker(tiny_store):
     port = free_port()
     env = {**os.environ, WORKER.secret_env: SECRET}
-    cmd = [sys.executable, "-m", "app.cli", "worker", "--store", str(tiny_store), "--port", str(port)]
+    cmd = [sys.executable, "-m", "saescope.app.cli", "worker", "--store", str(tiny_store), "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env=env)
     url = f"http://127.0.0.1:{port}"
@@ -48,8 +48,8 @@ def worker(tiny_store):
 
 @pytest.fixture(scope="module")
 def parts(tiny_lm_dir, tiny_sae_dir):
-    from precompute.models import load_model
-    from precompute.saes import load_sae
+    from saescope.precompute.models import load_model
+    from saescope.precompute.saes import load_sae
 
     return load_model(str(tiny_lm_dir), "cpu", "float32"), load_sae(str(tiny_sae_dir))
 
@@ -226,7 +226,7 @@ def test_steer_page_shows_both_completions_and_keeps_state_in_the_url(dash):
 def html_text(tok: str) -> str:
     import html
 
-    from app.web.tokens import visible
+    from saescope.app.web.tokens import visible
 
     return html.escape(visible(tok), quote=True)
 

@@ -7,13 +7,13 @@ import sys
 import numpy as np
 import torch
 
-from precompute.config import EMBEDDED
-from precompute.saes import load_sae
+from saescope.precompute.config import EMBEDDED
+from saescope.precompute.saes import load_sae
 
 
 def test_train_sae_cli_writes_a_loadable_saelens_folder(tmp_path, tiny_lm_dir, small_corpus):
     out = tmp_path / "sae"
-    r = subprocess.run([sys.executable, "-m", "app.cli", "train-sae", "--model", str(tiny_lm_dir), "--hook",
+    r = subprocess.run([sys.executable, "-m", "saescope.app.cli", "train-sae", "--model", str(tiny_lm_dir), "--hook",
                         "blocks.1.hook_resid_post", "--dataset", str(small_corpus), "--tokens", "2048",
                         "--context-len", "64", "--d-sae", "128", "--k", "8", "--steps", "60", "--batch", "256",
                         "--out", str(out)], capture_output=True, text=True, timeout=300)
@@ -30,8 +30,8 @@ def test_train_sae_cli_writes_a_loadable_saelens_folder(tmp_path, tiny_lm_dir, s
 
 def test_training_improves_reconstruction():
     """The trainer's objective goes down on data with sparse structure (an independent sanity check)."""
-    from precompute.saes import SAEConfig
-    from precompute.train import train_topk
+    from saescope.precompute.saes import SAEConfig
+    from saescope.precompute.train import train_topk
 
     g = torch.Generator().manual_seed(0)
     dirs = torch.randn(64, 32, generator=g)

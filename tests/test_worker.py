@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.web.app import create_app
-from precompute.store import Store
+from saescope.app.web.app import create_app
+from saescope.precompute.store import Store
 from tests.conftest import free_port
 
 TEXTS = ["The file descriptor is closed.", "def f(x):\n    return x + 1", "Return a new socket object.",
@@ -26,7 +26,7 @@ TEXTS = ["The file descriptor is closed.", "def f(x):\n    return x + 1", "Retur
 
 
 def start_worker(store, port: int, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "app.cli", "worker", "--store", str(store), "--port", str(port), *extra]
+    cmd = [sys.executable, "-m", "saescope.app.cli", "worker", "--store", str(store), "--port", str(port), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -57,15 +57,15 @@ def worker(tiny_store):
 
 @pytest.fixture(scope="module")
 def engine_parts(tiny_lm_dir, tiny_sae_dir):
-    from precompute.models import load_model
-    from precompute.saes import load_sae
+    from saescope.precompute.models import load_model
+    from saescope.precompute.saes import load_sae
 
     return load_model(str(tiny_lm_dir), "cpu", "float32"), load_sae(str(tiny_sae_dir))
 
 
 def direct(engine_parts, ids) -> np.ndarray:
     """The precompute code path on one sequence: (T, d_sae)."""
-    from precompute.encode import encode_batch
+    from saescope.precompute.encode import encode_batch
 
     lm, sae = engine_parts
     return encode_batch(lm, sae, np.asarray([ids], dtype=np.int32), sae.cfg.hook_name)[0].numpy()
@@ -169,7 +169,7 @@ def test_dashboard_live_parts_and_worker_outage(tiny_store):
         r = client.get("/inspect", params={"sae": "tiny", "prompt": TEXTS[0]})
         assert r.status_code == 200 and 'id="top-features"' in r.text
         top = httpx.post(f"http://127.0.0.1:{port}/top_features", json={"sae_id": "tiny", "text": TEXTS[0], "k": 20}).json()
-        from app.web.format import fmt
+        from saescope.app.web.format import fmt
 
         first = top["features"][0]
         assert f'href="/sae/tiny/feature/{first["index"]}"' in r.text and fmt(first["value"], 4) in r.text
@@ -234,7 +234,7 @@ def test_a_worker_dying_mid_request_gives_a_clear_error(tiny_store):
 def test_the_child_worker_never_outlives_serve(tiny_store):
     """`saescope serve` starts the worker as a child; kill -9 the dashboard and the worker goes too."""
     port, wport = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", str(tiny_store), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "saescope.app.cli", "serve", str(tiny_store), "--port", str(port),
                              "--worker-port", str(wport), "--no-prewarm"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     health = f"http://127.0.0.1:{wport}/health"

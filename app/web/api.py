@@ -12,8 +12,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from precompute.export import neuronpedia_api_feature
-from precompute.store.schema import SAES
+from saescope.precompute.export import neuronpedia_api_feature
+from saescope.precompute.store.schema import SAES
 
 from ..settings import SERVE
 from .cache import cacheable

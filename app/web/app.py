@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from precompute.store import Store, StoreError
+from saescope.precompute.store import Store, StoreError
 
 from ..errors import AppError, validation_message
 from ..settings import SERVE, VERSION

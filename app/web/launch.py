@@ -27,7 +27,7 @@ class WorkerSupervisor:
 
     def __init__(self, store: Path, host: str, port: int, extra: list[str] | None = None,
                  max_backoff_s: float = SERVE.worker_restart_max_s, secret: str | None = None):
-        self.cmd = [sys.executable, "-m", "app.cli", "worker", "--store", str(store), "--host", host, "--port",
+        self.cmd = [sys.executable, "-m", "saescope.app.cli", "worker", "--store", str(store), "--host", host, "--port",
                     str(port), "--exit-with-parent", str(os.getpid()), *(extra or [])]
         self.url = f"http://{host}:{port}"
         self.max_backoff_s = max_backoff_s
@@ -104,7 +104,7 @@ def serve_store(store: Path, host: str = SERVE.host, port: int = SERVE.port, wor
                 worker_secret: str | None = None) -> int:
     import uvicorn
 
-    from precompute.store import Store
+    from saescope.precompute.store import Store
 
     from .app import create_app
 

@@ -133,9 +133,9 @@ def live_activations(request: Request, sae: str = Form(...), feature: int = Form
 
 def explain_request(store, sae_id: str, index: int) -> ExplainIn:
     """The feature's stored top and quantile examples (cut to the explainer's windows) as a worker request."""
-    from precompute.explain import ExplainConfig
-    from precompute.explain.prompts import window
-    from precompute.explain.run import material_from_store
+    from saescope.precompute.explain import ExplainConfig
+    from saescope.precompute.explain.prompts import window
+    from saescope.precompute.explain.run import material_from_store
 
     cfg = ExplainConfig()
     m = material_from_store(store, sae_id, index, 0)

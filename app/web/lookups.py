@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
-from precompute.store import SAEInfo, Store
+from saescope.precompute.store import SAEInfo, Store
 
 from ..errors import AppError
 from ..settings import SERVE

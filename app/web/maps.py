@@ -20,8 +20,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
-from precompute.featuremap import QUANT_MAX, encode_coords
-from precompute.store import Feature, SAEInfo, Store
+from saescope.precompute.featuremap import QUANT_MAX, encode_coords
+from saescope.precompute.store import Feature, SAEInfo, Store
 
 from ..settings import MAP
 from .cache import cacheable

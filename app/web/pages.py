@@ -8,7 +8,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from precompute.store import Store
+from saescope.precompute.store import Store
 
 from ..errors import AppError
 from ..settings import SERVE
@@ -156,7 +156,7 @@ def search_page(request: Request, sae_id: str, q: str = Query("", max_length=S.m
             hits, total = store.search_explanations(sae_id, q, size, offset)
             mode = "explanation"
     if mode == "explanation":  # the matched words of each hit's explanation, for <mark> (escaped by the template)
-        from precompute.explain.search import highlight
+        from saescope.precompute.store.search import highlight
 
         segments = {h.index: highlight(h.matched, q) for h in hits}
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from functools import lru_cache
+from importlib.resources import files
 from pathlib import Path
 
 from fastapi import Request
@@ -15,9 +16,10 @@ from .format import fmt, pct
 from .plots import histogram_svg
 from .tokens import alpha, delta_strip_html, strip_html, visible
 
-ROOT = Path(__file__).resolve().parents[2]
-TEMPLATES = ROOT / "templates"
-STATIC = ROOT / "static"
+# package data of the installed saescope (the checkout's templates/ and static/ through the editable install):
+# real folders in both cases, since wheels install unzipped
+TEMPLATES = Path(str(files("saescope.templates")))
+STATIC = Path(str(files("saescope.static")))
 
 
 @lru_cache(maxsize=None)

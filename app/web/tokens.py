@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from markupsafe import Markup, escape
 
-from precompute.store import Example, Store
+from saescope.precompute.store import Example, Store
 
 from .format import fmt
 

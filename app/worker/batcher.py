@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from precompute.data import bos_id
-from precompute.encode import encode_batch
-from precompute.models import HookedLM
-from precompute.saes import SAE
-from precompute.tokens import token_strings
+from saescope.precompute.data import bos_id
+from saescope.precompute.encode import encode_batch
+from saescope.precompute.models import HookedLM
+from saescope.precompute.saes import SAE
+from saescope.precompute.tokens import token_strings
 
 from ..errors import AppError
 from ..settings import WORKER

@@ -6,10 +6,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from precompute.embedded import resolve_model, resolve_sae
-from precompute.models import dtype_name, load_model
-from precompute.saes import load_sae
-from precompute.store import Store
+from saescope.precompute.embedded import resolve_model, resolve_sae
+from saescope.precompute.models import dtype_name, load_model
+from saescope.precompute.saes import load_sae
+from saescope.precompute.errors import UserError
+from saescope.precompute.store import Store
 
 from ..settings import WORKER
 from .batcher import Engine
@@ -26,7 +27,7 @@ def build_engine(model: str, saes: dict[str, str], hooks: dict[str, str | None],
     for sae_id, ref in saes.items():
         sae = load_sae(ref, hooks.get(sae_id))
         if sae.cfg.d_in != lm.hook_width(sae.cfg.hook_name):
-            raise ValueError(f"SAE {sae_id} has d_in {sae.cfg.d_in}; {sae.cfg.hook_name} of {model} has width "
+            raise UserError(f"SAE {sae_id} has d_in {sae.cfg.d_in}; {sae.cfg.hook_name} of {model} has width "
                              f"{lm.hook_width(sae.cfg.hook_name)}")
         loaded[sae_id] = sae.to(lm.device)
     return Engine(lm, loaded, max_prompt_tokens, max_batch, batch_wait_ms, max_queue, timeout_s)
@@ -37,10 +38,10 @@ def sources_from_store(store_path: Path) -> tuple[str, dict[str, str], dict[str,
     with Store(store_path) as store:
         infos = store.saes()
     if not infos:
-        raise ValueError(f"store {store_path} holds no SAE")
+        raise UserError(f"store {store_path} holds no SAE")
     models = {s.model_path for s in infos}
     if len(models) > 1:
-        raise ValueError(f"store {store_path} mixes models ({', '.join(sorted(models))}); start one worker per model "
+        raise UserError(f"store {store_path} mixes models ({', '.join(sorted(models))}); start one worker per model "
                          "with --model/--sae")
     model = infos[0].model_path
     if not Path(model).exists() and "smollm2" in model.lower():  # the embedded default's cache on another machine

@@ -9,7 +9,7 @@ import numpy as np
 
 import torch
 
-from precompute import intervene as iv
+from saescope.precompute import intervene as iv
 
 from ..errors import AppError
 from ..settings import WORKER

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 def chat_backend(engine: Engine):
     """The worker's model as a ChatBackend whose every call holds the engine's model lock (the model is shared with
     the batcher and the interventions), or None when its tokenizer has no chat template."""
-    from precompute.explain.backends import ChatBackend, LocalChatBackend
+    from saescope.precompute.explain.backends import ChatBackend, LocalChatBackend
 
     if engine is None:  # app.openapi writes the document without a model
         return None
@@ -61,7 +61,7 @@ def _explain(backend, body: ExplainIn) -> ExplainOut:
     """explain_feature (and score_explanation when asked) on the material the request carries."""
     import time
 
-    from precompute.explain import Example, ExplainConfig, FeatureMaterial, explain_feature, score_explanation
+    from saescope.precompute.explain import Example, ExplainConfig, FeatureMaterial, explain_feature, score_explanation
 
     t0 = time.perf_counter()
     try:
@@ -197,7 +197,7 @@ def create_worker_app(engine: Engine, secret: str | None = None) -> FastAPI:
                            "model slow); retry shortly", 504) from err
 
     if chat is not None or engine is None:  # any OpenAI client can chat with the worker's model (greedy, unsteered)
-        from precompute.explain.openai_route import make_chat_router
+        from saescope.precompute.explain.openai_route import make_chat_router
 
         app.include_router(make_chat_router(chat, model_name=chat_model_name(engine) if engine else "MODEL",
                                             max_tokens_limit=WORKER.chat_max_tokens))

@@ -1,6 +1,7 @@
-"""LLM explanations of SAE features: prompts (delphi's format), chat backends, detection/fuzzing scoring, BM25 search.
+"""LLM explanations of SAE features: prompts (delphi's format), chat backends, detection/fuzzing scoring (BM25 search
+of explanations lives with the store: store/search.py).
 
-    from precompute.explain import LocalChatBackend, FeatureMaterial, Example, explain_feature, score_explanation
+    from saescope.precompute.explain import LocalChatBackend, FeatureMaterial, Example, explain_feature, score_explanation
 """
 
 from .backends import ChatBackend, Completion, LLMError, LocalChatBackend, OpenAIChatBackend

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from ..errors import SaescopeError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ ENV_URL, ENV_MODEL, ENV_KEY = "SAESCOPE_LLM_URL", "SAESCOPE_LLM_MODEL", "SAESCOP
 ENV_OPENAI_KEY = "OPENAI_API_KEY"
 
 
-class LLMError(RuntimeError):
+class LLMError(SaescopeError, RuntimeError):
     """The LLM could not answer; the message says why and what to do."""
 
 
@@ -51,20 +52,20 @@ class Completion:
 def validate_messages(messages: Any) -> list[dict[str, str]]:
     """Check a chat conversation: a non-empty list of {"role": system|user|assistant, "content": str}."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        raise UserError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or set(m) - {"role", "content", "name"} or "role" not in m or "content" not in m:
-            raise ValueError(f"message {i} must be a dict with keys 'role' and 'content'; got {m!r:.80}")
+            raise UserError(f"message {i} must be a dict with keys 'role' and 'content'; got {m!r:.80}")
         if m["role"] not in ROLES:
-            raise ValueError(f"message {i} has role {m['role']!r}; valid: {', '.join(ROLES)}")
+            raise UserError(f"message {i} has role {m['role']!r}; valid: {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
-            raise ValueError(f"message {i} content must be a string; got {type(m['content']).__name__}")
+            raise UserError(f"message {i} content must be a string; got {type(m['content']).__name__}")
     return messages
 
 
 def _check_max_tokens(max_tokens: int) -> None:
     if not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be a positive integer; got {max_tokens!r}")
+        raise UserError(f"max_tokens must be a positive integer; got {max_tokens!r}")
 
 
 class ChatBackend(ABC):
@@ -89,19 +90,19 @@ class ChatBackend(ABC):
 
 def _validate_base_url(url: str) -> str:
     if not isinstance(url, str) or not url.strip():
-        raise ValueError(f"no LLM URL given; pass one or set {ENV_URL} (e.g. http://127.0.0.1:8080/v1)")
+        raise UserError(f"no LLM URL given; pass one or set {ENV_URL} (e.g. http://127.0.0.1:8080/v1)")
     url = url.strip().rstrip("/")
     if url.endswith("/chat/completions"):  # someone pasted the full route
         url = url[: -len("/chat/completions")]
     try:
         parsed = httpx.URL(url)
     except Exception as err:  # httpx.InvalidURL and friends
-        raise ValueError(f"LLM URL {url!r} is not a valid URL ({err})") from err
+        raise UserError(f"LLM URL {url!r} is not a valid URL ({err})") from err
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError(f"LLM URL {url!r} must start with http:// or https:// and name a host, "
+        raise UserError(f"LLM URL {url!r} must start with http:// or https:// and name a host, "
                          "e.g. http://127.0.0.1:8080/v1")
     if parsed.query or parsed.fragment:
-        raise ValueError(f"LLM URL {url!r} must not have a query string or fragment")
+        raise UserError(f"LLM URL {url!r} must not have a query string or fragment")
     return url
 
 
@@ -128,17 +129,17 @@ class OpenAIChatBackend(ChatBackend):
         self.base_url = _validate_base_url(base_url if base_url is not None else os.environ.get(ENV_URL, ""))
         model = model if model is not None else os.environ.get(ENV_MODEL, "")
         if not isinstance(model, str) or not model.strip():
-            raise ValueError(f"no LLM model name given; pass one or set {ENV_MODEL} (the name the server lists "
+            raise UserError(f"no LLM model name given; pass one or set {ENV_MODEL} (the name the server lists "
                              "at GET /v1/models)")
         self.model = model.strip()
         if api_key is None:
             api_key = os.environ.get(ENV_KEY) or os.environ.get(ENV_OPENAI_KEY) or None
         if not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds; got {timeout!r}")
+            raise UserError(f"timeout must be a positive number of seconds; got {timeout!r}")
         if not isinstance(max_concurrency, int) or not 1 <= max_concurrency <= 256:
-            raise ValueError(f"max_concurrency must be an integer from 1 to 256; got {max_concurrency!r}")
+            raise UserError(f"max_concurrency must be an integer from 1 to 256; got {max_concurrency!r}")
         if not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be a non-negative integer; got {retries!r}")
+            raise UserError(f"retries must be a non-negative integer; got {retries!r}")
         self.timeout, self.max_concurrency, self.retries, self.seed = float(timeout), max_concurrency, retries, seed
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=self.timeout,
@@ -247,19 +248,19 @@ class LocalChatBackend(ChatBackend):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if model_dir is None:
-            from precompute.embedded import convert_default_model
+            from saescope.precompute.embedded import convert_default_model
 
             model_dir = convert_default_model()
             log.warning("explaining with the embedded SmolLM2-135M-Instruct: works offline but is weak; expect "
                         "vague explanations and near-chance scores (use --llm with a bigger model for real use)")
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").exists():
-            raise ValueError(f"{model_dir} is not a transformers model folder (no config.json)")
+            raise UserError(f"{model_dir} is not a transformers model folder (no config.json)")
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
         except Exception as err:
-            raise ValueError(f"could not load a chat model from {model_dir} ({type(err).__name__}: {err})") from err
+            raise UserError(f"could not load a chat model from {model_dir} ({type(err).__name__}: {err})") from err
         self._setup(model, tokenizer, f"local:{model_dir.name}", device, batch_size, max_input_tokens)
 
     @classmethod
@@ -272,9 +273,9 @@ class LocalChatBackend(ChatBackend):
 
     def _setup(self, model, tokenizer, name: str, device: str, batch_size: int, max_input_tokens: int) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+            raise UserError(f"batch_size must be a positive integer; got {batch_size!r}")
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"{name} has no chat template in its tokenizer; use an instruct/chat model")
+            raise UserError(f"{name} has no chat template in its tokenizer; use an instruct/chat model")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
@@ -335,7 +336,7 @@ class LocalChatBackend(ChatBackend):
         encoded = [self._encode(c) for c in conversations]
         for i, ids in enumerate(encoded):
             if len(ids) > self.max_input_tokens:
-                raise ValueError(f"conversation {i} has {len(ids)} tokens; the limit is {self.max_input_tokens}")
+                raise UserError(f"conversation {i} has {len(ids)} tokens; the limit is {self.max_input_tokens}")
         out: list[Completion | None] = [None] * len(encoded)
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         gen_kw = dict(max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos)

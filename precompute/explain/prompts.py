@@ -27,6 +27,7 @@ import random
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from ..errors import UserError
 
 PROMPT_VERSION = "saescope-delphi-1"  # bump whenever any prompt text, window or marking rule below changes
 
@@ -47,11 +48,11 @@ class Example:
     def __init__(self, tokens: Sequence[str], acts: Sequence[float]):
         tokens, acts = tuple(str(t) for t in tokens), tuple(float(a) for a in acts)
         if len(tokens) != len(acts):
-            raise ValueError(f"an example needs one activation per token; got {len(tokens)} tokens, {len(acts)} acts")
+            raise UserError(f"an example needs one activation per token; got {len(tokens)} tokens, {len(acts)} acts")
         if not tokens:
-            raise ValueError("an example needs at least one token")
+            raise UserError("an example needs at least one token")
         if not all(math.isfinite(a) for a in acts):
-            raise ValueError("example activations must be finite numbers")
+            raise UserError("example activations must be finite numbers")
         object.__setattr__(self, "tokens", tokens)
         object.__setattr__(self, "acts", acts)
 
@@ -106,15 +107,15 @@ class ExplainConfig:
                      "explain_max_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be a non-negative integer; got {v!r}")
+                raise UserError(f"{name} must be a non-negative integer; got {v!r}")
         if self.n_per_prompt < 1:
-            raise ValueError(f"n_per_prompt must be at least 1; got {self.n_per_prompt}")
+            raise UserError(f"n_per_prompt must be at least 1; got {self.n_per_prompt}")
         if not 0.0 <= self.threshold < 1.0:
-            raise ValueError(f"threshold must be in [0, 1); got {self.threshold}")
+            raise UserError(f"threshold must be in [0, 1); got {self.threshold}")
         if self.judge_max_tokens is not None and self.judge_max_tokens < 1:
-            raise ValueError(f"judge_max_tokens must be None or >= 1; got {self.judge_max_tokens}")
+            raise UserError(f"judge_max_tokens must be None or >= 1; got {self.judge_max_tokens}")
         if self.n_non_activating is not None and self.n_non_activating < 0:
-            raise ValueError(f"n_non_activating must be None or >= 0; got {self.n_non_activating}")
+            raise UserError(f"n_non_activating must be None or >= 0; got {self.n_non_activating}")
 
     @property
     def judge_tokens(self) -> int:
@@ -137,7 +138,7 @@ def material_from_contexts(contexts: Sequence[Sequence[str]], acts: Sequence[Seq
     contexts with the highest maximum, then the other activating contexts cut by rank into n_groups equal groups
     with per_group random picks from each (delphi's quantile sampling), and every all-zero context as non-activating."""
     if len(contexts) != len(acts):
-        raise ValueError(f"got {len(contexts)} contexts but {len(acts)} activation rows")
+        raise UserError(f"got {len(contexts)} contexts but {len(acts)} activation rows")
     examples = [Example(toks, a) for toks, a in zip(contexts, acts)]
     active = sorted((ex for ex in examples if ex.max_act > 0), key=lambda ex: -ex.max_act)
     rest = active[n_top:]
@@ -298,9 +299,9 @@ def explainer_block(examples: Sequence[Example], cfg: ExplainConfig = ExplainCon
 def explainer_messages(examples: Sequence[Example], cfg: ExplainConfig = ExplainConfig()) -> list[dict[str, str]]:
     """Chat messages asking for an explanation of the feature from these (and only these) examples."""
     if not examples:
-        raise ValueError("need at least one activating example to explain a feature")
+        raise UserError("need at least one activating example to explain a feature")
     if max(ex.max_act for ex in examples) <= 0.0:
-        raise ValueError("none of the examples activates the feature; nothing to explain")
+        raise UserError("none of the examples activates the feature; nothing to explain")
     messages = [{"role": "system", "content": EXPLAINER_SYSTEM}]
     for user, answer in _FEW_SHOT_EXPLAIN:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
@@ -380,7 +381,7 @@ def _judge_user(explanation: str, snippets: Sequence[str]) -> str:
 
 def _judge_messages(system: str, shots, explanation: str, snippets: Sequence[str]) -> list[dict[str, str]]:
     if not snippets:
-        raise ValueError("a scoring prompt needs at least one snippet")
+        raise UserError("a scoring prompt needs at least one snippet")
     messages = [{"role": "system", "content": system}]
     for expl, snips, answer in shots:
         messages += [{"role": "user", "content": _judge_user(expl, snips)}, {"role": "assistant", "content": answer}]

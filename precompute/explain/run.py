@@ -25,6 +25,7 @@ from ..config import EXPLAIN
 from .backends import ChatBackend
 from .prompts import PROMPT_VERSION, Example, ExplainConfig, FeatureMaterial
 from .scoring import METHODS, ScoreResult, explain_features, score_explanation
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def pending_features(store_path: Path | str, sae_id: str, features: Sequence[int
     with Store(store_path) as store:
         sae = store.sae(sae_id)
         if sae is None:
-            raise ValueError(f"{store_path} has no SAE {sae_id!r}; valid: {', '.join(s.sae_id for s in store.saes())}")
+            raise UserError(f"{store_path} has no SAE {sae_id!r}; valid: {', '.join(s.sae_id for s in store.saes())}")
         wanted = list(range(sae.d_sae)) if features is None else sorted(set(features))
         done = store.explained_features(sae_id, llm, PROMPT_VERSION)
         rows = store.features_by_index(sae_id, [i for i in wanted if i not in done])
@@ -129,23 +130,23 @@ def run_explain(store_path: Path | str, sae_id: str, features: Sequence[int] | N
     from ..store import Store
 
     if not isinstance(concurrency, int) or concurrency < 1:
-        raise ValueError(f"concurrency must be a positive integer; got {concurrency!r}")
+        raise UserError(f"concurrency must be a positive integer; got {concurrency!r}")
     if not isinstance(flush_every, int) or flush_every < 1:
-        raise ValueError(f"flush_every must be a positive integer; got {flush_every!r}")
+        raise UserError(f"flush_every must be a positive integer; got {flush_every!r}")
     bad = [m for m in methods if m not in METHODS]
     if bad:
-        raise ValueError(f"unknown scoring method {bad[0]!r}; valid: {', '.join(METHODS)}")
+        raise UserError(f"unknown scoring method {bad[0]!r}; valid: {', '.join(METHODS)}")
     path = Path(store_path)
     t0 = time.perf_counter()
     with Store(path) as store:
         sae = store.sae(sae_id)
         if sae is None:
             have = ", ".join(s.sae_id for s in store.saes()) or "none"
-            raise ValueError(f"{path} has no SAE {sae_id!r}; valid: {have}")
+            raise UserError(f"{path} has no SAE {sae_id!r}; valid: {have}")
         wanted = list(range(sae.d_sae)) if features is None else sorted(set(features))
         out_of_range = [i for i in wanted if not 0 <= i < sae.d_sae]
         if out_of_range:
-            raise ValueError(f"features {out_of_range[:5]} are outside 0-{sae.d_sae - 1} of {sae_id}")
+            raise UserError(f"features {out_of_range[:5]} are outside 0-{sae.d_sae - 1} of {sae_id}")
         done = store.explained_features(sae_id, backend.name, PROMPT_VERSION)
         rows = store.features_by_index(sae_id, wanted)
         live = [i for i in wanted if i in rows and rows[i].n_active > 0]

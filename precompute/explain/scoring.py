@@ -34,6 +34,7 @@ from .prompts import (
     split_material,
     window,
 )
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +86,11 @@ def balanced_accuracy(judgements: Sequence[Judgement], method: str) -> ScoreResu
 def _check_inputs(explanation: str, activating: Sequence[Example], non_activating: Sequence[Sequence[str]],
                   method: str) -> None:
     if not isinstance(explanation, str) or not explanation.strip():
-        raise ValueError(f"{method} scoring needs a non-empty explanation")
+        raise UserError(f"{method} scoring needs a non-empty explanation")
     if not activating:
-        raise ValueError(f"{method} scoring needs at least one held-out activating example")
+        raise UserError(f"{method} scoring needs at least one held-out activating example")
     if not any(len(t) for t in non_activating):
-        raise ValueError(f"{method} scoring needs non-activating contexts (token lists where the feature is 0)")
+        raise UserError(f"{method} scoring needs non-activating contexts (token lists where the feature is 0)")
 
 
 def _pick_non_activating(non_activating: Sequence[Sequence[str]], n: int, width: int,
@@ -119,7 +120,7 @@ def _groups(activating: Sequence[Example], groups: Sequence[int] | None) -> list
     if groups is None:
         return [0] * len(activating)
     if len(groups) != len(activating):
-        raise ValueError(f"got {len(groups)} groups for {len(activating)} activating examples")
+        raise UserError(f"got {len(groups)} groups for {len(activating)} activating examples")
     return list(groups)
 
 
@@ -210,10 +211,10 @@ def score_explanation(backend: ChatBackend, explanation: str, material: FeatureM
     """Detection and/or fuzzing on the held-out part of the material (the part explain_feature never shows)."""
     bad = [m for m in methods if m not in METHODS]
     if bad:
-        raise ValueError(f"unknown scoring method {bad[0]!r}; valid: {', '.join(METHODS)}")
+        raise UserError(f"unknown scoring method {bad[0]!r}; valid: {', '.join(METHODS)}")
     split = split_material(material, cfg, seed)
     if not split.test:
-        raise ValueError("no held-out activating examples are left after the explainer's share; store more "
+        raise UserError("no held-out activating examples are left after the explainer's share; store more "
                          "quantile examples or lower n_top / per_group_explain")
     fns = {"detection": detection_score, "fuzzing": fuzzing_score}
     return {m: fns[m](backend, explanation, split.test, split.non_activating, cfg, seed, split.test_groups)

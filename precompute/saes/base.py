@@ -9,10 +9,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..errors import UserError
+
 NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
 
 
-class SAEFormatError(ValueError):
+class SAEFormatError(UserError):
     """A bad SAE file: names the file, the field, what was found and what was expected."""
 
     def __init__(self, file: str, field: str, found: object, expected: str):
@@ -60,7 +62,7 @@ class SAE(nn.Module):
         for name, dim in self.extra_params.items():
             setattr(self, name, nn.Parameter(torch.zeros(d_sae if dim == "d_sae" else d_in)))
         if cfg.normalize_activations not in NORMALIZATIONS:
-            raise ValueError(f"normalize_activations {cfg.normalize_activations!r}; valid: {', '.join(NORMALIZATIONS)}")
+            raise UserError(f"normalize_activations {cfg.normalize_activations!r}; valid: {', '.join(NORMALIZATIONS)}")
 
     @classmethod
     def param_shapes(cls, d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:

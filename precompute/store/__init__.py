@@ -1,7 +1,9 @@
 """The store: the only package that imports duckdb. The server reads through `Store`; precompute spills
 activations through `spill.ShardWriter` and writes the store through `write.build_range` and `StoreBuilder`."""
 
+from ..errors import UnknownSAE
 from .read import Example, Explanation, Feature, FeatureRow, Group, SAEInfo, SearchHit, Store, StoreError
 from .schema import SCHEMA_VERSION
 
-__all__ = ["Store", "StoreError", "SAEInfo", "Feature", "FeatureRow", "Example", "Explanation", "Group", "SearchHit", "SCHEMA_VERSION"]
+__all__ = ["Store", "StoreError", "SAEInfo", "Feature", "FeatureRow", "Example", "Explanation", "Group", "SearchHit", "SCHEMA_VERSION",
+           "UnknownSAE"]

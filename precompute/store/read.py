@@ -16,10 +16,11 @@ from typing import Any
 import duckdb
 import numpy as np
 
+from ..errors import SaescopeError, UnknownSAE
 from .schema import EXPLANATIONS, FEATURES, SAES, SCHEMA_VERSION, STORE_TABLES
 
 
-class StoreError(Exception):
+class StoreError(SaescopeError):
     """The store is missing, unreadable or of an unknown version; the message says what to do."""
 
 
@@ -209,6 +210,13 @@ class Store:
 
     def sae(self, sae_id: str) -> SAEInfo | None:
         return self._saes.get(sae_id)
+
+    def require_sae(self, sae_id: str) -> SAEInfo:
+        """The SAE's row, or UnknownSAE naming the SAEs the store has (the one check every caller shares)."""
+        s = self._saes.get(sae_id)
+        if s is None:
+            raise UnknownSAE(sae_id, self._saes, where=f"the store {self.path.name}")
+        return s
 
     def vocab(self, model_key: str) -> list[str]:
         if model_key not in self._vocab:
@@ -516,7 +524,7 @@ class Store:
         with self._lock:
             hit = self._bm25.get(sae_id)
         if hit is None:
-            from precompute.explain.search import BM25Index
+            from saescope.precompute.store.search import BM25Index
 
             rows = self._q("SELECT feature, text FROM explanations WHERE sae_id = ? ORDER BY feature, text", [sae_id])
             texts = [r[1] for r in rows]
@@ -526,7 +534,7 @@ class Store:
         return hit
 
     def search_explanations(self, sae_id: str, text: str, limit: int = 50, offset: int = 0) -> tuple[list[SearchHit], int]:
-        """Explanations ranked by Okapi BM25 (precompute.explain.search): every explanation holding at least one
+        """Explanations ranked by Okapi BM25 (store/search.py): every explanation holding at least one
         query word; a feature appears once, with its best explanation (`matched`) and that one's BM25 score."""
         index, features, texts = self._explanation_index(sae_id)
         best: dict[int, tuple[float, str]] = {}

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from ..errors import UserError
 
 RECORD = np.dtype([("ctx", "<i4"), ("pos", "<i2"), ("feature", "<i4"), ("value", "<f4")])  # packed: 14 bytes
 SEAL_ROWS = 2_000_000  # activations per sealing chunk (~28 MB of records plus their sort and copies)
@@ -63,7 +64,7 @@ class Plan:
     def make(cls, fingerprint: dict[str, Any], n_ctx: int, context_len: int, batch_size: int, d_sae: list[int],
              n_shards: int) -> "Plan":
         if n_shards < 1:
-            raise ValueError(f"--shards {n_shards}: give 1 (no sharding) or more")
+            raise UserError(f"--shards {n_shards}: give 1 (no sharding) or more")
         n_batches = -(-n_ctx // batch_size)
         n_shards = min(n_shards, n_batches)  # shard edges fall on batch edges: batches are those of one process
         edges = [min(n_ctx, (n_batches * s // n_shards) * batch_size) for s in range(n_shards + 1)]
@@ -99,7 +100,7 @@ class WorkDir:
                 for k in ("n_ctx", "shards", "d_sae", "version"):
                     if have.get(k) != want[k]:
                         diff[k] = (have.get(k), want[k])
-                raise ValueError(f"{self.root} holds an unfinished run with other settings ({diff}: was, now); "
+                raise UserError(f"{self.root} holds an unfinished run with other settings ({diff}: was, now); "
                                  "rerun with --restart to discard it, or repeat the original command to resume it")
         else:
             atomic_write(f, plan.to_json())
@@ -182,7 +183,7 @@ class ShardWriter:
     def append(self, tokens: np.ndarray, counted: np.ndarray, acts: list) -> None:
         """tokens (B, T) int, counted (B,) int; acts[i] = SAE i's SparseActs of this batch (global ctx ids)."""
         if len(acts) != self.n_saes:
-            raise ValueError(f"append got activations of {len(acts)} SAEs; the shard holds {self.n_saes}")
+            raise UserError(f"append got activations of {len(acts)} SAEs; the shard holds {self.n_saes}")
         self.files["tokens.bin"].write(np.ascontiguousarray(tokens, dtype="<i4").tobytes())
         self.files["counted.bin"].write(np.ascontiguousarray(counted, dtype="<i4").tobytes())
         for i, a in enumerate(acts):

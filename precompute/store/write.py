@@ -26,6 +26,7 @@ from ..config import PRECOMPUTE
 from .read import sae_params, stored_activations
 from .schema import (CROSS, CONTEXTS, EXAMPLES, EXPLANATIONS, FEATURES, GROUPS, META, PER_SAE_TABLES,
                      PRIORITY_SQL, SAES, SCHEMA_VERSION, STORE_TABLES, VOCAB, create_all)
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def size_bytes(size: str) -> int:
     """'1.5GB' -> 1500000000; a readable ValueError for anything else."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]+)\s*", size)
     if not m or m.group(2).upper() not in UNITS:
-        raise ValueError(f"--memory-limit {size!r} is not a size; write e.g. 512MB, 2GB or 1.5GiB")
+        raise UserError(f"--memory-limit {size!r} is not a size; write e.g. 512MB, 2GB or 1.5GiB")
     return int(float(m.group(1)) * UNITS[m.group(2).upper()])
 
 
@@ -339,7 +340,7 @@ class StoreBuilder:
         """One row of the saes table: exactly the schema's columns (JSON columns given as dicts)."""
         missing, extra = set(SAES.names) - set(row), set(row) - set(SAES.names)
         if missing or extra:
-            raise ValueError(f"saes row: missing {sorted(missing)}, unknown {sorted(extra)}")
+            raise UserError(f"saes row: missing {sorted(missing)}, unknown {sorted(extra)}")
         values = [(None if row[c.name] is None else json.dumps(row[c.name], default=str)) if c.json else row[c.name]
                   for c in SAES.cols]
         _run(self.con, f"INSERT INTO {SAES.name} ({SAES.select_list()}) VALUES ({', '.join('?' * len(values))})", values)
@@ -373,7 +374,7 @@ def check_version(path: Path) -> None:
     finally:
         con.close()
     if row is None or int(row[0]) != SCHEMA_VERSION:
-        raise ValueError(f"{path} is not a saescope store of schema version {SCHEMA_VERSION} "
+        raise UserError(f"{path} is not a saescope store of schema version {SCHEMA_VERSION} "
                          f"(found {row[0] if row else 'none'}); rebuild it with `saescope precompute --out {path}`")
 
 
@@ -388,7 +389,7 @@ def _explanation_table(sae_id: str, rows: list, source: str) -> pa.Table:
         if isinstance(r, dict):
             unknown = set(r) - {"feature", "text", "source", *EXPLANATION_EXTRAS}
             if unknown or "feature" not in r or "text" not in r:
-                raise ValueError(f"explanation row {n}: needs 'feature' and 'text', may have source, "
+                raise UserError(f"explanation row {n}: needs 'feature' and 'text', may have source, "
                                  f"{', '.join(EXPLANATION_EXTRAS)}; got {', '.join(sorted(r))}")
             recs.append(r)
         else:
@@ -416,11 +417,11 @@ def add_explanations(path: Path, sae_id: str, rows: list, source: str, replace: 
         d_sae = con.execute("SELECT d_sae FROM saes WHERE sae_id = ?", [sae_id]).fetchall()
         if not d_sae:
             have = [r[0] for r in con.execute("SELECT sae_id FROM saes ORDER BY sae_id").fetchall()]
-            raise ValueError(f"{path} has no SAE {sae_id!r}; valid: {', '.join(have) or 'none'}")
+            raise UserError(f"{path} has no SAE {sae_id!r}; valid: {', '.join(have) or 'none'}")
         tbl = _explanation_table(sae_id, rows, source)
         bad = [i for i in tbl.column("feature").to_pylist() if not 0 <= i < d_sae[0][0]]
         if bad:
-            raise ValueError(f"feature indices {bad[:5]} are outside 0..{d_sae[0][0] - 1} of {sae_id}")
+            raise UserError(f"feature indices {bad[:5]} are outside 0..{d_sae[0][0] - 1} of {sae_id}")
         if replace:
             _run(con, "DELETE FROM explanations WHERE sae_id = ?", [sae_id])
         con.register("new_expl", tbl)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from ..errors import UserError
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)  # letters and digits; '_' and punctuation split words
 
@@ -41,7 +42,7 @@ class BM25Index:
 
     def __init__(self, texts: Sequence[str], k1: float = 1.2, b: float = 0.75):
         if k1 < 0 or not 0.0 <= b <= 1.0:
-            raise ValueError(f"BM25 needs k1 >= 0 and 0 <= b <= 1; got k1={k1}, b={b}")
+            raise UserError(f"BM25 needs k1 >= 0 and 0 <= b <= 1; got k1={k1}, b={b}")
         self.k1, self.b = float(k1), float(b)
         self.n_docs = len(texts)
         counts = [Counter(terms(t)) for t in texts]
@@ -75,7 +76,7 @@ class BM25Index:
     def search(self, query: str, limit: int | None = None) -> list[Hit]:
         """Documents that contain at least one query term, best first (ties: lower index first)."""
         if limit is not None and limit < 0:
-            raise ValueError(f"limit must be None or >= 0; got {limit}")
+            raise UserError(f"limit must be None or >= 0; got {limit}")
         q = [t for t in dict.fromkeys(terms(query)) if t in self._postings]  # distinct known terms
         s = self.scores(query)
         present = np.zeros((len(q), self.n_docs), dtype=bool)  # (n_terms, N)

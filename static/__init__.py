@@ -1,0 +1,1 @@
+"""The dashboard's CSS, htmx and JavaScript, shipped as the package data of saescope.static (served at /static)."""

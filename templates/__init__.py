@@ -1,0 +1,1 @@
+"""The dashboard's Jinja2 templates, shipped as the package data of saescope.templates (see app/web/templates.py)."""
