@@ -40,20 +40,12 @@ def precompute(args: argparse.Namespace) -> int:
 
 
 def verify(args: argparse.Namespace) -> int:
-    from saescope.precompute.verify import verify_store
+    from saescope.precompute.verify import describe, verify_store
 
     results = verify_store(args.store, args.sae_id, args.sample, args.seed, args.tolerance,
                            getattr(args, "bound_dtype", None))
     for sae_id, r in results.items():
-        status = "ok" if r["ok"] else "FAILED"
-        print(f"{sae_id}: {status}: max rel. diff {r['max_rel_diff']:.2g} (max abs. diff {r['max_abs_diff']:.2g}, "
-              f"{r['max_peak_diff']:.2g} of the SAE's peak {r['sae_peak']:.3g}) on {r['contexts']} contexts, "
-              f"{r['positions']:,} positions of {r['features']:,} feature examples; {r['mismatches']} zero/nonzero "
-              f"mismatches; checked against the {r['bound']}")
-        if r["worst"] and not r["ok"]:
-            w = r["worst"]
-            print(f"  worst: context {w['ctx_id']} feature {w['feature']} position {w['pos']}: stored "
-                  f"{w['stored']:.6g}, recomputed {w['recomputed']:.6g}")
+        print("\n".join(describe(sae_id, r)))
     return 0 if all(r["ok"] for r in results.values()) else 1
 
 

@@ -43,4 +43,5 @@ class UnknownSAE(UserError):
 
     def __init__(self, sae_id: str, valid: Iterable[str], where: str = "this store"):
         self.sae_id, self.valid, self.where = sae_id, list(valid), where
-        super().__init__(f"there is no SAE {echo(sae_id)} in {where}; valid: {', '.join(self.valid) or 'none'}")
+        e = echo(sae_id)
+        super().__init__(f"unknown SAE id {e} ({where} has no SAE {e}; valid: {', '.join(self.valid) or 'none'})")

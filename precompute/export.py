@@ -231,10 +231,7 @@ def pick_sae(store: "Store", sae_id: str | None) -> "SAEInfo":
         if len(ids) == 1:
             return store.saes()[0]
         raise UserError(f"{store.path} holds {len(ids)} SAEs; choose one with --sae: {', '.join(ids) or '(none)'}")
-    sae = store.sae(sae_id)
-    if sae is None:
-        raise UserError(f"unknown SAE id {sae_id!r} in {store.path}; valid: {', '.join(ids) or '(none)'}")
-    return sae
+    return store.require_sae(sae_id)
 
 
 def _check_out(out: Path, force: bool) -> None:

@@ -54,7 +54,7 @@ from .config import PRECOMPUTE
 from .encode import encode_batch
 from .models import DTYPES, HookedLM, dtype_name, load_model
 from .saes import SAE, load_sae
-from .store import Store
+from .store import Store, StoreError
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ STORE_PLACEHOLDER = "{store}"  # stored commands name the store by this; the rea
 REFERENCE = "float32, batch 1, cpu, encode.encode_batch"
 
 Stored = dict[int, tuple[list[int], dict[int, tuple[list[int], list[float]]]]]
+# ctx_id -> (token ids, one (feature, value, pos, act_pos, act_val) per example row in that context)
+StoredExamples = dict[int, tuple[list[int], list[tuple[int, float, int, list[int], list[float]]]]]
 
 
 BOUNDS = {"float32": (PRECOMPUTE.verify_tolerance, 0.0),  # dtype -> (tolerance, share of selection changes)
@@ -76,6 +78,8 @@ class StoredSource(Protocol):
     def context_ids(self, sae_id: str) -> list[int]: ...
 
     def stored_activations(self, sae_id: str, ctx_ids: list[int]) -> Stored: ...
+
+    def stored_examples(self, sae_id: str, ctx_ids: list[int]) -> StoredExamples: ...
 
 
 @dataclass(frozen=True)
@@ -141,62 +145,81 @@ def reference_copy(sae: SAE) -> SAE:
     return copy.deepcopy(sae).to("cpu").float()
 
 
-def compare(lm: HookedLM, sae: SAE, hook: str, stored: Stored, bound: Bound | float) -> dict[str, Any]:
-    """Re-encode each stored context alone and compare with the stored activations (see the module doc).
+def compare(lm: HookedLM, sae: SAE, hook: str, stored: StoredExamples, bound: Bound | float) -> dict[str, Any]:
+    """Re-encode each stored context alone and compare with what the store holds (see the module doc): every
+    example row's activation list (act_pos / act_val, each copy on its own: rows of one feature and context share
+    a list, and a damaged copy must not hide behind a sound one) and its `value`, the number the pages show.
 
     `bound` may be a bare number: the float32 bound with that tolerance."""
     if not isinstance(bound, Bound):
         bound = Bound("float32", float(bound))
     max_rel = 0.0
-    positions = features = 0
+    positions = features = values = copies = 0
     peak = 0.0  # the SAE's largest fp32 activation on these contexts (every feature)
     per_ctx = []
-    for ctx_id, (tokens, feats) in sorted(stored.items()):
-        if not feats:
+    for ctx_id, (tokens, rows) in sorted(stored.items()):
+        if not rows:
             continue
         z = encode_batch(lm, sae, np.asarray([tokens], dtype=np.int32), hook)[0]  # (T, d_sae)
         peak = max(peak, float(z.max()))
-        fs = sorted(feats)
-        got = z[:, fs].double().numpy()  # (T, n_features)
+        lists = sorted({(f, tuple(p), tuple(v)) for f, _, _, p, v in rows})  # each distinct copy of a list
+        fs = [f for f, _, _ in lists]
+        got = z[:, fs].double().numpy()  # (T, n_lists)
         want = np.zeros_like(got)
-        for j, f in enumerate(fs):
-            pos, val = feats[f]
-            want[pos, j] = val
-        features += len(fs)
-        fpeak = np.maximum(np.abs(got).max(0), np.abs(want).max(0))  # (n_features,)
+        for j, (_, pos, val) in enumerate(lists):
+            want[list(pos), j] = val
+        features += len(set(fs))
+        copies += len(lists)
+        fpeak = np.maximum(np.abs(got).max(0), np.abs(want).max(0))  # (n_lists,)
         floor = np.maximum(FLOOR_SHARE * fpeak, np.finfo(np.float32).tiny)
-        either = (got != 0) | (want != 0)  # (T, n_features)
+        either = (got != 0) | (want != 0)  # (T, n_lists)
         diff = np.abs(got - want)
         rel = diff / np.maximum(np.maximum(np.abs(got), np.abs(want)), floor)
         rel[~either] = 0
         positions += int(either.sum())
-        max_rel = max(max_rel, float(rel.max(initial=0)))
-        per_ctx.append((int(ctx_id), fs, got, want, diff, rel))
+        # each example's own value, at its own position: one more (T=1) column per row
+        col = {f: j for j, f in enumerate(fs)}
+        vgot = np.asarray([[float(z[p, f]) for f, _, p, _, _ in rows]])
+        vwant = np.asarray([[float(v) for _, v, _, _, _ in rows]])
+        vfloor = np.asarray([floor[col[f]] for f, *_ in rows])
+        vdiff = np.abs(vgot - vwant)
+        vrel = vdiff / np.maximum(np.maximum(np.abs(vgot), np.abs(vwant)), vfloor)
+        values += len(rows)
+        max_rel = max(max_rel, float(rel.max(initial=0)), float(vrel.max(initial=0)))
+        per_ctx.append((int(ctx_id), fs, got, want, diff, rel, None))
+        per_ctx.append((int(ctx_id), [f for f, *_ in rows], vgot, vwant, vdiff, vrel, [p for _, _, p, _, _ in rows]))
     scale = max(peak, np.finfo(np.float32).tiny)
     tol = bound.tolerance
     worst: dict[str, Any] = {}
     max_abs = max_peak = worst_score = 0.0
-    mismatches = 0
-    for ctx_id, fs, got, want, diff, rel in per_ctx:
+    mismatches = value_mismatches = 0
+    for ctx_id, fs, got, want, diff, rel, at in per_ctx:
         peak_diff = diff / scale
         one_side = (got == 0) != (want == 0)
-        if bound.metric == "max_rel_diff":
-            score = rel
-        else:  # the tolerance applies where both are active; one-sided positions beyond it are selection changes
-            score = np.where(one_side, 0.0, peak_diff)
-            max_peak = max(max_peak, float(score.max(initial=0)))
-        mismatches += int((one_side & ((rel if bound.metric == "max_rel_diff" else peak_diff) > tol)).sum())
+        both = np.where(one_side, 0.0, peak_diff)  # share of the SAE's peak where both sides are active
+        max_peak = max(max_peak, float(both.max(initial=0)))
+        # float32: the relative difference everywhere; other dtypes: the tolerance applies where both are active,
+        # and one-sided positions beyond it are selection changes
+        score = rel if bound.metric == "max_rel_diff" else both
+        beyond = int((one_side & ((rel if bound.metric == "max_rel_diff" else peak_diff) > tol)).sum())
+        if at is None:
+            mismatches += beyond
+        else:  # an example's value: counted on its own (the same position is counted in its list already)
+            value_mismatches += beyond
         max_abs = max(max_abs, float(diff.max(initial=0)))
         if score.size and score.max() > worst_score:
             t, j = np.unravel_index(int(score.argmax()), score.shape)
             worst_score = float(score[t, j])
-            worst = {"ctx_id": ctx_id, "feature": int(fs[j]), "pos": int(t), "stored": float(want[t, j]),
-                     "recomputed": float(got[t, j])}
-    result = {"contexts": len(stored), "features": features, "positions": positions, "max_rel_diff": max_rel,
+            worst = {"ctx_id": ctx_id, "feature": int(fs[j]), "pos": int(t if at is None else at[j]),
+                     "stored": float(want[t, j]), "recomputed": float(got[t, j]),
+                     "what": "act_val" if at is None else "value"}
+    result = {"contexts": len(stored), "features": features, "positions": positions, "values": values,
+              "lists": copies, "max_rel_diff": max_rel,
               "max_abs_diff": max_abs, "max_peak_diff": max_peak, "sae_peak": peak, "mismatches": mismatches,
-              "mismatch_share": mismatches / positions if positions else 0.0, "worst": worst, "dtype": bound.dtype,
+              "mismatch_share": mismatches / positions if positions else 0.0, "value_mismatches": value_mismatches, "worst": worst, "dtype": bound.dtype,
               "metric": bound.metric, "tolerance": tol, "max_changes": bound.max_changes, "bound": bound.describe()}
-    result["ok"] = result[bound.metric] <= tol and result["mismatch_share"] <= bound.max_changes
+    result["ok"] = (result[bound.metric] <= tol and result["mismatch_share"] <= bound.max_changes
+                    and value_mismatches <= bound.max_changes * values)
     return result
 
 
@@ -208,7 +231,7 @@ def verify_sample(source: StoredSource, lm: HookedLM, sae: SAE, sae_id: str, hoo
     The bound is the one of the dtype the store was built with (`dtype` overrides it, `tolerance` its number)."""
     bound = bound_for(dtype or stored_dtype(source, sae_id), tolerance)
     chosen = sample_contexts(source.context_ids(sae_id), n, seed) if source.context_ids(sae_id) else []
-    result = compare(lm, sae, hook, source.stored_activations(sae_id, chosen), bound)
+    result = compare(lm, sae, hook, source.stored_examples(sae_id, chosen), bound)
     args = ["--sae", sae_id, "--sample", str(n), "--seed", str(seed)]
     if dtype is not None:
         args += ["--bound", bound.dtype]
@@ -232,16 +255,45 @@ def verify_store(path: Path, sae_id: str | None = None, sample: int = PRECOMPUTE
     with Store(path) as store:
         saes = store.saes()
         if sae_id is not None:
-            saes = [s for s in saes if s.sae_id == sae_id]
-            if not saes:
-                have = ", ".join(s.sae_id for s in store.saes()) or "none"
-                raise UserError(f"{path} has no SAE {sae_id!r}; valid: {have}")
+            saes = [store.require_sae(sae_id)]
+        tables = store.check_tables()  # every block of every table read back (checksums)
+        damaged_tables = {t: why for t, why in tables.items() if why}
         models: dict[str, HookedLM] = {}
         out = {}
         for s in saes:
             if s.model_path not in models:
                 models[s.model_path] = load_model(s.model_path, "cpu", "float32")
             sae = load_sae(s.sae_path, s.hook).to("cpu").float()
-            out[s.sae_id] = verify_sample(store, models[s.model_path], sae, s.sae_id, s.hook, sample, seed, tolerance,
-                                          store_path=Path(path), dtype=dtype)
+            try:
+                r = verify_sample(store, models[s.model_path], sae, s.sae_id, s.hook, sample, seed, tolerance,
+                                  store_path=Path(path), dtype=dtype)
+            except StoreError as err:  # the examples or contexts cannot be read: say which, do not crash
+                r = {"ok": False, "error": str(err), "contexts": 0, "positions": 0, "features": 0, "values": 0,
+                     "mismatches": 0, "worst": {}, "bound": bound_for(dtype or "float32", tolerance).describe()}
+            r["damaged_tables"] = damaged_tables
+            if damaged_tables:
+                r["ok"] = False
+            out[s.sae_id] = r
         return out
+
+
+def describe(sae_id: str, r: dict[str, Any]) -> list[str]:
+    """The lines `saescope verify` prints for one SAE's result."""
+    status = "ok" if r["ok"] else "FAILED"
+    lines = []
+    if "error" in r:
+        lines.append(f"{sae_id}: FAILED: {r['error']}")
+    else:
+        lines.append(
+            f"{sae_id}: {status}: max rel. diff {r['max_rel_diff']:.2g} (max abs. diff {r['max_abs_diff']:.2g}, "
+            f"{r['max_peak_diff']:.2g} of the SAE's peak {r['sae_peak']:.3g} where both sides are active) on "
+            f"{r['contexts']} contexts, {r['positions']:,} positions of {r['lists']:,} activation lists of "
+            f"{r['features']:,} features and {r['values']:,} example values; {r['mismatches']} zero/nonzero "
+            f"mismatches; checked against the {r['bound']}")
+        if r["worst"] and not r["ok"]:
+            w = r["worst"]
+            lines.append(f"  worst: context {w['ctx_id']} feature {w['feature']} position {w['pos']} ({w['what']}): "
+                         f"stored {w['stored']:.6g}, recomputed {w['recomputed']:.6g}")
+    for t, why in sorted(r.get("damaged_tables", {}).items()):
+        lines.append(f"  damaged table {t}: {why}")
+    return lines

@@ -22,6 +22,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from saescope.precompute.store.explanations import explained_features, non_activating_contexts
 from saescope.app.cli import main
 from saescope.app.web.app import create_app
 from saescope.precompute.explain import PROMPT_VERSION, ExplainConfig, OpenAIChatBackend, score_explanation
@@ -46,7 +47,7 @@ def demo_info(demo_store):
     with Store(demo_store) as s:
         sae = s.saes()[0]
         live = [r.index for r in s.features(sae.sae_id, limit=200, dead=False)]
-        covered = [i for i in live if s.non_activating_contexts(sae.sae_id, i, 4)
+        covered = [i for i in live if non_activating_contexts(s, sae.sae_id, i, 4)
                    and len(s.examples(sae.sae_id, i, "quantile")) >= 6]
     return sae.sae_id, covered[0], covered[1]
 
@@ -76,9 +77,9 @@ def test_non_activating_contexts_are_truly_zero(demo_store, demo_info, engine):
     with Store(demo_store) as s:
         info = s.sae(sae_id)
         assert covers_every_activation(s, sae_id, f)
-        ctx = s.non_activating_contexts(sae_id, f, 6, seed=0)
-        assert len(ctx) == 6 and ctx == s.non_activating_contexts(sae_id, f, 6, seed=0)
-        assert ctx != s.non_activating_contexts(sae_id, f, 6, seed=1)  # another seed, another sample
+        ctx = non_activating_contexts(s, sae_id, f, 6, seed=0)
+        assert len(ctx) == 6 and ctx == non_activating_contexts(s, sae_id, f, 6, seed=0)
+        assert ctx != non_activating_contexts(s, sae_id, f, 6, seed=1)  # another seed, another sample
         mine = {tuple(e.tokens) for kind in ("top", "interval", "quantile") for e in s.examples(sae_id, f, kind)}
         assert not mine & {tuple(c) for c in ctx}
         vocab = s.vocab(info.model_key)
@@ -90,7 +91,7 @@ def test_non_activating_contexts_are_truly_zero(demo_store, demo_info, engine):
     with Store(demo_store) as s:
         dense = next(r.index for r in s.features(sae_id, sort="density", desc=True, limit=5)
                      if not covers_every_activation(s, sae_id, r.index))
-        assert s.non_activating_contexts(sae_id, dense, 6) == []  # nothing provable: nothing returned
+        assert non_activating_contexts(s, sae_id, dense, 6) == []  # nothing provable: nothing returned
     sae = engine.sae(sae_id)
     with engine.model_lock, torch.no_grad():
         z = encode_batch(engine.lm, sae, ids, sae.cfg.hook_name)  # (6, T, d_sae)
@@ -107,7 +108,7 @@ def test_cli_local_explains_with_provenance_resumes_and_shows(demo_store, demo_i
     assert "weak" in out.err and "1 explanations written" in out.out
     with Store(path) as s:
         rows = s.feature(sae_id, f).explanation_rows
-        assert s.explained_features(sae_id, "local:smollm2-135m-instruct", PROMPT_VERSION) == {f}
+        assert explained_features(s, sae_id, "local:smollm2-135m-instruct", PROMPT_VERSION) == {f}
     assert len(rows) == 1
     e = rows[0]
     assert e.text.strip() and e.source == SOURCE and e.llm == "local:smollm2-135m-instruct"

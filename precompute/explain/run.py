@@ -3,7 +3,7 @@
 For each feature the material is read from the store only: its top examples and quantile samples (the
 explainer sees the top ones and one sample per quantile group, the rest are held out for scoring, see
 `prompts.split_material`) and stored contexts on which the feature is provably 0 on every token
-(`Store.non_activating_contexts`) as the negatives of detection and fuzzing. Explanations are written with their
+(`store.explanations.non_activating_contexts`) as the negatives of detection and fuzzing. Explanations are written with their
 provenance (LLM, prompt version, UTC date) and scores (balanced accuracy per method, n_scored = snippets with a
 parsed judgement summed over the methods; NULL scores and n_scored when not scored) through
 `store.write.add_explanations` every `flush_every` features or `flush_seconds`, so a killed run loses at most
@@ -26,6 +26,7 @@ from .backends import ChatBackend
 from .prompts import PROMPT_VERSION, Example, ExplainConfig, FeatureMaterial
 from .scoring import METHODS, ScoreResult, explain_features, score_explanation
 from ..errors import UserError
+from ..store.explanations import explained_features, non_activating_contexts
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,9 @@ def pending_features(store_path: Path | str, sae_id: str, features: Sequence[int
     from ..store import Store
 
     with Store(store_path) as store:
-        sae = store.sae(sae_id)
-        if sae is None:
-            raise UserError(f"{store_path} has no SAE {sae_id!r}; valid: {', '.join(s.sae_id for s in store.saes())}")
+        sae = store.require_sae(sae_id)
         wanted = list(range(sae.d_sae)) if features is None else sorted(set(features))
-        done = store.explained_features(sae_id, llm, PROMPT_VERSION)
+        done = explained_features(store, sae_id, llm, PROMPT_VERSION)
         rows = store.features_by_index(sae_id, [i for i in wanted if i not in done])
         return [i for i in sorted(rows) if rows[i].n_active > 0]
 
@@ -70,7 +69,7 @@ def material_from_store(store, sae_id: str, index: int, n_non_activating: int, s
     n_non_activating stored contexts where it is 0 everywhere. Nothing is computed: it is what the store holds."""
     top = [Example(e.tokens, e.acts) for e in store.examples(sae_id, index, "top")]
     quantiles = [[Example(e.tokens, e.acts) for e in g.examples] for g in store.groups(sae_id, index, "quantile")]
-    non_act = store.non_activating_contexts(sae_id, index, n_non_activating, seed)
+    non_act = non_activating_contexts(store, sae_id, index, n_non_activating, seed)
     return FeatureMaterial(top=top, quantiles=[q for q in quantiles if q], non_activating=non_act)
 
 
@@ -139,15 +138,12 @@ def run_explain(store_path: Path | str, sae_id: str, features: Sequence[int] | N
     path = Path(store_path)
     t0 = time.perf_counter()
     with Store(path) as store:
-        sae = store.sae(sae_id)
-        if sae is None:
-            have = ", ".join(s.sae_id for s in store.saes()) or "none"
-            raise UserError(f"{path} has no SAE {sae_id!r}; valid: {have}")
+        sae = store.require_sae(sae_id)
         wanted = list(range(sae.d_sae)) if features is None else sorted(set(features))
         out_of_range = [i for i in wanted if not 0 <= i < sae.d_sae]
         if out_of_range:
             raise UserError(f"features {out_of_range[:5]} are outside 0-{sae.d_sae - 1} of {sae_id}")
-        done = store.explained_features(sae_id, backend.name, PROMPT_VERSION)
+        done = explained_features(store, sae_id, backend.name, PROMPT_VERSION)
         rows = store.features_by_index(sae_id, wanted)
         live = [i for i in wanted if i in rows and rows[i].n_active > 0]
         todo = [i for i in live if i not in done]

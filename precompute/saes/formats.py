@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import sae_class
+from .registry import sae_class
 from .base import SAE, SAEConfig, SAEFormatError
 
 log = logging.getLogger(__name__)

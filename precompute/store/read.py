@@ -1,12 +1,13 @@
 """Reading a store: the only code the server uses to ask questions of the DuckDB file.
 
 Each call opens a cursor of one shared read-only connection (cursors are safe across threads) and returns
-small dataclasses; no SQL leaves this module.
+small dataclasses; no SQL leaves the store package (read.py, search.py, maps.py, explanations.py).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import threading
 from dataclasses import dataclass, field
@@ -17,7 +18,9 @@ import duckdb
 import numpy as np
 
 from ..errors import SaescopeError, UnknownSAE
+from .maps import MapQueries
 from .schema import EXPLANATIONS, FEATURES, SAES, SCHEMA_VERSION, STORE_TABLES
+from .search import SearchHit, SearchQueries, dedup as _dedup
 
 
 class StoreError(SaescopeError):
@@ -88,16 +91,6 @@ class Feature:
     logit_mean: float = 0.0  # mean logit effect over the vocabulary: centred effect = raw - logit_mean
 
 
-@dataclass
-class SearchHit:
-    index: int
-    score: float
-    density: float
-    max_act: float
-    matched: str
-    top_tokens: list[str]
-
-
 SORTS = {"index": "feature", "density": "density", "max": "max_act", "score": "score"}
 # One explanation's score: the mean of its detection and fuzzing balanced accuracies (whichever exist); a feature's
 # score is the best of its explanations'. NULL when nothing was scored.
@@ -106,12 +99,29 @@ EXPLANATION_SCORE_SQL = """CASE WHEN score_detection IS NULL THEN score_fuzzing 
 _SCORED = f"(SELECT feature, max({EXPLANATION_SCORE_SQL}) AS score FROM explanations WHERE sae_id = ? GROUP BY feature)"
 
 
-def damaged(path: Path, why: object) -> "StoreError":
-    return StoreError(f"the store file {path} is damaged or incomplete ({str(why).splitlines()[0][:200]}); rebuild it "
-                      f"with `saescope precompute --out {path}` (the same command that made it)")
+_TABLE_NAMES = {t.name for t in STORE_TABLES}
+_FROM = re.compile(r"\b(?:FROM|JOIN)\s+([a-z_]+)", re.I)
 
 
-class Store:
+def tables_of(sql: str) -> list[str]:
+    """The store tables a query reads (so that a damaged-file message can name them)."""
+    return sorted({t for t in _FROM.findall(sql) if t in _TABLE_NAMES})
+
+
+def damaged(path: Path, why: object, tables: list[str] | None = None) -> "StoreError":
+    where = f" in table{'s' if len(tables) > 1 else ''} {', '.join(tables)}" if tables else ""
+    err = StoreError(f"the store file {path} is damaged or incomplete{where} ({str(why).splitlines()[0][:200]}); "
+                     f"`saescope verify {path}` lists every damaged table; rebuild the store with "
+                     f"`saescope precompute --out {path}` (the same command that made it)")
+    err.tables = tables or []
+    return err
+
+
+class Store(SearchQueries, MapQueries):
+    """One store file, read-only. The questions pages ask are methods here (SAEs, feature lists, one feature, its
+    examples and groups), in search.py (token and explanation search) and in maps.py (the map, cross-SAE
+    matches); questions only the explainer asks are functions in explanations.py."""
+
     def __init__(self, path: Path | str):
         self.path = Path(path)
         if not self.path.exists():
@@ -174,7 +184,7 @@ class Store:
         except duckdb.ProgrammingError:
             raise  # this module's SQL is wrong (parser, binder, catalog): a bug, not a damaged file
         except duckdb.Error as err:  # I/O errors, and "Corrupt database file: computed checksum ..." (a plain Error)
-            raise damaged(self.path, err) from err
+            raise damaged(self.path, err, tables_of(sql)) from err
 
     def _np(self, sql: str, params: list | None = None) -> dict[str, np.ndarray]:
         """Like _q, as numpy columns."""
@@ -183,10 +193,24 @@ class Store:
         except duckdb.ProgrammingError:
             raise
         except duckdb.Error as err:
-            raise damaged(self.path, err) from err
+            raise damaged(self.path, err, tables_of(sql)) from err
 
     def close(self) -> None:
         self._con.close()
+
+    def check_tables(self) -> dict[str, str | None]:
+        """Read every column of every table once (DuckDB checks each block's checksum as it reads it): table ->
+        None when it reads back, else why not. `saescope verify` reports it; pages name the table they failed on."""
+        out: dict[str, str | None] = {}
+        for t in STORE_TABLES:
+            try:
+                self._cursor().execute(f"SELECT count(*), bit_xor(hash(COLUMNS(*))) FROM {t.name}").fetchall()
+                out[t.name] = None
+            except duckdb.ProgrammingError:
+                raise
+            except duckdb.Error as err:
+                out[t.name] = str(err).splitlines()[0][:200]
+        return out
 
     def __enter__(self) -> "Store":
         return self
@@ -348,48 +372,6 @@ class Store:
             WHERE a.sae_id = ? AND a.other = ? ORDER BY a.feature LIMIT ? OFFSET ?""",
             [sae_id, other, limit, offset])]
 
-    def map_points(self, sae_id: str) -> dict[str, list]:
-        """Every feature's 2-D map position with what the map colours by, in feature order (empty lists when the
-        store has no map): feature, x, y, density, max_act."""
-        rows = self._q("""SELECT feature, map_x, map_y, density, max_act FROM features
-                          WHERE sae_id = ? AND map_x IS NOT NULL ORDER BY feature""", [sae_id])
-        cols = ("feature", "x", "y", "density", "max_act")
-        return {c: [r[i] for r in rows] for i, c in enumerate(cols)}
-
-    def map_neighbourhood(self, sae_id: str, index: int, k: int) -> list[tuple[int, float, float]]:
-        """The k features nearest to `index` on the map, itself first: (feature, x, y); [] when it has no point.
-
-        Order: squared distance in float32 (REAL) arithmetic, ties by the lower feature, as the SQL
-        `ORDER BY (map_x - x0) * (map_x - x0) + (map_y - y0) * (map_y - y0), feature` would give; computed in
-        memory over the SAE's map index (one vectorised pass over its points, no scan of the table)."""
-        feat, xs, ys = self._map_index(sae_id)
-        at = np.searchsorted(feat, index)
-        if at >= len(feat) or feat[at] != index:
-            return []
-        x0, y0 = xs[at], ys[at]
-        dx, dy = xs - x0, ys - y0
-        d = dx * dx + dy * dy  # (n,) float32
-        m = min(k + 1, len(d))
-        if m < len(d):  # everything within the m-th smallest distance (ties at the boundary included)
-            cand = np.flatnonzero(d <= np.partition(d, m - 1)[m - 1])
-        else:
-            cand = np.arange(len(d))
-        take = cand[np.lexsort((feat[cand], d[cand]))][:m]
-        return [(int(feat[j]), float(xs[j]), float(ys[j])) for j in take]
-
-    def _map_index(self, sae_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(feature ids ascending, map x, map y as float32) of the SAE's features with a map point, read once."""
-        with self._lock:
-            hit = self._maps.get(sae_id)
-        if hit is None:
-            r = self._np("""SELECT feature, map_x, map_y FROM features
-                            WHERE sae_id = ? AND map_x IS NOT NULL AND map_y IS NOT NULL ORDER BY feature""", [sae_id])
-            hit = (np.asarray(r["feature"], np.int64), np.asarray(r["map_x"], np.float32),
-                   np.asarray(r["map_y"], np.float32))
-            with self._lock:
-                self._maps[sae_id] = hit
-        return hit
-
     def random_feature(self, sae_id: str) -> int:
         row = next(iter(self._q("SELECT feature FROM features WHERE sae_id = ? AND n_active > 0 ORDER BY random() LIMIT 1",
                       [sae_id])), None)
@@ -454,6 +436,10 @@ class Store:
         """ctx_id -> (token ids, {feature: (active positions, values)}) for every feature with an example there."""
         return stored_activations(self._cursor(), sae_id, ctx_ids)
 
+    def stored_examples(self, sae_id: str, ctx_ids: list[int]) -> dict[int, tuple[list[int], list[tuple]]]:
+        """ctx_id -> (token ids, every example row there as (feature, value, pos, act_pos, act_val))."""
+        return stored_examples(self._cursor(), sae_id, ctx_ids)
+
     def groups(self, sae_id: str, index: int, kind: str) -> list[Group]:
         return self.groups_by_kind(sae_id, index, (kind,))[kind]
 
@@ -487,99 +473,11 @@ class Store:
                                 GROUP BY feature HAVING count(*) >= {top_k})"""),
         }
 
-    # ---------------------------------------------------------------- search
-    def search_tokens(self, sae_id: str, text: str, limit: int = 50, offset: int = 0) -> tuple[list[SearchHit], int]:
-        """Features whose top-activating tokens or top positive logits contain `text` (case-insensitive).
-
-        Score: a match at rank r of the top-activating tokens adds 1/(r+1); in the logits, 0.5/(r+1).
-        """
-        model_key = self._saes[sae_id].model_key
-        sql = """
-            WITH hits AS (SELECT token_id, token FROM vocab WHERE model_key = ? AND contains(lower(token), lower(?))),
-            scored AS (
-                SELECT f.feature, u.r, u.t, 1.0 / (u.r) AS s FROM features f,
-                       unnest(f.top_token_ids) WITH ORDINALITY AS u(t, r)
-                WHERE f.sae_id = ? AND u.t IN (SELECT token_id FROM hits)
-                UNION ALL
-                SELECT f.feature, u.r, u.t, 0.5 / (u.r) FROM features f,
-                       unnest(f.logit_pos_ids) WITH ORDINALITY AS u(t, r)
-                WHERE f.sae_id = ? AND u.t IN (SELECT token_id FROM hits)),
-            agg AS (SELECT feature, sum(s) AS score, arg_max(t, s) AS best FROM scored GROUP BY feature)
-            SELECT a.feature, a.score, f.density, f.max_act, a.best, f.top_token_ids, count(*) OVER () AS total
-            FROM agg a JOIN features f ON f.sae_id = ? AND f.feature = a.feature
-            ORDER BY a.score DESC, a.feature LIMIT ? OFFSET ?"""
-        rows = self._q(sql, [model_key, text, sae_id, sae_id, sae_id, limit, offset])
-        tok = self._tok(sae_id)
-        total = int(rows[0][6]) if rows else self._count_token_hits(sql, model_key, text, sae_id, offset)
-        return [SearchHit(r[0], r[1], r[2], r[3], tok(r[4]), _dedup([tok(i) for i in r[5]])) for r in rows], total
-
-    def _count_token_hits(self, sql: str, model_key: str, text: str, sae_id: str, offset: int) -> int:
-        if offset == 0:
-            return 0
-        rows = self._q(sql, [model_key, text, sae_id, sae_id, sae_id, 1, 0])
-        return int(rows[0][6]) if rows else 0
-
-    def _explanation_index(self, sae_id: str):
-        """(BM25Index over the SAE's explanation texts, their features, the texts), built once per SAE."""
-        with self._lock:
-            hit = self._bm25.get(sae_id)
-        if hit is None:
-            from saescope.precompute.store.search import BM25Index
-
-            rows = self._q("SELECT feature, text FROM explanations WHERE sae_id = ? ORDER BY feature, text", [sae_id])
-            texts = [r[1] for r in rows]
-            hit = (BM25Index(texts), [r[0] for r in rows], texts)
-            with self._lock:
-                self._bm25[sae_id] = hit
-        return hit
-
-    def search_explanations(self, sae_id: str, text: str, limit: int = 50, offset: int = 0) -> tuple[list[SearchHit], int]:
-        """Explanations ranked by Okapi BM25 (store/search.py): every explanation holding at least one
-        query word; a feature appears once, with its best explanation (`matched`) and that one's BM25 score."""
-        index, features, texts = self._explanation_index(sae_id)
-        best: dict[int, tuple[float, str]] = {}
-        for h in index.search(text):  # best first, so the first hit of a feature is its best
-            best.setdefault(features[h.index], (h.score, texts[h.index]))
-        ranked = list(best.items())[offset:offset + limit]
-        rows = self.features_by_index(sae_id, [f for f, _ in ranked])
-        return [SearchHit(f, s, rows[f].density, rows[f].max_act, t, rows[f].top_tokens)
-                for f, (s, t) in ranked if f in rows], len(best)
-
     # ---------------------------------------------------------------- explanations
-    def explained_features(self, sae_id: str, llm: str | None = None, prompt_version: str | None = None) -> set[int]:
-        """Features with at least one explanation (only those from this LLM and prompt version, when given)."""
-        where, params = ["sae_id = ?"], [sae_id]
-        if llm is not None:
-            where.append("llm = ?")
-            params.append(llm)
-        if prompt_version is not None:
-            where.append("prompt_version = ?")
-            params.append(prompt_version)
-        return {r[0] for r in self._q(f"SELECT DISTINCT feature FROM explanations WHERE {' AND '.join(where)}", params)}
-
     def explanation_scores(self, sae_id: str) -> list[float]:
         """The score of every feature with a scored explanation (its best), in feature order."""
         return [r[1] for r in self._q(f"SELECT feature, score FROM {_SCORED} WHERE score IS NOT NULL ORDER BY feature",
                                       [sae_id])]
-
-    def non_activating_contexts(self, sae_id: str, index: int, n: int, seed: int = 0) -> list[list[str]]:
-        """Up to n stored contexts (token strings) on which the feature is provably 0 on every token, in a
-        seeded pseudo-random order. Proof: the feature's stored examples carry its activations on every token
-        of their contexts; when those add up to all n_active active tokens, every other stored context has none.
-        When they do not (a dense feature whose active contexts were not all kept), nothing is returned."""
-        covered, n_active = self._q("""
-            SELECT (SELECT coalesce(sum(len(p)), 0) FROM (SELECT any_value(act_pos) AS p FROM examples
-                    WHERE sae_id = ? AND feature = ? GROUP BY ctx_id)),
-                   (SELECT n_active FROM features WHERE sae_id = ? AND feature = ?)""", [sae_id, index, sae_id, index])[0]
-        if n_active is None or int(covered) != int(n_active) or n <= 0:
-            return []
-        rows = self._q("""SELECT tokens FROM contexts WHERE sae_id = ? AND ctx_id NOT IN
-                              (SELECT ctx_id FROM examples WHERE sae_id = ? AND feature = ?)
-                          ORDER BY hash(ctx_id::BIGINT * 1000003 + ?), ctx_id LIMIT ?""",
-                       [sae_id, sae_id, index, int(seed), int(n)])
-        tok = self._tok(sae_id)
-        return [[tok(i) for i in r[0]] for r in rows]
-
 
 def stored_activations(con, sae_id: str, ctx_ids: list[int]) -> dict[int, tuple[list[int], dict[int, tuple[list[int], list[float]]]]]:
     """What a store holds about some contexts: their token ids, and for each feature that has an example in the
@@ -606,10 +504,19 @@ def sae_params(con, sae_id: str) -> dict[str, Any]:
     return json.loads(rows[0][0] or "{}") if rows else {}
 
 
-def _dedup(items: list[str]) -> list[str]:
-    seen, out = set(), []
-    for x in items:
-        if x not in seen:
-            seen.add(x)
-            out.append(x)
+def stored_examples(con, sae_id: str, ctx_ids: list[int]) -> dict[int, tuple[list[int], list[tuple]]]:
+    """Every example row of some contexts as the pages read it: (feature, value, pos, act_pos, act_val), with
+    each context's token ids. `saescope verify` compares every row (not one copy per feature and context)."""
+    ids = sorted({int(i) for i in ctx_ids})
+    if not ids:
+        return {}
+    toks = con.execute("SELECT ctx_id, tokens FROM contexts WHERE sae_id = ? AND list_contains(?, ctx_id)",
+                       [sae_id, ids]).fetchall()
+    out: dict[int, tuple[list[int], list[tuple]]] = {c: (list(t), []) for c, t in toks}
+    rows = con.execute("""SELECT ctx_id, feature, value, pos, act_pos, act_val FROM examples
+                          WHERE sae_id = ? AND list_contains(?, ctx_id) ORDER BY ctx_id, feature, kind, grp, rank""",
+                       [sae_id, ids]).fetchall()
+    for c, f, v, p, ap, av in rows:
+        if c in out:
+            out[c][1].append((int(f), float(v), int(p), list(ap), list(av)))
     return out

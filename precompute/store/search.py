@@ -116,3 +116,83 @@ def highlight(text: str, query_or_terms: str | Sequence[str]) -> list[tuple[str,
         else:
             merged.append((seg, on))
     return merged
+
+
+@dataclass
+class SearchHit:
+    index: int
+    score: float
+    density: float
+    max_act: float
+    matched: str
+    top_tokens: list[str]
+
+
+def dedup(items: list[str]) -> list[str]:
+    seen, out = set(), []
+    for x in items:
+        if x not in seen:
+            seen.add(x)
+            out.append(x)
+    return out
+
+
+class SearchQueries:
+    """The Store's search questions (mixed into read.Store, which provides _q, _tok, _saes, _lock, _bm25 and
+    features_by_index)."""
+
+    def search_tokens(self, sae_id: str, text: str, limit: int = 50, offset: int = 0) -> tuple[list[SearchHit], int]:
+        """Features whose top-activating tokens or top positive logits contain `text` (case-insensitive).
+
+        Score: a match at rank r of the top-activating tokens adds 1/(r+1); in the logits, 0.5/(r+1).
+        """
+        model_key = self._saes[sae_id].model_key
+        sql = """
+            WITH hits AS (SELECT token_id, token FROM vocab WHERE model_key = ? AND contains(lower(token), lower(?))),
+            scored AS (
+                SELECT f.feature, u.r, u.t, 1.0 / (u.r) AS s FROM features f,
+                       unnest(f.top_token_ids) WITH ORDINALITY AS u(t, r)
+                WHERE f.sae_id = ? AND u.t IN (SELECT token_id FROM hits)
+                UNION ALL
+                SELECT f.feature, u.r, u.t, 0.5 / (u.r) FROM features f,
+                       unnest(f.logit_pos_ids) WITH ORDINALITY AS u(t, r)
+                WHERE f.sae_id = ? AND u.t IN (SELECT token_id FROM hits)),
+            agg AS (SELECT feature, sum(s) AS score, arg_max(t, s) AS best FROM scored GROUP BY feature)
+            SELECT a.feature, a.score, f.density, f.max_act, a.best, f.top_token_ids, count(*) OVER () AS total
+            FROM agg a JOIN features f ON f.sae_id = ? AND f.feature = a.feature
+            ORDER BY a.score DESC, a.feature LIMIT ? OFFSET ?"""
+        rows = self._q(sql, [model_key, text, sae_id, sae_id, sae_id, limit, offset])
+        tok = self._tok(sae_id)
+        total = int(rows[0][6]) if rows else self._count_token_hits(sql, model_key, text, sae_id, offset)
+        return [SearchHit(r[0], r[1], r[2], r[3], tok(r[4]), dedup([tok(i) for i in r[5]])) for r in rows], total
+
+    def _count_token_hits(self, sql: str, model_key: str, text: str, sae_id: str, offset: int) -> int:
+        if offset == 0:
+            return 0
+        rows = self._q(sql, [model_key, text, sae_id, sae_id, sae_id, 1, 0])
+        return int(rows[0][6]) if rows else 0
+
+    def _explanation_index(self, sae_id: str):
+        """(BM25Index over the SAE's explanation texts, their features, the texts), built once per SAE."""
+        with self._lock:
+            hit = self._bm25.get(sae_id)
+        if hit is None:
+            rows = self._q("SELECT feature, text FROM explanations WHERE sae_id = ? ORDER BY feature, text", [sae_id])
+            texts = [r[1] for r in rows]
+            hit = (BM25Index(texts), [r[0] for r in rows], texts)
+            with self._lock:
+                self._bm25[sae_id] = hit
+        return hit
+
+    def search_explanations(self, sae_id: str, text: str, limit: int = 50, offset: int = 0) -> tuple[list[SearchHit], int]:
+        """Explanations ranked by Okapi BM25 (store/search.py): every explanation holding at least one
+        query word; a feature appears once, with its best explanation (`matched`) and that one's BM25 score."""
+        index, features, texts = self._explanation_index(sae_id)
+        best: dict[int, tuple[float, str]] = {}
+        for h in index.search(text):  # best first, so the first hit of a feature is its best
+            best.setdefault(features[h.index], (h.score, texts[h.index]))
+        ranked = list(best.items())[offset:offset + limit]
+        rows = self.features_by_index(sae_id, [f for f, _ in ranked])
+        return [SearchHit(f, s, rows[f].density, rows[f].max_act, t, rows[f].top_tokens)
+                for f, (s, t) in ranked if f in rows], len(best)
+

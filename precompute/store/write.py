@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import PRECOMPUTE
-from .read import sae_params, stored_activations
+from .read import sae_params, stored_activations, stored_examples
 from .schema import (CROSS, CONTEXTS, EXAMPLES, EXPLANATIONS, FEATURES, GROUPS, META, PER_SAE_TABLES,
                      PRIORITY_SQL, SAES, SCHEMA_VERSION, STORE_TABLES, VOCAB, create_all)
 from ..errors import UserError
@@ -276,6 +276,10 @@ class StoreBuilder:
         """What this (unpublished) store holds for some contexts; see read.stored_activations."""
         return stored_activations(self.con, sae_id, ctx_ids)
 
+    def stored_examples(self, sae_id: str, ctx_ids: list[int]) -> dict[int, tuple[list[int], list[tuple]]]:
+        """Every example row of some contexts in this (unpublished) store; see read.stored_examples."""
+        return stored_examples(self.con, sae_id, ctx_ids)
+
     def sae_params(self, sae_id: str) -> dict[str, Any]:
         """The params of an SAE written so far (verify reads its dtype)."""
         return sae_params(self.con, sae_id)
@@ -417,7 +421,7 @@ def add_explanations(path: Path, sae_id: str, rows: list, source: str, replace: 
         d_sae = con.execute("SELECT d_sae FROM saes WHERE sae_id = ?", [sae_id]).fetchall()
         if not d_sae:
             have = [r[0] for r in con.execute("SELECT sae_id FROM saes ORDER BY sae_id").fetchall()]
-            raise UserError(f"{path} has no SAE {sae_id!r}; valid: {', '.join(have) or 'none'}")
+            raise UnknownSAE(sae_id, have, where=f"the store {path.name}")
         tbl = _explanation_table(sae_id, rows, source)
         bad = [i for i in tbl.column("feature").to_pylist() if not 0 <= i < d_sae[0][0]]
         if bad:
