@@ -17,7 +17,6 @@ import shutil
 import site
 import subprocess
 import sys
-import sysconfig
 import time
 import tomllib
 import zipfile
