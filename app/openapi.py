@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 
+# dev-only: writes the checkout's docs/ (run from a clone: python -m saescope.app.openapi); no command of the
+# installed package uses it, and it reads nothing through this path
 ROOT = Path(__file__).resolve().parent.parent
 
 
