@@ -38,6 +38,14 @@ class SetupError(SaescopeError, RuntimeError):
     """Something the run needs is missing from the environment; the message names the fix."""
 
 
+class NotFound(SaescopeError, FileNotFoundError):
+    """A file, folder or package the user named (or a command needs) is not there; the message says how to get it."""
+
+
+class MissingPackage(SetupError, FileNotFoundError):
+    """A package saescope needs for this command is not installed; the message gives the pip command."""
+
+
 class UnknownSAE(UserError):
     """An SAE id that is not among the valid ones (of a store, of a worker)."""
 
