@@ -1,6 +1,6 @@
 """SAE architectures behind a tiny registry, and loaders for the formats people publish SAEs in."""
 
-from .base import SAE, SAEConfig, SAEFormatError
+from .base import SAE, SAEConfig, SAEFormatError, check_d_in
 from .gated import GatedSAE
 from .jumprelu import JumpReLUSAE
 from .standard import StandardSAE
@@ -17,4 +17,4 @@ def sae_class(architecture: str, file: str = "cfg.json") -> type[SAE]:
 
 from .formats import load_sae, save_saelens  # noqa: E402  (formats needs the registry above)
 
-__all__ = ["SAE", "SAEConfig", "SAEFormatError", "REGISTRY", "sae_class", "load_sae", "save_saelens"]
+__all__ = ["SAE", "SAEConfig", "SAEFormatError", "REGISTRY", "sae_class", "load_sae", "save_saelens", "check_d_in"]
