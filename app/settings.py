@@ -52,14 +52,15 @@ class WorkerSettings:
     client_timeout_s: float = 60.0  # how long the dashboard waits for a worker answer
     top_k: int = 10  # features per answer of /top_features and /token_features unless asked otherwise
     max_k: int = 200
+    max_token_k: int = 100  # features per token of /token_features
     # interventions (steering, ablation, attribution): the limits are precompute.config.LIMITS, enforced there
     max_edits: int = LIMITS.max_edits  # feature edits in one request
     max_new_tokens: int = LIMITS.max_new_tokens  # tokens one steering request may generate
-    default_new_tokens: int = 32
+    default_new_tokens: int = LIMITS.default_new_tokens
     generation_time_s: float = LIMITS.generation_time_s  # a generation stops after this long (the answer says so)
     max_abs_value: float = LIMITS.max_abs_value  # |steering coefficient| and |clamp value|
-    attribution_top: int = 20  # features listed by attribution
-    attribution_verify: int = 10  # of which the true ablation effect is measured
+    attribution_top: int = LIMITS.attribution_top  # features listed by attribution
+    attribution_verify: int = LIMITS.attribution_verify  # of which the true ablation effect is measured
     max_n_top: int = LIMITS.max_n_top
     max_verify: int = LIMITS.max_verify
     max_temperature: float = LIMITS.max_temperature

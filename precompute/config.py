@@ -111,6 +111,10 @@ class Limits:
     max_temperature: float = 10.0
     max_seed: int = 2**31 - 1
     max_chat_tokens: int = 256  # largest max_tokens of the worker's OpenAI-compatible chat route
+    # ... and what a request gets when it names none
+    default_new_tokens: int = 32  # tokens a steered generation produces
+    attribution_top: int = 20  # features listed by attribution
+    attribution_verify: int = 10  # of which the true ablation effect is measured
 
 
 EMBEDDED = EmbeddedDefault()

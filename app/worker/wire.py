@@ -57,7 +57,7 @@ class TopFeaturesOut(BaseModel):
 
 
 class TokenFeaturesIn(TextIn):
-    k: int = Field(5, ge=1, le=100, description="features per token")
+    k: int = Field(5, ge=1, le=WORKER.max_token_k, description="features per token")
 
 
 class TokenFeaturesOut(BaseModel):

@@ -133,7 +133,7 @@ def zero_contexts(examples: Iterable[Example]) -> list[list[str]]:
     return [list(ex.tokens) for ex in examples if all(a == 0.0 for a in ex.acts)]
 
 
-def material_from_contexts(contexts: Sequence[Sequence[str]], acts: Sequence[Sequence[float]], n_top: int = 10,
+def material_from_contexts(contexts: Sequence[Sequence[str]], acts: Sequence[Sequence[float]], n_top: int = EXPLAIN.n_top,
                            n_groups: int = 10, per_group: int = 5, seed: int = 0) -> FeatureMaterial:
     """Material for one feature from contexts and its activations on them (e.g. computed live): the n_top
     contexts with the highest maximum, then the other activating contexts cut by rank into n_groups equal groups

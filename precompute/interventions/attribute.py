@@ -75,7 +75,8 @@ def latent_gradients(lm: HookedLM, sae: SAE, ids: Sequence[int] | torch.Tensor, 
 
 
 def attribute(lm: HookedLM, sae: SAE, ids: Sequence[int] | torch.Tensor, position: int | None = None,
-              target: int | None = None, n_top: int = 20, n_verify: int = 10,
+              target: int | None = None, n_top: int = LIMITS.attribution_top,
+              n_verify: int = LIMITS.attribution_verify,
               hook: str | None = None) -> AttributionResult:
     """Why does the model predict `target` at `position` (default: the last token)? Attribution of every feature at
     every position <= p from one backward pass (error term fixed); the top n_top by |sum over positions|; the true

@@ -133,7 +133,7 @@ def _continuation(lm: HookedLM, ids: list[int], lps: list[float], acts: torch.Te
 
 
 def generate(lm: HookedLM, sae: SAE, ids: Sequence[int] | torch.Tensor, edits: Sequence[Edit],
-             max_new_tokens: int = 32, sampling: Sampling = Sampling(), *, with_default: bool = True,
+             max_new_tokens: int = LIMITS.default_new_tokens, sampling: Sampling = Sampling(), *, with_default: bool = True,
              batched: bool = True, stop_at_eos: bool = True, time_limit: float | None = None,
              hook: str | None = None) -> Generation:
     """Steered continuation of a prompt (and the default one, side by side), with the KV cache.
