@@ -58,7 +58,8 @@ class Engine:
         # one model, many threads: every use of it (batched encodes, interventions) holds this lock, because
         # reading an activation installs module hooks that would fire in another thread's forward pass
         self.model_lock = threading.Lock()
-        self.batches = self.requests = 0
+        self.batches = self.requests = 0  # forward passes run, requests answered
+        self.admitted = 0  # requests queued for a forward pass
         self._task: asyncio.Task | None = None
         self._last_batch = 0
 
@@ -100,6 +101,7 @@ class Engine:
                            503, title="Busy")
         fut = asyncio.get_running_loop().create_future()
         await self.queue.put(Job(sae_id, ids, fut))
+        self.admitted += 1
         try:
             z = await asyncio.wait_for(fut, timeout=self.timeout)
         except asyncio.TimeoutError as err:
