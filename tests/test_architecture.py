@@ -195,3 +195,19 @@ def test_worker_client_is_typed_with_the_wire_models(module):
         sig = inspect.signature(getattr(client, name), eval_str=True)
         params = [p for p in sig.parameters.values() if p.name != "self"]
         assert issubclass(params[0].annotation, BaseModel) and issubclass(sig.return_annotation, BaseModel), name
+
+
+def test_hooks_go_through_the_public_api_of_models():
+    """interventions/ (and everything else) use HookedLM's hook API: no private name of models.py is imported."""
+    offenders = []
+    for p in _py("app") + _py("precompute"):
+        if p.name == "models.py":
+            continue
+        pkg = ".".join(("saescope",) + p.relative_to(ROOT).with_suffix("").parts[:-1])
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.endswith("models"):
+                mod = node.module if not node.level else ".".join(pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                                                                  + [node.module])
+                if mod == "saescope.precompute.models":
+                    offenders += [f"{p.relative_to(ROOT)}: {a.name}" for a in node.names if a.name.startswith("_")]
+    assert offenders == []

@@ -21,6 +21,8 @@ from saescope.app.web.app import create_app
 from tests.conftest import free_port
 from tests.test_worker import stop
 
+pytestmark = pytest.mark.slow  # a worker subprocess serves every test here
+
 SECRET = "s3cret-for-tests"
 AUTH = {"Authorization": f"Bearer {SECRET}"}
 PROMPT = "The file descriptor is closed because the buffer is full."

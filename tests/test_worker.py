@@ -73,6 +73,7 @@ def direct(engine_parts, ids) -> np.ndarray:
     return encode_batch(lm, sae, np.asarray([ids], dtype=np.int32), sae.cfg.hook_name)[0].numpy()
 
 
+@pytest.mark.slow
 def test_worker_equals_precompute_and_the_store(worker, tiny_store, engine_parts):
     with Store(tiny_store) as s:
         for f in (3, 11, 40, 77):
@@ -85,6 +86,7 @@ def test_worker_equals_precompute_and_the_store(worker, tiny_store, engine_parts
                 assert r.json()["max_pos"] == ex.pos
 
 
+@pytest.mark.slow
 def test_text_is_tokenized_with_bos_like_precompute(worker, engine_parts):
     lm, sae = engine_parts
     r = httpx.post(f"{worker}/tokenize", json={"sae_id": "tiny", "text": TEXTS[0]}).json()
@@ -96,6 +98,7 @@ def test_text_is_tokenized_with_bos_like_precompute(worker, engine_parts):
     assert a["values"][0] == 0, "BOS is special: never an activation"
 
 
+@pytest.mark.slow
 def test_top_and_per_token_features_match_a_dense_ranking(worker, engine_parts):
     ids = httpx.post(f"{worker}/tokenize", json={"sae_id": "tiny", "text": TEXTS[3]}).json()["ids"]
     z = direct(engine_parts, ids)
@@ -160,6 +163,7 @@ def test_batching_changes_no_result(inproc):
     assert n_req == 24 and n_batches < n_req, f"{n_req} requests in {n_batches} forward passes: no batching happened"
 
 
+@pytest.mark.slow
 def test_bad_requests_get_clear_4xx(worker):
     r = httpx.post(f"{worker}/activations", json={"sae_id": "tiny", "text": " ".join(["word"] * 700), "feature": 1})
     assert r.status_code == 413
@@ -181,6 +185,7 @@ def test_bad_requests_get_clear_4xx(worker):
     assert r.json()["values"] == [0.0]
 
 
+@pytest.mark.slow
 def test_queue_limit_refuses_with_numbers(tiny_store):
     port = free_port()
     proc = start_worker(tiny_store, port, "--max-batch", "1", "--max-queue", "1", "--batch-wait-ms", "0")
@@ -197,6 +202,7 @@ def test_queue_limit_refuses_with_numbers(tiny_store):
         stop(proc)
 
 
+@pytest.mark.slow
 def test_dashboard_live_parts_and_worker_outage(tiny_store):
     port = free_port()
     proc = start_worker(tiny_store, port)
@@ -267,6 +273,7 @@ def test_a_worker_dying_mid_request_gives_a_clear_error(tiny_store):
         srv.close()
 
 
+@pytest.mark.slow
 def test_the_child_worker_never_outlives_serve(tiny_store):
     """`saescope serve` starts the worker as a child; kill -9 the dashboard and the worker goes too."""
     port, wport = free_port(), free_port()
