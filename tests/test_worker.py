@@ -445,3 +445,37 @@ def test_the_chat_route_caps_tokens_and_wall_time(inproc):
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["choices"][0]["finish_reason"] == "length" and out["usage"]["completion_tokens"] < 40
+
+
+def test_a_request_that_fails_inside_a_batch_fails_alone(gpt2_128):
+    """issue 17 #4, the batcher's side: a job that breaks the forward pass (here one past the model's 128 positions,
+    put in the queue past admission) fails alone; the batch's other jobs are retried and answered."""
+    import asyncio
+
+    from saescope.app.errors import AppError
+    from saescope.app.worker.batcher import Engine, Job
+    from saescope.precompute.encode import encode_batch
+
+    _, served = gpt2_128
+    engine = Engine(served.lm, served.saes, batch_wait_ms=30)  # its own queue and loop; the same model and SAE
+    sae = engine.saes["tiny"]
+    tok = engine.lm.tokenizer
+    good = [np.asarray([1] + tok(t, add_special_tokens=False)["input_ids"], dtype=np.int32) for t in TEXTS]
+    bad = np.asarray([1] * 200, dtype=np.int32)
+
+    async def run():
+        engine.start()
+        loop = asyncio.get_running_loop()
+        jobs = [Job("tiny", ids, loop.create_future()) for ids in good[:3] + [bad] + good[3:]]
+        for j in jobs:  # all queued before the batching loop first runs: one batch
+            engine.queue.put_nowait(j)
+        return await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+
+    outs = asyncio.run(run())
+    err = outs.pop(3)
+    assert isinstance(err, AppError) and err.status == 500 and "encoding failed" in err.message, repr(err)
+    for ids, z in zip(good, outs):
+        assert not isinstance(z, Exception), z
+        want = encode_batch(engine.lm, sae, ids[None], sae.cfg.hook_name)[0]
+        np.testing.assert_allclose(z.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+    assert engine.batches == 1 + len(good) + 1  # the failed batch, then each of its jobs alone

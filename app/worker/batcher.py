@@ -139,8 +139,8 @@ class Engine:
                         if not j.future.done():
                             j.future.set_result(z)
                 except Exception as err:  # a failed batch fails no request but the ones that fail alone
+                    self.batches += 1
                     if len(group) == 1:
-                        self.batches += 1
                         self._fail(group[0], err)
                         continue
                     log.warning("a batch of %d failed (%s); running its requests one at a time", len(group), err)
