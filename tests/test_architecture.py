@@ -211,3 +211,11 @@ def test_hooks_go_through_the_public_api_of_models():
                 if mod == "saescope.precompute.models":
                     offenders += [f"{p.relative_to(ROOT)}: {a.name}" for a in node.names if a.name.startswith("_")]
     assert offenders == []
+
+
+def test_the_library_serves_no_http():
+    """precompute/ is the library both processes use: web frameworks (FastAPI, Starlette) live in app/ only (the
+    chat router moved from precompute/explain/ to app/worker/chat.py)."""
+    offenders = [str(p.relative_to(ROOT)) for p in _py("precompute")
+                 if any(m.split(".")[0] in ("fastapi", "starlette", "uvicorn") for m in _imports(p))]
+    assert offenders == []
