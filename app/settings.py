@@ -71,7 +71,6 @@ class WorkerSettings:
     max_explain_examples: int = 64  # examples (top, per group, non-activating) a request may carry
     explain_timeout_s: float = 120.0  # an explanation request may take this long (a CPU model is slow)
     chat_max_tokens: int = LIMITS.max_chat_tokens  # largest max_tokens of the OpenAI-compatible chat route
-    chat_default_tokens: int = 128  # max_tokens of a chat request that names none
 
 
 @dataclass(frozen=True)

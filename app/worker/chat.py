@@ -24,7 +24,6 @@ from saescope.precompute.config import LIMITS
 from saescope.precompute.explain.backends import ChatBackend, LLMError
 
 from ..errors import echo
-from ..settings import WORKER
 
 
 class ChatMessage(BaseModel):
@@ -37,8 +36,8 @@ class ChatCompletionRequest(BaseModel):
 
     model: str = Field(description="Model name; must be the one this server lists at GET /v1/models.")
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation, oldest message first.")
-    max_tokens: int | None = Field(None, ge=1, description=f"Most tokens to generate (default "
-                                   f"{WORKER.chat_default_tokens}; at most {LIMITS.max_chat_tokens}, else HTTP 400).")
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (default and largest: "
+                                   f"{LIMITS.max_chat_tokens}; more is refused with HTTP 400).")
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name for max_tokens; wins if both.")
     temperature: float | None = Field(None, ge=0, le=2, description="Accepted and ignored: decoding is greedy.")
     n: int = Field(1, description="Number of choices; only 1 is supported.")
@@ -118,7 +117,7 @@ def make_chat_router(backend: ChatBackend, model_name: str | None = None, api_ke
             return _error(400, "streaming is not supported; send stream=false", "unsupported_value", "stream")
         if req.n != 1:
             return _error(400, f"n={req.n} is not supported; only n=1", "unsupported_value", "n")
-        max_tokens = req.max_completion_tokens or req.max_tokens or min(WORKER.chat_default_tokens, max_tokens_limit)
+        max_tokens = req.max_completion_tokens or req.max_tokens or max_tokens_limit
         if max_tokens > max_tokens_limit:
             return _error(400, f"max_tokens is {max_tokens}; the limit is {max_tokens_limit}", "too_large",
                           "max_tokens")
