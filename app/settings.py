@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from saescope.precompute import __version__
+from saescope.precompute.config import LIMITS
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class ServeSettings:
 class WorkerSettings:
     host: str = "127.0.0.1"
     port: int = 8001
-    max_prompt_tokens: int = 512
+    max_prompt_tokens: int = LIMITS.max_prompt_tokens  # admission also caps it by the model's position limit
     max_text_chars: int = 20_000
     max_batch: int = 16
     batch_wait_ms: float = 5.0
@@ -51,23 +52,25 @@ class WorkerSettings:
     client_timeout_s: float = 60.0  # how long the dashboard waits for a worker answer
     top_k: int = 10  # features per answer of /top_features and /token_features unless asked otherwise
     max_k: int = 200
-    # interventions (steering, ablation, attribution)
-    max_edits: int = 8  # feature edits in one request
-    max_new_tokens: int = 64  # tokens one steering request may generate
-    default_new_tokens: int = 32
-    generation_time_s: float = 20.0  # a steered generation stops after this long (the answer says so)
-    max_abs_value: float = 1000.0  # |steering coefficient| and |clamp value|
-    attribution_top: int = 20  # features listed by attribution
-    attribution_verify: int = 10  # of which the true ablation effect is measured
-    max_verify: int = 20
-    max_temperature: float = 10.0
-    max_seed: int = 2**31 - 1
+    max_token_k: int = 100  # features per token of /token_features
+    # interventions (steering, ablation, attribution): the limits are precompute.config.LIMITS, enforced there
+    max_edits: int = LIMITS.max_edits  # feature edits in one request
+    max_new_tokens: int = LIMITS.max_new_tokens  # tokens one steering request may generate
+    default_new_tokens: int = LIMITS.default_new_tokens
+    generation_time_s: float = LIMITS.generation_time_s  # a generation stops after this long (the answer says so)
+    max_abs_value: float = LIMITS.max_abs_value  # |steering coefficient| and |clamp value|
+    attribution_top: int = LIMITS.attribution_top  # features listed by attribution
+    attribution_verify: int = LIMITS.attribution_verify  # of which the true ablation effect is measured
+    max_n_top: int = LIMITS.max_n_top
+    max_verify: int = LIMITS.max_verify
+    max_temperature: float = LIMITS.max_temperature
+    max_seed: int = LIMITS.max_seed
     secret_env: str = "SAESCOPE_WORKER_SECRET"  # the shared secret the worker requires, when set
     # explanations (POST /explain, /v1/chat/completions)
     explain_max_tokens: int = 60  # answer budget of the explainer for the feature page's button
     max_explain_examples: int = 64  # examples (top, per group, non-activating) a request may carry
     explain_timeout_s: float = 120.0  # an explanation request may take this long (a CPU model is slow)
-    chat_max_tokens: int = 512  # largest max_tokens of the OpenAI-compatible chat route
+    chat_max_tokens: int = LIMITS.max_chat_tokens  # largest max_tokens of the OpenAI-compatible chat route
 
 
 @dataclass(frozen=True)

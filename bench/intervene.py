@@ -54,7 +54,7 @@ def main() -> int:
     a = ap.parse_args()
     import torch
 
-    from saescope.precompute import intervene as iv
+    from saescope.precompute import interventions as iv
     from saescope.precompute.config import EMBEDDED
     from saescope.precompute.embedded import convert_default_model
     from saescope.precompute.models import load_model

@@ -1,4 +1,5 @@
-"""Every default of the offline side, in one place: the embedded default, precompute and train-sae.
+"""Every default of the library side, in one place: the embedded default, precompute, train-sae, explain, and the
+limits of one live request (LIMITS: interventions and the worker).
 
 The CLI, the precompute driver and the tests read these objects; nothing else writes the numbers down.
 Serving and worker defaults live in app/settings.py (the online side).
@@ -94,7 +95,30 @@ class ExplainSettings:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one live request may ask for: the interventions (precompute.interventions) enforce these, the worker's
+    wire models state them (its OpenAPI document is generated from them) and app/settings.py WORKER refers to them.
+    Every refusal names the limit."""
+
+    max_prompt_tokens: int = 512  # tokens in a prompt or text (further capped by the model's own position limit)
+    max_edits: int = 8  # feature edits (interventions) in one request
+    max_abs_value: float = 1000.0  # |clamp value| and |steering coefficient|, in SAE activation units
+    max_new_tokens: int = 64  # new tokens one steered generation may produce
+    generation_time_s: float = 20.0  # a generation (steering, chat) stops after this long and says so
+    max_n_top: int = 100  # features listed by attribution
+    max_verify: int = 20  # of those, features whose true ablation effect is measured
+    max_temperature: float = 10.0
+    max_seed: int = 2**31 - 1
+    max_chat_tokens: int = 256  # largest max_tokens of the worker's OpenAI-compatible chat route
+    # ... and what a request gets when it names none
+    default_new_tokens: int = 32  # tokens a steered generation produces
+    attribution_top: int = 20  # features listed by attribution
+    attribution_verify: int = 10  # of which the true ablation effect is measured
+
+
 EMBEDDED = EmbeddedDefault()
 PRECOMPUTE = PrecomputeSettings()
 TRAIN = TrainSettings()
 EXPLAIN = ExplainSettings()
+LIMITS = Limits()

@@ -10,13 +10,25 @@ Hook names map onto the Hugging Face module tree with forward hooks:
     blocks.{L}.hook_attn_out    output of attention of layer L  (Gemma-2: after post_attention_layernorm)
 
 The forward pass stops right after the hooked module, so later layers cost nothing.
+
+The public hook API (like TransformerLens's `run_with_hooks`), used by reading (`activations_multi`) and by the
+interventions (precompute.interventions):
+
+    lm.hook_point("blocks.3.hook_resid_post")      -> HookPoint(name, module, pre): the HF module it lives on
+    with lm.hooks({name: fn, ...}): lm.model(...)   fn(activation) -> a replacement, or None to leave it
+    lm.run_with_hooks(ids, [(name, fn)], stop_at=name, **forward_kwargs)
+    raise StopForward                               inside a hook: end the pass (run_with_hooks returns None)
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +48,22 @@ class ModelLoadError(SetupError):
     """A model or tokenizer could not be loaded; the message says why and what to do."""
 
 
-class _StopForward(Exception):
-    """Raised inside a hook to end the forward pass once the wanted activation is captured."""
+class StopForward(Exception):
+    """Raised inside a hook to end the forward pass once the wanted activation is captured (run_with_hooks and
+    activations_multi catch it)."""
+
+
+HookFn = Callable[[torch.Tensor], "torch.Tensor | None"]  # activation (B, T, d) -> replacement, or None: unchanged
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """Where a hook name lives in the HF module tree: pre=True means the activation is `module`'s input
+    (hidden_states, as a forward pre-hook sees it), pre=False its output (the first element of a tuple output)."""
+
+    name: str
+    module: nn.Module
+    pre: bool
 
 
 @dataclass(frozen=True)
@@ -162,7 +188,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ModelLoadError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
-def _submodule(layer: nn.Module, kind: str, model_type: str) -> nn.Module:
+def submodule(layer: nn.Module, kind: str, model_type: str) -> nn.Module:
     """The module whose *output* is the activation at hook `kind` within one decoder layer."""
     if kind == "hook_mlp_out":
         names = ("post_feedforward_layernorm",) if model_type.startswith("gemma2") or model_type.startswith("gemma3") else ()
@@ -175,6 +201,41 @@ def _submodule(layer: nn.Module, kind: str, model_type: str) -> nn.Module:
         if isinstance(mod, nn.Module):
             return mod
     raise ModelLoadError(f"cannot find the module for {kind} in {type(layer).__name__} (looked for {names})")
+
+
+def _pre_hook(fn: HookFn, owner: int | None):
+    def pre_hook(_mod, args, kwargs):
+        if owner is not None and threading.get_ident() != owner:
+            return None
+        if args:
+            new = fn(args[0])
+            return None if new is None else ((new,) + tuple(args[1:]), kwargs)
+        new = fn(kwargs["hidden_states"])
+        return None if new is None else (args, {**kwargs, "hidden_states": new})
+    return pre_hook
+
+
+def _post_hook(fn: HookFn, owner: int | None):
+    def post_hook(_mod, _args, out):
+        if owner is not None and threading.get_ident() != owner:
+            return None
+        if isinstance(out, (tuple, list)):
+            new = fn(out[0])
+            return None if new is None else (new,) + tuple(out[1:])
+        return fn(out)
+    return post_hook
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The forward keyword of the KV cache: `cache` (transformers >= 5.2x; `past_key_values` is deprecated there)
+    or `past_key_values` (older releases)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward pass returned (under either name)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def final_norm(model: nn.Module) -> nn.Module | None:
@@ -217,6 +278,62 @@ class HookedLM:
         Runs only the layers up to the hook (a hook raises to end the pass)."""
         return self.activations_multi(input_ids, [hook], attention_mask)[hook]
 
+    def hook_point(self, hook: str) -> HookPoint:
+        """The module (and side: input or output) that carries the activation named `hook`."""
+        spec = parse_hook(hook, self.n_layers)
+        layer = self.layers[spec.layer]
+        if spec.kind == "hook_resid_pre":
+            return HookPoint(spec.name, layer, True)
+        if spec.kind == "hook_resid_post":
+            return HookPoint(spec.name, layer, False)
+        return HookPoint(spec.name, submodule(layer, spec.kind, self.model_type), False)
+
+    @contextmanager
+    def hooks(self, fns: Mapping[str, HookFn] | Iterable[tuple[str, HookFn]],
+              this_thread_only: bool = True) -> Iterator[None]:
+        """Install hooks for the forward passes inside the block: fn(activation) returns its replacement (or None
+        to leave it as it is) and may raise StopForward. Several functions on one hook run in the order given.
+        With this_thread_only (the default) a hook fires only in the thread that installed it, so forward passes
+        of other threads (a worker serving other requests) are not affected."""
+        items = list(fns.items()) if isinstance(fns, Mapping) else list(fns)
+        owner = threading.get_ident() if this_thread_only else None
+        with ExitStack() as stack:
+            for name, fn in items:
+                point = self.hook_point(name)
+                handle = (point.module.register_forward_pre_hook(_pre_hook(fn, owner), with_kwargs=True) if point.pre
+                          else point.module.register_forward_hook(_post_hook(fn, owner)))
+                stack.callback(handle.remove)
+            yield
+
+    def base_model(self) -> nn.Module:
+        """The transformer without its LM head (what a pass that stops at a hook runs)."""
+        return getattr(self.model, self.model.base_model_prefix, None) or self.model
+
+    def run_with_hooks(self, input_ids: torch.Tensor, fwd_hooks: Iterable[tuple[str, HookFn]] = (), *,
+                       stop_at: str | Iterable[str] | None = None, **forward_kwargs):
+        """One forward pass with `fwd_hooks` [(hook name, fn)] installed (see `hooks`); returns the model's output.
+
+        stop_at=hook (or several): the pass runs the base model (no LM head) and ends as soon as that hook (every
+        one of them) has fired, after the fns given for it; returns None. A hook raising StopForward also ends the
+        pass (returns None)."""
+        hooks = list(fwd_hooks)
+        if stop_at is not None:
+            waiting = {stop_at} if isinstance(stop_at, str) else set(stop_at)
+
+            def stopper(name: str) -> HookFn:
+                def stop(_t: torch.Tensor) -> None:
+                    waiting.discard(name)
+                    if not waiting:
+                        raise StopForward
+                return stop
+            hooks += [(h, stopper(h)) for h in list(waiting)]
+        module = self.base_model() if stop_at is not None else self.model
+        with self.hooks(hooks):
+            try:
+                return module(input_ids=input_ids.to(self.device), **forward_kwargs)
+            except StopForward:
+                return None
+
     @torch.no_grad()
     def activations_multi(
         self, input_ids: torch.Tensor, hooks: list[str], attention_mask: torch.Tensor | None = None
@@ -225,41 +342,21 @@ class HookedLM:
 
         Every hook is registered at once; the pass ends as soon as the last of them (the deepest) has fired,
         so layers after the deepest hook cost nothing and the shared layers run once."""
-        specs = {h: parse_hook(h, self.n_layers) for h in dict.fromkeys(hooks)}
+        names = list(dict.fromkeys(hooks))
+        for h in names:
+            parse_hook(h, self.n_layers)
         captured: dict[str, torch.Tensor] = {}
 
-        def grabber(name: str):
-            def grab(t) -> None:
-                t = t[0] if isinstance(t, (tuple, list)) else t
+        def grabber(name: str) -> HookFn:
+            def grab(t: torch.Tensor) -> None:
                 captured[name] = t.detach()
-                if len(captured) == len(specs):
-                    raise _StopForward
             return grab
 
-        handles = []
-        try:
-            for name, spec in specs.items():
-                layer = self.layers[spec.layer]
-                grab = grabber(name)
-                if spec.kind == "hook_resid_pre":
-                    def pre_hook(_mod, args, kwargs, grab=grab):
-                        grab(args[0] if args else kwargs["hidden_states"])
-                    handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
-                else:
-                    target = layer if spec.kind == "hook_resid_post" else _submodule(layer, spec.kind, self.model_type)
-                    handles.append(target.register_forward_hook(lambda _m, _a, out, grab=grab: grab(out)))
-            input_ids = input_ids.to(self.device)
-            if attention_mask is not None:
-                attention_mask = attention_mask.to(self.device)
-            base = getattr(self.model, self.model.base_model_prefix, None) or self.model
-            try:
-                base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            except _StopForward:
-                pass
-        finally:
-            for h in handles:
-                h.remove()
-        missing = [h for h in specs if h not in captured]
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        self.run_with_hooks(input_ids, [(h, grabber(h)) for h in names], stop_at=names,
+                            attention_mask=attention_mask, use_cache=False)
+        missing = [h for h in names if h not in captured]
         if missing:
             raise SetupError(f"hooks {missing} did not fire; the module layout of {type(self.model).__name__} "
                                "is not supported")

@@ -53,7 +53,87 @@ def test_relative_import_resolution_catches_a_violation():
     assert "saescope.precompute.saes.base" in _imports(ROOT / "precompute" / "saes" / "probe.py", "from .base import SAE\n")
 
 
-LIMIT_LINE = re.compile(r"Query\(|Field\(|Form\(|maxlength=|max=|min=|port|timeout|def \w+\(.*=")
+LIMIT_LINE = re.compile(r"Query\(|Field\(|Form\(|maxlength=|max=|min=|\bport|timeout|def \w+\(.*=|: (int|float) = |MAX_")
+
+
+def _settings_literals(*objs) -> set[str]:
+    return {str(v) for obj in objs for v in vars(obj).values()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 8}
+
+
+def _literal_offenders(files: list[Path], literals: set[str], skip: str) -> list[str]:
+    offenders = []
+    for p in files:
+        if p.name == skip:
+            continue
+        for n, line in enumerate(p.read_text().splitlines(), 1):
+            if not LIMIT_LINE.search(line) or "status" in line:
+                continue
+            for lit in literals:
+                if re.search(rf"(?<![\w.]){re.escape(lit)}(?![\w.])", line):
+                    offenders.append(f"{p.relative_to(ROOT)}:{n}: {lit}")
+    return offenders
+
+
+def _numeric(node: ast.AST) -> bool:
+    """A number written down: 50, -1.5, 64 * 2**20."""
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, (int, float)) and not isinstance(node.value, bool)
+    if isinstance(node, ast.UnaryOp):
+        return _numeric(node.operand)
+    if isinstance(node, ast.BinOp):
+        return _numeric(node.left) and _numeric(node.right)
+    return False
+
+
+def _named_literals(path: Path, names: set[str]) -> list[str]:
+    """`name = 50`, `name: int = 50`, `def f(name=50)` and `MAX_NAME = 50` where name is a config setting's name."""
+    found = []
+
+    def check(name: str, value: ast.AST | None, line: int) -> None:
+        if value is not None and _numeric(value) and name.lower().lstrip("_") in names:
+            found.append(f"{path.name}:{line}: {name}")
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            check(node.target.id, node.value, node.lineno)
+        elif isinstance(node, ast.Assign):
+            for t in node.targets:
+                if isinstance(t, ast.Name):
+                    check(t.id, node.value, node.lineno)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            pos = a.posonlyargs + a.args
+            for arg, d in zip(pos[len(pos) - len(a.defaults):], a.defaults):
+                check(arg.arg, d, node.lineno)
+            for arg, d in zip(a.kwonlyargs, a.kw_defaults):
+                check(arg.arg, d, node.lineno)
+    return found
+
+
+def test_library_defaults_and_limits_are_written_once():
+    """precompute/ gives none of the settings of precompute/config.py (EMBEDDED, PRECOMPUTE, TRAIN, EXPLAIN,
+    LIMITS) a number of its own: a parameter, field or MAX_ constant named like a setting reads it from there
+    (intervene.py's MAX_EDITS = 16 and ExplainConfig.n_test = 50 were such second definitions)."""
+    from dataclasses import fields
+
+    from saescope.precompute import config
+
+    every = {f.name for obj in (config.EMBEDDED, config.PRECOMPUTE, config.TRAIN, config.EXPLAIN, config.LIMITS)
+             for f in fields(obj)}
+    # the limits, the explainer's knobs, and every max_*; generic names (seed, k, batch_size) are many things
+    names = ({f.name for f in fields(config.LIMITS)} | {f.name for f in fields(config.EXPLAIN)} - {"seed"}
+             | {n for n in every if n.startswith("max_")})
+    offenders = [o for p in _py("precompute") if p.name != "config.py" for o in _named_literals(p, names)]
+    assert offenders == []
+
+
+def test_the_library_scan_sees_a_second_definition(tmp_path):
+    """The scanner itself, on the two kinds of duplicate the issue found."""
+    p = tmp_path / "probe.py"
+    p.write_text("MAX_EDITS = 16\nclass C:\n    n_test: int = 50\ndef f(seed=0, top_k: int = 20, other=3): pass\n")
+    got = _named_literals(p, {"max_edits", "n_test", "top_k"})
+    assert sorted(g.split(": ")[1] for g in got) == ["MAX_EDITS", "n_test", "top_k"]
 
 
 def test_serving_defaults_are_written_once():
@@ -61,8 +141,7 @@ def test_serving_defaults_are_written_once():
     none of the settings' numbers is written down there again."""
     from saescope.app.settings import MAP, SERVE, WORKER
 
-    literals = {str(v) for obj in (SERVE, WORKER, MAP) for v in vars(obj).values()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 8}
+    literals = _settings_literals(SERVE, WORKER, MAP)
     offenders = []
     for p in _py("app") + sorted((ROOT / "templates").glob("*.html")):
         if p.name == "settings.py":
@@ -113,3 +192,27 @@ def test_worker_client_is_typed_with_the_wire_models(module):
         sig = inspect.signature(getattr(client, name), eval_str=True)
         params = [p for p in sig.parameters.values() if p.name != "self"]
         assert issubclass(params[0].annotation, BaseModel) and issubclass(sig.return_annotation, BaseModel), name
+
+
+def test_hooks_go_through_the_public_api_of_models():
+    """interventions/ (and everything else) use HookedLM's hook API: no private name of models.py is imported."""
+    offenders = []
+    for p in _py("app") + _py("precompute"):
+        if p.name == "models.py":
+            continue
+        pkg = ".".join(("saescope",) + p.relative_to(ROOT).with_suffix("").parts[:-1])
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.endswith("models"):
+                mod = node.module if not node.level else ".".join(pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                                                                  + [node.module])
+                if mod == "saescope.precompute.models":
+                    offenders += [f"{p.relative_to(ROOT)}: {a.name}" for a in node.names if a.name.startswith("_")]
+    assert offenders == []
+
+
+def test_the_library_serves_no_http():
+    """precompute/ is the library both processes use: web frameworks (FastAPI, Starlette) live in app/ only (the
+    chat router moved from precompute/explain/ to app/worker/chat.py)."""
+    offenders = [str(p.relative_to(ROOT)) for p in _py("precompute")
+                 if any(m.split(".")[0] in ("fastapi", "starlette", "uvicorn") for m in _imports(p))]
+    assert offenders == []

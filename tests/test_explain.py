@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from saescope.precompute.config import LIMITS
 from saescope.precompute.explain import (
     PROMPT_VERSION,
     ChatBackend,
@@ -391,7 +392,7 @@ def test_local_model_explains_two_real_sae_features(local, corpus_tokens):
 def server(local):
     from fastapi import FastAPI
 
-    from saescope.precompute.explain.openai_route import make_chat_router
+    from saescope.app.worker.chat import make_chat_router
 
     app = FastAPI()
     app.include_router(make_chat_router(local, model_name="smollm2", api_key="sk-test"))
@@ -426,7 +427,7 @@ def test_http_backend_round_trip(server, local):
         OpenAIChatBackend(f"http://127.0.0.1:{free_port()}/v1", "m", timeout=2).complete(conv, 4)
     r = httpx.post(f"{server}/v1/chat/completions", headers={"Authorization": "Bearer sk-test"},
                    json={"model": "smollm2", "messages": conv, "max_tokens": 5000})
-    assert r.status_code == 400 and "the limit is 1024" in r.json()["error"]["message"]
+    assert r.status_code == 400 and f"the limit is {LIMITS.max_chat_tokens}" in r.json()["error"]["message"]
 
 
 def test_http_backend_settings_are_validated(monkeypatch):

@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
-from saescope.precompute import intervene as iv
-from saescope.precompute.config import EMBEDDED
+from saescope.precompute import interventions as iv
+from saescope.precompute.config import EMBEDDED, LIMITS
 from saescope.precompute.models import HookedLM
 from saescope.precompute.saes import REGISTRY, SAE, SAEConfig, load_sae
 
@@ -417,9 +417,10 @@ def test_bad_input_names_the_limit(tiny):
         (lambda: iv.generate(lm, sae, ids, [E(1, "add", float("nan"))]), r"not finite; allowed: -1000\.\.1000"),
         (lambda: iv.generate(lm, sae, ids, [E(1, "add", float("inf"))]), r"not finite"),
         (lambda: iv.generate(lm, sae, ids, [E(1, "clamp", 1e6)]), r"too large; allowed: -1000\.\.1000"),
-        (lambda: iv.generate(lm, sae, ids, [E(i, "add", 1.0) for i in range(17)]), r"17 edits given; the limit is 16"),
+        (lambda: iv.generate(lm, sae, ids, [E(i, "add", 1.0) for i in range(LIMITS.max_edits + 1)]),
+         rf"{LIMITS.max_edits + 1} edits given; the limit is {LIMITS.max_edits}"),
         (lambda: iv.generate(lm, sae, ids, [E(1, "add", 1.0)], max_new_tokens=10_000),
-         r"max_new_tokens 10000 is out of range; allowed: 1\.\.256"),
+         rf"max_new_tokens 10000 is out of range; allowed: 1\.\.{LIMITS.max_new_tokens}"),
         (lambda: iv.generate(lm, sae, [], [E(1, "add", 1.0)]), r"prompt is empty"),
         (lambda: iv.generate(lm, sae, ids, [E(1, "add", 1.0)], max_new_tokens=60),  # tiny llama: 64 positions
          r"prompt \(6 tokens\) \+ max_new_tokens \(60\) is 66; the limit for llama is 64"),
@@ -443,4 +444,4 @@ def test_bad_input_names_the_limit(tiny):
     for i, (call, msg) in enumerate(cases):
         with pytest.raises(ValueError, match=msg):
             call()
-    assert iv.MAX_EDITS == 16 and iv.MAX_NEW_TOKENS == 256 and iv.MAX_ABS_VALUE == 1000.0  # the limits quoted above
+    assert LIMITS.max_abs_value == 1000.0 and LIMITS.max_n_top == 100  # the limits quoted above

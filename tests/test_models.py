@@ -112,3 +112,53 @@ def test_final_norm_gain_per_family(family, tiny_family_dir):
     bias = getattr(norm, "bias", None)
     want = x * gain + (bias.detach() if bias is not None else 0)
     torch.testing.assert_close(out, want, atol=2e-3, rtol=2e-3)
+
+
+# ------------------------------------------------------------------ the public hook API
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", ["hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out"])
+def test_hooks_replace_an_activation_like_a_hand_written_hook(family, kind, tiny_family_dir):
+    """lm.hooks({name: fn}) equals a forward (pre-)hook written here on the module the name means."""
+    import threading
+
+    from saescope.precompute.models import StopForward
+
+    lm = _load(tiny_family_dir(family))
+    ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(2))
+    name = f"blocks.1.{kind}"
+    fn = lambda x: x * 0.5 + 0.25  # noqa: E731
+    layer = lm.layers[1]
+    if kind == "hook_resid_pre":
+        handle = layer.register_forward_pre_hook(
+            lambda m, a, k: ((fn(a[0]),) + a[1:], k) if a else (a, {**k, "hidden_states": fn(k["hidden_states"])}),
+            with_kwargs=True)
+    else:
+        gemma = family == "gemma2"
+        mod = layer if kind == "hook_resid_post" else (
+            (layer.post_feedforward_layernorm if gemma else getattr(layer, "mlp")) if kind == "hook_mlp_out" else
+            (layer.post_attention_layernorm if gemma else next(getattr(layer, n) for n in ("self_attn", "attn", "attention")
+                                                             if hasattr(layer, n))))
+        assert lm.hook_point(name).module is mod and not lm.hook_point(name).pre
+        handle = mod.register_forward_hook(lambda m, a, o: (fn(o[0]),) + tuple(o[1:]) if isinstance(o, tuple) else fn(o))
+    with torch.no_grad():
+        try:
+            want = lm.model(ids).logits
+        finally:
+            handle.remove()
+        plain = lm.model(ids).logits
+        with lm.hooks({name: fn}):
+            got = lm.model(ids).logits
+            other = []  # another thread's forward pass is not touched
+            t = threading.Thread(target=lambda: other.append(lm.model(ids).logits))
+            t.start()
+            t.join()
+        after = lm.model(ids).logits
+    assert torch.equal(got, want) and not torch.equal(got, plain)
+    assert torch.equal(other[0], plain) and torch.equal(after, plain), "hooks end with the block and stay in their thread"
+    seen: list[torch.Tensor] = []
+    assert lm.run_with_hooks(ids, [(name, lambda x: seen.append(x.clone()))], stop_at=name) is None
+    assert torch.equal(seen[0].float(), lm.activations(ids, name))
+
+    def stop(_x):
+        raise StopForward
+    assert lm.run_with_hooks(ids, [(name, stop)]) is None

@@ -217,3 +217,28 @@ def test_hub_reference_offline_says_so(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="no network here.*local folders"):
         load_sae("some-org/some-saes/layer_3")
+
+
+@pytest.mark.parametrize("norm", ["none", "constant_norm_rescale", "layer_norm"])
+def test_denormalize_inverts_normalize(norm):
+    """SAE.denormalize(normalize(x), norm_stats(x)) == x, and (x - shift) / scale == normalize(x)."""
+    from saescope.precompute.saes import SAEConfig
+    from saescope.precompute.saes.topk import TopKSAE
+
+    sae = TopKSAE(SAEConfig(architecture="topk", d_in=16, d_sae=8, k=2, normalize_activations=norm))
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3 + 1
+    stats = sae.norm_stats(x)
+    assert stats[0].shape == stats[1].shape == (3, 5, 1)
+    torch.testing.assert_close(sae.denormalize(sae.normalize(x), stats), x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close((x - stats[1]) / stats[0], sae.normalize(x), rtol=1e-12, atol=1e-12)
+
+
+def test_check_d_in_names_both_widths():
+    from saescope.precompute.saes import SAEConfig, check_d_in
+    from saescope.precompute.saes.topk import TopKSAE
+
+    sae = TopKSAE(SAEConfig(architecture="topk", d_in=16, d_sae=8, k=2))
+    check_d_in(sae, 16, "blocks.0.hook_resid_post", "m")
+    with pytest.raises(ValueError, match=r"SAE 's1' reads vectors of width d_in=16, but blocks.0.hook_resid_post "
+                                         r"of model 'm' has width 32"):
+        check_d_in(sae, 32, "blocks.0.hook_resid_post", "m", "s1")

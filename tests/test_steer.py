@@ -21,6 +21,8 @@ from saescope.app.web.app import create_app
 from tests.conftest import free_port
 from tests.test_worker import stop
 
+pytestmark = pytest.mark.slow  # a worker subprocess serves every test here
+
 SECRET = "s3cret-for-tests"
 AUTH = {"Authorization": f"Bearer {SECRET}"}
 PROMPT = "The file descriptor is closed because the buffer is full."
@@ -184,7 +186,7 @@ def test_attribution_lists_features_with_the_true_ablation_effect(worker, parts)
     ({"edits": [{"feature": 1, "value": 1e9}]}, 422, "less than or equal to 1000"),
     ({"edits": [{"feature": 1}] * (WORKER.max_edits + 1)}, 422, f"at most {WORKER.max_edits}"),
     ({"edits": [{"feature": 1}], "max_new_tokens": WORKER.max_new_tokens + 1}, 422, f"less than or equal to {WORKER.max_new_tokens}"),
-    ({"edits": [{"feature": 1}], "text": ""}, 422, "empty"),
+    ({"edits": [{"feature": 1}], "ids": []}, 422, "empty"),  # "" is BOS alone: a prompt (the one prompt rule)
     ({"edits": []}, 422, "at least 1"),
     ({"edits": [{"feature": 1, "mode": "boost"}]}, 422, "'ablate', 'clamp' or 'add'"),
     ({"edits": [{"feature": 1, "positions": [999]}]}, 422, "out of range"),

@@ -1,9 +1,10 @@
 """The worker's engine: holds the model and SAEs and gathers concurrent requests into one forward pass.
 
-Requests are admitted (prompt length, queue depth), queued, and a single batching loop takes up to
-max_batch of them, waiting at most batch_wait_ms for company, right-pads them, and runs forward + encode in a
-thread through `precompute.encode.encode_batch`: the very function precompute uses, so live activations equal
-stored ones. Every request has a timeout.
+Requests are admitted (the one prompt rule: at least one token, at most min(max_prompt_tokens, the model's position
+limit); queue depth), queued, and a single batching loop takes up to max_batch of them, waiting at most
+batch_wait_ms for company, right-pads them, and runs forward + encode in a thread through
+`precompute.encode.encode_batch`: the very function precompute uses, so live activations equal stored ones. A batch
+that fails is retried one request at a time, so a request that fails fails alone. Every request has a timeout.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import torch
 
 from saescope.precompute.data import bos_id
 from saescope.precompute.encode import encode_batch
+from saescope.precompute.errors import UserError
+from saescope.precompute.interventions import PromptLengthError, check_prompt_length, model_positions
 from saescope.precompute.models import HookedLM
 from saescope.precompute.saes import SAE
 from saescope.precompute.tokens import token_strings
 
-from ..errors import AppError
+from ..errors import AppError, echo
 from ..settings import WORKER
 
 log = logging.getLogger(__name__)
@@ -44,13 +47,19 @@ class Engine:
                  max_queue: int = WORKER.max_queue, timeout_s: float = WORKER.request_timeout_s):
         self.lm, self.saes = lm, saes
         self.vocab = token_strings(lm.tokenizer)
-        self.max_prompt_tokens, self.max_batch = max_prompt_tokens, max_batch
+        positions = model_positions(lm)
+        # admission: the configured limit, capped by the model's own position limit (a longer prompt would index
+        # past a learned position embedding)
+        self.max_prompt_tokens = min(max_prompt_tokens, positions) if positions else max_prompt_tokens
+        self.prompt_limit_why = " (the model's position limit)" if self.max_prompt_tokens < max_prompt_tokens else ""
+        self.max_batch = max_batch
         self.batch_wait, self.max_queue, self.timeout = batch_wait_ms / 1000, max_queue, timeout_s
         self.queue: asyncio.Queue[Job] | None = None
         # one model, many threads: every use of it (batched encodes, interventions) holds this lock, because
         # reading an activation installs module hooks that would fire in another thread's forward pass
         self.model_lock = threading.Lock()
-        self.batches = self.requests = 0
+        self.batches = self.requests = 0  # forward passes run, requests answered
+        self.admitted = 0  # requests queued for a forward pass
         self._task: asyncio.Task | None = None
         self._last_batch = 0
 
@@ -60,7 +69,7 @@ class Engine:
 
     def sae(self, sae_id: str) -> SAE:
         if sae_id not in self.saes:
-            raise AppError(f"unknown SAE {sae_id!r}; this worker has: {', '.join(self.saes)}", 404)
+            raise AppError(f"unknown SAE {echo(sae_id)}; this worker has: {', '.join(self.saes)}", 404)
         return self.saes[sae_id]
 
     def tokenize(self, sae_id: str, text: str, given: list[int] | None = None) -> np.ndarray:
@@ -75,11 +84,11 @@ class Engine:
             ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
             bos = bos_id(self.lm.tokenizer) if sae.cfg.prepend_bos else None
             ids = ([bos] if bos is not None else []) + list(ids)
-        if not ids:
-            raise AppError("the prompt is empty; type some text", 422)
-        if len(ids) > self.max_prompt_tokens:
-            raise AppError(f"prompt has {len(ids)} tokens; the limit is {self.max_prompt_tokens}", 413,
-                           title="Prompt too long")
+        try:  # the one prompt rule of every route (precompute.interventions.check_prompt_length)
+            check_prompt_length(len(ids), self.max_prompt_tokens, self.prompt_limit_why)
+        except PromptLengthError as err:
+            raise AppError(str(err), 413 if err.too_long else 422,
+                           title="Prompt too long" if err.too_long else None) from None
         return np.asarray(ids, dtype=np.int32)
 
     async def encode(self, body) -> tuple[np.ndarray, torch.Tensor]:
@@ -92,6 +101,7 @@ class Engine:
                            503, title="Busy")
         fut = asyncio.get_running_loop().create_future()
         await self.queue.put(Job(sae_id, ids, fut))
+        self.admitted += 1
         try:
             z = await asyncio.wait_for(fut, timeout=self.timeout)
         except asyncio.TimeoutError as err:
@@ -124,15 +134,34 @@ class Engine:
             for sae_id, group in by_sae.items():
                 try:
                     outs = await asyncio.to_thread(self._run, sae_id, [j.ids for j in group])
+                    self.batches += 1
                     for j, z in zip(group, outs):
                         if not j.future.done():
                             j.future.set_result(z)
-                except Exception as err:  # a failed batch fails its requests, not the worker
-                    log.exception("batch failed")
+                except Exception as err:  # a failed batch fails no request but the ones that fail alone
+                    self.batches += 1
+                    if len(group) == 1:
+                        self._fail(group[0], err)
+                        continue
+                    log.warning("a batch of %d failed (%s); running its requests one at a time", len(group), err)
                     for j in group:
-                        if not j.future.done():
-                            j.future.set_exception(AppError(f"encoding failed: {err}", 500))
-                self.batches += 1
+                        try:
+                            z = (await asyncio.to_thread(self._run, sae_id, [j.ids]))[0]
+                            if not j.future.done():
+                                j.future.set_result(z)
+                        except Exception as one:
+                            self._fail(j, one)
+                        self.batches += 1
+
+    def _fail(self, job: Job, err: Exception) -> None:
+        """A request that failed on its own: bad input (UserError) -> 422, anything else -> 500 with the bug logged."""
+        if isinstance(err, UserError):
+            out = AppError(str(err), 422)
+        else:
+            log.error("encoding failed", exc_info=err)
+            out = AppError(f"encoding failed: {err}", 500)
+        if not job.future.done():
+            job.future.set_exception(out)
 
     def _run(self, sae_id: str, seqs: list[np.ndarray]) -> list[torch.Tensor]:
         """Right-padded batch -> per-prompt (T_i, d_sae) activations. Padding sits after every real token, so the

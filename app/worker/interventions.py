@@ -1,4 +1,4 @@
-"""The worker's interventions: steering, ablation on text and attribution, through precompute.intervene (the one
+"""The worker's interventions: steering, ablation on text and attribution, through precompute.interventions (the one
 SAE splice the tests check against independent hooks). Each runs in a thread under the engine's model lock."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 
 import torch
 
-from saescope.precompute import intervene as iv
+from saescope.precompute import interventions as iv
 
 from ..errors import AppError
 from ..settings import WORKER
@@ -37,9 +37,7 @@ async def _run(engine: Engine, fn, *args, timeout: float):
 
 
 def _ids(engine: Engine, body) -> np.ndarray:
-    """The prompt's token ids; an empty prompt (nothing but BOS) is refused: there is nothing to intervene on."""
-    if body.ids is None and not body.text.strip():
-        raise AppError("the prompt is empty; type some text to continue, ablate or explain", 422)
+    """The prompt's token ids, admitted by the one prompt rule every route shares (Engine.tokenize)."""
     return engine.tokenize(body.sae_id, body.text, body.ids)
 
 
@@ -100,5 +98,7 @@ async def attribute(engine: Engine, body: AttributeIn) -> AttributeOut:
         target_logprob=r.target_logprob, top_predictions=preds, error_attribution=r.error_attribution,
         n_active=r.n_active,
         features=[AttributionOut(feature=f.feature, attribution=f.attribution, best_position=f.best_position,
-                                 activation=f.activation, ablation_estimate=f.ablation_estimate,
-                                 ablation_true=f.ablation_true) for f in r.features])
+                                 activation_at_best_position=f.activation_at_best_position,
+                                 activation_at_position=f.activation_at_position,
+                                 ablation_estimate=f.ablation_estimate, ablation_true=f.ablation_true)
+                  for f in r.features])

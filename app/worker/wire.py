@@ -57,7 +57,7 @@ class TopFeaturesOut(BaseModel):
 
 
 class TokenFeaturesIn(TextIn):
-    k: int = Field(5, ge=1, le=100, description="features per token")
+    k: int = Field(5, ge=1, le=WORKER.max_token_k, description="features per token")
 
 
 class TokenFeaturesOut(BaseModel):
@@ -143,7 +143,7 @@ class AttributeIn(TextIn):
     position: int | None = Field(None, ge=0, description="the token whose next-token prediction is explained "
                                  "(default: the last)")
     target: int | None = Field(None, ge=0, description="target token id (default: the model's top prediction)")
-    n_top: int = Field(WORKER.attribution_top, ge=1, le=WORKER.max_k, description="features listed")
+    n_top: int = Field(WORKER.attribution_top, ge=1, le=WORKER.max_n_top, description="features listed")
     n_verify: int = Field(WORKER.attribution_verify, ge=0, le=WORKER.max_verify, description="of these, how many are truly ablated")
 
 
@@ -151,7 +151,8 @@ class AttributionOut(BaseModel):
     feature: int = Field(description="feature index")
     attribution: float = Field(description="sum over positions <= p of activation x d log p(target) / d activation")
     best_position: int = Field(description="position with the largest single-position attribution")
-    activation: float = Field(description="the feature's activation there")
+    activation_at_best_position: float = Field(description="the feature's activation at best_position")
+    activation_at_position: float = Field(description="the feature's activation at the explained position")
     ablation_estimate: float = Field(description="linear estimate of the change of log p(target) when the feature "
                                      "is ablated everywhere (= -attribution)")
     ablation_true: float | None = Field(None, description="the measured change when it is ablated (top features)")
@@ -187,7 +188,7 @@ class ExplainIn(BaseModel):
                                             description="token strings of contexts where the feature is 0 everywhere "
                                             "(needed only to score)")
     score: bool = Field(False, description="also score the explanation by detection and fuzzing (slow)")
-    max_tokens: int = Field(WORKER.explain_max_tokens, ge=1, le=WORKER.max_new_tokens * 4,
+    max_tokens: int = Field(WORKER.explain_max_tokens, ge=1, le=WORKER.chat_max_tokens,
                             description="answer budget of the explainer")
     seed: int = Field(0, ge=0, le=WORKER.max_seed, description="seed of the example split")
 

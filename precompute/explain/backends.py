@@ -74,8 +74,10 @@ class ChatBackend(ABC):
     name: str
 
     @abstractmethod
-    def chat_batch(self, conversations: list[list[dict[str, str]]], max_tokens: int) -> list[Completion]:
-        """One completion per conversation, in input order."""
+    def chat_batch(self, conversations: list[list[dict[str, str]]], max_tokens: int,
+                   max_time_s: float | None = None) -> list[Completion]:
+        """One completion per conversation, in input order; max_time_s (where the backend can) stops each answer
+        after that long (finish_reason "length")."""
 
     def complete(self, messages: list[dict[str, str]], max_tokens: int = 256) -> str:
         return self.chat_batch([messages], max_tokens)[0].text
@@ -215,7 +217,9 @@ class OpenAIChatBackend(ChatBackend):
             raise LLMError(f"{self.base_url}/chat/completions answered something that is not a chat completion: "
                            f"{resp.text[:200]!r}") from err
 
-    def chat_batch(self, conversations: list[list[dict[str, str]]], max_tokens: int = 256) -> list[Completion]:
+    def chat_batch(self, conversations: list[list[dict[str, str]]], max_tokens: int = 256,
+                   max_time_s: float | None = None) -> list[Completion]:
+        """max_time_s is not sent (the server decides); the client's timeout bounds each request."""
         _check_max_tokens(max_tokens)
         for conv in conversations:
             validate_messages(conv)
@@ -308,10 +312,12 @@ class LocalChatBackend(ChatBackend):
     def _prefix_cache(self, prefix: tuple[int, ...]):
         import torch
 
+        from ..models import output_cache
+
         cache = self._caches.get(prefix)
         if cache is None:
             out = self.model(torch.tensor([prefix], device=self.device), use_cache=True)
-            cache = out.past_key_values
+            cache = output_cache(out)
             self._caches[prefix] = cache
             while len(self._caches) > self.max_cached_prefixes:
                 self._caches.popitem(last=False)
@@ -327,10 +333,14 @@ class LocalChatBackend(ChatBackend):
         return Completion(text=text.strip(), prompt_tokens=n_prompt, completion_tokens=len(new_tokens) + int(ended),
                           finish_reason="stop" if ended else "length")
 
-    def chat_batch(self, conversations: list[list[dict[str, str]]], max_tokens: int = 256) -> list[Completion]:
+    def chat_batch(self, conversations: list[list[dict[str, str]]], max_tokens: int = 256,
+                   max_time_s: float | None = None) -> list[Completion]:
         """Conversations whose leading messages were seen before reuse that prefix's KV cache and run one at a
-        time (greedy output is the same as without the cache); the rest run left-padded in batches."""
+        time (greedy output is the same as without the cache); the rest run left-padded in batches. max_time_s:
+        each generate call stops after that long (transformers' max_time)."""
         import torch
+
+        from ..models import cache_kwarg
 
         _check_max_tokens(max_tokens)
         encoded = [self._encode(c) for c in conversations]
@@ -340,6 +350,8 @@ class LocalChatBackend(ChatBackend):
         out: list[Completion | None] = [None] * len(encoded)
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         gen_kw = dict(max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos)
+        if max_time_s is not None:
+            gen_kw["max_time"] = float(max_time_s)
         with self._lock, torch.inference_mode():
             plain = []
             for i, conv in enumerate(conversations):
@@ -349,7 +361,7 @@ class LocalChatBackend(ChatBackend):
                     continue
                 ids = torch.tensor([encoded[i]], device=self.device)  # (1, T)
                 gen = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                          past_key_values=self._prefix_cache(prefix), **gen_kw)
+                                          **{cache_kwarg(self.model): self._prefix_cache(prefix)}, **gen_kw)
                 out[i] = self._finish(gen[0, ids.shape[1]:].tolist(), len(encoded[i]))
             plain.sort(key=lambda i: len(encoded[i]))  # similar lengths share a batch
             for start in range(0, len(plain), self.batch_size):

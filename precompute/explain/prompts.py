@@ -27,6 +27,7 @@ import random
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from ..config import EXPLAIN
 from ..errors import UserError
 
 PROMPT_VERSION = "saescope-delphi-1"  # bump whenever any prompt text, window or marking rule below changes
@@ -89,9 +90,9 @@ class HeldOutSplit:
 class ExplainConfig:
     """Every knob of explaining and scoring, in one place (delphi's defaults where they apply)."""
 
-    n_top: int = 10  # top examples shown to the explainer
-    per_group_explain: int = 1  # examples taken from each quantile group for the explainer; the rest are held out
-    n_test: int = 50  # held-out activating examples scored at most (delphi: n_examples_test = 50)
+    n_top: int = EXPLAIN.n_top  # top examples shown to the explainer
+    per_group_explain: int = EXPLAIN.per_group_explain  # examples taken from each quantile group for the explainer
+    n_test: int = EXPLAIN.n_test  # held-out activating examples scored at most (delphi: n_examples_test = 50)
     n_non_activating: int | None = None  # non-activating snippets scored; None = as many as activating ones
     left: int = 24  # tokens kept left of an example's maximum (delphi: 32-token windows)
     right: int = 8  # tokens kept right of it
@@ -99,7 +100,7 @@ class ExplainConfig:
     show_activations: bool = True  # list active tokens with 0-10 strengths (delphi's default explainer)
     max_listed: int = 10  # active tokens listed per example at most
     n_per_prompt: int = 5  # snippets judged per scoring prompt (delphi: num_examples_per_scorer_prompt = 5)
-    explain_max_tokens: int = 120  # answer budget for the explainer
+    explain_max_tokens: int = EXPLAIN.explain_max_tokens  # answer budget for the explainer
     judge_max_tokens: int | None = None  # answer budget per scoring prompt; None = 3 * n_per_prompt + 4
 
     def __post_init__(self) -> None:
@@ -132,7 +133,7 @@ def zero_contexts(examples: Iterable[Example]) -> list[list[str]]:
     return [list(ex.tokens) for ex in examples if all(a == 0.0 for a in ex.acts)]
 
 
-def material_from_contexts(contexts: Sequence[Sequence[str]], acts: Sequence[Sequence[float]], n_top: int = 10,
+def material_from_contexts(contexts: Sequence[Sequence[str]], acts: Sequence[Sequence[float]], n_top: int = EXPLAIN.n_top,
                            n_groups: int = 10, per_group: int = 5, seed: int = 0) -> FeatureMaterial:
     """Material for one feature from contexts and its activations on them (e.g. computed live): the n_top
     contexts with the highest maximum, then the other activating contexts cut by rank into n_groups equal groups

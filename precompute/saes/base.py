@@ -43,6 +43,14 @@ class SAEConfig:
         return asdict(self)
 
 
+def check_d_in(sae: "SAE", width: int, hook: str, model: str, name: str | None = None) -> None:
+    """The one check that an SAE fits a model's activation at `hook` (precompute, the worker, the interventions)."""
+    if sae.cfg.d_in != width:
+        label = name if name is not None else (sae.cfg.source or sae.cfg.architecture)
+        raise UserError(f"SAE {label!r} reads vectors of width d_in={sae.cfg.d_in}, but {hook} of model {model!r} "
+                        f"has width {width}; pick the SAE trained on this model, or the model it was trained on")
+
+
 class SAE(nn.Module):
     """Shapes: W_enc (d_in, d_sae), b_enc (d_sae,), W_dec (d_sae, d_in), b_dec (d_in,)."""
 
@@ -82,6 +90,25 @@ class SAE(nn.Module):
             x = x - x.mean(dim=-1, keepdim=True)
             return x / (x.std(dim=-1, keepdim=True) + 1e-5)
         return x
+
+    def norm_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift), each (..., 1), such that normalize(x) == (x - shift) / scale (to rounding):
+
+            none                   scale = 1,                 shift = 0
+            constant_norm_rescale  scale = |x| / sqrt(d_in),  shift = 0
+            layer_norm             scale = std(x) + 1e-5,     shift = mean(x)"""
+        mode = self.cfg.normalize_activations
+        if mode == "constant_norm_rescale":
+            return x.norm(dim=-1, keepdim=True) / math.sqrt(self.cfg.d_in), torch.zeros_like(x[..., :1])
+        if mode == "layer_norm":
+            return x.std(dim=-1, keepdim=True) + 1e-5, x.mean(dim=-1, keepdim=True)
+        return torch.ones_like(x[..., :1]), torch.zeros_like(x[..., :1])
+
+    def denormalize(self, y: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The inverse of normalize with the statistics of the original input (stats = norm_stats(x)): maps a
+        vector of the SAE's normalized space (e.g. decode(z)) back to the model's activation space."""
+        scale, shift = stats
+        return y * scale + shift
 
     def sae_in(self, x: torch.Tensor) -> torch.Tensor:
         x = self.normalize(x.to(self.W_enc.dtype))

@@ -4,7 +4,9 @@
 
 gives POST /v1/chat/completions and GET /v1/models in OpenAI's JSON shapes, so any OpenAI client (and saescope's
 own OpenAIChatBackend) can talk to the worker's model. Decoding is greedy; `temperature` and other sampling fields
-are accepted and ignored, `stream` and n > 1 are refused. Errors use OpenAI's {"error": {...}} body.
+are accepted and ignored, `stream` and n > 1 are refused. Errors use OpenAI's {"error": {...}} body. max_tokens is
+capped (LIMITS.max_chat_tokens) and so is the wall time of one answer (LIMITS.generation_time_s, like /steer): an
+answer cut by either says finish_reason "length".
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .backends import ChatBackend, LLMError
+from saescope.precompute.config import LIMITS
+from saescope.precompute.explain.backends import ChatBackend, LLMError
+
+from ..errors import echo
 
 
 class ChatMessage(BaseModel):
@@ -31,7 +36,8 @@ class ChatCompletionRequest(BaseModel):
 
     model: str = Field(description="Model name; must be the one this server lists at GET /v1/models.")
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation, oldest message first.")
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (default 256).")
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (default and largest: "
+                                   f"{LIMITS.max_chat_tokens}; more is refused with HTTP 400).")
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name for max_tokens; wins if both.")
     temperature: float | None = Field(None, ge=0, le=2, description="Accepted and ignored: decoding is greedy.")
     n: int = Field(1, description="Number of choices; only 1 is supported.")
@@ -78,9 +84,10 @@ def _error(status: int, message: str, code: str, param: str | None = None) -> JS
 
 
 def make_chat_router(backend: ChatBackend, model_name: str | None = None, api_key: str | None = None,
-                     max_tokens_limit: int = 1024) -> APIRouter:
+                     max_tokens_limit: int = LIMITS.max_chat_tokens,
+                     time_limit_s: float | None = LIMITS.generation_time_s) -> APIRouter:
     """Routes serving `backend` under the OpenAI API. With api_key set, requests must send
-    "Authorization: Bearer <api_key>"."""
+    "Authorization: Bearer <api_key>". One answer stops after max_tokens_limit tokens or time_limit_s seconds."""
     name = model_name or backend.name
     started = int(time.time())
     router = APIRouter(tags=["openai"])
@@ -104,19 +111,19 @@ def make_chat_router(backend: ChatBackend, model_name: str | None = None, api_ke
         if (denied := _auth(authorization)) is not None:
             return denied
         if req.model != name:
-            return _error(404, f"the model {req.model!r} does not exist; this server serves {name!r}",
+            return _error(404, f"the model {echo(req.model)} does not exist; this server serves {name!r}",
                           "model_not_found", "model")
         if req.stream:
             return _error(400, "streaming is not supported; send stream=false", "unsupported_value", "stream")
         if req.n != 1:
             return _error(400, f"n={req.n} is not supported; only n=1", "unsupported_value", "n")
-        max_tokens = req.max_completion_tokens or req.max_tokens or 256
+        max_tokens = req.max_completion_tokens or req.max_tokens or max_tokens_limit
         if max_tokens > max_tokens_limit:
             return _error(400, f"max_tokens is {max_tokens}; the limit is {max_tokens_limit}", "too_large",
                           "max_tokens")
         messages = [m.model_dump() for m in req.messages]
         try:
-            done = backend.chat_batch([messages], max_tokens)[0]
+            done = backend.chat_batch([messages], max_tokens, max_time_s=time_limit_s)[0]
         except ValueError as err:  # e.g. the prompt is longer than the model accepts
             return _error(400, str(err), "invalid_value", "messages")
         except LLMError as err:

@@ -1,0 +1,27 @@
+"""The worker's intervention routes: steering, ablation on text, attribution (app/worker/interventions.py runs them)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from .. import interventions
+from ..batcher import Engine
+from ..wire import AblateOut, AttributeIn, AttributeOut, EditsIn, SteerIn, SteerOut
+
+
+def make_router(engine: Engine) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/steer", response_model=SteerOut, summary="steered and default continuations side by side")
+    async def steer(body: SteerIn) -> SteerOut:
+        return await interventions.steer(engine, body)
+
+    @router.post("/ablate", response_model=AblateOut, summary="per-token effect of editing features on the next token")
+    async def ablate(body: EditsIn) -> AblateOut:
+        return await interventions.ablate(engine, body)
+
+    @router.post("/attribute", response_model=AttributeOut, summary="features behind one next-token prediction")
+    async def attribute(body: AttributeIn) -> AttributeOut:
+        return await interventions.attribute(engine, body)
+
+    return router
