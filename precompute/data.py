@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import DEFAULT, cache_dir
-from .errors import UserError
+from .errors import NotFound, UserError
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def iter_texts(dataset: str, text_field: str = "text", split: str = "train") -> 
             raise UserError(f"dataset file {path} has suffix {path.suffix!r}; valid: .txt, .jsonl, .parquet")
         return
     if dataset.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"dataset file {dataset!r} does not exist")
+        raise NotFound(f"dataset file {dataset!r} does not exist")
     try:
         import datasets  # type: ignore
     except ImportError as err:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PACKAGE_DATA
-from .errors import UserError
+from .errors import NotFound, UserError
 
 log = logging.getLogger(__name__)
 
@@ -239,10 +239,10 @@ def fetch_release(res: ResolvedSAE) -> Path:
     try:
         root = Path(snapshot_download(res.repo_id, allow_patterns=[f"{res.path}/*"] if res.path else None))
     except Exception as err:  # offline, gated, missing: all end in the same recipe
-        raise FileNotFoundError(offline_message(res, err)) from err
+        raise NotFound(offline_message(res, err)) from err
     folder = root / res.path if res.path else root
     if not folder.exists():
-        raise FileNotFoundError(offline_message(res))
+        raise NotFound(offline_message(res))
     return folder
 
 

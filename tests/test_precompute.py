@@ -208,10 +208,10 @@ def dump(path: Path) -> dict:
 
 
 def test_interrupted_run_resumes_to_the_same_store(tmp_path, tiny_store, tiny_lm_dir, tiny_sae_dir, small_corpus, caplog):
-    from saescope.precompute.pipeline import PrecomputeSpec, run_precompute
+    from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
 
-    args = dict(out=tmp_path / "r.duckdb", model=str(tiny_lm_dir), sae=str(tiny_sae_dir), dataset=str(small_corpus),
-                sae_id="tiny", **TINY_ARGS)
+    args = dict(out=tmp_path / "r.duckdb", model=str(tiny_lm_dir), saes=[SAESpec(str(tiny_sae_dir), sae_id="tiny")],
+                dataset=str(small_corpus), **TINY_ARGS)
     with pytest.raises(KeyboardInterrupt):
         run_precompute(PrecomputeSpec(**args, on_event=interrupt_after("batch", batches=2)))
     assert not (tmp_path / "r.duckdb").exists(), "nothing is published before the run completes"
@@ -277,9 +277,9 @@ def test_kill_9_then_the_same_command_resumes(tmp_path, tiny_store, tiny_lm_dir,
 
 
 def test_changed_settings_refuse_to_resume(tmp_path, tiny_lm_dir, tiny_sae_dir, small_corpus):
-    from saescope.precompute.pipeline import PrecomputeSpec, run_precompute
+    from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
 
-    args = dict(out=tmp_path / "c.duckdb", model=str(tiny_lm_dir), sae=str(tiny_sae_dir), dataset=str(small_corpus),
+    args = dict(out=tmp_path / "c.duckdb", model=str(tiny_lm_dir), saes=[SAESpec(str(tiny_sae_dir))], dataset=str(small_corpus),
                 **TINY_ARGS)
     with pytest.raises(KeyboardInterrupt):
         run_precompute(PrecomputeSpec(**args, on_event=interrupt_after("batch", batches=1)))

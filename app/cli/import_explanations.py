@@ -27,16 +27,29 @@ def run(args: argparse.Namespace) -> int:
 
     from saescope.precompute.store.write import add_explanations
 
+    from saescope.precompute.errors import NotFound
+
+    if not args.file.is_file():
+        raise NotFound(f"{args.file}: no such file (a .json list or .jsonl of explanation records)")
     text = args.file.read_text(encoding="utf-8")
-    records = json.loads(text) if args.file.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
+    try:
+        records = (json.loads(text) if args.file.suffix == ".json"
+                   else [json.loads(line) for line in text.splitlines() if line.strip()])
+    except json.JSONDecodeError as err:
+        raise UserError(f"{args.file} is not valid JSON{'' if args.file.suffix == '.json' else ' lines'}: {err}") from err
     rows = []
-    for n, r in enumerate(records, 1):
+    for n, r in enumerate(records if isinstance(records, list) else [records], 1):
+        if not isinstance(r, dict):
+            raise UserError(f"{args.file} record {n}: expected an object with 'index' and 'description'")
         index = r.get("index", r.get("feature"))
         desc = r.get("description", r.get("text"))
         if index is None or desc is None:
             raise UserError(f"{args.file} record {n}: needs 'index' (or 'feature') and 'description' (or 'text'); "
-                             f"has {', '.join(r) or 'nothing'}")
-        rows.append((int(index), str(desc)))
+                            f"has {', '.join(r) or 'nothing'}")
+        try:
+            rows.append((int(index), str(desc)))
+        except ValueError as err:
+            raise UserError(f"{args.file} record {n}: index {index!r} is not a whole number") from err
     added = add_explanations(args.store, args.sae_id, rows, args.source or args.file.name, args.replace)
     print(f"added {added} explanations to {args.sae_id} in {args.store}")
     return 0

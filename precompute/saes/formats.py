@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import sae_class
+from ..errors import NotFound
 from .base import SAE, SAEConfig, SAEFormatError
 
 log = logging.getLogger(__name__)
@@ -269,14 +270,14 @@ def _from_hub(ref: str) -> Path:
     ref = ref.removeprefix("hf://")
     parts = ref.strip("/").split("/")
     if len(parts) < 2:
-        raise FileNotFoundError(f"SAE {ref!r} is neither a local path nor a hub reference 'owner/repo[/folder]'")
+        raise NotFound(f"SAE {ref!r} is neither a local path nor a hub reference 'owner/repo[/folder]'")
     repo_id, sub = "/".join(parts[:2]), "/".join(parts[2:])
     try:
         from huggingface_hub import snapshot_download
 
         root = Path(snapshot_download(repo_id, allow_patterns=[f"{sub}/*"] if sub else None))
     except Exception as err:
-        raise FileNotFoundError(
+        raise NotFound(
             f"could not fetch SAE {ref!r} from the Hugging Face hub ({type(err).__name__}); no network here? "
             "saescope reads SAEs from local folders too: pass --sae /path/to/folder (SAELens cfg.json + "
             "sae_weights.safetensors, sparsify cfg.json + sae.safetensors, Gemma Scope params.npz, or an OpenAI .pt)"
@@ -290,7 +291,7 @@ def load_sae(ref: str | Path, hook: str | None = None) -> SAE:
     release = None
     if not path.exists():
         if str(ref).startswith(("/", ".", "~")):
-            raise FileNotFoundError(f"SAE path {str(ref)!r} does not exist")
+            raise NotFound(f"SAE path {str(ref)!r} does not exist")
         from ..releases import fetch_release, looks_like_release, resolve_release
 
         if looks_like_release(str(ref)):  # RELEASE/SAE_ID from SAELens's registry of pretrained SAEs
