@@ -7,8 +7,21 @@ import numpy as np
 import torch
 
 from .data import special_mask
+from .errors import UserError
 from .models import HookedLM
 from .saes import SAE
+
+
+def check_d_in(lm: HookedLM, sae: SAE, hook: str | None = None, sae_name: str | None = None,
+               model_name: str | None = None) -> None:
+    """The one check that an SAE fits a model: UserError unless its d_in equals the width of `hook` (default: the
+    SAE's own hook). Precompute (pipeline.loading), the worker and the interventions call it."""
+    hook = hook or sae.cfg.hook_name
+    width = lm.hook_width(hook)
+    if sae.cfg.d_in != width:
+        raise UserError(f"SAE {sae_name or sae.cfg.hook_name!r} reads vectors of width d_in={sae.cfg.d_in}, but "
+                        f"{hook} of model {model_name or lm.name!r} has width {width}; pick the SAE trained on this "
+                        "model, or the model it was trained on")
 
 
 def encode_activations(sae: SAE, acts: torch.Tensor, special: torch.Tensor) -> torch.Tensor:

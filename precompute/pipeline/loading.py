@@ -1,8 +1,5 @@
-"""Loading a run's SAEs and model, with the checks that tie them together (`check_d_in`, SAE ids, prepend_bos).
-
-`check_d_in` is the one check that an SAE reads vectors as wide as the model's hook; the worker and the
-interventions import it too.
-"""
+"""Loading a run's SAEs and model, with the checks that tie them together (d_in through `encode.check_d_in`, the one
+such check, which the worker and the interventions call too; SAE ids; prepend_bos)."""
 
 from __future__ import annotations
 
@@ -11,23 +8,13 @@ from dataclasses import dataclass
 
 from ..config import DEFAULT
 from ..embedded import MODEL_ID, resolve_model, resolve_sae
+from ..encode import check_d_in
 from ..errors import UserError
 from ..models import HookedLM, load_model
 from ..saes import SAE, load_sae
 from .spec import PrecomputeSpec, SAESpec
 
 SAE_ID = re.compile(r"[A-Za-z0-9._-]+")
-
-
-def check_d_in(lm: HookedLM, sae: SAE, hook: str | None = None, sae_name: str | None = None,
-               model_name: str | None = None) -> None:
-    """UserError unless the SAE's d_in equals the width of `hook` (default: the SAE's own hook) in the model."""
-    hook = hook or sae.cfg.hook_name
-    width = lm.hook_width(hook)
-    if sae.cfg.d_in != width:
-        raise UserError(f"SAE {sae_name or sae.cfg.hook_name!r} reads vectors of width d_in={sae.cfg.d_in}, but "
-                        f"{hook} of model {model_name or lm.name!r} has width {width}; pick the SAE trained on this "
-                        "model, or the model it was trained on")
 
 
 @dataclass
