@@ -52,7 +52,7 @@ def paths(work: Path) -> tuple[Path, Path, Path]:
 
 
 # ---------------------------------------------------------------- build
-PHASES = [  # (phase name, regex of the log line that ENDS it), in the order precompute/run.py logs them
+PHASES = [  # (phase name, regex of the log line that ENDS it), in the order precompute/pipeline/ logs them
     ("load + stream (forward, encode, work cache)", r"streamed \d+ contexts"),
     ("examples/groups tables (feature ranges)", r"feature ranges built"),
     ("logit effects + neighbours + inserts + co-occurrence", r"co-occurrence: "),

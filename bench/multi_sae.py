@@ -29,19 +29,20 @@ def main() -> int:
 
     import torch
 
-    from saescope.precompute.run import PrecomputeArgs, SAESpec, run_precompute
+    from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
 
     specs = [SAESpec("default", f"blocks.{L}.hook_resid_post", f"demo-l{L}") for L in a.layers]
     common = dict(tokens=a.tokens, progress=False, verify_sample=0)
+    def timed(spec_kw) -> dict:
+        """Run precompute; its "finished" event's timings (load, stream, forward, publish seconds; tokens)."""
+        timings = {}
+        run_precompute(PrecomputeSpec(**spec_kw, **common,
+                                      on_event=lambda name, **info: timings.update(info) if name == "finished" else None))
+        return timings
+
     with tempfile.TemporaryDirectory() as tmp:
-        multi = PrecomputeArgs(out=Path(tmp) / "multi.duckdb", saes=specs, **common)
-        run_precompute(multi)
-        singles = []
-        for s in specs:
-            one = PrecomputeArgs(out=Path(tmp) / f"{s.sae_id}.duckdb", saes=[s], **common)
-            run_precompute(one)
-            singles.append(one.timings)
-    m = multi.timings
+        m = timed(dict(out=Path(tmp) / "multi.duckdb", saes=specs))
+        singles = [timed(dict(out=Path(tmp) / f"{s.sae_id}.duckdb", saes=[s])) for s in specs]
     sep = {k: sum(t[k] for t in singles) for k in ("forward", "stream", "publish")}
     ideal = sum(L + 1 for L in a.layers) / (max(a.layers) + 1)
     print(f"embedded default, {m['tokens']:,} tokens, SAEs at layers {a.layers}, {torch.get_num_threads()} threads")

@@ -60,7 +60,7 @@ def main() -> int:
     from saescope.precompute.embedded import resolve_model, resolve_sae
     from saescope.precompute.models import load_model
     from saescope.precompute.encode import encode_batch
-    from saescope.precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
     from saescope.precompute.saes import load_sae
 
     lm = load_model(resolve_model("default"), "cpu", "float32")
@@ -81,12 +81,12 @@ def main() -> int:
 
     bare_before = bare_pass()
     with tempfile.TemporaryDirectory() as tmp:
-        args = PrecomputeArgs(out=Path(tmp) / "b.duckdb", tokens=a.tokens, progress=False, sae=a.sae,
-                              dataset=a.dataset)
+        tm = {}
+        args = PrecomputeSpec(out=Path(tmp) / "b.duckdb", tokens=a.tokens, progress=False, saes=[SAESpec(a.sae)],
+                              dataset=a.dataset, on_event=lambda name, **info: tm.update(info) if name == "finished" else None)
         run_precompute(args)
         bare_after = bare_pass()
         bare = (bare_before + bare_after) / 2
-        tm = args.timings
         stream = tm["tokens"] / tm["stream"]
         e2e = tm["tokens"] / (tm["stream"] + tm["publish"])
         with Store(args.out) as s:

@@ -60,15 +60,15 @@ def main() -> int:
 
     import ray
 
-    from saescope.precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
 
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
-        common = dict(tokens=a.tokens, sae=a.sae, dataset=a.dataset, progress=False, feature_map=False,
+        common = dict(tokens=a.tokens, saes=[SAESpec(a.sae)], dataset=a.dataset, progress=False, feature_map=False,
                       verify_sample=0)
         one = Path(tmp) / "one.duckdb"
         t0 = time.time()
-        run_precompute(PrecomputeArgs(out=one, **common))
+        run_precompute(PrecomputeSpec(out=one, **common))
         t_one = time.time() - t0
 
         t0 = time.time()
@@ -76,7 +76,7 @@ def main() -> int:
         t_ray = time.time() - t0
         sharded = Path(tmp) / "sharded.duckdb"
         t0 = time.time()
-        run_precompute(PrecomputeArgs(out=sharded, shards=a.shards, **common))
+        run_precompute(PrecomputeSpec(out=sharded, shards=a.shards, **common))
         t_sharded = time.time() - t0
         ray.shutdown()
         print(f"{a.tokens:,} tokens, SAE {a.sae}, feature map off, no fp32 check")

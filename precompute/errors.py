@@ -4,7 +4,9 @@
     SaescopeError            the base: an expected failure with a readable message
       UserError (ValueError) bad input: names what was wrong and what is allowed
         UnknownSAE           an SAE id that is not there, with the valid ones
+        NotFound (also FileNotFoundError)  a given path or reference that is not there
       SetupError (RuntimeError)  the environment lacks something (a package, a model, a reachable cluster)
+        MissingSetup (also FileNotFoundError)  a file the installation should hold
 
 Store damage (`store.StoreError`), bad SAE files (`saes.SAEFormatError`), unloadable models (`models.ModelLoadError`)
 and LLM failures (`explain.LLMError`) are subclasses.
@@ -38,12 +40,13 @@ class SetupError(SaescopeError, RuntimeError):
     """Something the run needs is missing from the environment; the message names the fix."""
 
 
-class NotFound(SaescopeError, FileNotFoundError):
-    """A file, folder or package the user named (or a command needs) is not there; the message says how to get it."""
+class NotFound(UserError, FileNotFoundError):
+    """A path or reference that was given but is not there (a dataset file, an SAE, a hub folder offline)."""
 
 
-class MissingPackage(SetupError, FileNotFoundError):
-    """A package saescope needs for this command is not installed; the message gives the pip command."""
+class MissingSetup(SetupError, FileNotFoundError):
+    """A file the installation should hold is missing (e.g. the embedded model's package); the message says how to
+    install it."""
 
 
 class UnknownSAE(UserError):

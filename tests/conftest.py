@@ -149,28 +149,39 @@ def small_corpus(tmp_path_factory) -> Path:
     return out
 
 
+def interrupt_after(event: str, **when):
+    """An on_event callback that stops a precompute run as a Ctrl-C would, at the first `event` whose info reaches
+    every value of `when` (e.g. interrupt_after("batch", batches=2): right after the second committed batch)."""
+
+    def on_event(name: str, **info) -> None:
+        if name == event and all(info[k] >= v for k, v in when.items()):
+            raise KeyboardInterrupt
+
+    return on_event
+
+
 TINY_ARGS = dict(tokens=64 * 40, context_len=64, batch_size=8, top_k=5, n_intervals=4, per_interval=3,
                  n_quantiles=4, per_quantile=3, progress=False)
 
 
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory, tiny_lm_dir, tiny_sae_dir, small_corpus) -> Path:
-    from saescope.precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
 
     out = tmp_path_factory.mktemp("tinystore") / "tiny.duckdb"
-    run_precompute(PrecomputeArgs(out=out, model=str(tiny_lm_dir), sae=str(tiny_sae_dir), dataset=str(small_corpus),
-                                  sae_id="tiny", **TINY_ARGS))
+    run_precompute(PrecomputeSpec(out=out, model=str(tiny_lm_dir), saes=[SAESpec(str(tiny_sae_dir), sae_id="tiny")],
+                                  dataset=str(small_corpus), **TINY_ARGS))
     return out
 
 
 @pytest.fixture(scope="session")
 def demo_store(tmp_path_factory, default_model_dir) -> Path:
     """The embedded default (SmolLM2 + the committed demo SAE) over 16k tokens of the demo corpus."""
-    from saescope.precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.pipeline import PrecomputeSpec, run_precompute
 
     out = tmp_path_factory.mktemp("demostore") / "demo.duckdb"
     # no map here: tests of the map use the tiny store (same code path) and the demo SAE's real decoder rows
-    run_precompute(PrecomputeArgs(out=out, tokens=16_384, progress=False, feature_map=False))
+    run_precompute(PrecomputeSpec(out=out, tokens=16_384, progress=False, feature_map=False))
     return out
 
 

@@ -38,7 +38,7 @@ def text_contexts(tiny_lm_dir, small_corpus) -> list[np.ndarray]:
 @pytest.mark.parametrize("fmt, column", [("jsonl", "input_ids"), ("parquet", "tokens")])
 def test_pretokenized_input_gives_the_same_store_as_the_same_tokens_fed_as_text(
         fmt, column, text_contexts, tiny_store, tiny_lm_dir, tiny_sae_dir, tmp_path):
-    from saescope.precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
 
     src = tmp_path / f"tokens.{fmt}"
     if fmt == "jsonl":
@@ -47,8 +47,8 @@ def test_pretokenized_input_gives_the_same_store_as_the_same_tokens_fed_as_text(
         pq.write_table(pa.table({column: [c.tolist() for c in text_contexts]}), src)
     assert token_column(str(src)) == column
     out = tmp_path / "pretok.duckdb"
-    run_precompute(PrecomputeArgs(out=out, model=str(tiny_lm_dir), sae=str(tiny_sae_dir), dataset=str(src),
-                                  sae_id="tiny", **TINY_ARGS))
+    run_precompute(PrecomputeSpec(out=out, model=str(tiny_lm_dir), saes=[SAESpec(str(tiny_sae_dir), sae_id="tiny")],
+                                  dataset=str(src), **TINY_ARGS))
     for table, order in TABLES.items():
         assert _rows(out, table, order) == _rows(tiny_store, table, order), table
 

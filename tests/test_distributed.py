@@ -35,16 +35,16 @@ def local_ray():
 
 
 def args(out: Path, tiny_lm_dir, tiny_sae_dir, second_sae_dir, small_corpus, **kw):
-    from saescope.precompute.run import PrecomputeArgs, SAESpec
+    from saescope.precompute.pipeline import PrecomputeSpec, SAESpec
 
-    return PrecomputeArgs(out=out, model=str(tiny_lm_dir), dataset=str(small_corpus),
+    return PrecomputeSpec(out=out, model=str(tiny_lm_dir), dataset=str(small_corpus),
                           saes=[SAESpec(str(tiny_sae_dir), None, "tiny"), SAESpec(str(second_sae_dir), None, "relu")],
                           rows_per_range=300, **{**TINY_ARGS, **kw})
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, tiny_lm_dir, tiny_sae_dir, second_sae_dir, small_corpus) -> Path:
-    from saescope.precompute.run import run_precompute
+    from saescope.precompute.pipeline import run_precompute
 
     out = tmp_path_factory.mktemp("single") / "one.duckdb"
     return run_precompute(args(out, tiny_lm_dir, tiny_sae_dir, second_sae_dir, small_corpus))
@@ -52,7 +52,7 @@ def single(tmp_path_factory, tiny_lm_dir, tiny_sae_dir, second_sae_dir, small_co
 
 def test_sharded_on_ray_equals_one_process(local_ray, single, tmp_path, tiny_lm_dir, tiny_sae_dir, second_sae_dir,
                                            small_corpus, caplog):
-    from saescope.precompute.run import run_precompute
+    from saescope.precompute.pipeline import run_precompute
 
     caplog.set_level("INFO")
     out = tmp_path / "sharded.duckdb"
@@ -71,14 +71,15 @@ def test_a_sealed_shard_is_not_streamed_again(local_ray, single, tmp_path, tiny_
     """Shard 1 finished before the run was stopped: the rerun streams only shards 0 and 2 and equals the rest."""
     from saescope.precompute.embedded import resolve_model
     from saescope.precompute.models import load_model
-    from saescope.precompute.run import _load_saes, stream_shard
-    from saescope.precompute.store.spill import Plan, WorkDir
+    from saescope.precompute.pipeline.loading import load_saes
+    from saescope.precompute.pipeline.stream import stream_shard
+    from saescope.precompute.pipeline.workdir import Plan, WorkDir
 
     out = tmp_path / "resumed.duckdb"
     a = args(out, tiny_lm_dir, tiny_sae_dir, second_sae_dir, small_corpus, shards=3)
     # what run_precompute will plan, streamed for shard 1 here in this process
     lm = load_model(resolve_model(a.model), "cpu", "float32")
-    loaded = _load_saes(a, a.specs())
+    loaded = load_saes(a.saes)
     n_ctx = a.tokens // a.context_len
     fingerprint = {"model": str(tiny_lm_dir), "saes": [[x.path, x.hook] for x in loaded], "dataset": a.dataset,
                    "text_field": a.text_field, "contexts": n_ctx, "context_len": a.context_len,
@@ -89,7 +90,7 @@ def test_a_sealed_shard_is_not_streamed_again(local_ray, single, tmp_path, tiny_
     stream_shard(a, lm, loaded, plan, work, 1, True, progress=False)
     assert work.is_sealed(1) and not work.is_sealed(0)
 
-    from saescope.precompute.run import run_precompute
+    from saescope.precompute.pipeline import run_precompute
 
     caplog.set_level("INFO")
     run_precompute(a)
@@ -98,7 +99,7 @@ def test_a_sealed_shard_is_not_streamed_again(local_ray, single, tmp_path, tiny_
 
 
 def test_shard_plans_fall_on_batch_edges():
-    from saescope.precompute.store.spill import Plan
+    from saescope.precompute.pipeline.workdir import Plan
 
     p = Plan.make({}, n_ctx=41, context_len=64, batch_size=8, d_sae=[96], n_shards=3)
     assert p.shards[0][0] == 0 and p.shards[-1][1] == 41
@@ -109,7 +110,7 @@ def test_shard_plans_fall_on_batch_edges():
 
 
 def test_ray_without_shards_is_refused(tmp_path, tiny_lm_dir, tiny_sae_dir, second_sae_dir, small_corpus):
-    from saescope.precompute.run import run_precompute
+    from saescope.precompute.pipeline import run_precompute
 
     with pytest.raises(ValueError, match="--ray needs --shards"):
         run_precompute(args(tmp_path / "x.duckdb", tiny_lm_dir, tiny_sae_dir, second_sae_dir, small_corpus,
@@ -122,13 +123,15 @@ def test_sealed_parquet_partitions_features_by_bucket(tmp_path, tiny_lm_dir, tin
 
     from saescope.precompute.embedded import resolve_model
     from saescope.precompute.models import load_model
-    from saescope.precompute.run import PrecomputeArgs, _load_saes, stream_shard
-    from saescope.precompute.store.spill import Plan, WorkDir, bucket_width
+    from saescope.precompute.pipeline import PrecomputeSpec, SAESpec
+    from saescope.precompute.pipeline.loading import load_saes
+    from saescope.precompute.pipeline.stream import stream_shard
+    from saescope.precompute.pipeline.workdir import Plan, WorkDir, bucket_width
 
-    a = PrecomputeArgs(out=tmp_path / "p.duckdb", model=str(tiny_lm_dir), sae=str(tiny_sae_dir),
+    a = PrecomputeSpec(out=tmp_path / "p.duckdb", model=str(tiny_lm_dir), saes=[SAESpec(str(tiny_sae_dir))],
                        dataset=str(small_corpus), **TINY_ARGS)
     lm = load_model(resolve_model(a.model), "cpu", "float32")
-    loaded = _load_saes(a, a.specs())
+    loaded = load_saes(a.saes)
     plan = Plan.make({}, 40, a.context_len, a.batch_size, [96], 1)
     work = WorkDir(tmp_path / "w")
     work.open(plan)

@@ -69,7 +69,7 @@ def test_centred_logit_effects_and_the_map_are_stored(tiny_store, active_sets):
 
 @pytest.fixture(scope="module")
 def two_sae_store(tmp_path_factory, tiny_lm_dir, tiny_sae_dir, small_corpus):
-    from saescope.precompute.run import PrecomputeArgs, SAESpec, run_precompute
+    from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
     from saescope.precompute.saes import SAEConfig, load_sae, save_saelens
     from saescope.precompute.saes.topk import TopKSAE
 
@@ -85,7 +85,7 @@ def two_sae_store(tmp_path_factory, tiny_lm_dir, tiny_sae_dir, small_corpus):
     d = tmp_path_factory.mktemp("other")
     save_saelens(other, d)
     out = tmp_path_factory.mktemp("two") / "two.duckdb"
-    run_precompute(PrecomputeArgs(out=out, model=str(tiny_lm_dir), dataset=str(small_corpus),
+    run_precompute(PrecomputeSpec(out=out, model=str(tiny_lm_dir), dataset=str(small_corpus),
                                   saes=[SAESpec(str(tiny_sae_dir), None, "a"), SAESpec(str(d), None, "b")],
                                   **{**TINY_ARGS, "tokens": 64 * 8}, feature_map=False))
     return out, base, other

@@ -298,10 +298,10 @@ def test_wheel_installed_outside_the_checkout_precomputes_and_serves(tmp_path, t
     run(py, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel)
     assert (venv / "bin" / "saescope").exists()
     # every saescope module imports from the environment, none from the checkout; no generic names installed
-    where = run(py, "-c", "import importlib, saescope, saescope.app.cli, saescope.app.web.app, saescope.precompute.run;"
+    where = run(py, "-c", "import importlib, saescope, saescope.app.cli, saescope.app.web.app, saescope.precompute.pipeline.driver;"
                 "import saescope.app.web.templates as t, saescope.precompute.config as c;"
                 "print(*saescope.__path__, saescope.app.cli.__file__, saescope.app.web.app.__file__,"
-                "saescope.precompute.run.__file__, t.TEMPLATES, t.STATIC, c.PACKAGE_DATA, sep='\\n');"
+                "saescope.precompute.pipeline.driver.__file__, t.TEMPLATES, t.STATIC, c.PACKAGE_DATA, sep='\\n');"
                 "import importlib.util as u; print('generic:', u.find_spec('app'), u.find_spec('precompute'))").stdout
     lines = where.strip().splitlines()
     assert lines[-1] == "generic: None None", lines[-1]

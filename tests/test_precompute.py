@@ -18,7 +18,7 @@ import torch
 
 from saescope.precompute.store import Store
 from saescope.precompute.store.schema import priority
-from tests.conftest import TINY_ARGS
+from tests.conftest import TINY_ARGS, interrupt_after
 
 T = TINY_ARGS["context_len"]
 
@@ -208,20 +208,38 @@ def dump(path: Path) -> dict:
 
 
 def test_interrupted_run_resumes_to_the_same_store(tmp_path, tiny_store, tiny_lm_dir, tiny_sae_dir, small_corpus, caplog):
-    from saescope.precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
 
-    args = dict(out=tmp_path / "r.duckdb", model=str(tiny_lm_dir), sae=str(tiny_sae_dir), dataset=str(small_corpus),
-                sae_id="tiny", **TINY_ARGS)
+    args = dict(out=tmp_path / "r.duckdb", model=str(tiny_lm_dir), saes=[SAESpec(str(tiny_sae_dir), sae_id="tiny")],
+                dataset=str(small_corpus), **TINY_ARGS)
     with pytest.raises(KeyboardInterrupt):
-        run_precompute(PrecomputeArgs(**args, stop_after_batches=2))
+        run_precompute(PrecomputeSpec(**args, on_event=interrupt_after("batch", batches=2)))
     assert not (tmp_path / "r.duckdb").exists(), "nothing is published before the run completes"
     caplog.set_level("INFO")
-    run_precompute(PrecomputeArgs(**args))
+    run_precompute(PrecomputeSpec(**args))
     assert "resuming: 16 of 40 contexts already done" in caplog.text
     assert dump(tmp_path / "r.duckdb") == dump(tiny_store)
     assert not (tmp_path / "r.duckdb.work").exists()
 
 
+PAUSING_PRECOMPUTE = """
+import sys, time
+from saescope.app.cli import build_parser
+from saescope.app.cli.precompute import spec_from_args
+from saescope.precompute.pipeline import run_precompute
+
+def pause(name, **info):
+    if name == "batch" and info["batches"] == 12:
+        print("paused after 12 committed batches (for a test)", flush=True)
+        time.sleep(600)
+
+spec = spec_from_args(build_parser().parse_args(sys.argv[1:]))
+spec.on_event = pause
+run_precompute(spec)
+"""
+
+
+@pytest.mark.slow
 def test_kill_9_then_the_same_command_resumes(tmp_path, tiny_store, tiny_lm_dir, tiny_sae_dir, small_corpus):
     """A real SIGKILL of the CLI mid-stream; the rerun completes and equals the uninterrupted store."""
     out = tmp_path / "k.duckdb"
@@ -232,8 +250,10 @@ def test_kill_9_then_the_same_command_resumes(tmp_path, tiny_store, tiny_lm_dir,
     for name in ("n_intervals", "per_interval", "n_quantiles", "per_quantile"):
         cmd += ["--" + name.replace("_", "-"), str(TINY_ARGS[name])]
     env = dict(os.environ)
-    proc = subprocess.Popen(cmd, env={**env, "SAESCOPE_TEST_PAUSE_AFTER_BATCHES": "12"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    # the killed run: the same CLI parse and run, with an on_event that pauses after 12 committed batches, so that
+    # the kill -9 lands mid-stream on any machine
+    paused = [sys.executable, "-c", PAUSING_PRECOMPUTE, *cmd[3:]]
+    proc = subprocess.Popen(paused, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     seen = ""
     while time.time() < deadline:  # wait until 12 batches are committed (the run pauses there), then kill -9
@@ -257,26 +277,26 @@ def test_kill_9_then_the_same_command_resumes(tmp_path, tiny_store, tiny_lm_dir,
 
 
 def test_changed_settings_refuse_to_resume(tmp_path, tiny_lm_dir, tiny_sae_dir, small_corpus):
-    from saescope.precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
 
-    args = dict(out=tmp_path / "c.duckdb", model=str(tiny_lm_dir), sae=str(tiny_sae_dir), dataset=str(small_corpus),
+    args = dict(out=tmp_path / "c.duckdb", model=str(tiny_lm_dir), saes=[SAESpec(str(tiny_sae_dir))], dataset=str(small_corpus),
                 **TINY_ARGS)
     with pytest.raises(KeyboardInterrupt):
-        run_precompute(PrecomputeArgs(**args, stop_after_batches=1))
+        run_precompute(PrecomputeSpec(**args, on_event=interrupt_after("batch", batches=1)))
     with pytest.raises(ValueError, match="--restart"):
-        run_precompute(PrecomputeArgs(**{**args, "context_len": 32}))
-    run_precompute(PrecomputeArgs(**{**args, "context_len": 32}, restart=True))
+        run_precompute(PrecomputeSpec(**{**args, "context_len": 32}))
+    run_precompute(PrecomputeSpec(**{**args, "context_len": 32}, restart=True))
     with Store(tmp_path / "c.duckdb") as s:
         assert s.saes()[0].context_len == 32
 
 
 def test_two_saes_share_one_store(tmp_path, tiny_lm_dir, tiny_sae_dir, small_corpus):
-    from saescope.precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
 
     out = tmp_path / "two.duckdb"
     for sid in ("a", "b"):
-        run_precompute(PrecomputeArgs(out=out, model=str(tiny_lm_dir), sae=str(tiny_sae_dir), dataset=str(small_corpus),
-                                      sae_id=sid, **{**TINY_ARGS, "tokens": 64 * 8}))
+        run_precompute(PrecomputeSpec(out=out, model=str(tiny_lm_dir), saes=[SAESpec(str(tiny_sae_dir), sae_id=sid)],
+                                      dataset=str(small_corpus), **{**TINY_ARGS, "tokens": 64 * 8}))
     with Store(out) as s:
         assert [x.sae_id for x in s.saes()] == ["a", "b"]
         assert s.count_features("a") == s.count_features("b") == 96

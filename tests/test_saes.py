@@ -205,11 +205,11 @@ def test_folder_with_no_sae_names_the_formats(tmp_path):
 
 
 def test_d_in_mismatch_with_the_hook_is_explained(tmp_path, tiny_lm_dir):
-    from saescope.precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
 
     folder = write_saelens(tmp_path / "s", "standard", _rand())  # d_in 16, the tiny model has width 64
     with pytest.raises(ValueError, match="d_in=16.*has width 64"):
-        run_precompute(PrecomputeArgs(out=tmp_path / "x.duckdb", model=str(tiny_lm_dir), sae=str(folder), tokens=256,
+        run_precompute(PrecomputeSpec(out=tmp_path / "x.duckdb", model=str(tiny_lm_dir), saes=[SAESpec(str(folder))], tokens=256,
                                       progress=False))
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from saescope.precompute.store import Store
-from tests.conftest import TINY_ARGS
+from tests.conftest import TINY_ARGS, interrupt_after
 
 TABLES = ("features", "examples", "groups", "contexts", "explanations")
 
@@ -33,13 +33,13 @@ def rows(path: Path, sae_id: str) -> dict[str, list]:
 def two_runs(tmp_path_factory, tiny_store, tiny_lm_dir, tiny_sae_dir, second_sae_dir, small_corpus):
     """One 2-SAE run, and each SAE alone (separate single-SAE runs; the TopK one is the session's tiny_store),
     over the same tokens."""
-    from saescope.precompute.run import PrecomputeArgs, SAESpec, run_precompute
+    from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
 
     root = tmp_path_factory.mktemp("multi")
     common = dict(model=str(tiny_lm_dir), dataset=str(small_corpus), **TINY_ARGS)
     specs = [SAESpec(str(tiny_sae_dir), None, "tiny"), SAESpec(str(second_sae_dir), None, "relu")]
-    run_precompute(PrecomputeArgs(out=root / "multi.duckdb", saes=specs, **common))
-    relu = run_precompute(PrecomputeArgs(out=root / "relu.duckdb", sae=str(second_sae_dir), sae_id="relu", **common))
+    run_precompute(PrecomputeSpec(out=root / "multi.duckdb", saes=specs, **common))
+    relu = run_precompute(PrecomputeSpec(out=root / "relu.duckdb", saes=[SAESpec(str(second_sae_dir), sae_id="relu")], **common))
     return {"multi": root / "multi.duckdb", "single": {"tiny": tiny_store, "relu": relu}}
 
 
@@ -89,10 +89,10 @@ def test_activations_multi_stops_after_the_deepest_hook(tiny_lm_dir):
 
 def test_feature_ranges_give_the_same_tables(tmp_path, tiny_store, tiny_lm_dir, tiny_sae_dir, small_corpus):
     """Building tables in many small feature ranges (a few hundred activations each) changes no row."""
-    from saescope.precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
 
     out = tmp_path / "ranges.duckdb"
-    run_precompute(PrecomputeArgs(out=out, model=str(tiny_lm_dir), sae=str(tiny_sae_dir), sae_id="tiny",
+    run_precompute(PrecomputeSpec(out=out, model=str(tiny_lm_dir), saes=[SAESpec(str(tiny_sae_dir), sae_id="tiny")],
                                   dataset=str(small_corpus), rows_per_range=400, **TINY_ARGS))
     assert rows(out, "tiny") == rows(tiny_store, "tiny")
 
@@ -110,25 +110,26 @@ def test_feature_ranges_cut_by_row_count():
 
 def test_run_file_and_repeated_flags(tmp_path, tiny_sae_dir, second_sae_dir):
     from saescope.app.cli import build_parser
-    from saescope.precompute.run import PrecomputeArgs, SAESpec
+    from saescope.app.cli.precompute import spec_from_args
+    from saescope.precompute.pipeline import SAESpec
 
     toml = tmp_path / "run.toml"
     toml.write_text(f'[[sae]]\npath = "{tiny_sae_dir}"\nid = "a"\n\n[[sae]]\npath = "{second_sae_dir}"\n'
                     'hook = "blocks.2.hook_resid_post"\nid = "b"\n')
     want = [SAESpec(str(tiny_sae_dir), None, "a"), SAESpec(str(second_sae_dir), "blocks.2.hook_resid_post", "b")]
     p = build_parser()
-    a = PrecomputeArgs.from_namespace(p.parse_args(["precompute", "--out", "x.duckdb", "--run", str(toml)]))
-    assert a.specs() == want
+    a = spec_from_args(p.parse_args(["precompute", "--out", "x.duckdb", "--run", str(toml)]))
+    assert a.saes == want
     js = tmp_path / "run.json"
     js.write_text(json.dumps({"sae": [{"path": str(tiny_sae_dir), "id": "a"},
                                       {"path": str(second_sae_dir), "hook": "blocks.2.hook_resid_post", "id": "b"}]}))
-    assert PrecomputeArgs.from_namespace(p.parse_args(["precompute", "--out", "x", "--run", str(js)])).specs() == want
+    assert spec_from_args(p.parse_args(["precompute", "--out", "x", "--run", str(js)])).saes == want
     flags = ["precompute", "--out", "x", "--sae", str(tiny_sae_dir), "--sae", str(second_sae_dir),
              "--hook", "blocks.1.hook_resid_post", "--hook", "blocks.2.hook_resid_post", "--sae-id", "a", "--sae-id", "b"]
-    got = PrecomputeArgs.from_namespace(p.parse_args(flags)).specs()
+    got = spec_from_args(p.parse_args(flags)).saes
     assert got == [SAESpec(str(tiny_sae_dir), "blocks.1.hook_resid_post", "a"), want[1]]
     # one SAE, as before
-    one = PrecomputeArgs.from_namespace(p.parse_args(["precompute", "--out", "x", "--sae-id", "z"])).specs()
+    one = spec_from_args(p.parse_args(["precompute", "--out", "x", "--sae-id", "z"])).saes
     assert one == [SAESpec("default", None, "z")]
 
 
@@ -140,14 +141,14 @@ def test_run_file_and_repeated_flags(tmp_path, tiny_sae_dir, second_sae_dir):
 ])
 def test_bad_sae_lists_are_refused_readably(argv, match):
     from saescope.app.cli import build_parser
-    from saescope.precompute.run import PrecomputeArgs
+    from saescope.app.cli.precompute import spec_from_args
 
     with pytest.raises(ValueError, match=match):
-        PrecomputeArgs.from_namespace(build_parser().parse_args(["precompute", "--out", "x", *argv]))
+        spec_from_args(build_parser().parse_args(["precompute", "--out", "x", *argv]))
 
 
 def test_bad_run_files(tmp_path):
-    from saescope.precompute.run import load_run_file
+    from saescope.precompute.pipeline import load_run_file
 
     cases = {"a.toml": ("[[sae]]\nhook = 'x'\n", "needs a path"), "b.toml": ("[[sae]]\npath = 'p'\nlayer = 3\n", "unknown keys"),
              "c.json": ("{}", "lists no SAEs"), "d.yaml": ("sae: []", "unknown suffix"), "e.toml": ("[[sae", "could not be parsed")}
@@ -158,19 +159,19 @@ def test_bad_run_files(tmp_path):
 
 
 def test_same_sae_id_twice_is_refused(tmp_path, tiny_lm_dir, tiny_sae_dir, small_corpus):
-    from saescope.precompute.run import PrecomputeArgs, SAESpec, run_precompute
+    from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
 
     specs = [SAESpec(str(tiny_sae_dir), None, "same"), SAESpec(str(tiny_sae_dir), "blocks.0.hook_resid_post", "same")]
     with pytest.raises(ValueError, match="both be stored as same"):
-        run_precompute(PrecomputeArgs(out=tmp_path / "x.duckdb", model=str(tiny_lm_dir), saes=specs,
+        run_precompute(PrecomputeSpec(out=tmp_path / "x.duckdb", model=str(tiny_lm_dir), saes=specs,
                                       dataset=str(small_corpus), **TINY_ARGS))
 
 
 def test_bad_memory_limit_is_refused(tmp_path, tiny_lm_dir, tiny_sae_dir, small_corpus):
-    from saescope.precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
 
     with pytest.raises(ValueError, match="is not a size"):
-        run_precompute(PrecomputeArgs(out=tmp_path / "x.duckdb", model=str(tiny_lm_dir), sae=str(tiny_sae_dir),
+        run_precompute(PrecomputeSpec(out=tmp_path / "x.duckdb", model=str(tiny_lm_dir), saes=[SAESpec(str(tiny_sae_dir))],
                                       dataset=str(small_corpus), memory_limit="lots", **TINY_ARGS))
 
 
@@ -319,7 +320,7 @@ def test_sparse_features_in_token_slices_equal_one_slice(tiny_lm_dir, tiny_sae_d
 
     from saescope.precompute.data import iter_dataset_contexts, special_mask
     from saescope.precompute.models import load_model
-    from saescope.precompute.run import sparse_features
+    from saescope.precompute.pipeline.stream import sparse_features
     from saescope.precompute.saes import load_sae
 
     lm = load_model(str(tiny_lm_dir), "cpu", "float32")
@@ -346,19 +347,19 @@ def test_a_run_stopped_while_building_tables_resumes_at_the_next_range(tmp_path,
                                                                       small_corpus, caplog):
     """Ctrl-C after 3 feature ranges: the rerun streams nothing, builds only the other ranges, and the store
     equals an uninterrupted run with the same ranges."""
-    from saescope.precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
 
-    kw = dict(model=str(tiny_lm_dir), sae=str(tiny_sae_dir), sae_id="tiny", dataset=str(small_corpus),
+    kw = dict(model=str(tiny_lm_dir), saes=[SAESpec(str(tiny_sae_dir), sae_id="tiny")], dataset=str(small_corpus),
               rows_per_range=400, feature_map=False, **TINY_ARGS)
-    ref = run_precompute(PrecomputeArgs(out=tmp_path / "ref.duckdb", **kw))
+    ref = run_precompute(PrecomputeSpec(out=tmp_path / "ref.duckdb", **kw))
     out = tmp_path / "stopped.duckdb"
     with pytest.raises(KeyboardInterrupt):
-        run_precompute(PrecomputeArgs(out=out, stop_after_ranges=3, **kw))
+        run_precompute(PrecomputeSpec(out=out, on_event=interrupt_after("range", index=3), **kw))
     assert not out.exists()
     done = sorted(p.name for p in (tmp_path / "stopped.duckdb.work" / "tables" / "sae-0").iterdir())
     assert len(done) == 3 and not any(n.endswith(".tmp") for n in done)
     caplog.set_level("INFO")
-    run_precompute(PrecomputeArgs(out=out, **kw))
+    run_precompute(PrecomputeSpec(out=out, **kw))
     n_ranges = int(caplog.text.split("building per-feature tables: ")[1].split(" ")[0])
     assert f"{n_ranges} feature range(s), {n_ranges - 3} to do" in caplog.text and n_ranges > 3
     assert "resuming: 40 of 40 contexts already done" in caplog.text

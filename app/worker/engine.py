@@ -7,8 +7,9 @@ import logging
 from pathlib import Path
 
 from saescope.precompute.embedded import resolve_model, resolve_sae
+from saescope.precompute.encode import check_d_in
 from saescope.precompute.models import dtype_name, load_model
-from saescope.precompute.saes import check_d_in, load_sae
+from saescope.precompute.saes import load_sae
 from saescope.precompute.errors import UserError
 from saescope.precompute.store import Store
 
@@ -26,7 +27,7 @@ def build_engine(model: str, saes: dict[str, str], hooks: dict[str, str | None],
     loaded = {}
     for sae_id, ref in saes.items():
         sae = load_sae(ref, hooks.get(sae_id))
-        check_d_in(sae, lm.hook_width(sae.cfg.hook_name), sae.cfg.hook_name, model, sae_id)
+        check_d_in(lm, sae, sae_name=sae_id, model_name=model)
         loaded[sae_id] = sae.to(lm.device)
     return Engine(lm, loaded, max_prompt_tokens, max_batch, batch_wait_ms, max_queue, timeout_s)
 

@@ -1,5 +1,6 @@
-"""The store: the only package that imports duckdb. The server reads through `Store`; precompute spills
-activations through `spill.ShardWriter` and writes the store through `write.build_range` and `StoreBuilder`."""
+"""The store: the only package that imports duckdb. The server reads through `Store`; the precompute
+pipeline (precompute/pipeline/, whose working directory holds the streamed activations) writes the store through
+`write.build_range` and `StoreBuilder`."""
 
 from ..errors import UnknownSAE
 from .read import Example, Explanation, Feature, FeatureRow, Group, SAEInfo, SearchHit, Store, StoreError

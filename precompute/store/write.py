@@ -1,6 +1,6 @@
 """Writing: the table builder over a run's sealed activations, and the published store.
 
-While precompute streams, spill.py keeps the activations (crash-safe, resumable) and seals them into Parquet
+While precompute streams, pipeline/workdir.py keeps the activations (crash-safe, resumable) and seals them into Parquet
 partitioned by feature bucket. Then `build_range` turns one feature range's activations into that range's
 dashboard tables (exact SQL, out-of-core, in a fresh DuckDB each time), and `StoreBuilder` assembles the ranges,
 the weights-only tables and the provenance into a temporary copy of the store that replaces the store with an
@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,30 @@ class SparseActs:
     pos: np.ndarray  # (N,) int16
     feature: np.ndarray  # (N,) int32
     value: np.ndarray  # (N,) float32
+
+
+@dataclass
+class FeatureStats:
+    """One SAE's per-feature statistics, gathered from its feature ranges (`StoreBuilder.put_range`) and the
+    contexts (`put_contexts`), written as the features table (`put_features`)."""
+
+    n: np.ndarray  # (d_sae,) float64: active token positions
+    mx: np.ndarray  # (d_sae,) float64: largest activation
+    mn: np.ndarray  # (d_sae,) float64: smallest nonzero activation
+    mean: np.ndarray  # (d_sae,) float64: mean nonzero activation
+    hist: np.ndarray  # (d_sae, hist_bins) int64: activation histogram between mn and mx
+    top_tokens: dict[int, list[int]] = field(default_factory=dict)  # feature -> its most frequent active token ids
+    used_ctx: list[np.ndarray] = field(default_factory=list)  # int32 context ids the examples show, per range
+    n_ctx: int = 0  # contexts streamed
+    n_counted: int = 0  # token positions counted (special tokens excluded)
+
+    @classmethod
+    def empty(cls, d_sae: int, hist_bins: int) -> "FeatureStats":
+        n, mx, mn, mean = (np.zeros(d_sae, dtype=np.float64) for _ in range(4))
+        return cls(n, mx, mn, mean, np.zeros((d_sae, hist_bins), dtype=np.int64))
+
+    def used_contexts(self) -> np.ndarray:
+        return np.concatenate(self.used_ctx) if self.used_ctx else np.zeros(0, np.int32)
 
 
 UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -92,7 +116,7 @@ def _sql_list(paths: list[str]) -> str:
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """What the table builder keeps per feature (PrecomputeArgs' fields of the same names)."""
+    """What the table builder keeps per feature (PrecomputeSpec's fields of the same names)."""
 
     context_len: int
     top_k: int
@@ -237,8 +261,8 @@ class StoreBuilder:
         _run(self.con, VOCAB.insert_sql("v"))
         self.con.unregister("v")
 
-    def put_range(self, sae_id: str, folder: Path, acc: dict[str, Any]) -> None:
-        """Copy one feature range's finished tables (build_range's folder) into the store; fill acc's arrays."""
+    def put_range(self, sae_id: str, folder: Path, stats: FeatureStats) -> None:
+        """Copy one feature range's finished tables (build_range's folder) into the store; fill in its statistics."""
         con = self.con
         ex, grp = _sql_str(folder / "examples.parquet"), _sql_str(folder / "groups.parquet")
         cols = EXAMPLES.select_list().removeprefix("sae_id, ")
@@ -251,13 +275,13 @@ class StoreBuilder:
                          ).fetchnumpy()
         idx = st["feature"].astype(np.int64)
         for k in ("n", "mx", "mn", "mean"):
-            acc[k][idx] = np.asarray(st[k], dtype=np.float64)
+            getattr(stats, k)[idx] = np.asarray(st[k], dtype=np.float64)
         h = con.execute(f"SELECT feature, bin, n FROM read_parquet({_sql_str(folder / 'hist.parquet')})").fetchnumpy()
-        np.add.at(acc["hist"], (h["feature"].astype(np.int64), h["bin"].astype(np.int64)), h["n"].astype(np.int64))
+        np.add.at(stats.hist, (h["feature"].astype(np.int64), h["bin"].astype(np.int64)), h["n"].astype(np.int64))
         for fe, tt in con.execute(f"SELECT feature, tokens FROM read_parquet({_sql_str(folder / 'top.parquet')})").fetchall():
-            acc["top_tokens"][int(fe)] = list(tt)
+            stats.top_tokens[int(fe)] = list(tt)
         used = con.execute(f"SELECT DISTINCT ctx_id FROM read_parquet({ex})").fetchnumpy()["ctx_id"]
-        acc["used_ctx"].append(np.asarray(used, dtype=np.int32))
+        stats.used_ctx.append(np.asarray(used, dtype=np.int32))
 
     def put_contexts(self, sae_id: str, ctx_files: list[str], used: np.ndarray) -> tuple[int, int]:
         """The token ids of the contexts the SAE's examples show; returns (contexts streamed, tokens counted)."""
@@ -290,24 +314,24 @@ class StoreBuilder:
     def set_verify(self, sae_id: str, result: dict[str, Any]) -> None:
         _run(self.con, "UPDATE saes SET verify = ? WHERE sae_id = ?", [json.dumps(result, default=str), sae_id])
 
-    def put_features(self, sae_id: str, stats: dict[str, Any], logits: dict[str, np.ndarray],
+    def put_features(self, sae_id: str, stats: FeatureStats, logits: dict[str, np.ndarray],
                      neighbours: tuple[np.ndarray, np.ndarray], cooc: tuple[np.ndarray, np.ndarray] | None = None,
                      coords: np.ndarray | None = None) -> None:
         """cooc: (ids, jaccard) (d_sae, n) with id -1 for padding; coords: (d_sae, 2) map positions."""
-        d_sae = len(stats["n"])
-        n_counted = max(1, stats["n_counted"])
-        active = stats["n"] > 0
+        d_sae = len(stats.n)
+        n_counted = max(1, stats.n_counted)
+        active = stats.n > 0
         cols = {
             "sae_id": pa.array([sae_id] * d_sae),
             "feature": pa.array(np.arange(d_sae, dtype=np.int32)),
-            "n_active": pa.array(stats["n"].astype(np.int64)),
-            "density": pa.array(stats["n"] / n_counted),
-            "max_act": pa.array(stats["mx"].astype(np.float32)),
-            "mean_act": pa.array(stats["mean"].astype(np.float32)),
-            "hist_lo": pa.array(np.where(active, stats["mn"], 0).astype(np.float32)),
-            "hist_hi": pa.array(np.where(active, stats["mx"], 0).astype(np.float32)),
-            "hist": _list_col([list(map(int, r)) for r in stats["hist"]], pa.int32()),
-            "top_token_ids": _list_col([stats["top_tokens"].get(i, []) for i in range(d_sae)], pa.int32()),
+            "n_active": pa.array(stats.n.astype(np.int64)),
+            "density": pa.array(stats.n / n_counted),
+            "max_act": pa.array(stats.mx.astype(np.float32)),
+            "mean_act": pa.array(stats.mean.astype(np.float32)),
+            "hist_lo": pa.array(np.where(active, stats.mn, 0).astype(np.float32)),
+            "hist_hi": pa.array(np.where(active, stats.mx, 0).astype(np.float32)),
+            "hist": _list_col([list(map(int, r)) for r in stats.hist], pa.int32()),
+            "top_token_ids": _list_col([stats.top_tokens.get(i, []) for i in range(d_sae)], pa.int32()),
             "logit_pos_ids": _list_col(logits["pos_ids"].tolist(), pa.int32()),
             "logit_pos_vals": _list_col(logits["pos_vals"].tolist(), pa.float32()),
             "logit_neg_ids": _list_col(logits["neg_ids"].tolist(), pa.int32()),

@@ -1,0 +1,61 @@
+"""`saescope demo`: the embedded default end to end (convert, precompute, serve)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from saescope.precompute.config import EMBEDDED, PRECOMPUTE
+
+from ..settings import SERVE, WORKER
+
+NAME = "demo"
+HELP = "embedded default end to end: convert, precompute, serve (prints the URL)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=EMBEDDED.store, help="store path")
+    p.add_argument("--tokens", type=int, default=PRECOMPUTE.tokens, help="tokens to precompute over")
+    p.add_argument("--port", type=int, default=SERVE.port, help="dashboard port")
+    p.add_argument("--host", default=SERVE.host, help="dashboard host")
+    p.add_argument("--worker-port", type=int, default=WORKER.port, help="port of the child model worker")
+    p.add_argument("--no-serve", action="store_true", help="stop after precompute (print the first features)")
+
+
+def _demo_store_is_current(out: Path, tokens: int) -> bool:
+    from saescope.precompute.store import Store, StoreError
+
+    if not out.exists():
+        return False
+    try:
+        with Store(out) as store:
+            return any(s.n_tokens == tokens // PRECOMPUTE.context_len * PRECOMPUTE.context_len
+                       and s.sae_path == str(EMBEDDED.sae_dir) for s in store.saes())
+    except StoreError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    from saescope.precompute.pipeline import PrecomputeSpec, run_precompute
+    from saescope.precompute.store import Store
+
+    from .serve import EXPOSED
+    from ._common import warn_if_exposed
+
+    if _demo_store_is_current(args.out, args.tokens):
+        print(f"using the existing demo store {args.out} (delete it to rebuild)")
+    else:
+        run_precompute(PrecomputeSpec(out=args.out, tokens=args.tokens))
+    with Store(args.out) as store:
+        sae = store.saes()[0]
+        print(f"\n{sae.sae_id}: {sae.d_sae:,} features over {sae.n_tokens:,} tokens, dead {100 * sae.dead_share:.1f}%; "
+              "the first live features:")
+        for row in store.features(sae.sae_id, sort="index", limit=5, dead=False):
+            print(f"  feature {row.index:>5}  max {row.max_act:7.2f}  density {row.density:.4f}  top tokens: "
+                  + ", ".join(repr(t) for t in row.top_tokens[:6]))
+    if args.no_serve:
+        return 0
+    from ..web.launch import serve_store
+
+    warn_if_exposed(args.host, EXPOSED.format(host=args.host))
+    return serve_store(args.out, host=args.host, port=args.port, start_worker=True, worker_port=args.worker_port)

@@ -1,0 +1,133 @@
+"""Publishing: the built feature ranges, the weights-only tables (logit effects, neighbours, cross-SAE matches),
+co-occurrence, the feature map and the provenance row of every SAE, assembled by StoreBuilder into OUT.tmp and
+renamed over OUT only when complete (after the fp32 spot check of a few contexts)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..config import PRECOMPUTE
+from ..logits import LOGIT_METHOD, logit_effects, nearest_features
+from ..models import HookedLM, load_model
+from ..store.write import FeatureStats, StoreBuilder, read_active
+from ..tokens import token_strings
+from .executors import LoadedRun
+from .loading import LoadedSAE
+from .spec import PrecomputeSpec
+from .tables import RangeJob, peak_rss
+from .workdir import WorkDir
+
+log = logging.getLogger(__name__)
+P = PRECOMPUTE
+
+
+def publish(spec: PrecomputeSpec, run: LoadedRun, model_label: str, model_path: str, work: WorkDir,
+            jobs: list[RangeJob], prepend: bool) -> None:
+    """Write the store from the built ranges (jobs) and the weights; atomically replaces spec.out."""
+    lm, loaded = run.lm, run.saes
+    # weights-only tables first, while no DuckDB connection holds memory: peak = max(torch, DuckDB), not the sum
+    from_weights = [_from_weights(lm, x) for x in loaded]
+    builder = StoreBuilder(spec.out, spec.memory_limit, temp_dir=work.root / "spill")
+    try:
+        builder.put_vocab(model_label, token_strings(lm.tokenizer))
+        for i, (x, (logits, neighbours)) in enumerate(zip(loaded, from_weights)):
+            _publish_one(spec, builder, lm, x, i, model_label, model_path, work, [j for j in jobs if j.i == i],
+                         prepend, logits, neighbours)
+        _cross_matches(builder, loaded)
+        if spec.verify_sample > 0:
+            _verify_before_publish(spec, builder, lm, loaded, model_path)
+        builder.publish()
+    except BaseException:
+        builder.abort()
+        raise
+
+
+def _cross_matches(builder: StoreBuilder, loaded: list[LoadedSAE], n: int = 5) -> None:
+    """For every pair of this run's SAEs of the same width: each feature's nearest decoder directions in the other."""
+    from ..compare import nearest_across
+
+    for x in loaded:
+        for y in loaded:
+            if x is not y and x.sae.cfg.d_in == y.sae.cfg.d_in:
+                m = nearest_across(x.sae.W_dec.detach().cpu().float(), y.sae.W_dec.detach().cpu().float(), n=n)
+                builder.put_cross(x.sae_id, y.sae_id, np.asarray(m.ids), np.asarray(m.cos))
+
+
+def _from_weights(lm: HookedLM, x: LoadedSAE) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Logit effects and decoder-cosine neighbours of one SAE (small (d_sae, n) arrays)."""
+    W_dec = x.sae.W_dec.detach().cpu()
+    if x.sae.cfg.normalize_activations != "none":
+        log.info("the SAE normalizes its input; logit effects use the raw decoder directions")
+    logits = logit_effects(W_dec, lm.unembedding().cpu(), lm.final_norm_gain(), n=P.n_logits)
+    return logits, nearest_features(W_dec, n=P.n_neighbours)
+
+
+def _publish_one(spec: PrecomputeSpec, builder: StoreBuilder, lm: HookedLM, x: LoadedSAE, i: int, model_label: str,
+                 model_path: str, work: WorkDir, jobs: list[RangeJob], prepend: bool, logits: dict[str, np.ndarray],
+                 neighbours: tuple[np.ndarray, np.ndarray]) -> None:
+    sae, sae_id = x.sae, x.sae_id
+    d_sae = sae.cfg.d_sae
+    builder.replace_sae(sae_id)
+    stats = FeatureStats.empty(d_sae, spec.hist_bins)
+    for job in jobs:  # ranges ascend: rows go in sorted by feature (zone maps serve the pages)
+        builder.put_range(sae_id, job.folder, stats)
+    stats.n_ctx, stats.n_counted = builder.put_contexts(sae_id, work.context_files(), stats.used_contexts())
+    cooc = coords = None
+    if spec.cooccurrence:
+        from ..cooccur import cooccurrence_from_chunks
+
+        read = read_active(work.all_act_files(i), spec.context_len, spec.memory_limit, work.root / "spill")
+        c = cooccurrence_from_chunks(read, stats.n_ctx * spec.context_len, d_sae, n=P.n_neighbours,
+                                     temp_dir=work.root)
+        cooc = (c.ids, c.jaccard)
+        log.info("co-occurrence of %s done (peak memory so far %s)", sae_id, peak_rss())
+    if spec.feature_map:
+        from ..featuremap import build_feature_map
+
+        log.info("building the feature map of %s (UMAP of %d decoder directions)", sae_id, sae.cfg.d_sae)
+        live = stats.n > 0
+        coords = build_feature_map(sae.W_dec.detach().cpu().float().numpy(),
+                                   mask=live if live.sum() >= P.map_min_live else None)
+    builder.put_features(sae_id, stats, logits, neighbours, cooc, coords)
+    density = stats.n / max(1, stats.n_counted)
+    live = density[density > 0]
+    edges = (-7.0, 0.0)
+    hist = np.histogram(np.log10(live), bins=30, range=edges)[0] if len(live) else np.zeros(30, int)
+    builder.put_sae({
+        "sae_id": sae_id, "model_id": model_label, "model_path": model_path, "model_key": model_label,
+        "sae_path": x.path, "hook": x.hook, "architecture": sae.cfg.architecture,
+        "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "dataset": spec.dataset,
+        "n_tokens": stats.n_ctx * spec.context_len, "n_contexts": stats.n_ctx, "n_counted": stats.n_counted,
+        "context_len": spec.context_len, "prepend_bos": prepend, "config": sae.cfg.to_dict(),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "saescope_version": __version__, "logit_method": LOGIT_METHOD,
+        "dead_share": float((density == 0).mean()), "density_hist": [int(v) for v in hist],
+        "density_hist_lo": edges[0], "density_hist_hi": edges[1],
+        "params": {"top_k": spec.top_k, "n_intervals": spec.n_intervals, "per_interval": spec.per_interval,
+                   "n_quantiles": spec.n_quantiles, "per_quantile": spec.per_quantile,
+                   "hist_bins": spec.hist_bins, "device": lm.device, "dtype": str(lm.dtype),
+                   "special_tokens_excluded": True,
+                   "special_token_ids": sorted(int(t) for t in lm.tokenizer.all_special_ids)},
+        "verify": None,
+    })
+
+
+def _verify_before_publish(spec: PrecomputeSpec, builder: StoreBuilder, lm: HookedLM, loaded: list[LoadedSAE],
+                           model_path: str) -> None:
+    """Re-encode a few stored contexts with the fp32 reference path and record the result in the saes rows."""
+    from ..verify import reference_copy, verify_sample
+
+    ref_lm = lm if lm.device == "cpu" and lm.dtype == torch.float32 else load_model(model_path, "cpu", "float32")
+    for x in loaded:
+        ref_sae = reference_copy(x.sae)
+        result = verify_sample(builder, ref_lm, ref_sae, x.sae_id, x.hook, spec.verify_sample)  # command names {store}
+        del result["date"]  # it ran while the tables were built: the reader reports the row's `created` as its date
+        builder.set_verify(x.sae_id, result)
+        log.info("verified %s: %s = %.2g (%s); %d contexts, %d positions, %d zero/nonzero mismatches", x.sae_id,
+                 result["metric"], result[result["metric"]], result["bound"], result["contexts"], result["positions"],
+                 result["mismatches"])
