@@ -20,6 +20,7 @@ class ServeSettings:
     max_page_size: int = 500
     search_page_size: int = 25
     max_search_page_size: int = 200
+    max_page: int = 1_000_000  # largest page number of a list or search (bounds the store's row offsets)
     max_query_chars: int = 200
     show_left: int = 24  # tokens shown left of an example's marked token by default
     show_right: int = 8
@@ -53,6 +54,7 @@ class WorkerSettings:
     max_k: int = 200
     # interventions (steering, ablation, attribution)
     max_edits: int = 8  # feature edits in one request
+    max_edit_chars: int = 40  # one URL edit FEATURE:MODE:VALUE (e.g. 123:clamp:-12.5e-3)
     max_new_tokens: int = 64  # tokens one steering request may generate
     default_new_tokens: int = 32
     generation_time_s: float = 20.0  # a steered generation stops after this long (the answer says so)
