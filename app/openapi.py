@@ -16,11 +16,10 @@ def dashboard_doc() -> dict:
     from fastapi import FastAPI
 
     from .settings import VERSION
-    from .web import api, live, maps, pages
-    from .web.app import DESCRIPTION
+    from .web.app import DESCRIPTION, ROUTERS
 
     app = FastAPI(title="saescope", version=VERSION, description=DESCRIPTION)
-    for r in (pages.router, live.router, api.router, maps.router):
+    for r in ROUTERS:
         app.include_router(r)
     return app.openapi()
 

@@ -21,6 +21,7 @@ class ServeSettings:
     max_page_size: int = 500
     search_page_size: int = 25
     max_search_page_size: int = 200
+    max_page: int = 1_000_000  # largest page number of a list or search (bounds the store's row offsets)
     max_query_chars: int = 200
     show_left: int = 24  # tokens shown left of an example's marked token by default
     show_right: int = 8
@@ -55,6 +56,7 @@ class WorkerSettings:
     max_token_k: int = 100  # features per token of /token_features
     # interventions (steering, ablation, attribution): the limits are precompute.config.LIMITS, enforced there
     max_edits: int = LIMITS.max_edits  # feature edits in one request
+    max_edit_chars: int = 40  # one URL edit FEATURE:MODE:VALUE (e.g. 123:clamp:-12.5e-3), parsed by app/web/edits.py
     max_new_tokens: int = LIMITS.max_new_tokens  # tokens one steering request may generate
     default_new_tokens: int = LIMITS.default_new_tokens
     generation_time_s: float = LIMITS.generation_time_s  # a generation stops after this long (the answer says so)

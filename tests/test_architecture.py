@@ -157,12 +157,12 @@ def test_serving_defaults_are_written_once():
 
 def test_every_route_declares_whether_it_is_cached():
     """Pages of precomputed data opt in with @cacheable; live routes never do."""
-    from saescope.app.web import api, live, pages
+    from saescope.app.web import api, live, live_api, pages
 
     cached = {r.path for router in (pages.router, api.router) for r in router.routes
               if getattr(r.endpoint, "cacheable", False)}
     assert {"/", "/sae/{sae_id}", "/sae/{sae_id}/feature/{index}", "/sae/{sae_id}/search"} <= cached
-    assert not any(getattr(r.endpoint, "cacheable", False) for r in live.router.routes)
+    assert not any(getattr(r.endpoint, "cacheable", False) for r in (*live.router.routes, *live_api.router.routes))
     assert "/sae/{sae_id}/random" not in cached
 
 

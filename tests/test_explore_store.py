@@ -113,3 +113,87 @@ def test_cross_sae_matches_equal_a_brute_force_cosine(two_sae_store):
     assert page.status_code == 200 and page.text.count("mutual") >= 35
     assert 'id="other-saes"' in client.get("/sae/a/feature/3").text
     assert client.get("/sae/a/compare/zzz").status_code == 404
+
+
+# ---------------------------------------------------------------- the feature page and its JSON twin
+import html as _html  # noqa: E402
+import re  # noqa: E402
+
+# every <h2> of the feature page -> the JSON keys holding what it shows (None: a live form, no stored data).
+# A new section on the page fails this test until its data is in the JSON too.
+SECTION_KEYS = {"Top activations": ["top_examples"], "Samples across the range": ["intervals", "quantiles"],
+                "Try your own text": None, "Map neighbourhood": ["map_neighbourhood"], "Steer with this feature": None,
+                "Nearest features": ["neighbours"], "Co-occurring features": ["cooc"],
+                "In the other SAEs": ["other_saes"], "Provenance": ["sae_id"]}
+
+
+def _section(page: str, start: str) -> str:
+    i = page.index(start)
+    return page[i: page.index("</section>", i)]
+
+
+def _links(block: str, sae: str) -> list[int]:
+    return [int(j) for j in re.findall(rf'href="/sae/{sae}/feature/(\d+)"', block)]
+
+
+def check_feature_twins(client: TestClient, sae: str, index: int) -> dict:
+    """The feature page and /api/saes/{sae}/features/{index} show the same data, section by section."""
+    page = client.get(f"/sae/{sae}/feature/{index}?samples=interval").text
+    j = client.get(f"/api/saes/{sae}/features/{index}").json()
+    for h2 in re.findall(r"<h2>([^<]+)", page):
+        assert h2.strip() in SECTION_KEYS, f"section {h2!r} on the page has no JSON twin"
+        for key in SECTION_KEYS[h2.strip()] or ():
+            assert key in j, (h2, key)
+    assert page.count('<li class="ex">', page.index('id="top-examples"'), page.index('id="samples"')) \
+        == len(j["top_examples"])
+    for table, raw, centred in (("logit-pos", "logit_pos", "logit_pos_centred"),
+                                ("logit-neg", "logit_neg", "logit_neg_centred")):
+        block = page[page.index(f'<table id="{table}"'): page.index("</table>", page.index(f'<table id="{table}"'))]
+        shown = re.findall(r'<td class="num">([^<]+)</td><td class="num (?:pos|neg)">([^<]+)</td>', block)
+        assert shown == [(f"{v:+.3f}", f"{c:+.3f}") for (_, v), (_, c) in zip(j[raw], j[centred])]
+        assert [c for _, c in j[centred]] == pytest.approx([v - j["logit_mean"] for _, v in j[raw]], abs=1e-6)
+    near = _section(page, "<h2>Nearest features")
+    assert _links(near, sae) == [n for n, _ in j["neighbours"]]
+    if j["cooc"]:
+        co = _section(page, 'id="cooccurring"')
+        assert _links(co, sae) == [n for n, _ in j["cooc"]]
+        assert re.findall(r'muted">(\d\.\d{3})<', co) == [f"{s:.3f}" for _, s in j["cooc"]]
+    if j["other_saes"]:
+        other = _section(page, 'id="other-saes"')
+        for o in j["other_saes"]:
+            assert _links(other, o["sae_id"]) == [n for n, _ in o["matches"]]
+    else:
+        assert 'id="other-saes"' not in page
+    if j["map_neighbourhood"]:
+        m = j["map_neighbourhood"]
+        block = _section(page, '<section class="map-near">')
+        assert _links(block, sae) == [p["index"] for p in m["points"]] and m["points"][-1]["me"]
+        assert _html.escape(m["map_url"]) in block
+        drawn = re.findall(r'<circle cx="([^"]+)" cy="([^"]+)"', block)
+        assert [(float(x), float(y)) for x, y in drawn] == [(p["cx"], p["cy"]) for p in m["points"]]
+    else:
+        assert 'class="map-near"' not in page
+    return j
+
+
+def test_feature_json_carries_every_section_of_the_page(tiny_store):
+    client = TestClient(create_app(tiny_store))
+    live = [r["index"] for r in client.get("/api/saes/tiny/features?show=live&size=3").json()["features"]]
+    for f in live:
+        j = check_feature_twins(client, "tiny", f)
+        assert j["cooc"] and j["map_neighbourhood"] and j["map_xy"] is not None  # the tiny store has both
+        with Store(tiny_store) as s:
+            feat = s.feature("tiny", f)
+        assert [tuple(c) for c in j["cooc"]] == [(a, pytest.approx(b)) for a, b in feat.cooc]
+
+
+def test_feature_json_carries_the_cross_sae_matches(two_sae_store):
+    out, a, b = two_sae_store
+    client = TestClient(create_app(out))
+    A = torch.nn.functional.normalize(a.W_dec.detach().float(), dim=-1)
+    B = torch.nn.functional.normalize(b.W_dec.detach().float(), dim=-1)
+    for f in (3, 17):
+        j = check_feature_twins(client, "a", f)
+        (o,) = j["other_saes"]
+        want = (A[f] @ B.T).topk(len(o["matches"]))  # brute force, as in the test above
+        assert o["sae_id"] == "b" and [m for m, _ in o["matches"]] == want.indices.tolist()

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-import csv
-import io
-import re
-
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -17,8 +13,10 @@ from saescope.precompute.store.schema import SAES
 
 from ..settings import SERVE
 from .cache import cacheable
-from .lookups import feature_list, feature_list_items, feature_or_404, sae_or_404
+from .lookups import feature_or_404
 from .pages import store_of
+from .views import (APISearchParams, FeatureListParams, FeatureView, ListParams, feature_view, features_view, list_csv,
+                    list_filename, list_view, search_view)
 
 S = SERVE
 
@@ -81,6 +79,30 @@ class ExplanationOut(BaseModel):
                                  "(None: not scored; 0: the judge's answers were unparsable)")
 
 
+class CrossOut(BaseModel):
+    sae_id: str = Field(description="the other SAE (of the same width, precomputed in the same run)")
+    matches: list[tuple[int, float]] = Field(description="its features nearest to this one by decoder cosine")
+
+
+class NearPointOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # built from maps.NearPoint
+
+    index: int = Field(description="feature index")
+    cx: float = Field(description="x in the neighbourhood drawing's viewBox")
+    cy: float = Field(description="y in the neighbourhood drawing's viewBox")
+    title: str = Field(description="the point's label: feature and top tokens")
+    me: bool = Field(description="whether this point is the feature itself")
+
+
+class NeighbourhoodOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # built from maps.Neighbourhood
+
+    points: list[NearPointOut] = Field(description="the nearest features on the map, the feature itself last")
+    width: int = Field(description="viewBox width")
+    height: int = Field(description="viewBox height")
+    map_url: str = Field(description="the full map, centred on the feature")
+
+
 class FeatureOut(FeatureSummary):
     sae_id: str = Field(description="SAE id")
     hist: list[int] = Field(description="activation histogram counts over [hist_lo, hist_hi]")
@@ -88,10 +110,18 @@ class FeatureOut(FeatureSummary):
     hist_hi: float = Field(description="highest active value")
     logit_pos: list[tuple[str, float]] = Field(description="most promoted tokens with their logit effect")
     logit_neg: list[tuple[str, float]] = Field(description="most suppressed tokens with their logit effect")
+    logit_mean: float = Field(description="mean logit effect over the vocabulary (centred effect = raw - logit_mean)")
+    logit_pos_centred: list[tuple[str, float]] = Field(description="logit_pos with logit_mean subtracted")
+    logit_neg_centred: list[tuple[str, float]] = Field(description="logit_neg with logit_mean subtracted")
     logit_hist: list[int] = Field(description="histogram of logit effects over the vocabulary")
     logit_hist_lo: float = Field(description="smallest logit effect")
     logit_hist_hi: float = Field(description="largest logit effect")
     neighbours: list[tuple[int, float]] = Field(description="nearest features by decoder cosine similarity")
+    cooc: list[tuple[int, float]] = Field(description="co-occurring features by Jaccard over active tokens "
+                                          "([] when not computed)")
+    other_saes: list[CrossOut] = Field(description="nearest decoder directions in each SAE it was compared with")
+    map_xy: tuple[float, float] | None = Field(description="position on the feature map (None: no map)")
+    map_neighbourhood: NeighbourhoodOut | None = Field(description="the map around the feature, as the page draws it")
     explanations: list[str] = Field(description="explanations recorded for the feature")
     explanation_rows: list[ExplanationOut] = Field([], description="the explanations with provenance and scores")
     top_examples: list[ExampleOut] = Field(description="top-activating examples, at most one per context")
@@ -123,26 +153,27 @@ def api_saes(request: Request):
 
 @router.get("/saes/{sae_id}/features", response_model=FeatureList, summary="features of an SAE (the SAE page)")
 @cacheable
-def api_features(request: Request, sae_id: str, sort: Literal["index", "density", "max", "score"] = "index",
-                 order: Literal["asc", "desc"] = "asc", page: int = Query(1, ge=1), size: int = Query(S.page_size, ge=1, le=S.max_page_size),
-                 show: Literal["all", "live", "dead", "dense"] = "all", min_density: float | None = Query(None, ge=0, le=1),
-                 max_density: float | None = Query(None, ge=0, le=1), min_score: float | None = Query(None, ge=0, le=1)):
-    store = store_of(request)
-    sae_or_404(store, sae_id)
-    pg, rows = feature_list(store, sae_id, sort, order, page, size, show, min_density, max_density, min_score)
-    return FeatureList(total=pg.total, page=page, size=size, features=[FeatureSummary(**r.__dict__) for r in rows])
+def api_features(request: Request, sae_id: str, p: Annotated[FeatureListParams, Depends()]):
+    v = features_view(store_of(request), sae_id, p)
+    return FeatureList(total=v.pager.total, page=p.page, size=p.size,
+                       features=[FeatureSummary(**r.__dict__) for r in v.rows])
+
+
+def feature_out(v: FeatureView) -> FeatureOut:
+    """The feature page's view as JSON: every section the page shows."""
+    f = v.f
+    return FeatureOut(**{k: getattr(f, k) for k in FeatureOut.model_fields if hasattr(f, k)},
+                      logit_pos_centred=v.logit_pos_centred, logit_neg_centred=v.logit_neg_centred,
+                      other_saes=[CrossOut(sae_id=o, matches=m) for o, m in v.others],
+                      map_neighbourhood=NeighbourhoodOut.model_validate(v.map_near) if v.map_near else None,
+                      top_examples=[_ex(e) for e in v.examples["top"]],
+                      intervals=_groups(v.groups["interval"]), quantiles=_groups(v.groups["quantile"]))
 
 
 @router.get("/saes/{sae_id}/features/{index}", response_model=FeatureOut, summary="one feature (the feature page)")
 @cacheable
 def api_feature(request: Request, sae_id: str, index: int):
-    store = store_of(request)
-    _, f = feature_or_404(store, sae_id, index)
-    examples = store.examples_by_kind(sae_id, index, ("top", "interval", "quantile"))  # one query for all kinds
-    groups = store.groups_by_kind(sae_id, index, ("interval", "quantile"), examples=examples)
-    return FeatureOut(**{k: getattr(f, k) for k in FeatureOut.model_fields if hasattr(f, k)},
-                      top_examples=[_ex(e) for e in examples["top"]],
-                      intervals=_groups(groups["interval"]), quantiles=_groups(groups["quantile"]))
+    return feature_out(feature_view(store_of(request), sae_id, index))
 
 
 @router.get("/saes/{sae_id}/features/{index}/neuronpedia", summary="one feature in Neuronpedia's JSON field names")
@@ -166,34 +197,18 @@ class FeatureListOut(BaseModel):
 @router.get("/saes/{sae_id}/list", summary="a shared feature list (from its URL) as JSON or CSV",
             responses={200: {"content": {"text/csv": {}}}})
 @cacheable
-def api_list(request: Request, sae_id: str, name: str = Query("", max_length=S.max_query_chars),
-             f: list[int] = Query([], max_length=S.max_list), note: list[str] = Query([], max_length=S.max_list),
+def api_list(request: Request, sae_id: str, p: Annotated[ListParams, Depends()],
              format: Literal["json", "csv"] = "json"):
-    store = store_of(request)
-    sae = sae_or_404(store, sae_id)
-    rows = store.features_by_index(sae_id, f)
-    entries = [ListEntry(**rows[it.index].__dict__, note=it.note)
-               for it in feature_list_items(store, sae, f, note)]
-    if format == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["sae_id", "list", "index", "note", "density", "max_act", "mean_act", "n_active", "top_tokens"])
-        for e in entries:
-            w.writerow([sae_id, name, e.index, e.note, e.density, e.max_act, e.mean_act, e.n_active,
-                        " | ".join(e.top_tokens)])
-        fname = re.sub(r"[^A-Za-z0-9._-]+", "-", name or "features").strip("-") or "features"
-        return Response(buf.getvalue(), media_type="text/csv",
-                        headers={"Content-Disposition": f'attachment; filename="{fname}.csv"'})
-    return FeatureListOut(sae_id=sae_id, name=name, features=entries)
+    v = list_view(store_of(request), sae_id, p)
+    if format == "csv":  # cells a spreadsheet would run as formulas are neutralised (views.csv_cell)
+        return Response(list_csv(v), media_type="text/csv",
+                        headers={"Content-Disposition": f'attachment; filename="{list_filename(v)}"'})
+    return FeatureListOut(sae_id=sae_id, name=v.name,
+                          features=[ListEntry(**v.rows[it.index].__dict__, note=it.note) for it in v.items])
 
 
 @router.get("/saes/{sae_id}/search", response_model=SearchOut, summary="search features by token text or explanation")
 @cacheable
-def api_search(request: Request, sae_id: str, q: str = Query(..., min_length=1, max_length=S.max_query_chars),
-               by: Literal["token", "explanation"] = "token", page: int = Query(1, ge=1),
-               size: int = Query(S.search_page_size, ge=1, le=S.max_search_page_size)):
-    store = store_of(request)
-    sae_or_404(store, sae_id)
-    fn = store.search_tokens if by == "token" else store.search_explanations
-    hits, total = fn(sae_id, q, size, (page - 1) * size)
-    return SearchOut(q=q, mode=by, total=total, hits=[h.__dict__ for h in hits])
+def api_search(request: Request, sae_id: str, p: Annotated[APISearchParams, Depends()]):
+    v = search_view(store_of(request), sae_id, p)
+    return SearchOut(q=p.q, mode=v.mode, total=v.total, hits=[h.__dict__ for h in v.hits])

@@ -16,11 +16,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from saescope.precompute.store import Store, StoreError
 
-from ..errors import AppError, validation_message
+from saescope.precompute.errors import UnknownSAE, UserError
+
+from ..errors import AppError, echo, validation_message
 from ..settings import SERVE, VERSION
 from ..worker.client import WorkerClient
-from . import api, live, maps, pages
-from .cache import PageCache, cacheable_paths
+from . import api, live, live_api, maps, pages
+from .cache import PageCache, PageCacheMiddleware, cacheable_paths
 from .lookups import warm_up
 from .templates import STATIC, page
 
@@ -52,12 +54,17 @@ def _render_error(request: Request, err: AppError) -> Response:
 DESCRIPTION = "Features of sparse autoencoders: precomputed dashboards and live inspection."
 
 
+ROUTERS = (pages.router, live.router, live_api.router, api.router, maps.router)
+
+
 def create_app(store_path: Path | str, worker_url: str | None = None, cache: bool = False, prewarm: bool = False,
-               explain_worker_down: Callable[[], str | None] | None = None, worker_secret: str | None = None):
-    """The dashboard ASGI app; with cache=True wrapped in a whole-response cache for the precomputed pages,
-    which prewarm=True fills in the background with every feature page's default view."""
+               explain_worker_down: Callable[[], str | None] | None = None,
+               worker_secret: str | None = None) -> FastAPI:
+    """The dashboard's FastAPI app; with cache=True a whole-response cache of the precomputed pages sits in front
+    of its routes as middleware (kept at app.state.page_cache), which prewarm=True fills in the background with
+    every feature page's default view."""
     store = Store(store_path)
-    cached: PageCache | None = None
+    cached = PageCache(SERVE.cache_bytes, cacheable_paths(*ROUTERS)) if cache else None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -83,10 +90,11 @@ def create_app(store_path: Path | str, worker_url: str | None = None, cache: boo
     app.state.worker = (WorkerClient(worker_url, explain_down=explain_worker_down, secret=worker_secret)
                         if worker_url else None)
     app.mount("/static", CachedStatic(directory=STATIC), name="static")
-    app.include_router(pages.router)
-    app.include_router(live.router)
-    app.include_router(api.router)
-    app.include_router(maps.router)
+    app.state.page_cache = cached
+    for router in ROUTERS:
+        app.include_router(router)
+    if cached is not None:
+        app.add_middleware(PageCacheMiddleware, cache=cached)
 
     @app.exception_handler(AppError)
     async def app_error(request: Request, err: AppError):
@@ -96,9 +104,17 @@ def create_app(store_path: Path | str, worker_url: str | None = None, cache: boo
     async def bad_params(request: Request, err: RequestValidationError):
         return _render_error(request, AppError(validation_message(err.errors()), 422))
 
+    @app.exception_handler(UnknownSAE)
+    async def unknown_sae(request: Request, err: UnknownSAE):
+        return _render_error(request, AppError(str(err), 404, link=("/", "all SAEs")))
+
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, err: UserError):
+        return _render_error(request, AppError(str(err), 422))
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
-        msg = f"no page at {request.url.path}" if err.status_code == 404 else str(err.detail)
+        msg = f"no page at {echo(request.url.path)}" if err.status_code == 404 else echo(str(err.detail))
         return _render_error(request, AppError(msg, err.status_code, link=("/", "all SAEs")))
 
     @app.exception_handler(StoreError)
@@ -111,7 +127,4 @@ def create_app(store_path: Path | str, worker_url: str | None = None, cache: boo
         log.exception("unhandled error on %s", request.url.path)
         return _render_error(request, AppError("something went wrong on the server; the log has the details", 500))
 
-    if cache:
-        cached = PageCache(app, SERVE.cache_bytes, cacheable_paths(pages.router, live.router, api.router, maps.router))
-        return cached
     return app

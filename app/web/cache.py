@@ -51,9 +51,12 @@ def _scope(path: str) -> dict:
 
 
 class PageCache:
-    def __init__(self, app, max_bytes: int, paths: list[re.Pattern]):
+    """The cached pages (gzipped, LRU, bounded in bytes) and their counters; served by PageCacheMiddleware, which
+    create_app installs on the FastAPI app and keeps at app.state.page_cache."""
+
+    def __init__(self, max_bytes: int, paths: list[re.Pattern]):
         """`paths`: patterns of the cacheable routes (see cacheable_paths)."""
-        self.app = app
+        self.app = None  # the ASGI app below the cache, set by PageCacheMiddleware
         self.paths = paths
         self.max_bytes = max_bytes
         self.bytes = 0
@@ -61,10 +64,6 @@ class PageCache:
         self.prewarmed = False
         self._stopping = False
         self._pages: OrderedDict[tuple, tuple[int, list, bytes]] = OrderedDict()
-
-    @property
-    def state(self):  # so callers can treat the wrapped app like the FastAPI app
-        return self.app.state
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] == "/_cache":
@@ -146,7 +145,19 @@ class PageCache:
                 return None
 
             if cache_key(scope) not in self._pages:
-                await self(scope, receive, send)
+                await self(scope, receive, send)  # through the cache, into the app below it
             await asyncio.sleep(0.002)  # leave room for real requests
         self.prewarmed = True
         log.info("pre-rendered %d pages in %.0f s (%.0f MB cached)", len(paths), time.time() - t0, self.bytes / 2**20)
+
+
+class PageCacheMiddleware:
+    """ASGI middleware answering cacheable GETs from a PageCache (app.add_middleware(PageCacheMiddleware, cache=...))."""
+
+    def __init__(self, app, cache: PageCache):
+        self.app = app
+        self.cache = cache
+        cache.app = app
+
+    async def __call__(self, scope, receive, send):
+        await self.cache(scope, receive, send)

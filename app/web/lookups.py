@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 
 from saescope.precompute.store import SAEInfo, Store
 
-from ..errors import AppError
+from ..errors import AppError, echo
 from ..settings import SERVE
 from .templates import ENV
 from .tokens import vocab_html
@@ -39,20 +39,13 @@ def warm_up(store: Store) -> None:
     log.info("store indexes loaded in %.2f s", time.perf_counter() - t0)
 
 
-def sae_or_404(store: Store, sae_id: str) -> SAEInfo:
-    sae = store.sae(sae_id)
-    if sae is None:
-        valid = ", ".join(s.sae_id for s in store.saes()) or "none"
-        raise AppError(f"there is no SAE {sae_id!r} in this store; valid: {valid}", 404, link=("/", "all SAEs"))
-    return sae
-
-
 def sae_or_first(store: Store, sae_id: str | None) -> SAEInfo:
-    """The SAE a live page names, or the store's first one when it names none (404 when the store has none)."""
+    """The SAE a live page names, or the store's first one when it names none (404 when the store has none).
+    An unknown id raises the store's UnknownSAE (a 404 through app.py's handler, the id echoed bounded)."""
     saes = store.saes()
     if not saes:
         raise AppError("this store holds no SAE to inspect with", 404)
-    return sae_or_404(store, sae_id or saes[0].sae_id)
+    return store.require_sae(sae_id or saes[0].sae_id)
 
 
 def check_index(sae: SAEInfo, index: int) -> None:
@@ -63,7 +56,7 @@ def check_index(sae: SAEInfo, index: int) -> None:
 
 def feature_or_404(store: Store, sae_id: str, index: int):
     """(SAEInfo, Feature) for a URL's sae_id and index, or the 404 that says what exists."""
-    sae = sae_or_404(store, sae_id)
+    sae = store.require_sae(sae_id)
     check_index(sae, index)
     f = store.feature(sae_id, index)
     if f is None:
@@ -100,11 +93,24 @@ def url(path: str, **params) -> str:
     return f"{path}?{urlencode(q)}" if q else path
 
 
+def page_offset(page: int, size: int) -> int:
+    """The row offset of a 1-based page: the one place a page number is bounded (SERVE.max_page), before any query
+    (a huge page number would overflow the store's 64-bit offsets)."""
+    if not 1 <= page <= SERVE.max_page:
+        raise AppError(f"page {echo(page)} is out of range: give a page number from 1 to {SERVE.max_page:,}", 422)
+    return (page - 1) * size
+
+
 @dataclass
 class Pager:
     page: int
     size: int
     total: int
+
+    @property
+    def past_end(self) -> bool:
+        """A page after the last one: shown empty, with a link back to the last page."""
+        return self.page > self.pages
 
     @property
     def pages(self) -> int:
@@ -123,11 +129,18 @@ class Pager:
         return min(self.total, self.offset + self.size)
 
 
+    def prev_url(self, base: str, **params) -> str | None:
+        """The previous page (the last page, from a page past the end), None on the first page."""
+        return url(base, **params, page=min(self.page - 1, self.pages)) if self.page > 1 else None
+
+    def next_url(self, base: str, **params) -> str | None:
+        return url(base, **params, page=self.page + 1) if self.page < self.pages else None
+
+
 def pager(page: int, size: int, total: int) -> Pager:
-    p = Pager(page, size, total)
-    if page > p.pages and total > 0:
-        raise AppError(f"page {page} is past the end: there are {p.pages} pages of {size}", 404)
-    return p
+    """One page of `total` rows (a page past the end is an empty page, not an error; see page_offset's bound)."""
+    page_offset(page, size)
+    return Pager(page, size, total)
 
 
 def feature_list(store: Store, sae_id: str, sort: str, order: str, page: int, size: int, show: str,
@@ -139,6 +152,7 @@ def feature_list(store: Store, sae_id: str, sort: str, order: str, page: int, si
     dead = {"all": None, "live": False, "dead": True, "dense": False}[show]
     if show == "dense":  # dense features fire on at least SERVE.dense_share of the tokens
         min_density = max(min_density or 0.0, SERVE.dense_share)
+    page_offset(page, size)
     pg = pager(page, size, store.count_features(sae_id, min_density, max_density, dead, min_score))
     return pg, store.features(sae_id, sort, order == "desc", size, pg.offset, min_density, max_density, dead,
                               min_score)

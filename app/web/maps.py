@@ -25,7 +25,7 @@ from saescope.precompute.store import Feature, SAEInfo, Store
 
 from ..settings import MAP
 from .cache import cacheable
-from .lookups import check_index, sae_or_404
+from .lookups import check_index
 from .templates import page
 from .tokens import visible
 
@@ -121,7 +121,7 @@ def build_command(store: Store, sae: SAEInfo) -> str:
             summary="the feature map: every feature's 2-D position and colour codes, compactly encoded")
 @cacheable
 def api_map(request: Request, sae_id: str):
-    return _payload(request, sae_or_404(_store(request), sae_id))
+    return _payload(request, _store(request).require_sae(sae_id))
 
 
 @router.get("/sae/{sae_id}/map", response_class=HTMLResponse)
@@ -132,7 +132,7 @@ def map_page(request: Request, sae_id: str, color: Color = "density",
              zoom: float = Query(MAP.min_zoom, ge=MAP.min_zoom, le=MAP.max_zoom, description="1 = the whole map"),
              f: int | None = Query(None, ge=0, description="the feature marked on the map")):
     store = _store(request)
-    sae = sae_or_404(store, sae_id)
+    sae = store.require_sae(sae_id)
     if f is not None:
         check_index(sae, f)
     payload = _payload(request, sae)

@@ -1,0 +1,161 @@
+"""The live data functions, shared by the live pages (live.py) and their JSON twins (live_api.py): the worker's
+state, one function per worker question (checked against the store first), and the parameters both declare."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Query, Request
+
+from saescope.precompute.store import SAEInfo, Store
+
+from ..errors import AppError
+from ..settings import SERVE, WORKER
+from ..worker.client import DOWN_HINT, WorkerClient
+from ..worker.wire import (AblateOut, AttributeIn, AttributeOut, EditIn, EditsIn, ExampleIn, ExplainIn,
+                           FeatureActsIn, FeatureActsOut, SteerIn, SteerOut, TopFeaturesIn, TopFeaturesOut)
+from .edits import parse_edits
+from .lookups import check_index
+from .tokens import Tok
+
+S, W = SERVE, WORKER
+Prompt = Annotated[str, Query(max_length=S.max_prompt_chars)]  # a page's prompt ("" shows the empty form)
+RequiredPrompt = Annotated[str, Query(min_length=1, max_length=S.max_prompt_chars)]  # a JSON twin's prompt
+
+
+def store_of(request: Request) -> Store:
+    return request.app.state.store
+
+
+def worker_status(app) -> dict:
+    client = app.state.worker
+    if client is None:
+        return {"up": False, "message": "Live inspection is off: this server was started with --no-worker."}
+    h, why = client.health()
+    if h is None:
+        return {"up": False, "message": DOWN_HINT.format(why=why)}
+    return {"up": True, "message": "", "health": h}
+
+
+def client_of(request: Request) -> WorkerClient:
+    st = worker_status(request.app)
+    if not st["up"]:
+        raise AppError(st["message"], 503, title="Model worker unavailable")
+    return request.app.state.worker
+
+
+def strip(tokens: list[str], values: list[float], mark: int | None = None) -> list[Tok]:
+    return [Tok(t, v, i == mark) for i, (t, v) in enumerate(zip(tokens, values))]
+
+
+# ---------------------------------------------------------------- reading: top features, one feature's activations
+def top_features(request: Request, sae: SAEInfo, prompt: str, k: int, pos: int | None = None) -> TopFeaturesOut:
+    return client_of(request).top_features(TopFeaturesIn(sae_id=sae.sae_id, text=prompt, k=k,
+                                                         positions=[pos] if pos is not None else None))
+
+
+def feature_activations(request: Request, sae: SAEInfo, feature: int, text: str) -> FeatureActsOut:
+    check_index(sae, feature)
+    return client_of(request).activations(FeatureActsIn(sae_id=sae.sae_id, text=text, feature=feature))
+
+
+def inspect_data(request: Request, sae: SAEInfo, prompt: str, pos: int | None) -> dict:
+    """The inspect page's result: the prompt's top features, and one token's when pos is given."""
+    store = store_of(request)
+    top = top_features(request, sae, prompt, S.inspect_k)
+    n = len(top.tokens)
+    if pos is not None and not 0 <= pos < n:
+        raise AppError(f"pos {pos} is outside the prompt's {n} tokens (0 to {n - 1})", 422)
+    rows = store.features_by_index(sae.sae_id, [h.index for h in top.features])
+    detail = None
+    if pos is not None:
+        d = top_features(request, sae, prompt, S.token_detail_k, pos)
+        detail = {"pos": pos, "token": top.tokens[pos], "features": d.features,
+                  "rows": store.features_by_index(sae.sae_id, [h.index for h in d.features])}
+    vmax = max(top.token_max) if top.token_max else 0.0
+    return {"sae": sae, "top": top, "rows": rows, "detail": detail, "vmax": vmax,
+            "toks": strip(top.tokens, top.token_max, pos)}
+
+
+# ---------------------------------------------------------------- interventions
+@dataclass
+class GenerationParams:
+    """How a steered continuation is generated (the /steer page and /api/steer)."""
+
+    n: Annotated[int, Query(ge=1, le=W.max_new_tokens, description="new tokens")] = W.default_new_tokens
+    temperature: Annotated[float, Query(ge=0.0, le=W.max_temperature, description="0 = greedy")] = 0.0
+    seed: Annotated[int, Query(ge=0, le=W.max_seed)] = 0
+
+
+EDITS_DOC = "FEATURE:MODE:VALUE, repeatable (e.g. 123:add:8, 45:clamp:0.5, 7:ablate)"
+Edits = Annotated[list[str], Query(max_length=W.max_edits, description=EDITS_DOC)]  # a page's edits (may be none)
+RequiredEdits = Annotated[list[str], Query(min_length=1, max_length=W.max_edits, description=EDITS_DOC)]
+
+
+def steer(request: Request, sae: SAEInfo, prompt: str, edits: list[str], g: GenerationParams) -> SteerOut:
+    parsed = parse_edits(edits, sae)  # before the worker is asked: a bad edit is a 422 even when it is down
+    return client_of(request).steer(SteerIn(sae_id=sae.sae_id, text=prompt, edits=parsed, max_new_tokens=g.n,
+                                            temperature=g.temperature, seed=g.seed))
+
+
+def ablate(request: Request, sae: SAEInfo, prompt: str, edits: list[str]) -> AblateOut:
+    parsed = parse_edits(edits, sae)
+    return client_of(request).ablate(EditsIn(sae_id=sae.sae_id, text=prompt, edits=parsed))
+
+
+def ablate_feature(request: Request, sae: SAEInfo, prompt: str, feature: int) -> AblateOut:
+    check_index(sae, feature)
+    return client_of(request).ablate(EditsIn(sae_id=sae.sae_id, text=prompt,
+                                             edits=[EditIn(feature=feature, mode="ablate")]))
+
+
+def attribute(request: Request, sae: SAEInfo, prompt: str, position: int | None, target: int | None) -> AttributeOut:
+    return client_of(request).attribute(AttributeIn(sae_id=sae.sae_id, text=prompt, position=position, target=target))
+
+
+def steer_state(request: Request, sae: SAEInfo, prompt: str, edit: list[str], g: GenerationParams) -> dict:
+    """The steer page's state: the form (from the URL) and, with a prompt and edits, both continuations."""
+    store = store_of(request)
+    ctx = {"sae": sae, "saes": store.saes(), "prompt": prompt, "edits": edit, "n": g.n, "temperature": g.temperature,
+           "seed": g.seed, "worker": worker_status(request.app), "result": None, "error": None, "rows": {},
+           "status": 200}
+    if prompt.strip() and edit:
+        try:
+            parse_edits(edit, sae)
+        except AppError as err:  # the form is shown again with what is wrong, as a 4xx
+            if err.status == 404:
+                raise
+            ctx["error"], ctx["status"] = err, err.status
+            ctx["edits"] = [e for e in edit if len(e) <= W.max_edit_chars]  # never refill an overlong item
+            return ctx
+        try:
+            out = steer(request, sae, prompt, edit, g)
+        except AppError as err:
+            if err.status == 404:
+                raise
+            ctx["error"] = err
+            return ctx
+        ctx["result"] = out
+        ctx["rows"] = store.features_by_index(sae.sae_id, out.watch)
+        # new tokens highlighted by the first steered feature's activation (read before the edit)
+        lead = out.watch[0]
+        ctx["lead"], ctx["vmax"] = lead, (store.feature(sae.sae_id, lead).max_act or 1.0)
+        ctx["steered_toks"] = [Tok(t, a[0], False) for t, a in zip(out.steered.tokens, out.steered.feature_acts)]
+        ctx["default_toks"] = [Tok(t, a[0], False) for t, a in zip(out.default.tokens, out.default.feature_acts)]
+    return ctx
+
+
+# ---------------------------------------------------------------- explaining a feature
+def explain_request(store: Store, sae_id: str, index: int) -> ExplainIn:
+    """The feature's stored top and quantile examples (cut to the explainer's windows) as a worker request."""
+    from saescope.precompute.explain import ExplainConfig
+    from saescope.precompute.explain.prompts import window
+    from saescope.precompute.explain.run import material_from_store
+
+    cfg = ExplainConfig()
+    m = material_from_store(store, sae_id, index, 0)
+    cut = lambda ex: ExampleIn(**{k: list(v) for k, v in vars(window(ex, cfg.left, cfg.right)).items()})  # noqa: E731
+    n = W.max_explain_examples
+    return ExplainIn(top=[cut(e) for e in m.top[:n]], quantiles=[[cut(e) for e in g[:n]] for g in m.quantiles[:n]],
+                     max_tokens=W.explain_max_tokens)
