@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=None, help="layer number (default: N of the hook blocks.N.…)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
 
+    from .evidence_cli import add_evidence_parsers  # issue 22: check, diff, export --format html
+    add_evidence_parsers(sub, p)
+
     from saescope.precompute.config import EXPLAIN as X
 
     p = sub.add_parser("explain", help="explain features with an LLM (and score the explanations); stored with provenance",

@@ -127,6 +127,9 @@ def import_explanations(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
+    if args.format == "html":  # issue 22: the offline report (app/web/report.py)
+        from .evidence_cli import export_html
+        return export_html(args)
     from saescope.precompute.export import export_neuronpedia, parse_features, pick_sae
     from saescope.precompute.store import Store
 
@@ -186,3 +189,6 @@ def explain(args: argparse.Namespace) -> int:
     if len(r.unscored) > 5:
         print(f"  ... and {len(r.unscored) - 5} more not scored")
     return 0
+
+
+from .evidence_cli import check, diff  # noqa: E402,F401  (issue 22: saescope check / diff)
