@@ -432,3 +432,31 @@ def test_bad_check_files_fail_before_any_model_loads(tmp_path, tiny_store, body,
     msg = str(err.value)
     assert f"line {where + 4}," in msg and says in msg, msg  # _sets() takes 4 lines
     assert "check '" in msg
+
+
+def test_check_run_page_served_next_to_the_store(tmp_path, tiny_store, picked):
+    import httpx
+
+    from conftest import serve_in_thread
+    from saescope.app.cli import main
+    from saescope.app.web.app import create_app
+
+    F = picked["F"]
+    path = _write(tmp_path, f"""
+    [[check]]
+    name = "monitor <b>trips</b>"
+    kind = "monitor"
+    features = [{F}]
+    threshold = {THR}
+    texts = "prose"
+    max_pct = 0
+    """, "page.toml")
+    assert main(["check", str(path), "--store", str(tiny_store), "--no-progress"]) == 1  # default --out: STORE.checks/
+    assert (tiny_store.with_name(tiny_store.name + ".checks") / "page.json").is_file()
+    with serve_in_thread(create_app(tiny_store)) as base:
+        html = httpx.get(f"{base}/checks/page").text
+        assert "FAIL" in html and "monitor &lt;b&gt;trips&lt;/b&gt;" in html and "<b>trips" not in html
+        assert f'href="/sae/tiny/feature/{F}"' in html and 'class="strip"' in html
+        assert "verified" in html  # the store's verify badge
+        assert httpx.get(f"{base}/checks/nope").status_code == 404
+        assert "page" in httpx.get(f"{base}/checks").text
