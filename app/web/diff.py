@@ -18,6 +18,7 @@ from typing import Any, Callable
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse
 
+from saescope.precompute.config import DIFF
 from saescope.precompute.diff import Diff, read_diff
 from saescope.precompute.store import Store
 
@@ -126,7 +127,7 @@ def checks_index(request: Request):
 
 
 @router.get("/diffs/{name}", response_class=HTMLResponse)
-def diff_page(request: Request, name: str, n: int = Query(20, ge=1, le=200)):
+def diff_page(request: Request, name: str, n: int = Query(DIFF.n_rank, ge=1, le=DIFF.n_rank)):
     store = _store(request)
     d = _diff_or_404(store, name)
     ctx = diff_context(d, live_href(store, d.meta["sae"]["path"]), n)
