@@ -36,17 +36,31 @@ def zebra_corpus(tmp_path_factory, small_corpus) -> Path:
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory, tiny_lm_dir, zebra_corpus) -> Path:
-    """The tiny model after 20 real AdamW steps on the zebra corpus (next-token loss), saved like any checkout."""
+    """The tiny model after 20 real AdamW steps (next-token loss) on the zebra corpus, saved with save_pretrained.
+
+    Only the embedding row of " zebra" trains (every other weight frozen, the row's gradient masked): the most
+    local fine-tune there is. A full fine-tune of this random tiny model (its residual stream has norm ~0.3) moves
+    every feature at once, which would make "the zebra features rank first" true but meaningless."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    zid = tok(ZEBRA, add_special_tokens=False)["input_ids"]
+    assert len(zid) == 1
     ids: list[int] = []
     for line in zebra_corpus.open():
         ids += tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"]
     data = torch.tensor(ids[: len(ids) // 64 * 64]).view(-1, 64)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    emb = model.get_input_embeddings().weight
+    emb.requires_grad_(True)
+    keep = torch.zeros(emb.shape[0], 1)
+    keep[zid[0]] = 1
+    emb.register_hook(lambda g: g * keep)
+    before = emb.detach().clone()
+    opt = torch.optim.AdamW([emb], lr=3e-2, weight_decay=0.0)
     model.train()
     losses = []
     for _ in range(20):
@@ -56,7 +70,9 @@ def finetuned(tmp_path_factory, tiny_lm_dir, zebra_corpus) -> Path:
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] - 1.0  # it learned something
+    assert losses[-1] < losses[0]  # it learned something
+    moved = (emb.detach() - before).abs().sum(1) > 0
+    assert moved.nonzero().flatten().tolist() == zid  # only the zebra row changed
     out = tmp_path_factory.mktemp("tiny_ft")
     model.eval().save_pretrained(out)
     tok.save_pretrained(out)
@@ -143,8 +159,10 @@ def test_diff_ranks_the_zebra_features_and_equals_brute_force(diff_dir, tiny_lm_
     # the features that fire on " zebra" in the fine-tuned model are the ones that moved most
     zid = tok(ZEBRA, add_special_tokens=False)["input_ids"][0]
     at_zebra = torch.from_numpy(ctxs == zid)
-    zebra_feats = set(torch.where((zb[at_zebra] > 0).double().mean(0) > 0.5)[0].tolist())
-    assert zebra_feats
+    on_zebra = (zb[at_zebra] > 0).double().mean(0)  # share of the zebra positions where each feature fires in B
+    elsewhere = (zb[~at_zebra & counted] > 0).double().mean(0)
+    zebra_feats = set(torch.where(on_zebra > 0.5)[0].tolist())
+    assert zebra_feats and all(on_zebra[f] > elsewhere[f] + 0.3 for f in zebra_feats)
     top = [int(i) for i in np.argsort(-np.abs(score))[: len(zebra_feats)]]
     assert set(top) == zebra_feats
     assert set(d.meta["up"][: len(zebra_feats)]) == zebra_feats

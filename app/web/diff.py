@@ -78,7 +78,8 @@ def checks_context(run: dict[str, Any], href: Callable[[int, str], "str | None"]
         for e in r.get("evidence", []):
             if "acts" in e and "tokens" in e:
                 vmax = max(e["acts"], default=0.0)
-                toks = [Tok(t, v, i == e.get("position")) for i, (t, v) in enumerate(zip(e["tokens"], e["acts"]))]
+                mark = e.get("position") if e.get("max_act", 0) > 0 else None
+                toks = [Tok(t, v, i == mark) for i, (t, v) in enumerate(zip(e["tokens"], e["acts"]))]
                 ev.append({**e, "strip": strip_html(toks, vmax)})
             else:
                 ev.append(e)
