@@ -27,7 +27,9 @@ from ..settings import SERVE
 from .templates import page
 from .tokens import Tok, strip_html
 
-router = APIRouter()
+# not in the OpenAPI document (docs/openapi.json lists pages.router, live, api, maps): add this router to
+# app/openapi.py dashboard_doc and regenerate to publish it
+router = APIRouter(include_in_schema=False)
 NAME = re.compile(r"[A-Za-z0-9._-]+")
 FeatureHref = Callable[[int], "str | None"]
 
