@@ -116,6 +116,7 @@ class DiffSettings:
     n_examples: int = 5  # contexts per feature where the two models differ most
     n_rank: int = 50  # features listed each way on the diff page
     worse_ev: float = 0.1  # warn when model B's explained variance is this much below model A's
+    html_features: int = 20  # `export --format html`: features listed when no --features, check run or diff names any
 
 
 CHECK = CheckSettings()

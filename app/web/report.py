@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from saescope.precompute.checks.run import hash_path
+from saescope.precompute.config import DIFF
 from saescope.precompute.diff import read_diff
 from saescope.precompute.errors import UserError
 from saescope.precompute.export import _check_out, _replace_dir, pick_sae
@@ -32,8 +33,9 @@ from .diff import NAME, checks_context, checks_dir, diff_context
 from .templates import ENV, STATIC
 from .tokens import vocab_html, window
 
-DEFAULT_FEATURES = 20  # features a report lists when neither --features, a check run nor a diff names any
 LAYOUT = "report_base.html"
+UTF8 = "utf-8"
+FEATURE_PAGE = "report_feature.html"
 
 
 def _render(template: str, ctx: dict[str, Any]) -> str:
@@ -52,7 +54,7 @@ def export_html(store_path: Path | str, out: Path | str, sae_id: str | None = No
         if not p.is_file():
             raise UserError(f"no check result {p}; `saescope check` writes STORE.checks/<name>.json")
         name = p.stem if NAME.fullmatch(p.stem) else "run"
-        runs.append((name, json.loads(p.read_text(encoding="utf-8")), p))
+        runs.append((name, json.loads(p.read_text(encoding=UTF8)), p))
     d = read_diff(diff) if diff is not None else None
     with Store(store_path) as store:
         sae = pick_sae(store, sae_id)
@@ -67,7 +69,7 @@ def export_html(store_path: Path | str, out: Path | str, sae_id: str | None = No
             if diff_same_sae:
                 named += d.meta["up"][:10] + d.meta["down"][:10]
             features = list(dict.fromkeys(named)) or [r.index for r in store.features(
-                sae.sae_id, sort="density", desc=True, limit=DEFAULT_FEATURES, dead=False)]
+                sae.sae_id, sort="density", desc=True, limit=DIFF.html_features, dead=False)]
         listed = list(dict.fromkeys(int(f) for f in features))
         shown = set(listed)
 
@@ -77,7 +79,7 @@ def export_html(store_path: Path | str, out: Path | str, sae_id: str | None = No
         tmp = out.with_name(f".{out.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        base = {"layout": LAYOUT, "report_css": (STATIC / "app.css").read_text(encoding="utf-8"),
+        base = {"layout": LAYOUT, "report_css": (STATIC / "app.css").read_text(encoding=UTF8),
                 "report_made": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "href": href}
         html = vocab_html(store, sae.model_key)
         special = frozenset(sae.params.get("special_token_ids", ()))
@@ -95,13 +97,13 @@ def export_html(store_path: Path | str, out: Path | str, sae_id: str | None = No
                    "top": [window(e, SERVE.show_left, SERVE.show_right, html, special) for e in ex["top"]],
                    "groups": [(g, [window(e, SERVE.show_left, SERVE.show_right, html, special) for e in g.examples])
                               for g in groups]}
-            (tmp / f"feature-{f}.html").write_text(_render("report_feature.html", ctx), encoding="utf-8")
+            (tmp / f"feature-{f}.html").write_text(_render(FEATURE_PAGE, ctx), encoding=UTF8)
             pages += 1
         check_links = []
         for name, run, src in runs:
             ctx = checks_context(run, lambda f, s: href(f) if s == sae.sae_id else None)
             (tmp / f"checks-{name}.html").write_text(_render("checks.html", {**base, **ctx, "name": name}),
-                                                      encoding="utf-8")
+                                                      encoding=UTF8)
             shutil.copyfile(src, tmp / f"checks-{name}.json")
             check_links.append((name, f"checks-{name}.html", run["ok"]))
             pages += 1
@@ -113,7 +115,7 @@ def export_html(store_path: Path | str, out: Path | str, sae_id: str | None = No
             shutil.copyfile(d.path / "features.csv", tmp / f"diff-{name}.csv")
             (tmp / f"diff-{name}.html").write_text(_render("diff.html", {
                 **base, **ctx, "name": name, "json_url": f"diff-{name}.json", "csv_url": f"diff-{name}.csv"}),
-                encoding="utf-8")
+                encoding=UTF8)
             diff_links.append((name, f"diff-{name}.html"))
             pages += 1
         items = [{**vars(rows[f]), "href": href(f), "hist": feats[f].hist, "hist_lo": feats[f].hist_lo,
@@ -121,7 +123,7 @@ def export_html(store_path: Path | str, out: Path | str, sae_id: str | None = No
         (tmp / "index.html").write_text(_render("report_index.html", {
             **base, "sae": sae, "sae_hash": hash_path(sae.sae_path)["sha256"], "store_path": str(store_path),
             "list_name": list_name or f"{len(items)} features of {sae.sae_id}", "features": items,
-            "checks": check_links, "diffs": diff_links}), encoding="utf-8")
+            "checks": check_links, "diffs": diff_links}), encoding=UTF8)
         pages += 1
     size = sum(p.stat().st_size for p in tmp.iterdir())
     _replace_dir(tmp, out, force)
