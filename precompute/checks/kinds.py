@@ -2,8 +2,8 @@
 
     activations   precompute.encode.encode_batch on right-padded batches with an attention mask (the worker's
                   Engine._run), texts tokenized like the worker (no special tokens, BOS when the SAE wants it)
-    ablation      precompute.intervene.ablation_effects (the worker's /ablate: the SAE splice, clean and edited
-                  rows in one batch) on prompt + target: the change of log p(target) at the prompt's last token
+    ablation      precompute.intervene.splice as ablation_effects (the worker's /ablate) runs it: clean and ablated
+                  rows in one batch, only the last position's logits: the change of log p(target) after the prompt
     steering      precompute.intervene.run_with_edits ("prob_up": the splice with an `add` edit, the last position)
                   and precompute.intervene.generate ("output_changes": greedy default vs steered, the worker's /steer)
 
@@ -22,7 +22,7 @@ from ..config import CHECK
 from ..data import bos_id
 from ..encode import encode_batch
 from ..errors import UserError, echo
-from ..intervene import Edit, Sampling, ablation_effects, generate, run_with_edits
+from ..intervene import Edit, Sampling, generate, run_with_edits, splice, validate_edits
 from ..models import HookedLM
 from ..saes import SAE
 from .spec import CheckSpec
@@ -180,31 +180,37 @@ def run_monitor(lm: HookedLM, spec: CheckSpec, get: Callable[[str], SetActs]) ->
                        _evidence(lm, get(p["texts"]), rows, p["features"], p["texts"]))
 
 
+@torch.no_grad()
 def run_ablation(lm: HookedLM, sae: SAE, spec: CheckSpec, texts: list[str], max_tokens: int,
                  tick: Callable[[int], None]) -> CheckResult:
+    """Per prompt one batch of 2 through the splice (clean row, ablated row), as ablation_effects runs it, but only
+    the last position's logits are computed: the prediction of the target after the prompt."""
     p = spec.params
     targets = token_ids(lm, p.get("targets"), p.get("target_ids"), f"check {spec.name!r}")
-    edits = [Edit(f, "ablate") for f in p["features"]]
+    feats = p["features"]
     rows = []
     for i, text in enumerate(texts):
-        ids = tokenize(lm, sae, text, max_tokens - 1)
+        ids = tokenize(lm, sae, text, max_tokens)
+        edits = validate_edits([Edit(f, "ablate") for f in feats], sae.cfg.d_sae, len(ids))
+        with splice(lm, sae, [(), edits], feats) as s:
+            out = lm.model(input_ids=torch.tensor(ids)[None].expand(2, -1).to(lm.device), use_cache=False,
+                           logits_to_keep=1)
+        lp = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()  # (2, vocab)
+        acts = s.records[0][0]  # (T, n_features): the clean activations of the ablated features
         for tgt in targets:
-            r = ablation_effects(lm, sae, ids + [tgt], edits)
-            at = len(ids) - 1  # the prediction of the target: after the prompt's last token
             rows.append({"index": i, "text": text, "target_id": tgt, "target": lm.tokenizer.decode([tgt]),
-                         "clean_logprob": r.clean_logprob[at], "delta_logprob": r.delta_logprob[at],
-                         "tokens": _strs(lm, ids + [tgt]),
-                         "feature_acts": {str(f): v[:len(ids)] for f, v in r.feature_acts.items()}})
+                         "clean_logprob": float(lp[0, tgt]), "delta_logprob": float(lp[1, tgt] - lp[0, tgt]),
+                         "tokens": _strs(lm, ids), "feature_acts": {str(f): acts[:, j].tolist() for j, f in enumerate(feats)}})
         tick(1)
     mean = float(np.mean([r["delta_logprob"] for r in rows]))
     need = -p["min_nats"] if p["direction"] == "lower" else p["min_nats"]
     ok = mean <= need if p["direction"] == "lower" else mean >= need
     word = "lowers" if p["direction"] == "lower" else "raises"
-    summary = (f"ablating {p['features']} changes log p(target) by {mean:+.4f} nats on average over {len(rows)} "
+    summary = (f"ablating {feats} changes log p(target) by {mean:+.4f} nats on average over {len(rows)} "
                f"prompt-target pairs (needs: {word} it by >= {p['min_nats']:g}, i.e. {'<=' if need <= 0 else '>='} "
                f"{need:+g})")
     return CheckResult(spec.name, spec.kind, spec.sae_id, spec.line, ok, summary,
-                       {"features": p["features"], "targets": targets, "direction": p["direction"],
+                       {"features": feats, "targets": targets, "direction": p["direction"],
                         "min_nats": p["min_nats"], "prompts": p["prompts"]},
                        {"mean_delta_logprob": mean, "n_pairs": len(rows)},
                        rows[:CHECK.evidence_texts * max(1, len(targets))])
