@@ -117,6 +117,34 @@ class Limits:
     attribution_verify: int = 10  # of which the true ablation effect is measured
 
 
+# ---- evidence (issue 22): `saescope check`, `saescope diff`, `saescope export --format html`
+@dataclass(frozen=True)
+class CheckSettings:
+    max_tokens: int = 128  # tokens per text of a check set (longer texts are cut; BOS included)
+    batch_size: int = 16  # texts per forward pass
+    max_texts: int = 100_000  # texts a dataset set may take
+    max_features: int = 256  # features one check may name
+    max_threshold: float = 1e6  # largest activation threshold accepted
+    max_nats: float = 100.0  # largest ablation effect a check may ask for
+    steer_min_pct: float = 50.0  # steering "output_changes": share of prompts whose greedy output must change
+    steer_new_tokens: int = 16  # steering "output_changes": greedy tokens compared
+    evidence_texts: int = 20  # texts kept as evidence per check (the ones that fired / tripped it first)
+
+
+@dataclass(frozen=True)
+class DiffSettings:
+    tokens: int = 65_536
+    context_len: int = 128
+    batch_size: int = 16
+    n_examples: int = 5  # contexts per feature where the two models differ most
+    n_rank: int = 50  # features listed each way on the diff page
+    worse_ev: float = 0.1  # warn when model B's explained variance is this much below model A's
+    html_features: int = 20  # `export --format html`: features listed when no --features, check run or diff names any
+
+
+CHECK = CheckSettings()
+DIFF = DiffSettings()
+
 EMBEDDED = EmbeddedDefault()
 PRECOMPUTE = PrecomputeSettings()
 TRAIN = TrainSettings()

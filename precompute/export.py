@@ -55,7 +55,7 @@ class NeuronpediaDefaults:
 
 
 NEURONPEDIA = NeuronpediaDefaults()
-FORMATS = ("neuronpedia",)
+FORMATS = ("neuronpedia", "html")  # html: app/web/report.py (issue 22)
 
 # the keys SAEDashboard 0.8.0 writes (NeuronpediaDashboard*.to_dict()); tests check files against these
 BATCH_KEYS = ("model_id", "layer", "sae_set", "sae_id_suffix", "features")

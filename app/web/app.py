@@ -22,6 +22,7 @@ from ..errors import AppError, echo, validation_message
 from ..settings import SERVE, VERSION
 from ..worker.client import WorkerClient
 from . import api, live, live_api, maps, pages
+from . import diff as diff_pages
 from .cache import PageCache, PageCacheMiddleware, cacheable_paths
 from .lookups import warm_up
 from .templates import STATIC, page
@@ -93,6 +94,7 @@ def create_app(store_path: Path | str, worker_url: str | None = None, cache: boo
     app.state.page_cache = cached
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(diff_pages.router)  # evidence pages: /diffs, /checks (HTML; not in the OpenAPI document)
     if cached is not None:
         app.add_middleware(PageCacheMiddleware, cache=cached)
 
