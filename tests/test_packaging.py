@@ -116,6 +116,13 @@ def test_no_code_finds_files_through_the_checkout():
     assert config.EMBEDDED.sae_dir.resolve() == (ROOT / "precompute/data/demo_sae").resolve()
 
 
+RENDER_CALLS = {"page", "get_template", "_render", "TemplateResponse"}  # how app/ renders a template by name
+
+
+def _call_name(func: ast.expr) -> str:
+    return func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+
+
 def runtime_files() -> set[str]:
     """Paths inside the wheel (saescope/...) of every data file the code loads at run time: the templates the
     code and other templates name, the static files the templates link, the vendored registry data and the demo
@@ -127,9 +134,10 @@ def runtime_files() -> set[str]:
     names: set[str] = set()
     for path in _source_files(ROOT / "app"):
         if path.suffix == ".py":
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"[\w-]+\.html", node.value):
-                    names.add(node.value)
+            for node in ast.walk(ast.parse(path.read_text())):  # the template names given to a render call
+                if isinstance(node, ast.Call) and _call_name(node.func) in RENDER_CALLS:
+                    names.update(a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)
+                                 and re.fullmatch(r"[\w-]+\.html", a.value))
     static: set[str] = set()
     for path in TEMPLATES.glob("*.html"):
         text = path.read_text()
