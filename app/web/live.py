@@ -11,7 +11,6 @@ from typing import Literal
 
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse
-from markupsafe import escape
 
 from ..errors import AppError, echo
 from ..settings import SERVE, WORKER
@@ -30,12 +29,12 @@ MAX_PROMPT_CHARS = S.max_prompt_chars
 
 def worker_status(app) -> dict:
     client = app.state.worker
-    if client is None:
-        return {"up": False, "message": "Live inspection is off: this server was started with --no-worker."}
+    if client is None:  # for good: no polling
+        return {"up": False, "poll": False, "message": "Live inspection is off: this server was started with --no-worker."}
     h, why = client.health()
     if h is None:
-        return {"up": False, "message": DOWN_HINT.format(why=why)}
-    return {"up": True, "message": "", "health": h}
+        return {"up": False, "poll": True, "message": DOWN_HINT.format(why=why)}
+    return {"up": True, "poll": False, "message": "", "health": h}
 
 
 def _client(request: Request) -> WorkerClient:
@@ -71,21 +70,29 @@ def inspect_data(request: Request, sae_id: str, prompt: str, pos: int | None) ->
 @router.get("/inspect", response_class=HTMLResponse)
 def inspect_page(request: Request, sae: str | None = None, prompt: str = Query("", max_length=MAX_PROMPT_CHARS),
                  pos: int | None = Query(None, ge=0), ablate: int | None = Query(None, ge=0),
-                 why: int | None = Query(None, ge=0), target: int | None = Query(None, ge=0)):
+                 why: int | None = Query(None, ge=0), target: int | None = Query(None, ge=0),
+                 color: int | None = Query(None, ge=0)):
     """A prompt's features (live); ablate=F adds the per-token effect of removing feature F; why=P explains the
-    prediction after token P (target=ID for another token than the top one)."""
+    prediction after token P (target=ID for another token than the top one); color=F colours the token strip by
+    feature F's activation instead of each token's strongest feature."""
     store = store_of(request)
     info = sae_or_first(store, sae)
     sae_id = info.sae_id
     ctx = {"saes": store.saes(), "sae": info, "prompt": prompt, "pos": pos, "worker": worker_status(request.app),
            "result": None, "error": None, "ablate": ablate, "why": why, "target": target, "ablation": None,
-           "attribution": None}
-    if ablate is not None:
-        check_index(info, ablate)
+           "attribution": None, "color": color}
+    for given in (ablate, color):
+        if given is not None:
+            check_index(info, given)
     if prompt.strip():
         try:
             ctx["result"] = inspect_data(request, sae_id, prompt, pos)
             client = _client(request)
+            if color is not None:  # the strip coloured by one feature, relative to its stored max
+                res, acts = ctx["result"], client.activations(FeatureActsIn(sae_id=sae_id, text=prompt, feature=color))
+                stored = store.feature(sae_id, color)
+                res["toks"] = _strip(acts.tokens, acts.values, pos)
+                res["vmax"] = max(acts.max_value, stored.max_act if stored else 0.0)
             if ablate is not None:
                 ctx["ablation"] = client.ablate(EditsIn(sae_id=sae_id, text=prompt,
                                                         edits=[EditIn(feature=ablate, mode="ablate")]))
@@ -103,9 +110,14 @@ def inspect_page(request: Request, sae: str | None = None, prompt: str = Query("
 
 @router.get("/live/status", response_class=HTMLResponse)
 def live_status(request: Request):
-    """A fragment: empty when the worker answers, a plain notice when it does not (pages stay cacheable)."""
+    """A fragment (#worker-status): empty when the worker answers, else the one notice saying why, which asks
+    again every SERVE.worker_poll_s (htmx) until the worker is back; then the header HX-Trigger: worker-up lets
+    a live page re-run its form by itself (pages stay cacheable: they load this fragment)."""
     st = worker_status(request.app)
-    return HTMLResponse("" if st["up"] else f'<p class="notice" role="status">{escape(st["message"])}</p>')
+    resp = HTMLResponse(str(ENV.globals["m"].worker_notice(st)))
+    if st["up"]:
+        resp.headers["HX-Trigger"] = "worker-up"
+    return resp
 
 
 @router.post("/live/activations", response_class=HTMLResponse)
@@ -131,36 +143,40 @@ def live_activations(request: Request, sae: str = Form(...), feature: int = Form
                                                "error": None})
 
 
-def explain_request(store, sae_id: str, index: int) -> ExplainIn:
-    """The feature's stored top and quantile examples (cut to the explainer's windows) as a worker request."""
+def explain_request(store, sae_id: str, index: int, score: bool = False) -> ExplainIn:
+    """The feature's stored top and quantile examples (cut to the explainer's windows) as a worker request; with
+    score, also stored contexts where the feature is 0, so the worker can score the explanation."""
     from saescope.precompute.explain import ExplainConfig
     from saescope.precompute.explain.prompts import window
     from saescope.precompute.explain.run import material_from_store
 
     cfg = ExplainConfig()
-    m = material_from_store(store, sae_id, index, 0)
-    cut = lambda ex: ExampleIn(**{k: list(v) for k, v in vars(window(ex, cfg.left, cfg.right)).items()})  # noqa: E731
     n = W.max_explain_examples
+    m = material_from_store(store, sae_id, index, min(cfg.n_test, n) if score else 0)
+    cut = lambda ex: ExampleIn(**{k: list(v) for k, v in vars(window(ex, cfg.left, cfg.right)).items()})  # noqa: E731
     return ExplainIn(top=[cut(e) for e in m.top[:n]], quantiles=[[cut(e) for e in g[:n]] for g in m.quantiles[:n]],
-                     max_tokens=W.explain_max_tokens)
+                     non_activating=[list(c) for c in m.non_activating[:n]] if score else [], score=score,
+                     max_tokens=cfg.explain_max_tokens)  # the budget `saescope explain` uses (the sentence is whole)
 
 
 @router.post("/live/explain", response_class=HTMLResponse)
-def live_explain(request: Request, sae: str = Form(...), feature: int = Form(..., ge=0)):
-    """The feature page's "explain this feature": its stored examples explained by the worker's model (not saved)."""
+def live_explain(request: Request, sae: str = Form(...), feature: int = Form(..., ge=0), score: bool = Form(False)):
+    """The feature page's "explain this feature": its stored examples explained by the worker's model (not saved);
+    score=true also scores the explanation (detection, fuzzing). The answer shows the command that saves one."""
     store = store_of(request)
     info = sae_or_404(store, sae)
     check_index(info, feature)
     macros = ENV.get_template("_explanation.html").module
+    save = f"saescope explain STORE --sae {info.sae_id} --features {feature}"
     try:
-        body = explain_request(store, sae, feature)
+        body = explain_request(store, sae, feature, score)
     except ValueError:  # pydantic: no top example
         return HTMLResponse(str(macros.live_result(None, "this feature has no stored examples to explain")))
     try:
         out = _client(request).explain(body)
     except AppError as err:
         return HTMLResponse(str(macros.live_result(None, err.message)))
-    return HTMLResponse(str(macros.live_result(out, None)))
+    return HTMLResponse(str(macros.live_result(out, None, info.sae_id, feature, save)))
 
 
 @router.get("/api/inspect", tags=["live"], summary="top features of a prompt (live, through the model worker)")
@@ -204,12 +220,27 @@ def parse_edits(specs: list[str], info) -> list[EditIn]:
     return out
 
 
+def _edit_features(specs: list[str]) -> list[int]:
+    """The feature numbers the edit rows name, read leniently (for their top-token chips; parse_edits checks)."""
+    heads = (s.split(":", 1)[0].strip() for s in specs[:W.max_edits])
+    return [int(h) for h in heads if h.isascii() and h.isdigit() and len(h) < 10]
+
+
+def first_difference(a: list[str], b: list[str]) -> int | None:
+    """The first position where two token lists differ (the shorter one's end counts), None when equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
 def _steer_state(request: Request, sae: str | None, prompt: str, edit: list[str], n: int, temperature: float,
                  seed: int) -> dict:
     store = store_of(request)
     info = sae_or_first(store, sae)
     ctx = {"sae": info, "saes": store.saes(), "prompt": prompt, "edits": edit, "n": n, "temperature": temperature,
-           "seed": seed, "worker": worker_status(request.app), "result": None, "error": None, "rows": {}}
+           "seed": seed, "worker": worker_status(request.app), "result": None, "error": None, "rows": {},
+           "diverge": None, "edit_rows": store.features_by_index(info.sae_id, _edit_features(edit))}
     if prompt.strip() and edit:
         try:
             parsed = parse_edits(edit, info)
@@ -222,6 +253,10 @@ def _steer_state(request: Request, sae: str | None, prompt: str, edit: list[str]
             ctx["lead"], ctx["vmax"] = lead, (store.feature(info.sae_id, lead).max_act or 1.0)
             ctx["steered_toks"] = [Tok(t, a[0], False) for t, a in zip(out.steered.tokens, out.steered.feature_acts)]
             ctx["default_toks"] = [Tok(t, a[0], False) for t, a in zip(out.default.tokens, out.default.feature_acts)]
+            ctx["diverge"] = first_difference(out.default.tokens, out.steered.tokens)
+            for toks in (ctx["steered_toks"], ctx["default_toks"]):  # mark where the two continuations part
+                if ctx["diverge"] is not None and ctx["diverge"] < len(toks):
+                    toks[ctx["diverge"]].extra = "diverge"
         except AppError as err:
             if err.status == 404:
                 raise

@@ -16,7 +16,7 @@ from .cache import cacheable
 from .lookups import (check_index, feature_list, feature_list_items, feature_or_404, pager, sae_or_404,
                       score_histogram, url)
 from .maps import neighbourhood
-from .templates import is_htmx, page
+from .templates import ENV, is_htmx, page
 from .tokens import vocab_html, window
 
 router = APIRouter()
@@ -80,6 +80,8 @@ def feature_page(request: Request, sae_id: str, index: int,
     ctx = {"sae": sae, "f": f, "left": left, "right": right, "samples": samples, "others": store.cross(sae_id, index),
            "base": f"/sae/{sae_id}/feature/{index}"}
     ctx["map_near"] = None if is_htmx(request) else neighbourhood(store, sae, f)  # the map around it (SVG)
+    ctx["near"] = {} if is_htmx(request) else store.features_by_index(  # top-token chips of neighbours (issue 17)
+        sae_id, [j for j, _ in f.neighbours] + [j for j, _ in (f.cooc or [])])
     html = vocab_html(store, sae.model_key)
     special = frozenset(sae.params.get("special_token_ids", ()))
     tab_only = bool(samples) and is_htmx(request) and request.headers.get("HX-Target") != "examples"
@@ -92,6 +94,16 @@ def feature_page(request: Request, sae_id: str, index: int,
             return page(request, "feature.html", {**ctx, "top": None}, block="samples")
     ctx["top"] = [window(e, left, right, html, special) for e in examples["top"]]
     return page(request, "feature.html", ctx, block="examples")
+
+
+@router.get("/sae/{sae_id}/feature/{index}/chips", response_class=HTMLResponse, include_in_schema=False)
+@cacheable
+def feature_chips(request: Request, sae_id: str, index: int):
+    """A fragment: the feature's first top-activating tokens as chips (the steering page's edit rows fetch it)."""
+    store = store_of(request)
+    check_index(sae_or_404(store, sae_id), index)
+    row = store.features_by_index(sae_id, [index]).get(index)
+    return HTMLResponse(str(ENV.globals["m"].chips(row.top_tokens, 6)) if row and row.top_tokens else "")
 
 
 @router.get("/sae/{sae_id}/list", response_class=HTMLResponse)
@@ -165,6 +177,7 @@ def search_page(request: Request, sae_id: str, q: str = Query("", max_length=S.m
     base = f"/sae/{sae_id}/search"
     return page(request, "search.html", {
         "sae": sae, "q": q, "by": by, "mode": mode, "hits": hits, "pager": pg, "segments": segments,
+        "n_explained": len(store.explained_features(sae_id)) if mode == "explanation" else None,
         "prev_url": url(base, q=q, by=by, size=size, page=pg.page - 1) if pg and pg.page > 1 else None,
         "next_url": url(base, q=q, by=by, size=size, page=pg.page + 1) if pg and pg.page < pg.pages else None,
     }, block="results")
