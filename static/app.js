@@ -58,6 +58,11 @@ document.addEventListener("focusin", (e) => {
   if (!t) return;
   for (const o of t.parentElement.querySelectorAll(".tok.selected")) { o.classList.remove("selected"); o.removeAttribute("aria-current"); }
   t.classList.add("selected"); t.setAttribute("aria-current", "true");
+  const form = document.getElementById("color-by");  // colouring by a feature keeps the chosen position
+  if (!form) return;
+  let p = form.querySelector("input[name=pos]");
+  if (!p) { p = document.createElement("input"); p.type = "hidden"; p.name = "pos"; form.append(p); }
+  p.value = t.dataset.pos;
 });
 
 // Steering: each edit is a row (feature, mode, value, the feature's top tokens) that writes the same

@@ -44,6 +44,13 @@ def _client(request: Request) -> WorkerClient:
     return request.app.state.worker
 
 
+def _note_down(ctx: dict, err: AppError) -> None:
+    """A request that found the worker gone (while its health answer was still cached as up): the page's one
+    worker notice says so, and polls, instead of a second copy of the message in the result."""
+    if err.status == 503 and err.title == "Model worker unavailable" and ctx["worker"]["up"]:
+        ctx["worker"] = {"up": False, "poll": True, "message": err.message}
+
+
 def _strip(tokens: list[str], values: list[float], mark: int | None = None) -> list[Tok]:
     return [Tok(t, v, i == mark) for i, (t, v) in enumerate(zip(tokens, values))]
 
@@ -104,6 +111,7 @@ def inspect_page(request: Request, sae: str | None = None, prompt: str = Query("
             if err.status == 404:
                 raise
             ctx["error"] = err
+            _note_down(ctx, err)
     block = "detail" if pos is not None and request.headers.get("HX-Target") == "token-detail" else "result"
     return page(request, "inspect.html", ctx, block=block)
 
@@ -261,6 +269,7 @@ def _steer_state(request: Request, sae: str | None, prompt: str, edit: list[str]
             if err.status == 404:
                 raise
             ctx["error"] = err
+            _note_down(ctx, err)
     return ctx
 
 
