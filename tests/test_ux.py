@@ -132,7 +132,7 @@ def test_pages_isolate_text_with_a_bidi_override(client, url):
 
 
 def test_visible_marks_spaces_in_chips_and_strips(plain, tiny_store):
-    assert visible(" big") == "·big" and visible("a b") == "a·b" and visible("") == "∅"
+    assert visible(" big") == "·big" and visible("  x y") == "··x y" and visible(" ") == "·" and visible("") == "∅"
     with Store(tiny_store) as s:
         f = s.features("tiny", sort="density", desc=True, limit=1)[0]
         logits = [t for t, _ in s.feature("tiny", f.index).logit_pos]

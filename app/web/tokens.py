@@ -15,7 +15,7 @@ from saescope.precompute.store import Example, Store
 
 from .format import fmt
 
-_VISIBLE = {"\n": "↵", "\t": "⇥", "\r": "␍", " ": "·"}  # spaces as middle dots, as Neuronpedia shows them
+_VISIBLE = {"\n": "↵", "\t": "⇥", "\r": "␍"}
 
 
 def _code(ch: str) -> str:
@@ -23,11 +23,13 @@ def _code(ch: str) -> str:
 
 
 def visible(token: str) -> str:
-    """A token as a reader should see it: spaces as ·, newlines/tabs as symbols, control bytes as \\xNN, empty as ∅."""
+    """A token as a reader should see it: leading spaces as · (" big" is not "big", as Neuronpedia shows it),
+    newlines/tabs as symbols, control bytes as \\xNN, empty as ∅."""
     if token == "":
         return "∅"
-    out = []
-    for ch in token:
+    body = token.lstrip(" ")
+    out = ["·"] * (len(token) - len(body))
+    for ch in body:
         if ch in _VISIBLE:
             out.append(_VISIBLE[ch])
         elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") or ch == "\ufffd":
