@@ -221,9 +221,9 @@ def test_a_tooltip_at_the_right_edge_adds_no_horizontal_scroll(server, page, fac
     """Before: hovering the rightmost token of a strip added 42 px of horizontal scroll (its tooltip ran off)."""
     page.goto(f"{server}/sae/{facts['sae']}/feature/{facts['index']}")
     assert no_sideways_scroll(page)
-    i = page.evaluate("""() => { const t = [...document.querySelectorAll('.strip .tok.on')];
+    i = page.evaluate("""() => { const t = [...document.querySelectorAll('#top-examples .tok.on')];
         const r = t.map((e) => e.getBoundingClientRect().right); return r.indexOf(Math.max(...r)); }""")
-    tok = page.locator(".strip .tok.on").nth(i)
+    tok = page.locator("#top-examples .tok.on").nth(i)
     tok.scroll_into_view_if_needed()
     tok.hover()
     assert page.evaluate("el => getComputedStyle(el, '::after').content", tok.element_handle()) != "none"
