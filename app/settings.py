@@ -36,6 +36,8 @@ class ServeSettings:
     cache_bytes: int = 512 * 2**20  # whole-response page cache
     prewarm_max_features: int = 16_384  # pre-render feature pages only for stores this small (cold pages: ~10 ms)
     worker_restart_max_s: float = 30.0  # longest wait between restarts of a dead child worker
+    worker_load_guess_s: float = 10.0  # "restarting, about N s" before a worker's load time was measured
+    worker_poll_s: float = 2.0  # how often a page showing "worker unavailable" asks /live/status again
     health_max_age_s: float = 2.0  # how long a worker health answer is trusted
     shutdown_wait_s: float = 10.0  # how long shutdown waits for the page being pre-rendered
 

@@ -1,5 +1,15 @@
 // saescope: the little JS there is. htmx does the partial updates; this keeps the focused token's value
 // announced to screen readers (aria-live) as well as shown in its tooltip.
+// A token's tooltip opens towards the side with more room, so one at the right edge adds no horizontal scroll.
+const placeTip = (e) => {
+  const t = e.target.closest && e.target.closest(".tok");
+  if (!t) return;
+  const r = t.getBoundingClientRect();
+  t.classList.toggle("tip-end", r.left + r.width / 2 > document.documentElement.clientWidth / 2);
+};
+document.addEventListener("mouseover", placeTip);
+document.addEventListener("focusin", placeTip);
+
 document.addEventListener("focusin", (e) => {
   const t = e.target.closest && e.target.closest(".tok.on");
   const live = document.getElementById("tok-live");
@@ -40,4 +50,70 @@ document.addEventListener("keydown", (e) => {
   });
   if (location.pathname.endsWith("/list")) localStorage.setItem(KEY, location.pathname + location.search);
   show();
+})();
+
+// Inspect: the token whose features are shown is marked (its detail loads through htmx without a page load).
+document.addEventListener("focusin", (e) => {
+  const t = e.target.closest && e.target.closest(".inspect-tokens .tok");
+  if (!t) return;
+  for (const o of t.parentElement.querySelectorAll(".tok.selected")) { o.classList.remove("selected"); o.removeAttribute("aria-current"); }
+  t.classList.add("selected"); t.setAttribute("aria-current", "true");
+  const form = document.getElementById("color-by");  // colouring by a feature keeps the chosen position
+  if (!form) return;
+  let p = form.querySelector("input[name=pos]");
+  if (!p) { p = document.createElement("input"); p.type = "hidden"; p.name = "pos"; form.append(p); }
+  p.value = t.dataset.pos;
+});
+
+// Steering: each edit is a row (feature, mode, value, the feature's top tokens) that writes the same
+// edit=FEATURE:MODE:VALUE URL parameter the raw box did, so links stay shareable; "+ edit" adds a row.
+// Without JS the raw boxes stay.
+(() => {
+  const rows = document.getElementById("edit-rows");
+  if (!rows) return;
+  const sae = rows.dataset.sae, max = Number(rows.dataset.max || 16), add = document.getElementById("add-edit");
+  const q = (row, sel) => row.querySelector(sel);
+  const sync = (row) => {
+    const f = q(row, ".e-feature").value.trim(), mode = q(row, ".e-mode").value, v = q(row, ".e-value").value.trim();
+    const raw = q(row, ".e-raw");
+    raw.value = f === "" ? "" : mode === "ablate" ? `${f}:ablate` : `${f}:${mode}:${v === "" ? 0 : v}`;
+    raw.disabled = raw.value === "";  // an empty row adds nothing to the URL
+    q(row, ".e-value").disabled = mode === "ablate";
+  };
+  const chips = (row) => {
+    const f = q(row, ".e-feature").value.trim(), box = q(row, ".e-chips");
+    if (!/^\d{1,9}$/.test(f)) { box.textContent = ""; return; }
+    fetch(`/sae/${encodeURIComponent(sae)}/feature/${f}/chips`)
+      .then((r) => (r.ok ? r.text() : "")).then((html) => { box.innerHTML = html; })  // escaped by the server
+      .catch(() => { box.textContent = ""; });
+  };
+  const enhance = (row) => {
+    q(row, ".e-raw").type = "hidden"; q(row, ".e-structured").hidden = false; sync(row);
+  };
+  const all = () => rows.querySelectorAll(".edit-row");
+  all().forEach(enhance);
+  add.hidden = false;
+  rows.addEventListener("input", (e) => { const r = e.target.closest(".edit-row"); if (r) sync(r); });
+  rows.addEventListener("change", (e) => {
+    const r = e.target.closest(".edit-row");
+    if (!r) return;
+    sync(r);
+    if (e.target.matches(".e-feature")) chips(r);
+  });
+  rows.addEventListener("click", (e) => {
+    const x = e.target.closest(".e-remove");
+    if (!x) return;
+    const r = x.closest(".edit-row");
+    if (all().length > 1) r.remove();
+    else { q(r, ".e-feature").value = ""; q(r, ".e-value").value = ""; q(r, ".e-chips").textContent = ""; sync(r); }
+    add.disabled = all().length >= max;
+  });
+  add.addEventListener("click", () => {
+    const list = all();
+    if (list.length >= max) return;
+    const r = list[list.length - 1].cloneNode(true);
+    q(r, ".e-feature").value = ""; q(r, ".e-value").value = ""; q(r, ".e-mode").value = "add"; q(r, ".e-chips").textContent = "";
+    list[list.length - 1].after(r); sync(r); q(r, ".e-feature").focus();
+    add.disabled = all().length >= max;
+  });
 })();

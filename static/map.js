@@ -199,7 +199,7 @@
   // ------------------------------------------------------------ hover tooltip
   const cache = new Map();
   let hoverTimer = 0;
-  const visible = (t) => (t === "" ? "∅" : t.replace(/[\n\t\r]/g, (c) => ({ "\n": "↵", "\t": "⇥", "\r": "␍" })[c])
+  const visible = (t) => (t === "" ? "∅" : t.replace(/^ +/, (m) => "·".repeat(m.length)).replace(/[\n\t\r]/g, (c) => ({ "\n": "↵", "\t": "⇥", "\r": "␍" })[c])
     .replace(/[\p{Cc}\p{Cf}\p{Cs}\p{Co}\p{Cn}\uFFFD]/gu, (c) => {
       const n = c.codePointAt(0);
       return n < 256 ? "\\x" + n.toString(16).padStart(2, "0") : "\\u" + n.toString(16).padStart(4, "0");

@@ -12,10 +12,11 @@ import httpx
 import pytest
 
 from saescope.app.web.format import fmt
+from saescope.app.web.tokens import alpha
 from saescope.precompute.store import Store
 from tests.conftest import ARTIFACTS, free_port, stop_group
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
@@ -71,7 +72,7 @@ def facts(demo_store):
         sae = s.saes()[0]
         index = s.features(sae.sae_id, sort="density", desc=True, limit=1)[0].index
         return {"sae": sae.sae_id, "index": index, "top": s.examples(sae.sae_id, index, "top"),
-                "feature": s.feature(sae.sae_id, index)}
+                "feature": s.feature(sae.sae_id, index), "store": demo_store}
 
 
 def tip(page, selector: str) -> str:
@@ -209,3 +210,189 @@ def test_steering_panel_shows_default_and_steered_completions(server, page, fact
     again.goto(page.url)
     assert again.inner_text("#steered-completion").strip() == steered
     again.close()
+
+
+# ------------------------------------------------------------------ issue 17: what got in a researcher's way
+def no_sideways_scroll(page) -> bool:
+    return page.evaluate("document.scrollingElement.scrollWidth <= document.scrollingElement.clientWidth")
+
+
+def test_a_tooltip_at_the_right_edge_adds_no_horizontal_scroll(server, page, facts):
+    """Before: hovering the rightmost token of a strip added 42 px of horizontal scroll (its tooltip ran off;
+    55 px at this width with the old stylesheet)."""
+    page.set_viewport_size({"width": 1000, "height": 900})
+    page.goto(f"{server}/sae/{facts['sae']}/feature/{facts['index']}")
+    assert no_sideways_scroll(page)
+    i = page.evaluate("""() => { const t = [...document.querySelectorAll('#top-examples .tok.on')];
+        const r = t.map((e) => e.getBoundingClientRect().right); return r.indexOf(Math.max(...r)); }""")
+    tok = page.locator("#top-examples .tok.on").nth(i)
+    tok.scroll_into_view_if_needed()
+    tok.hover()
+    assert page.evaluate("el => getComputedStyle(el, '::after').content", tok.element_handle()) != "none"
+    assert no_sideways_scroll(page)
+    tok.focus()  # keyboard focus shows the same tooltip
+    assert no_sideways_scroll(page)
+
+
+def test_feature_page_has_a_sticky_table_of_contents_and_folded_samples(server, page, facts):
+    page.goto(f"{server}/sae/{facts['sae']}/feature/{facts['index']}")
+    page.wait_for_selector("#samples details.group")
+    groups = page.locator("#samples details.group")
+    assert groups.count() > 1 and page.locator("#samples details.group[open]").count() == 0
+    folded = page.evaluate("document.documentElement.scrollHeight")
+    closed_h = page.evaluate("document.getElementById('samples').getBoundingClientRect().height")
+    # every section is one click away from the top, and the navigation stays in view while scrolling
+    page.click("#toc a[href='#steer']")
+    page.wait_for_function("Math.abs(document.getElementById('steer').getBoundingClientRect().top) < 120")
+    assert page.evaluate("document.getElementById('toc').getBoundingClientRect().top") == pytest.approx(0, abs=1)
+    assert page.evaluate("scrollY") > 1000
+    page.click("#toc a[href='#provenance']")
+    page.wait_for_function("document.getElementById('provenance').getBoundingClientRect().top < innerHeight")
+    assert page.is_visible("#toc a[href='#explanations']")
+    # a folded range opens on a click and shows its examples
+    first = groups.first
+    assert not first.locator("li.ex").first.is_visible()
+    first.locator("summary").click()
+    assert first.locator("li.ex").first.is_visible()
+    for k in range(1, groups.count()):
+        groups.nth(k).locator("summary").click()
+    opened_h = page.evaluate("document.getElementById('samples').getBoundingClientRect().height")
+    assert opened_h > 3 * closed_h, (closed_h, opened_h)
+    assert folded < page.evaluate("document.documentElement.scrollHeight")
+
+
+def test_inspect_numbers_tokens_marks_the_selected_one_and_colours_by_a_feature(server, page, facts):
+    prompt = "The file descriptor of the socket is closed."
+    page.goto(f"{server}/inspect?sae={facts['sae']}&prompt={prompt.replace(' ', '+')}")
+    page.wait_for_selector("#inspect-strip .tok")
+    toks = page.locator("#inspect-strip .tok")
+    n = toks.count()
+    numbers = page.evaluate("[...document.querySelectorAll('#inspect-strip .tok')].map("
+                            "t => getComputedStyle(t, '::before').content)")
+    assert numbers == [f'"{i}"' for i in range(n)]
+    toks.nth(3).click()
+    page.wait_for_selector("#token-detail h2")
+    assert page.evaluate("[...document.querySelectorAll('#inspect-strip .tok.selected')].map(t => t.dataset.pos)") == ["3"]
+    assert toks.nth(3).get_attribute("aria-current") == "true"
+    toks.nth(5).focus()
+    page.wait_for_function("document.querySelector('#token-detail h2').textContent.includes('Token 5')")
+    assert page.evaluate("[...document.querySelectorAll('#inspect-strip .tok.selected')].map(t => t.dataset.pos)") == ["5"]
+    # colour by one feature: the strip follows that feature's own activations (checked against the API)
+    feature = int(page.locator("#top-features tbody tr td:first-child a").nth(1).inner_text())
+    page.select_option("#color-select", str(feature))
+    page.wait_for_function(f"location.search.includes('color={feature}')")
+    page.wait_for_function(f"document.querySelector('#inspect-strip .tok').dataset.tip.includes('#{feature}')")
+    live = httpx.get(f"{server}/api/saes/{facts['sae']}/features/{feature}/activations", params={"text": prompt}).json()
+    with Store(facts["store"]) as s:
+        vmax = max(live["max_value"], s.feature(facts["sae"], feature).max_act)
+    got = page.evaluate("[...document.querySelectorAll('#inspect-strip .tok')].map(t => t.style.getPropertyValue('--a'))")
+    assert got == [alpha(v, vmax) for v in live["values"]]
+    assert "selected" in (toks.nth(5).get_attribute("class") or "")  # the chosen position survived
+    page.reload()
+    assert page.locator("#color-select").input_value() == str(feature)
+
+
+def test_steering_has_edit_rows_chips_a_divergence_marker_and_a_header_link(server, page, facts):
+    page.goto(f"{server}/sae/{facts['sae']}")
+    page.click("header nav a#nav-steer")
+    page.wait_for_url("**/steer")
+    page.fill("textarea[name=prompt]", "The buffer is")
+    row = page.locator(".edit-row").first
+    assert not row.locator(".e-raw").is_visible()  # the raw FEATURE:MODE:VALUE box is only the no-JS fallback
+    row.locator(".e-feature").fill(str(facts["index"]))
+    row.locator(".e-feature").dispatch_event("change")
+    row.locator(".e-value").fill("40")
+    row.locator(".e-chips .chip").first.wait_for()
+    with Store(facts["store"]) as s:
+        top = s.features_by_index(facts["sae"], [facts["index"], 7])
+    assert row.locator(".e-chips .chip").count() == min(6, len(top[facts["index"]].top_tokens))
+    page.click("#add-edit")
+    second = page.locator(".edit-row").nth(1)
+    second.locator(".e-feature").fill("7")
+    second.locator(".e-feature").dispatch_event("change")
+    second.locator(".e-mode").select_option("ablate")
+    assert second.locator(".e-value").is_disabled()
+    page.locator("input[name=n]").fill("8")
+    page.click("#steer-form button:text('generate')")
+    page.wait_for_selector("#steered-completion", timeout=60_000)
+    q = parse_qs(urlparse(page.url).query)
+    assert q["edit"] == [f"{facts['index']}:add:40", "7:ablate"] and q["prompt"] == ["The buffer is"]
+    # the first token where the continuations part is marked in both, and everything before it is equal
+    default = page.locator("#default-completion .tok").all_inner_texts()
+    steered = page.locator("#steered-completion .tok").all_inner_texts()
+    want = next((i for i, (a, b) in enumerate(zip(default, steered)) if a != b), None)
+    assert want is not None, (default, steered)
+    for sel in ("#default-completion", "#steered-completion"):
+        marked = page.evaluate(f"[...document.querySelectorAll('{sel} .tok')].findIndex(t => t.classList.contains('diverge'))")
+        assert marked == want
+    # the shared link rebuilds the rows
+    again = page.context.new_page()
+    again.goto(page.url)
+    assert again.locator(".edit-row").count() == 2
+    assert again.locator(".edit-row .e-feature").first.input_value() == str(facts["index"])
+    assert again.locator(".edit-row .e-mode").nth(1).input_value() == "ablate"
+    again.close()
+
+
+def test_dead_ends_link_somewhere_and_links_to_nowhere_are_hidden(server, page, facts):
+    sae = facts["sae"]
+    with Store(facts["store"]) as s:
+        d_sae = s.sae(sae).d_sae
+        assert len(s.saes()) == 1
+    page.goto(f"{server}/sae/{sae}/feature/abc")
+    page.click("a.way-back:text('the first that exists')")
+    page.wait_for_url(f"**/sae/{sae}/feature/0")
+    assert page.inner_text("h1") == "Feature 0"
+    page.goto(f"{server}/sae/{sae}/feature/99999")
+    page.click("a.way-back:text('the nearest that exists')")
+    page.wait_for_url(f"**/sae/{sae}/feature/{d_sae - 1}")
+    page.goto(f"{server}/sae/{sae}/feature/99999")
+    page.click(f"a.way-back:text('browse {sae}')")
+    page.wait_for_url(f"**/sae/{sae}")
+    # a one-SAE store has nothing to compare with: no link says otherwise
+    hrefs = page.evaluate("[...document.querySelectorAll('a')].map(a => a.getAttribute('href'))")
+    assert not [h for h in hrefs if "/compare/" in (h or "")]
+
+
+def test_api_docs_work_offline(server, page):
+    """Before: /docs loaded Swagger UI from a CDN and was blank offline. Every outside request is refused here."""
+    outside = []
+
+    def only_local(route):
+        if route.request.url.startswith(server):
+            return route.continue_()
+        outside.append(route.request.url)
+        return route.abort()
+
+    page.route("**/*", only_local)
+    page.goto(f"{server}/docs")
+    page.wait_for_selector(".opblock", timeout=30_000)
+    assert page.locator(".opblock").count() > 10 and not outside, outside
+
+
+def test_the_worker_notice_says_why_once_and_clears_by_itself(server, page, facts):
+    """Before: killing the worker showed its notice twice with a random stderr line, and only a reload recovered.
+    Runs last: the supervisor must bring the worker back (the test waits for it)."""
+    import psutil
+    import signal as sig
+
+    prompt = "The file descriptor of the socket is closed."
+    url = f"{server}/inspect?sae={facts['sae']}&prompt={prompt.replace(' ', '+')}"
+    port = int(server.rsplit(":", 1)[1])
+    serve = next(p for p in psutil.process_iter(["cmdline"])
+                 if p.info["cmdline"] and "serve" in p.info["cmdline"] and str(port) in p.info["cmdline"])
+    worker = next(c for c in serve.children(recursive=True) if "worker" in c.cmdline())
+    os.kill(worker.pid, sig.SIGKILL)
+    time.sleep(2.5)  # past the dashboard's 2 s health cache
+    page.goto(url)
+    notice = page.locator("#worker-status .notice")
+    notice.wait_for()
+    text = notice.inner_text()
+    assert page.locator("text=model worker is unavailable").count() == 1, page.content()[-3000:]
+    assert "killed by signal 9" in text and "restarting, about" in text, text
+    assert page.locator("#inspect-error").count() == 0
+    page.evaluate("window.notReloaded = true")
+    # no reload: the notice polls /live/status and the form runs again once the worker is back
+    page.wait_for_selector("#top-features tbody tr td a", timeout=120_000)
+    assert page.locator("#worker-status .notice").count() == 0
+    assert page.evaluate("window.notReloaded === true")

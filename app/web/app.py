@@ -10,7 +10,8 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -24,8 +25,8 @@ from ..worker.client import WorkerClient
 from . import api, live, live_api, maps, pages
 from . import diff as diff_pages
 from .cache import PageCache, PageCacheMiddleware, cacheable_paths
-from .lookups import warm_up
-from .templates import STATIC, page
+from .lookups import warm_up, way_back
+from .templates import STATIC, page, static_url
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,16 @@ def _wants_json(request: Request) -> bool:
 def _render_error(request: Request, err: AppError) -> Response:
     if _wants_json(request):
         return JSONResponse(err.as_json(), status_code=err.status)
+    links = [err.link] if err.link else []
+    if err.status in (404, 422):  # a dead end: offer the SAE and the nearest feature the URL could have meant
+        links += [ln for ln in way_back(request.app.state.store, request.url.path) if ln[0] not in {u for u, _ in links}]
     return page(request, "error.html", {"status": err.status, "title": err.title, "message": err.message,
-                                        "link": err.link}, status=err.status)
+                                        "link": err.link, "links": links}, status=err.status)
 
 
+# Swagger UI for /docs, vendored from the npm package swagger-ui-dist 5.35.0 (Apache-2.0, static/swagger-ui-LICENSE.txt)
+SWAGGER_JS, SWAGGER_CSS, SWAGGER_ICON = ("swagger-ui-bundle-5.35.0.js", "swagger-ui-5.35.0.css",
+                                         "swagger-ui-favicon-32x32.png")
 DESCRIPTION = "Features of sparse autoencoders: precomputed dashboards and live inspection."
 
 
@@ -86,12 +93,21 @@ def create_app(store_path: Path | str, worker_url: str | None = None, cache: boo
         await asyncio.wait([warm], timeout=SERVE.shutdown_wait_s)
         store.close()
 
-    app = FastAPI(title="saescope", version=VERSION, lifespan=lifespan, description=DESCRIPTION)
+    # docs_url=None: /docs below serves Swagger UI from static/ (vendored swagger-ui-dist), so it works offline
+    app = FastAPI(title="saescope", version=VERSION, lifespan=lifespan, description=DESCRIPTION, docs_url=None,
+                  redoc_url=None)
     app.state.store = store
     app.state.worker = (WorkerClient(worker_url, explain_down=explain_worker_down, secret=worker_secret)
                         if worker_url else None)
     app.mount("/static", CachedStatic(directory=STATIC), name="static")
     app.state.page_cache = cached
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="saescope API",
+                                   swagger_js_url=static_url(SWAGGER_JS), swagger_css_url=static_url(SWAGGER_CSS),
+                                   swagger_favicon_url=static_url(SWAGGER_ICON))
+
     for router in ROUTERS:
         app.include_router(router)
     app.include_router(diff_pages.router)  # evidence pages: /diffs, /checks (HTML; not in the OpenAPI document)

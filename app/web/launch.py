@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,10 @@ from pathlib import Path
 from ..settings import SERVE, WORKER
 
 log = logging.getLogger(__name__)
+# a line of the worker's stderr that says what went wrong: the CLI's "error: …", a Python exception's last line,
+# or a log record at ERROR/CRITICAL (format "HH:MM:SS LEVEL name: message")
+_ERROR_LINE = re.compile(r"^(?:error: (?P<e>.+)|(?P<x>[A-Za-z_.]*(?:Error|Exception|Interrupt|Exit)(?::.*)?)"
+                         r"|\S+ (?:ERROR|CRITICAL) \S+: (?P<l>.+))$")
 
 
 class WorkerSupervisor:
@@ -35,6 +40,10 @@ class WorkerSupervisor:
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
         self.last_exit: str | None = None  # why the last worker died, for the pages
+        self.load_s: float | None = None  # how long the last worker took from start to "worker ready" (measured)
+        self._started = time.monotonic()
+        self._restart_at: float | None = None  # when the next worker starts, while waiting out the backoff
+        self._ready = False
         self._tail: collections.deque[str] = collections.deque(maxlen=20)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="worker-supervisor")
@@ -53,12 +62,20 @@ class WorkerSupervisor:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
+    def eta_s(self) -> float:
+        """Seconds until a restarted worker should answer: the rest of the backoff plus the measured load time
+        (SERVE.worker_load_guess_s before one was measured)."""
+        now = time.monotonic()
+        load = self.load_s if self.load_s is not None else SERVE.worker_load_guess_s
+        if self._restart_at is not None and now < self._restart_at:
+            return self._restart_at - now + load
+        return max(1.0, load - (now - self._started))
+
     def reason(self) -> str | None:
         """Why the worker is not answering, when its process told us (None while it runs or starts)."""
-        if self.last_exit is None:
+        if self.last_exit is None or self._ready:
             return None
-        alive = self.proc is not None and self.proc.poll() is None
-        return self.last_exit + ("; restarting it now" if alive else f"; restarts so far: {self.restarts}")
+        return f"{self.last_exit}; restarting, about {self.eta_s():.0f} s (restarts so far: {self.restarts})"
 
     def _spawn(self) -> subprocess.Popen:
         env = dict(os.environ)
@@ -74,18 +91,31 @@ class WorkerSupervisor:
         for line in proc.stderr:
             sys.stderr.write(line)
             self._tail.append(line.rstrip())
+            if "worker ready on" in line and proc is self.proc:
+                self.load_s, self._ready = time.monotonic() - self._started, True
 
     def _exit_reason(self, code: int) -> str:
-        errors = [ln.removeprefix("error: ") for ln in self._tail if ln.startswith("error: ")]
-        last = errors[-1] if errors else (self._tail[-1] if self._tail else "")
-        how = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
+        """The exit code or signal, and the worker's own last error line if it printed one (`error: …`, a
+        Python exception, a log record at ERROR or CRITICAL); never an ordinary log line that happened to be last."""
+        errors = [ln for ln in self._tail if _ERROR_LINE.match(ln)]
+        m = _ERROR_LINE.match(errors[-1]) if errors else None
+        last = (m.group("e") or m.group("x") or m.group("l")) if m else ""
+        if code >= 0:
+            how = f"exit code {code}"
+        else:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = "an unknown signal"
+            how = f"killed by signal {-code}, {name}" + (": out of memory, or kill -9" if -code == signal.SIGKILL else "")
         return f"the worker process ended ({how})" + (f": {last}" if last else "")
 
     def _run(self) -> None:
         backoff = 1.0
         while not self._stop.is_set():
             self._tail.clear()
-            started = time.monotonic()
+            started = self._started = time.monotonic()
+            self._restart_at, self._ready = None, False
             self.proc = self._spawn()
             code = self.proc.wait()
             if self._stop.is_set():
@@ -94,6 +124,7 @@ class WorkerSupervisor:
             log.error("model worker died: %s", self.last_exit)
             backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, self.max_backoff_s)
             log.info("restarting the model worker in %.0f s", backoff)
+            self._restart_at = time.monotonic() + backoff
             if self._stop.wait(backoff):
                 return
             self.restarts += 1

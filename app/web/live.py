@@ -10,12 +10,11 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse
-from markupsafe import escape
 
 from ..errors import AppError
 from ..settings import SERVE, WORKER
 from .live_views import (Edits, GenerationParams, Prompt, ablate_feature, attribute, client_of, explain_request,
-                         feature_activations, inspect_data, steer_state, store_of, strip, worker_status)
+                         feature_activations, inspect_data, note_down, steer_state, store_of, strip, worker_status)
 from .lookups import check_index, sae_or_first
 from .templates import ENV, page
 
@@ -26,19 +25,27 @@ S, W = SERVE, WORKER
 @router.get("/inspect", response_class=HTMLResponse)
 def inspect_page(request: Request, sae: str | None = None, prompt: Prompt = "",
                  pos: int | None = Query(None, ge=0), ablate: int | None = Query(None, ge=0),
-                 why: int | None = Query(None, ge=0), target: int | None = Query(None, ge=0)):
+                 why: int | None = Query(None, ge=0), target: int | None = Query(None, ge=0),
+                 color: int | None = Query(None, ge=0)):
     """A prompt's features (live); ablate=F adds the per-token effect of removing feature F; why=P explains the
-    prediction after token P (target=ID for another token than the top one)."""
+    prediction after token P (target=ID for another token than the top one); color=F colours the token strip by
+    feature F's activation instead of each token's strongest feature."""
     store = store_of(request)
     info = sae_or_first(store, sae)
     ctx = {"saes": store.saes(), "sae": info, "prompt": prompt, "pos": pos, "worker": worker_status(request.app),
            "result": None, "error": None, "ablate": ablate, "why": why, "target": target, "ablation": None,
-           "attribution": None}
-    if ablate is not None:
-        check_index(info, ablate)
+           "attribution": None, "color": color}
+    for given in (ablate, color):
+        if given is not None:
+            check_index(info, given)
     if prompt.strip():
         try:
             ctx["result"] = inspect_data(request, info, prompt, pos)
+            if color is not None:  # the strip coloured by one feature, relative to its stored max
+                res, acts = ctx["result"], feature_activations(request, info, color, prompt)
+                stored = store.feature(info.sae_id, color)
+                res["toks"] = strip(acts.tokens, acts.values, pos)
+                res["vmax"] = max(acts.max_value, stored.max_act if stored else 0.0)
             if ablate is not None:
                 ctx["ablation"] = ablate_feature(request, info, prompt, ablate)
             if why is not None:
@@ -49,15 +56,21 @@ def inspect_page(request: Request, sae: str | None = None, prompt: Prompt = "",
             if err.status == 404:
                 raise
             ctx["error"] = err
+            note_down(ctx, err)
     block = "detail" if pos is not None and request.headers.get("HX-Target") == "token-detail" else "result"
     return page(request, "inspect.html", ctx, block=block)
 
 
 @router.get("/live/status", response_class=HTMLResponse)
 def live_status(request: Request):
-    """A fragment: empty when the worker answers, a plain notice when it does not (pages stay cacheable)."""
+    """A fragment (#worker-status): empty when the worker answers, else the one notice saying why, which asks
+    again every SERVE.worker_poll_s (htmx) until the worker is back; then the header HX-Trigger: worker-up lets
+    a live page re-run its form by itself (pages stay cacheable: they load this fragment)."""
     st = worker_status(request.app)
-    return HTMLResponse("" if st["up"] else f'<p class="notice" role="status">{escape(st["message"])}</p>')
+    resp = HTMLResponse(str(ENV.globals["m"].worker_notice(st)))
+    if st["up"]:
+        resp.headers["HX-Trigger"] = "worker-up"
+    return resp
 
 
 @router.post("/live/activations", response_class=HTMLResponse)
@@ -82,21 +95,23 @@ def live_activations(request: Request, sae: str = Form(...), feature: int = Form
 
 
 @router.post("/live/explain", response_class=HTMLResponse)
-def live_explain(request: Request, sae: str = Form(...), feature: int = Form(..., ge=0)):
-    """The feature page's "explain this feature": its stored examples explained by the worker's model (not saved)."""
+def live_explain(request: Request, sae: str = Form(...), feature: int = Form(..., ge=0), score: bool = Form(False)):
+    """The feature page's "explain this feature": its stored examples explained by the worker's model (not saved);
+    score=true also scores the explanation (detection, fuzzing). The answer shows the command that saves one."""
     store = store_of(request)
     info = store.require_sae(sae)
     check_index(info, feature)
     macros = ENV.get_template("_explanation.html").module
+    save = f"saescope explain STORE --sae {info.sae_id} --features {feature}"
     try:
-        body = explain_request(store, sae, feature)
+        body = explain_request(store, sae, feature, score)
     except ValueError:  # pydantic: no top example
         return HTMLResponse(str(macros.live_result(None, "this feature has no stored examples to explain")))
     try:
         out = client_of(request).explain(body)
     except AppError as err:
         return HTMLResponse(str(macros.live_result(None, err.message)))
-    return HTMLResponse(str(macros.live_result(out, None)))
+    return HTMLResponse(str(macros.live_result(out, None, info.sae_id, feature, save)))
 
 
 @router.get("/steer", response_class=HTMLResponse)

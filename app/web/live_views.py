@@ -30,12 +30,12 @@ def store_of(request: Request) -> Store:
 
 def worker_status(app) -> dict:
     client = app.state.worker
-    if client is None:
-        return {"up": False, "message": "Live inspection is off: this server was started with --no-worker."}
+    if client is None:  # for good: no polling
+        return {"up": False, "poll": False, "message": "Live inspection is off: this server was started with --no-worker."}
     h, why = client.health()
     if h is None:
-        return {"up": False, "message": DOWN_HINT.format(why=why)}
-    return {"up": True, "message": "", "health": h}
+        return {"up": False, "poll": True, "message": DOWN_HINT.format(why=why)}
+    return {"up": True, "poll": False, "message": "", "health": h}
 
 
 def client_of(request: Request) -> WorkerClient:
@@ -43,6 +43,13 @@ def client_of(request: Request) -> WorkerClient:
     if not st["up"]:
         raise AppError(st["message"], 503, title="Model worker unavailable")
     return request.app.state.worker
+
+
+def note_down(ctx: dict, err: AppError) -> None:
+    """A request that found the worker gone (while its health answer was still cached as up): the page's one
+    worker notice says so, and polls, instead of a second copy of the message in the result."""
+    if err.status == 503 and err.title == "Model worker unavailable" and ctx["worker"]["up"]:
+        ctx["worker"] = {"up": False, "poll": True, "message": err.message}
 
 
 def strip(tokens: list[str], values: list[float], mark: int | None = None) -> list[Tok]:
@@ -119,7 +126,7 @@ def steer_state(request: Request, sae: SAEInfo, prompt: str, edit: list[str], g:
     store = store_of(request)
     ctx = {"sae": sae, "saes": store.saes(), "prompt": prompt, "edits": edit, "n": g.n, "temperature": g.temperature,
            "seed": g.seed, "worker": worker_status(request.app), "result": None, "error": None, "rows": {},
-           "status": 200}
+           "status": 200, "diverge": None, "edit_rows": store.features_by_index(sae.sae_id, edit_features(edit))}
     if prompt.strip() and edit:
         try:
             parse_edits(edit, sae)
@@ -135,6 +142,7 @@ def steer_state(request: Request, sae: SAEInfo, prompt: str, edit: list[str], g:
             if err.status == 404:
                 raise
             ctx["error"] = err
+            note_down(ctx, err)
             return ctx
         ctx["result"] = out
         ctx["rows"] = store.features_by_index(sae.sae_id, out.watch)
@@ -143,19 +151,39 @@ def steer_state(request: Request, sae: SAEInfo, prompt: str, edit: list[str], g:
         ctx["lead"], ctx["vmax"] = lead, (store.feature(sae.sae_id, lead).max_act or 1.0)
         ctx["steered_toks"] = [Tok(t, a[0], False) for t, a in zip(out.steered.tokens, out.steered.feature_acts)]
         ctx["default_toks"] = [Tok(t, a[0], False) for t, a in zip(out.default.tokens, out.default.feature_acts)]
+        ctx["diverge"] = first_difference(out.default.tokens, out.steered.tokens)
+        for toks in (ctx["steered_toks"], ctx["default_toks"]):  # mark where the two continuations part
+            if ctx["diverge"] is not None and ctx["diverge"] < len(toks):
+                toks[ctx["diverge"]].extra = "diverge"
     return ctx
 
 
+def edit_features(specs: list[str]) -> list[int]:
+    """The feature numbers the edit rows name, read leniently (for their top-token chips; parse_edits checks)."""
+    heads = (s.split(":", 1)[0].strip() for s in specs[:W.max_edits])
+    return [int(h) for h in heads if h.isascii() and h.isdigit() and len(h) < 10]
+
+
+def first_difference(a: list[str], b: list[str]) -> int | None:
+    """The first position where two token lists differ (the shorter one's end counts), None when equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
 # ---------------------------------------------------------------- explaining a feature
-def explain_request(store: Store, sae_id: str, index: int) -> ExplainIn:
-    """The feature's stored top and quantile examples (cut to the explainer's windows) as a worker request."""
+def explain_request(store: Store, sae_id: str, index: int, score: bool = False) -> ExplainIn:
+    """The feature's stored top and quantile examples (cut to the explainer's windows) as a worker request; with
+    score, also stored contexts where the feature is 0, so the worker can score the explanation."""
     from saescope.precompute.explain import ExplainConfig
     from saescope.precompute.explain.prompts import window
     from saescope.precompute.explain.run import material_from_store
 
     cfg = ExplainConfig()
-    m = material_from_store(store, sae_id, index, 0)
-    cut = lambda ex: ExampleIn(**{k: list(v) for k, v in vars(window(ex, cfg.left, cfg.right)).items()})  # noqa: E731
     n = W.max_explain_examples
+    m = material_from_store(store, sae_id, index, min(cfg.n_test, n) if score else 0)
+    cut = lambda ex: ExampleIn(**{k: list(v) for k, v in vars(window(ex, cfg.left, cfg.right)).items()})  # noqa: E731
     return ExplainIn(top=[cut(e) for e in m.top[:n]], quantiles=[[cut(e) for e in g[:n]] for g in m.quantiles[:n]],
-                     max_tokens=W.explain_max_tokens)
+                     non_activating=[list(c) for c in m.non_activating[:n]] if score else [], score=score,
+                     max_tokens=cfg.explain_max_tokens)  # the budget `saescope explain` uses (the sentence is whole)

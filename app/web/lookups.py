@@ -7,7 +7,8 @@ import gc
 import logging
 import time
 from dataclasses import dataclass
-from urllib.parse import urlencode
+import re
+from urllib.parse import quote, unquote, urlencode
 
 from saescope.precompute.store import SAEInfo, Store
 
@@ -167,3 +168,26 @@ def score_histogram(store: Store, sae_id: str, bins: int = SCORE_BINS) -> tuple[
     scores = store.explanation_scores(sae_id)
     counts = np.histogram(np.clip(scores, 0.0, 1.0), bins=bins, range=(0.0, 1.0))[0] if scores else [0] * bins
     return [int(c) for c in counts], len(scores)
+
+
+_SAE_PATH = re.compile(r"^/sae/(?P<sae>[^/]+)(?:/feature/(?P<f>[^/]+))?")
+
+
+def way_back(store: Store, path: str) -> list[tuple[str, str]]:
+    """Links out of an error page under /sae/S/...: the SAE when it exists, and on a feature URL that names no
+    feature (feature/abc, feature/99999, feature/-3) the nearest feature that exists."""
+    m = _SAE_PATH.match(path)
+    sae = store.sae(unquote(m["sae"])) if m else None
+    if sae is None:
+        return []
+    base = f"/sae/{quote(sae.sae_id, safe='')}"
+    links = [(base, f"browse {sae.sae_id}")]
+    if m["f"] is not None and sae.d_sae > 0:
+        raw = unquote(m["f"]).strip()
+        try:
+            near, how = min(max(int(raw, 10), 0), sae.d_sae - 1), "nearest"
+        except ValueError:
+            near, how = 0, "first"
+        if str(near) != raw:
+            links.append((f"{base}/feature/{near}", f"feature {near}, the {how} that exists"))
+    return links

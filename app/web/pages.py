@@ -13,8 +13,10 @@ from saescope.precompute.store import Store
 
 from ..settings import SERVE
 from .cache import cacheable
-from .lookups import url
-from .templates import is_htmx, page
+from saescope.precompute.store.explanations import explained_features
+
+from .lookups import check_index, url
+from .templates import ENV, is_htmx, page
 from .tokens import vocab_html, window
 from .views import (FeatureListParams, ListParams, SearchParams, compare_view, feature_view, features_view, list_view,
                     search_view)
@@ -76,12 +78,24 @@ def feature_page(request: Request, sae_id: str, index: int,
     special = frozenset(sae.params.get("special_token_ids", ()))
     ctx = {"sae": sae, "f": v.f, "view": v, "left": left, "right": right, "samples": samples, "others": v.others,
            "base": f"/sae/{sae_id}/feature/{index}", "map_near": v.map_near}
+    ctx["near"] = {} if is_htmx(request) else store.features_by_index(  # top-token chips of neighbours (issue 17)
+        sae_id, [j for j, _ in v.f.neighbours] + [j for j, _ in (v.f.cooc or [])])
     if samples:
         ctx["groups"] = [(g, [window(e, left, right, html, special) for e in g.examples]) for g in v.groups[samples]]
         if tab_only:
             return page(request, "feature.html", {**ctx, "top": None}, block="samples")
     ctx["top"] = [window(e, left, right, html, special) for e in v.examples["top"]]
     return page(request, "feature.html", ctx, block="examples")
+
+
+@router.get("/sae/{sae_id}/feature/{index}/chips", response_class=HTMLResponse, include_in_schema=False)
+@cacheable
+def feature_chips(request: Request, sae_id: str, index: int):
+    """A fragment: the feature's first top-activating tokens as chips (the steering page's edit rows fetch it)."""
+    store = store_of(request)
+    check_index(store.require_sae(sae_id), index)
+    row = store.features_by_index(sae_id, [index]).get(index)
+    return HTMLResponse(str(ENV.globals["m"].chips(row.top_tokens, 6)) if row and row.top_tokens else "")
 
 
 @router.get("/sae/{sae_id}/list", response_class=HTMLResponse)
@@ -121,4 +135,5 @@ def search_page(request: Request, sae_id: str, p: Annotated[SearchParams, Depend
         "sae": v.sae, "q": v.q, "by": p.by, "mode": v.mode, "hits": v.hits, "pager": v.pager, "segments": v.segments,
         "prev_url": v.pager.prev_url(base, **keep) if v.pager else None,
         "next_url": v.pager.next_url(base, **keep) if v.pager else None,
+        "n_explained": len(explained_features(store_of(request), sae_id)) if v.mode == "explanation" else None,
     }, block="results")

@@ -14,7 +14,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from ..settings import SERVE, VERSION, WORKER
 from .format import fmt, pct
 from .plots import histogram_svg
-from .tokens import alpha, delta_strip_html, strip_html, visible
+from .tokens import alpha, delta_strip_html, shown, strip_html, untrusted, visible
 
 # package data of the installed saescope (the checkout's templates/ and static/ through the editable install):
 # real folders in both cases, since wheels install unzipped
@@ -36,7 +36,7 @@ def make_env() -> Environment:
     env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html", "svg"]),
                       trim_blocks=True, lstrip_blocks=True, auto_reload=False)
     env.globals.update(static_url=static_url, serve=SERVE, wk=WORKER, version=VERSION)
-    env.filters.update(visible=visible, fmt=fmt, pct=pct, alpha=alpha)
+    env.filters.update(visible=visible, fmt=fmt, pct=pct, alpha=alpha, u=untrusted, shown=shown)
     env.globals.update(histogram_svg=histogram_svg, strip_html=strip_html, delta_strip_html=delta_strip_html)
     return env
 

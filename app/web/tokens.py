@@ -18,19 +18,51 @@ from .format import fmt
 _VISIBLE = {"\n": "↵", "\t": "⇥", "\r": "␍"}
 
 
+def _code(ch: str) -> str:
+    return f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}"
+
+
 def visible(token: str) -> str:
-    """A token as a reader should see it: newlines/tabs as symbols, control bytes as \\xNN, empty as ∅."""
+    """A token as a reader should see it: leading spaces as · (" big" is not "big", as Neuronpedia shows it),
+    newlines/tabs as symbols, control bytes as \\xNN, empty as ∅."""
     if token == "":
         return "∅"
-    out = []
-    for ch in token:
+    body = token.lstrip(" ")
+    out = ["·"] * (len(token) - len(body))
+    for ch in body:
         if ch in _VISIBLE:
             out.append(_VISIBLE[ch])
         elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") or ch == "\ufffd":
-            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
+            out.append(_code(ch))
         else:
             out.append(ch)
     return "".join(out)
+
+
+_JOINERS = frozenset("\u200c\u200d")  # zero-width (non-)joiners: part of emoji and of many scripts, kept
+
+
+def shown(text: str) -> str:
+    """Untrusted prose (notes, prompts, queries, explanations) with its control and format characters (bidi
+    overrides such as U+202E included) written out as \\uNNNN, so they can neither hide nor reorder the page's
+    own text; newlines and tabs are kept. Plain text: for attributes and <title>; escaped by Jinja."""
+    out = []
+    for ch in str(text):
+        if ch in "\n\t" or ch in _JOINERS:
+            out.append(ch)
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn"):
+            out.append(_code(ch))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def untrusted(text) -> Markup:
+    """The one way templates print untrusted prose: escaped, control characters shown (shown()), and isolated
+    in a <bdi> so right-to-left text inside it cannot reorder the sentence around it."""
+    if text is None:
+        text = ""
+    return Markup(f'<bdi class="u">{escape(shown(text))}</bdi>')
 
 
 def alpha(v: float, vmax: float) -> str:
@@ -47,6 +79,7 @@ class Tok:
     is_max: bool
     html: str | None = None  # the escaped visible form, when precomputed
     special: bool = False  # BOS/EOS/pad: shown muted, never an activation
+    extra: str = ""  # more CSS classes (e.g. "diverge": where steered and default text part)
 
 
 @dataclass
@@ -92,6 +125,8 @@ def strip_html(toks, vmax: float, clipped_left: bool = False, clipped_right: boo
         cls = "tok max" if t.is_max else "tok"
         if getattr(t, "special", False):
             cls += " special"
+        if getattr(t, "extra", ""):
+            cls += f" {escape(t.extra)}"
         if t.value > 0:
             out.append(f'<span class="{cls} on" tabindex="0" style="--a:{alpha(t.value, vmax)}" '
                        f'data-tip="{text} → {fmt(t.value, 4)}">{text}</span>')
