@@ -94,7 +94,27 @@ class ExplainSettings:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class CircuitConfig:
+    """Attribution graphs (precompute/circuits/): circuit-tracer's defaults and saescope's bounds on one graph."""
+
+    max_tokens: int = 64  # prompt tokens (BOS included); a longer prompt is a 4xx
+    max_feature_nodes: int = 2048  # feature nodes whose incoming edges are computed (by influence, as circuit-tracer)
+    max_seconds: float = 120.0  # wall time of one graph; beyond it the graph fails with the limit named
+    max_logits: int = 10  # logit nodes: top tokens until cumulative probability >= logit_prob, at most this many
+    logit_prob: float = 0.95
+    node_threshold: float = 0.8  # pruning: cumulative influence kept (nodes)
+    edge_threshold: float = 0.98  # pruning: cumulative edge score kept
+    batch_size: int = 64  # backward passes batched together
+    zero_bos: bool = True  # features and errors at position 0 are zeroed (circuit-tracer)
+    verify_nodes: int = 10  # top nodes by influence ablated in the real model
+    verify_edges: int = 10  # top feature->feature edges checked by a real ablation
+    verify_rtol: float = 0.5  # |estimate - true| beyond this share of max(|estimate|, |true|) is flagged ...
+    verify_atol: float = 0.05  # ... unless it is below this absolute difference
+
+
 EMBEDDED = EmbeddedDefault()
 PRECOMPUTE = PrecomputeSettings()
 TRAIN = TrainSettings()
 EXPLAIN = ExplainSettings()
+CIRCUIT = CircuitConfig()

@@ -46,7 +46,7 @@ from typing import Callable, Literal
 
 import torch
 
-from .models import HookedLM, _StopForward, _submodule, parse_hook
+from .models import HookedLM, _StopForward, hook_site, parse_hook
 from .saes import SAE
 from .errors import UserError
 
@@ -187,20 +187,18 @@ def norm_stats(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _hooked(lm: HookedLM, hook: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Replace the activation at `hook` by fn(activation) in this thread's forward passes."""
     spec = parse_hook(hook, lm.n_layers)
-    layer = lm.layers[spec.layer]
     owner = threading.get_ident()
+    target, where = hook_site(lm.layers[spec.layer], spec.kind, lm.model_type)
 
-    if spec.kind == "hook_resid_pre":
+    if where == "pre":
         def pre_hook(_mod, args, kwargs):
             if threading.get_ident() != owner:
                 return None
             if args:
                 return (fn(args[0]),) + tuple(args[1:]), kwargs
             return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
-        handle = layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        handle = target.register_forward_pre_hook(pre_hook, with_kwargs=True)
     else:
-        target = layer if spec.kind == "hook_resid_post" else _submodule(layer, spec.kind, lm.model_type)
-
         def post_hook(_mod, _args, out):
             if threading.get_ident() != owner:
                 return None

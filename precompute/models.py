@@ -8,6 +8,9 @@ Hook names map onto the Hugging Face module tree with forward hooks:
                                                                   the final norm)
     blocks.{L}.hook_mlp_out     output of the MLP of layer L    (Gemma-2: after post_feedforward_layernorm)
     blocks.{L}.hook_attn_out    output of attention of layer L  (Gemma-2: after post_attention_layernorm)
+    blocks.{L}.hook_mlp_in      input of the MLP of layer L, after its norm (what transcoders read; aliases
+                                blocks.{L}.ln2.hook_normalized and blocks.{L}.mlp.hook_in)
+    blocks.{L}.hook_resid_mid   input of the MLP's norm (residual stream between attention and MLP)
 
 The forward pass stops right after the hooked module, so later layers cost nothing.
 """
@@ -27,8 +30,9 @@ from .errors import SetupError, UserError
 
 log = logging.getLogger(__name__)
 
-HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_mlp_out|hook_attn_out)$")
-HOOK_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out")
+HOOK_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out", "hook_mlp_in", "hook_resid_mid")
+HOOK_ALIASES = {"ln2.hook_normalized": "hook_mlp_in", "mlp.hook_in": "hook_mlp_in", "mlp.hook_out": "hook_mlp_out"}
+HOOK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in (*HOOK_KINDS, *HOOK_ALIASES)) + r")$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -56,7 +60,7 @@ def parse_hook(name: str, n_layers: int | None = None) -> HookSpec:
         raise UserError(
             f"unknown hook name {name!r}; valid: blocks.<layer>.<kind> with kind one of {', '.join(HOOK_KINDS)}"
         )
-    spec = HookSpec(int(m.group(1)), m.group(2))
+    spec = HookSpec(int(m.group(1)), HOOK_ALIASES.get(m.group(2), m.group(2)))
     if n_layers is not None and not 0 <= spec.layer < n_layers:
         raise UserError(f"hook {name!r} names layer {spec.layer}, but the model has layers 0..{n_layers - 1}")
     return spec
@@ -177,6 +181,28 @@ def _submodule(layer: nn.Module, kind: str, model_type: str) -> nn.Module:
     raise ModelLoadError(f"cannot find the module for {kind} in {type(layer).__name__} (looked for {names})")
 
 
+def _mlp_norm(layer: nn.Module, model_type: str) -> nn.Module:
+    """The norm in front of the MLP (its output is the MLP's input in every supported pre-norm layout)."""
+    for n in ("pre_feedforward_layernorm", "ln_2", "post_attention_layernorm"):
+        mod = getattr(layer, n, None)
+        if isinstance(mod, nn.Module) and not (n == "post_attention_layernorm" and model_type.startswith(("gemma2", "gemma3"))):
+            return mod
+    raise ModelLoadError(f"cannot find the norm in front of the MLP in {type(layer).__name__}")
+
+
+def hook_site(layer: nn.Module, kind: str, model_type: str) -> tuple[nn.Module, str]:
+    """(module, 'pre' | 'post'): the activation at hook `kind` is that module's first input ('pre') or output."""
+    if kind == "hook_resid_pre":
+        return layer, "pre"
+    if kind == "hook_resid_post":
+        return layer, "post"
+    if kind == "hook_mlp_in":
+        return _submodule(layer, "hook_mlp_out", ""), "pre"  # the MLP module itself, not Gemma's post-norm
+    if kind == "hook_resid_mid":
+        return _mlp_norm(layer, model_type), "pre"
+    return _submodule(layer, kind, model_type), "post"
+
+
 def final_norm(model: nn.Module) -> nn.Module | None:
     return _first_module(model, ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm",
                                  "model.final_layernorm"), nn.Module)
@@ -239,14 +265,13 @@ class HookedLM:
         handles = []
         try:
             for name, spec in specs.items():
-                layer = self.layers[spec.layer]
                 grab = grabber(name)
-                if spec.kind == "hook_resid_pre":
+                target, where = hook_site(self.layers[spec.layer], spec.kind, self.model_type)
+                if where == "pre":
                     def pre_hook(_mod, args, kwargs, grab=grab):
-                        grab(args[0] if args else kwargs["hidden_states"])
-                    handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
+                        grab(args[0] if args else kwargs.get("hidden_states", kwargs.get("x")))
+                    handles.append(target.register_forward_pre_hook(pre_hook, with_kwargs=True))
                 else:
-                    target = layer if spec.kind == "hook_resid_post" else _submodule(layer, spec.kind, self.model_type)
                     handles.append(target.register_forward_hook(lambda _m, _a, out, grab=grab: grab(out)))
             input_ids = input_ids.to(self.device)
             if attention_mask is not None:

@@ -69,7 +69,9 @@ def _saelens_cfg(raw: dict[str, Any], file: str, hook: str | None) -> tuple[SAEC
     arch = {"jump_relu": "jumprelu", "relu": "standard"}.get(arch, arch)
     sae_class(arch, file)  # unknown architecture: fail here, naming cfg.json
     k = raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k"))
-    if arch == "topk":
+    if arch == "transcoder" and act_fn == "topk":
+        arch = "topk_transcoder"
+    if arch.startswith("topk"):
         if not isinstance(k, (int, float)) or int(k) <= 0:
             raise SAEFormatError(file, "k", repr(k), "a positive integer for a topk SAE")
         k = int(k)
@@ -89,15 +91,24 @@ def _saelens_cfg(raw: dict[str, Any], file: str, hook: str | None) -> tuple[SAEC
     if norm not in valid_norms:
         raise SAEFormatError(file, "normalize_activations", repr(norm), f"one of {', '.join(valid_norms)}")
     hook_name = hook or flat.get("hook_name") or flat.get("hook_point")
+    hook_out = None
+    if sae_class(arch, file).is_transcoder:
+        d_out = raw.get("d_out", raw.get("d_in"))
+        if d_out != raw.get("d_in"):
+            raise SAEFormatError(file, "d_out", repr(d_out), f"d_in ({raw.get('d_in')}): an MLP reads and writes the residual width")
+        hook_out = flat.get("hook_name_out") or _mlp_out_of(hook_name)
+        if norm != "none":
+            raise SAEFormatError(file, "normalize_activations", repr(norm), "'none' for a transcoder")
     cfg = SAEConfig(
         architecture=arch,
         d_in=_int_field(raw, "d_in", file),
         d_sae=_int_field(raw, "d_sae", file),
         hook_name=hook_name,
+        hook_name_out=hook_out,
         model_name=flat.get("model_name"),
-        apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+        apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)) and hook_out is None,
         normalize_activations=norm,
-        k=k if arch == "topk" else None,
+        k=k if arch.startswith("topk") else None,
         prepend_bos=bool(flat.get("prepend_bos", True)),
         context_size=flat.get("context_size"),
         dataset_path=flat.get("dataset_path"),
@@ -105,6 +116,12 @@ def _saelens_cfg(raw: dict[str, Any], file: str, hook: str | None) -> tuple[SAEC
         extra={"sae_lens_version": flat.get("sae_lens_version"), "neuronpedia_id": flat.get("neuronpedia_id")},
     )
     return cfg, scale
+
+
+def _mlp_out_of(hook: str | None) -> str | None:
+    """blocks.L.<anything> -> blocks.L.hook_mlp_out (where a transcoder reading layer L's MLP input writes)."""
+    m = re.match(r"^blocks\.(\d+)\.", hook or "")
+    return f"blocks.{m.group(1)}.hook_mlp_out" if m else None
 
 
 def _read_cfg(folder: Path, weights: str, fmt: str) -> tuple[Path, dict]:
@@ -127,7 +144,7 @@ def load_saelens(folder: Path, hook: str | None = None) -> SAE:
     cfg_file, raw = _read_cfg(folder, SAELENS_WEIGHTS, "SAELens")
     cfg, scale = _saelens_cfg(raw, str(cfg_file), hook)
     state = _read_safetensors(folder / SAELENS_WEIGHTS)
-    if cfg.architecture == "jumprelu" and "threshold" not in state and "log_threshold" in state:
+    if cfg.architecture.startswith("jumprelu") and "threshold" not in state and "log_threshold" in state:
         state["threshold"] = state.pop("log_threshold").exp()
     sf = state.pop("scaling_factor", state.pop("finetuning_scaling_factor", None))
     if sf is not None and not torch.allclose(sf, torch.ones_like(sf)):
@@ -158,8 +175,12 @@ def save_saelens(sae: SAE, folder: Path, dtype: torch.dtype = torch.float32, ext
             "sae_lens_version": "6.0.0", "sae_lens_training_version": "6.0.0", **(extra_meta or {}),
         },
     }
-    if c.architecture == "topk":
+    if c.architecture.startswith("topk"):
         cfg["k"] = c.k
+    if sae.is_transcoder:
+        cfg["d_out"] = c.d_in
+        cfg["hook_name_out"] = c.hook_name_out
+        cfg["metadata"]["hook_name_out"] = c.hook_name_out
     names = type(sae).param_shapes(c.d_in, c.d_sae)
     save_file({n: getattr(sae, n).detach().to(dtype).contiguous() for n in names}, str(folder / SAELENS_WEIGHTS))
     (folder / SAELENS_CFG).write_text(json.dumps(cfg, indent=2) + "\n")
