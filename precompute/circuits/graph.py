@@ -48,6 +48,7 @@ class Graph:
     adjacency: torch.Tensor  # (N, N): rows are targets, columns sources
     n_active: int = 0  # active features before selection
     covered: list[int] = field(default_factory=list)  # layers whose MLP output features write to
+    errors: torch.Tensor | None = None  # (n_layers, T, d) error vectors (verification ablates them); not exported
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -283,7 +284,7 @@ def build_graph(lm: HookedLM, tset: TranscoderSet, ids: list[int], prompt: str |
         prompt=prompt if prompt is not None else "".join(dec(t) for t in ids),
         tokens=list(ids), token_strs=[dec(t) for t in ids], n_layers=L, features=feats,
         activations=att.act[sel].detach(), logit_tokens=logit_tokens, logit_strs=[dec(t) for t in logit_tokens],
-        logit_probs=logit_w.detach(), adjacency=A, n_active=n_act, covered=sorted(tset.covered),
+        logit_probs=logit_w.detach(), adjacency=A, n_active=n_act, covered=sorted(tset.covered), errors=att.E.detach(),
         meta={"method": f"transcoders ({tset.kind}): attention patterns and norm scales frozen at the prompt, "
                         "MLP outputs replaced by transcoder features + error nodes",
               "kind": tset.kind, "transcoders": list(tset.names), "input_hook": tset.input_kind,
