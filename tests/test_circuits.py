@@ -546,3 +546,41 @@ def test_transcoder_encode_path_reads_mlp_input(lms, tmp_path):
     z = encode_activations(sae, acts.double(), torch.zeros(1, len(IDS), dtype=torch.bool))
     ref = np.maximum(ins[1].numpy() @ sae.W_enc.detach().numpy() + sae.b_enc.detach().numpy(), 0)
     np.testing.assert_allclose(z[0].numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_transcoder_store_has_dashboards(tmp_path, tiny_lm_dir, small_corpus):
+    """A transcoder precomputes like any SAE: its top examples are the MLP input's activations (own hook + numpy)."""
+    from conftest import TINY_ARGS
+
+    from saescope.precompute.data import special_mask
+    from saescope.precompute.models import load_model
+    from saescope.precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.store import Store
+
+    lm = load_model(str(tiny_lm_dir), "cpu", "float32")
+    g = torch.Generator().manual_seed(4)
+    d = lm.d_model
+    sae = JumpReLUTranscoder(SAEConfig(architecture="jumprelu_transcoder", d_in=d, d_sae=24,
+                                       hook_name="blocks.1.hook_mlp_in", hook_name_out="blocks.1.hook_mlp_out"))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d, 24, generator=g) * 2 / d ** 0.5)
+        sae.b_enc.copy_(torch.randn(24, generator=g) * 0.3 - 0.5)
+        sae.W_dec.copy_(torch.randn(24, d, generator=g) * 0.05)
+        sae.threshold.copy_(torch.rand(24, generator=g) * 0.2)
+    save_saelens(sae, tmp_path / "tc")
+    out = tmp_path / "tc.duckdb"
+    run_precompute(PrecomputeArgs(out=out, model=str(tiny_lm_dir), sae=str(tmp_path / "tc"), dataset=str(small_corpus),
+                                  sae_id="tc", feature_map=False, **{**TINY_ARGS, "tokens": 64 * 8}))
+    W, b, thr = (t.detach().double().numpy() for t in (sae.W_enc, sae.b_enc, sae.threshold))
+    with Store(out) as s:
+        assert s.count_features("tc") == 24
+        checked = 0
+        for f in range(24):
+            for e in s.examples("tc", f, "top")[:2]:
+                ins, _, _ = _mlp_io(lm, list(e.token_ids))
+                pre = ins[1].double().numpy() @ W[:, f] + b[f]
+                ref = np.where(pre > thr[f], np.maximum(pre, 0), 0)
+                ref[special_mask(np.asarray([e.token_ids]), lm.tokenizer)[0]] = 0  # BOS/EOS are never features
+                np.testing.assert_allclose(np.asarray(e.acts), ref, rtol=1e-4, atol=1e-5)
+                checked += 1
+        assert checked > 10
