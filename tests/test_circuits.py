@@ -584,3 +584,27 @@ def test_transcoder_store_has_dashboards(tmp_path, tiny_lm_dir, small_corpus):
                 np.testing.assert_allclose(np.asarray(e.acts), ref, rtol=1e-4, atol=1e-5)
                 checked += 1
         assert checked > 10
+
+
+CT_PYTHON = "/work/ct-venv/bin/python"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").path.exists(CT_PYTHON), reason="circuit-tracer's venv (/work/ct-venv) absent")
+def test_export_loads_in_circuit_tracer(graphs, tmp_path):
+    """circuit-tracer 0.5.0's own graph-file model (frontend.graph_models.Model) reads the exported files."""
+    import subprocess
+
+    from saescope.precompute.circuits.export import write_graph_files
+
+    for key in (("gpt2", "all"), ("llama", "clt")):
+        g = graphs[key]
+        write_graph_files(graph_to_json(g, prune(g), graph_scores(g), slug=f"{key[0]}-{key[1]}"), tmp_path)
+    code = ("import json, sys, pathlib\nfrom circuit_tracer.frontend.graph_models import Model\n"
+            "d = pathlib.Path(sys.argv[1])\nmeta = json.loads((d / 'graph-metadata.json').read_text())\n"
+            "for g in meta['graphs']:\n    m = Model.model_validate(json.loads((d / (g['slug'] + '.json')).read_text()))\n"
+            "    print(g['slug'], len(m.nodes), len(m.links))\n")
+    out = subprocess.run([CT_PYTHON, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.split("\n")
+    assert lines[0].startswith("gpt2-all ") and lines[1].startswith("llama-clt ")

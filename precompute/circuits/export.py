@@ -155,3 +155,20 @@ def load_graph_json(data: str | bytes | dict) -> GraphFile:
         raise UserError("graph JSON: qParams is not an object")
     extra = {k: v for k, v in data.items() if k not in ("metadata", "qParams", "nodes", "links")}
     return GraphFile(meta, q, nodes, links, extra)
+
+
+def write_graph_files(data: dict[str, Any], folder) -> "Path":
+    """Write `{slug}.json` and update `graph-metadata.json` in `folder`, the layout circuit-tracer's local server
+    (`circuit-tracer start-server --graph_file_dir`) and Neuronpedia's uploader read."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    slug = data["metadata"]["slug"]
+    out = folder / f"{slug}.json"
+    out.write_text(json.dumps(data))
+    index = folder / "graph-metadata.json"
+    meta = json.loads(index.read_text()) if index.is_file() else {"graphs": []}
+    meta["graphs"] = [g for g in meta.get("graphs", []) if g.get("slug") != slug] + [data["metadata"]]
+    index.write_text(json.dumps(meta, indent=2))
+    return out
