@@ -145,21 +145,21 @@ class Attributor:
         L, T = rm.n_layers, rm.T
         layers, pos, feat, act = [], [], [], []
         for l in sorted(rm.acts):
-            nz = rm.acts[l].nonzero()
+            nz = rm.acts[l].nonzero().cpu()
             layers.append(torch.full((len(nz),), l, dtype=torch.long))
             pos.append(nz[:, 0])
             feat.append(nz[:, 1])
-            act.append(rm.acts[l][nz[:, 0], nz[:, 1]])
+            act.append(rm.acts[l][nz[:, 0].to(rm.acts[l].device), nz[:, 1].to(rm.acts[l].device)])
         cat = (lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt))
         self.layer, self.pos, self.feat = cat(layers, torch.long), cat(pos, torch.long), cat(feat, torch.long)
-        self.act = cat(act, rm.dtype)
+        self.act = cat([a.cpu() for a in act], rm.dtype)
         self.n_active = int(self.layer.numel())
         self.n_cols = self.n_active + L * T + T
         self.E = torch.stack([rm.error[l] for l in range(L)])  # (L, T, d)
-        d = rm.embed.shape[-1]
-        self.probes = {"embed": torch.zeros(T, d, dtype=rm.dtype, requires_grad=True)}
+        d, dev = rm.embed.shape[-1], rm.embed.device
+        self.probes = {"embed": torch.zeros(T, d, dtype=rm.dtype, device=dev, requires_grad=True)}
         for l in range(L):
-            self.probes[l] = torch.zeros(T, d, dtype=rm.dtype, requires_grad=True)
+            self.probes[l] = torch.zeros(T, d, dtype=rm.dtype, device=dev, requires_grad=True)
         self.replay = rm.replay(self.probes)
         self.n_backward = 0
 
@@ -177,28 +177,29 @@ class Attributor:
         inputs = [self.probes["embed"]] + [self.probes[l] for l in range(L)]
         B = len(targets)
         try:
-            grads = torch.autograd.grad(outs, inputs, grad_outputs=torch.eye(B, dtype=outs.dtype),
+            grads = torch.autograd.grad(outs, inputs, grad_outputs=torch.eye(B, dtype=outs.dtype, device=outs.device),
                                         retain_graph=True, is_grads_batched=True, allow_unused=True)
         except RuntimeError:  # an op without a batching rule: one backward pass per target
             per = [torch.autograd.grad(o, inputs, retain_graph=True, allow_unused=True) for o in outs]
             grads = [torch.stack([g[i] if g[i] is not None else torch.zeros_like(inputs[i]) for g in per])
                      for i in range(len(inputs))]
-        grads = [g if g is not None else torch.zeros(B, *inputs[i].shape, dtype=outs.dtype) for i, g in enumerate(grads)]
+        grads = [g if g is not None else torch.zeros(B, *inputs[i].shape, dtype=outs.dtype, device=outs.device)
+                 for i, g in enumerate(grads)]
         self.n_backward += B
         G_emb = grads[0]  # (B, T, d)
         G = torch.stack(grads[1:], dim=1)  # (B, L, T, d)
-        out = torch.zeros(B, self.n_cols, dtype=outs.dtype)
+        out = torch.zeros(B, self.n_cols, dtype=outs.dtype, device=outs.device)
         for l, enc in self.rm.tset.encoders.items():
             m = (self.layer == l).nonzero()[:, 0]
             if not len(m):
                 continue
-            D = enc.W_dec[self.feat[m]]  # (n, n_out, d)
+            D = enc.W_dec[self.feat[m].to(enc.W_dec.device)]  # (n, n_out, d)
             o = enc.out_layers
-            Gs = G[:, o.start:o.stop][:, :, self.pos[m]]  # (B, n_out, n, d)
-            out[:, m] = torch.einsum("bond,nod->bn", Gs, D) * self.act[m]
+            Gs = G[:, o.start:o.stop][:, :, self.pos[m].to(G.device)]  # (B, n_out, n, d)
+            out[:, m.to(out.device)] = torch.einsum("bond,nod->bn", Gs, D) * self.act[m].to(out.device)
         out[:, self.n_active:self.n_active + L * T] = torch.einsum("bltd,ltd->blt", G, self.E).reshape(B, L * T)
         out[:, self.n_active + L * T:] = torch.einsum("btd,td->bt", G_emb, self.rm.embed)
-        return out.detach()
+        return out.detach().cpu()
 
 
 def _partial_influence(rows: torch.Tensor, row_node: torch.Tensor, n_nodes: int, logit_w: torch.Tensor,
@@ -229,7 +230,7 @@ def build_graph(lm: HookedLM, tset: TranscoderSet, ids: list[int], prompt: str |
     if len(ids) < 2:
         raise UserError("the prompt needs at least one token after BOS")
     rm = ReplacementModel(lm, tset, ids, zero_bos=cfg.zero_bos)
-    probs = torch.softmax(rm.real_logits[-1].double(), dim=-1)
+    probs = torch.softmax(rm.real_logits[-1].double().cpu(), dim=-1)
     if target is None or target == "":
         logit_tokens = salient_logits(probs, cfg.max_logits, cfg.logit_prob)
     else:
@@ -284,7 +285,8 @@ def build_graph(lm: HookedLM, tset: TranscoderSet, ids: list[int], prompt: str |
         prompt=prompt if prompt is not None else "".join(dec(t) for t in ids),
         tokens=list(ids), token_strs=[dec(t) for t in ids], n_layers=L, features=feats,
         activations=att.act[sel].detach(), logit_tokens=logit_tokens, logit_strs=[dec(t) for t in logit_tokens],
-        logit_probs=logit_w.detach(), adjacency=A, n_active=n_act, covered=sorted(tset.covered), errors=att.E.detach(),
+        logit_probs=logit_w.detach().cpu(), adjacency=A, n_active=n_act, covered=sorted(tset.covered),
+        errors=att.E.detach().cpu(),
         meta={"method": f"transcoders ({tset.kind}): attention patterns and norm scales frozen at the prompt, "
                         "MLP outputs replaced by transcoder features + error nodes",
               "kind": tset.kind, "transcoders": list(tset.names), "input_hook": tset.input_kind,

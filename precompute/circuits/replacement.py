@@ -122,7 +122,7 @@ class ReplacementModel:
     def __init__(self, lm: HookedLM, tset: TranscoderSet, ids: list[int], zero_bos: bool = True):
         self.lm, self.ids = lm, list(ids)
         self.dtype = lm.dtype
-        self.tset = tset.to(self.dtype)
+        self.tset = tset.to(self.dtype, lm.device)
         self.n_layers, self.T = lm.n_layers, len(self.ids)
         self.state = _Frozen()
         self.scales: dict[int, torch.Tensor] = {}

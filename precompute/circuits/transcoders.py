@@ -102,9 +102,9 @@ class TranscoderSet:
         """Output layers whose MLP is (partly) replaced by features."""
         return {o for e in self.encoders.values() for o in e.out_layers}
 
-    def to(self, dtype: torch.dtype) -> "TranscoderSet":
+    def to(self, dtype: torch.dtype, device: str | torch.device | None = None) -> "TranscoderSet":
         def c(t):
-            return None if t is None else t.to(dtype)
+            return None if t is None else t.to(device=device, dtype=dtype)
         encs = {l: LayerEncoder(e.layer, c(e.W_enc), c(e.b_enc), c(e.W_dec), e.activation, c(e.threshold), e.k, e.name)
                 for l, e in self.encoders.items()}
         return TranscoderSet(self.n_layers, encs, {l: c(b) for l, b in self.b_dec.items()},

@@ -92,7 +92,7 @@ def ablated(lm: HookedLM, sub: dict[int, tuple[int, torch.Tensor]], capture: dic
         def hook(_m, _a, out, p=p, v=v):
             o = out[0] if isinstance(out, tuple) else out
             o = o.clone()
-            o[:, p] -= v.to(o.dtype)
+            o[:, p] -= v.to(device=o.device, dtype=o.dtype)
             return (o,) + tuple(out[1:]) if isinstance(out, tuple) else o
         handles.append(mod.register_forward_hook(hook))
     if capture is not None:
@@ -121,7 +121,7 @@ def _demeaned(logits: torch.Tensor, token: int) -> float:
 def verify(lm: HookedLM, tset: TranscoderSet, g: Graph, pruned: Pruned, cfg: CircuitConfig = CIRCUIT, logit: int = 0,
            kinds: tuple[str, ...] = ("feature", "error")) -> tuple[list[NodeCheck], list[EdgeCheck]]:
     """Check the top nodes and edges of `g` (ranked on the pruned graph) against real ablations."""
-    tset = tset.to(lm.dtype)
+    tset = tset.to(lm.dtype, lm.device)
     token = g.logit_tokens[logit]
     base = _demeaned(_run(lm, g.tokens), token)
     est_all = -total_effects(g, g.adjacency[g.logit_start + logit])
