@@ -608,3 +608,61 @@ def test_export_loads_in_circuit_tracer(graphs, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.split("\n")
     assert lines[0].startswith("gpt2-all ") and lines[1].startswith("llama-clt ")
+
+
+# ---------------------------------------------------------------- the worker's /graph
+@pytest.fixture(scope="module")
+def graph_worker(tiny_lm_dir, tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    from saescope.app.worker.engine import build_engine
+    from saescope.app.worker.routes import create_worker_app
+    from saescope.precompute.models import load_model
+
+    lm = load_model(str(tiny_lm_dir), "cpu", "float32")
+    root = tmp_path_factory.mktemp("worker_tc")
+    folders = _write_saelens(root, lm, [0, 2], seed=9)
+    engine = build_engine(str(tiny_lm_dir), {"tc0": folders[0], "tc2": folders[1]}, {}, "cpu", "float32")
+    with TestClient(create_worker_app(engine)) as client:
+        yield client, engine, folders
+
+
+def test_worker_graph_route(graph_worker):
+    from saescope.precompute.circuits.run import circuit
+
+    client, engine, folders = graph_worker
+    r = client.post("/graph", json={"text": "The cat sat on the", "verify": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    back = load_graph_json(body["graph"])
+    assert back.to_json() == body["graph"]
+    assert body["sae_ids"] == {"0": "tc0", "2": "tc2"}
+    assert 0 < body["replacement_score"] < 1 and 0 < body["completeness_score"] <= 1
+    assert body["node_checks"] and all(set(c) == {"node_id", "estimate", "true", "agree"} for c in body["node_checks"])
+    ids = {n["node_id"] for n in body["graph"]["nodes"]}
+    assert all(c["node_id"] in ids for c in body["node_checks"])
+    # the same graph as precompute's own call on the same model and transcoders
+    direct = circuit(engine.lm, load_transcoders(folders, engine.lm.n_layers), "The cat sat on the", check=False)
+    assert {(lk["source"], lk["target"]) for lk in body["graph"]["links"]} == \
+        {(lk["source"], lk["target"]) for lk in direct.to_json()["links"]}
+
+
+def test_worker_graph_bad_input(graph_worker, tiny_lm_dir, tiny_sae_dir):
+    from fastapi.testclient import TestClient
+
+    from saescope.app.worker.engine import build_engine
+    from saescope.app.worker.routes import create_worker_app
+
+    client, _, _ = graph_worker
+    r = client.post("/graph", json={"text": "word " * 200})
+    assert r.status_code == 413 and f"at most {CIRCUIT.max_tokens}" in r.json()["error"]["message"]
+    r = client.post("/graph", json={"text": "The cat", "target": "two words"})
+    assert r.status_code == 422 and "exactly one token" in r.json()["error"]["message"]
+    r = client.post("/graph", json={"text": "The cat", "sae_ids": ["nope"]})
+    assert r.status_code == 404 and "tc0" in r.json()["error"]["message"]
+    r = client.post("/graph", json={"text": "The cat", "node_threshold": 2})
+    assert r.status_code == 422
+    plain = build_engine(str(tiny_lm_dir), {"tiny": str(tiny_sae_dir)}, {}, "cpu", "float32")
+    with TestClient(create_worker_app(plain)) as c2:
+        r = c2.post("/graph", json={"text": "The cat"})
+    assert r.status_code == 422 and "no transcoders" in r.json()["error"]["message"]

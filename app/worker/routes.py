@@ -196,6 +196,10 @@ def create_worker_app(engine: Engine, secret: str | None = None) -> FastAPI:
             raise AppError(f"no explanation within {WORKER.explain_timeout_s:.0f} s (the worker is busy or the "
                            "model slow); retry shortly", 504) from err
 
+    from .graph_route import make_graph_router
+
+    app.include_router(make_graph_router(engine))
+
     if chat is not None or engine is None:  # any OpenAI client can chat with the worker's model (greedy, unsteered)
         from saescope.precompute.explain.openai_route import make_chat_router
 

@@ -59,7 +59,8 @@ def node_json(g: Graph, i: int, cumulative: float, clerp: str = "") -> dict[str,
 
 def graph_to_json(g: Graph, pruned: Pruned, scores: tuple[float, float], slug: str = "saescope-graph",
                   scan: str = "saescope", clerp: Callable[[int, int], str] | None = None,
-                  node_threshold: float | None = None, extra: dict | None = None) -> dict[str, Any]:
+                  node_threshold: float | None = None, extra: dict | None = None,
+                  ids_out: dict[int, str] | None = None) -> dict[str, Any]:
     """The pruned graph as circuit-tracer's JSON; clerp(layer, feature) labels feature nodes (explanations)."""
     nodes, ids, seen = [], {}, set()
     for i in pruned.node_mask.nonzero()[:, 0].tolist():
@@ -72,6 +73,8 @@ def graph_to_json(g: Graph, pruned: Pruned, scores: tuple[float, float], slug: s
         seen.add(node["node_id"])
         nodes.append(node)
         ids[i] = node["node_id"]
+    if ids_out is not None:
+        ids_out.update(ids)
     dst, src = pruned.edge_mask.nonzero(as_tuple=True)
     links = [{"source": ids[s], "target": ids[t], "weight": float(g.adjacency[t, s])}
              for t, s in zip(dst.tolist(), src.tolist()) if s in ids and t in ids]
