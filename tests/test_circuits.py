@@ -666,3 +666,68 @@ def test_worker_graph_bad_input(graph_worker, tiny_lm_dir, tiny_sae_dir):
     with TestClient(create_worker_app(plain)) as c2:
         r = c2.post("/graph", json={"text": "The cat"})
     assert r.status_code == 422 and "no transcoders" in r.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------- the /graph page
+@pytest.fixture(scope="module")
+def graph_site(graph_worker, tiny_store):
+    """The dashboard (on the tiny store) talking to a real uvicorn worker that has transcoders."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from conftest import free_port
+    from saescope.app.web.app import create_app
+    from saescope.app.worker.routes import create_worker_app
+
+    _, engine, _ = graph_worker
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_worker_app(engine), host="127.0.0.1", port=port, log_level="error"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(url + "/health", timeout=0.5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    yield TestClient(create_app(tiny_store, worker_url=url)), url
+    server.should_exit = True
+    th.join(timeout=10)
+
+
+def test_graph_page_renders_the_workers_graph(graph_site):
+    import re
+
+    import httpx
+
+    client, url = graph_site
+    q = {"prompt": "The cat sat on the", "node": 0.8, "edge": 0.98}
+    graph = httpx.post(url + "/graph", json={"text": q["prompt"]}, timeout=120).json()["graph"]
+    first, second = graph["nodes"][0]["node_id"], graph["nodes"][1]["node_id"]
+    r = client.get("/graph", params={**q, "pinned": f"{first},{second}", "selected": first})
+    assert r.status_code == 200, r.text
+    html = r.text
+    ids = re.findall(r'<g class="node [^"]*" data-id="([^"]+)"', html)
+    assert sorted(ids) == sorted(n["node_id"] for n in graph["nodes"])
+    assert html.count('<line class="link') == len(graph["links"])
+    assert re.search(rf'class="node [^"]*pinned[^"]*" data-id="{re.escape(first)}"', html)
+    assert re.search(rf'class="node [^"]*selected[^"]*" data-id="{re.escape(first)}"', html)
+    assert 'id="replacement-score"' in html and 'id="node-checks"' in html
+    data = json.loads(re.search(r'<script type="application/json" id="graph-data">(.*?)</script>', html, re.S).group(1))
+    assert len(data["links"]) == len(graph["links"])
+
+
+def test_graph_page_bad_input(graph_site):
+    client, _ = graph_site
+    r = client.get("/graph", params={"prompt": "word " * 200})
+    assert r.status_code == 413 and f"at most {CIRCUIT.max_tokens}" in r.text
+    r = client.get("/graph", params={"prompt": "The cat", "target": "two words"})
+    assert r.status_code == 422 and "exactly one token" in r.text
+    r = client.get("/graph", params={"prompt": "The cat", "node": 3})
+    assert r.status_code == 422
+    assert client.get("/graph").status_code == 200  # the empty form
