@@ -59,7 +59,12 @@ def one(n_tokens: int, args) -> dict:
         text = json.loads(next(f))["text"]
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][: n_tokens - 1]
     ids = [lm.tokenizer.bos_token_id or 0] + ids
-    cfg = replace(CIRCUIT, max_feature_nodes=args.max_feature_nodes, max_seconds=600.0)
+    cfg = replace(CIRCUIT, max_feature_nodes=args.max_feature_nodes, max_seconds=args.max_seconds)
+    with torch.no_grad():  # calibration: one plain forward pass of the same prompt (a shared machine varies)
+        lm.model(input_ids=torch.tensor([ids], device=lm.device), use_cache=False)
+        tf = time.perf_counter()
+        lm.model(input_ids=torch.tensor([ids], device=lm.device), use_cache=False)
+        forward_s = time.perf_counter() - tf
     t0 = time.perf_counter()
     r = circuit(lm, ts, ids, cfg=cfg, check=False)
     graph_s = time.perf_counter() - t0
@@ -72,7 +77,8 @@ def one(n_tokens: int, args) -> dict:
     gaps = [abs(n.estimate - n.true) for n in nodes]
     egaps = [abs(e.estimate - e.true) for e in edges]
     return {
-        "tokens": len(ids), "graph_seconds": round(graph_s, 2), "verify_seconds": round(verify_s, 2),
+        "tokens": len(ids), "plain_forward_seconds": round(forward_s, 3), "graph_seconds": round(graph_s, 2),
+        "graph_in_forwards": round(graph_s / forward_s, 1), "load_average": os.getloadavg()[0], "verify_seconds": round(verify_s, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "active_features": g.n_active, "feature_nodes": g.n_features, "nodes_before": g.n_nodes,
         "edges_before": int((g.adjacency != 0).sum()), "nodes_after": int(p.node_mask.sum()),
@@ -93,6 +99,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--max-feature-nodes", type=int, default=2048)
+    ap.add_argument("--max-seconds", type=float, default=3600.0)
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one is not None:
@@ -100,7 +107,7 @@ def main() -> None:
         return
     for n in args.tokens:
         cmd = [sys.executable, __file__, "--one", str(n), "--width", str(args.width), "--k", str(args.k),
-               "--max-feature-nodes", str(args.max_feature_nodes)]
+               "--max-feature-nodes", str(args.max_feature_nodes), "--max-seconds", str(args.max_seconds)]
         if args.transcoders:
             cmd += ["--transcoders", args.transcoders]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})

@@ -731,3 +731,67 @@ def test_graph_page_bad_input(graph_site):
     r = client.get("/graph", params={"prompt": "The cat", "node": 3})
     assert r.status_code == 422
     assert client.get("/graph").status_code == 200  # the empty form
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_graph_page_in_chromium(graph_site, tiny_store):
+    """Chromium opens a graph, clicks a node (its card), pins two into a supernode, reloads: the same view."""
+    import os
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from conftest import ARTIFACTS, free_port
+    from saescope.app.web.app import create_app
+
+    chromium = "/usr/bin/chromium"
+    if not os.path.exists(chromium):
+        pytest.skip("no /usr/bin/chromium")
+    from playwright.sync_api import sync_playwright
+
+    _, wurl = graph_site
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(tiny_store, worker_url=wurl), host="127.0.0.1", port=port,
+                                           log_level="error"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(base + "/", timeout=0.5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    try:
+        with sync_playwright() as p:
+            b = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+            pg = b.new_page(viewport={"width": 1300, "height": 900})
+            pg.goto(base + "/graph?prompt=The+cat+sat+on+the", timeout=180_000)
+            nodes = pg.locator("g.node.cross-layer-transcoder")
+            assert nodes.count() >= 2
+            a, c = nodes.nth(0).get_attribute("data-id"), nodes.nth(1).get_attribute("data-id")
+            nodes.nth(0).click()
+            pg.wait_for_selector("#node-card h2")
+            assert a in pg.inner_text("#node-card") and "strongest" in pg.inner_text("#node-card")
+            nodes.nth(0).click(modifiers=["Shift"])
+            nodes.nth(1).click(modifiers=["Shift"])
+            assert pg.locator("#pinned-list li").count() == 2
+            pg.once("dialog", lambda d: d.accept("my supernode"))
+            pg.click("#group-btn")
+            assert "my supernode" in pg.inner_text("#group-list")
+            url = pg.url
+            assert "groups=" in url and "selected=" in url
+            pg.goto(url, timeout=180_000)
+            pg.wait_for_selector("#node-card h2")
+            assert a in pg.inner_text("#node-card")
+            assert f"my supernode: {a}, {c}" in pg.inner_text("#group-list")
+            assert pg.locator(f'g.node.selected[data-id="{a}"]').count() == 1
+            ARTIFACTS.mkdir(exist_ok=True)
+            pg.screenshot(path=str(ARTIFACTS / "graph_page.png"), full_page=True)
+            b.close()
+    finally:
+        server.should_exit = True
+        th.join(timeout=10)

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 
+from saescope.precompute.config import CIRCUIT
+
 from ..errors import AppError
+from ..settings import GRAPH
 from ..worker.wire import GraphIn, GraphOut
 from .live import _client, worker_status
 from .pages import store_of
@@ -22,7 +25,7 @@ from .templates import page
 
 router = APIRouter()
 CELL_W, ROW_H, MARGIN = 96, 56, 40
-MAX_ID_LIST = 200  # pinned ids / group members a URL may carry
+TOP = 90  # room above the logit row for its rotated labels
 
 
 @dataclass
@@ -51,7 +54,7 @@ def layout(g: dict) -> Layout:
     cells: dict[tuple[int, int], list[dict]] = {}
     for n in nodes:
         cells.setdefault((row(n), n["ctx_idx"]), []).append(n)
-    height = MARGIN * 2 + ROW_H * (n_layers + 1)
+    height = MARGIN + TOP + ROW_H * (n_layers + 1)
     width = MARGIN * 2 + CELL_W * T
     placed = []
     for (r, c), members in cells.items():
@@ -79,28 +82,31 @@ def layout(g: dict) -> Layout:
 
 
 def _ids(value: str | None) -> list[str]:
-    out = [v for v in (value or "").split(",") if v][:MAX_ID_LIST]
-    if any(len(v) > 80 for v in out):
-        raise AppError("a node id in the URL is longer than 80 characters", 422)
+    out = [v for v in (value or "").split(",") if v][:GRAPH.max_ids]
+    if any(len(v) > GRAPH.max_id_chars for v in out):
+        raise AppError(f"a node id in the URL is longer than {GRAPH.max_id_chars} characters", 422)
     return out
 
 
 def _groups(value: str | None) -> list[dict]:
     """groups=label:id,id;label:id -> [{label, members}]"""
     out = []
-    for part in (value or "").split(";")[:50]:
+    for part in (value or "").split(";")[:GRAPH.max_groups]:
         if ":" in part:
             label, _, members = part.partition(":")
-            out.append({"label": label[:60], "members": _ids(members)})
+            out.append({"label": label[:GRAPH.max_label_chars], "members": _ids(members)})
     return out
 
 
 @router.get("/graph", response_class=HTMLResponse)
-def graph_page(request: Request, prompt: str = Query("", max_length=2000), target: str = Query("", max_length=200),
-               node: float = Query(0.8, ge=0.0, le=1.0), edge: float = Query(0.98, ge=0.0, le=1.0),
-               pinned: str = Query("", max_length=20000), groups: str = Query("", max_length=20000),
-               selected: str = Query("", max_length=80)):
-    ctx = {"prompt": prompt, "target": target, "node": node, "edge": edge, "worker": worker_status(request.app),
+def graph_page(request: Request, prompt: str = Query("", max_length=GRAPH.max_prompt_chars),
+               target: str = Query("", max_length=GRAPH.max_target_chars),
+               node: float = Query(CIRCUIT.node_threshold, ge=0.0, le=1.0),
+               edge: float = Query(CIRCUIT.edge_threshold, ge=0.0, le=1.0),
+               pinned: str = Query("", max_length=GRAPH.max_list_chars),
+               groups: str = Query("", max_length=GRAPH.max_list_chars),
+               selected: str = Query("", max_length=GRAPH.max_id_chars)):
+    ctx = {"graph_settings": GRAPH, "prompt": prompt, "target": target, "node": node, "edge": edge, "worker": worker_status(request.app),
            "pinned": _ids(pinned), "groups": _groups(groups), "selected": selected, "result": None, "error": None}
     if prompt:
         try:

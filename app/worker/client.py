@@ -100,8 +100,9 @@ class WorkerClient:
         """An attribution graph (the worker bounds its time; the client waits as long)."""
         from saescope.precompute.config import CIRCUIT
 
+        from ..settings import GRAPH
         from .wire import GraphOut
-        return self._call("/graph", body, GraphOut, timeout_s=CIRCUIT.max_seconds + 60)
+        return self._call("/graph", body, GraphOut, timeout_s=CIRCUIT.max_seconds + GRAPH.client_grace_s)
 
     def explain(self, body: ExplainIn) -> ExplainOut:
         """One feature explained by the worker's model (waits up to the worker's own explanation time limit)."""

@@ -17,6 +17,7 @@ from saescope.precompute.config import CIRCUIT
 from saescope.precompute.errors import UserError
 
 from ..errors import AppError
+from ..settings import GRAPH
 from .batcher import Engine
 from .wire import EdgeCheckOut, GraphIn, GraphOut, NodeCheckOut
 
@@ -61,7 +62,7 @@ def make_graph_router(engine: Engine) -> APIRouter:
 
         t0 = time.perf_counter()
         try:
-            r = await asyncio.wait_for(asyncio.to_thread(run), timeout=cfg.max_seconds + 30)
+            r = await asyncio.wait_for(asyncio.to_thread(run), timeout=cfg.max_seconds + GRAPH.worker_grace_s)
         except UserError as err:
             raise AppError(str(err), 413 if "at most" in str(err) and "tokens" in str(err) else 422) from err
         except asyncio.TimeoutError as err:

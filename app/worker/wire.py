@@ -214,14 +214,16 @@ class ExplainOut(BaseModel):
 # ---------------------------------------------------------------- attribution graphs (graph_route.py)
 from saescope.precompute.config import CIRCUIT  # noqa: E402  (graph bounds are offline-side defaults)
 
+from ..settings import GRAPH  # noqa: E402
+
 
 class GraphIn(BaseModel):
     """An attribution graph for one prompt over the worker's transcoders (circuit-tracer's definitions)."""
 
     text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="the prompt (BOS is added)")
-    target: str | None = Field(None, max_length=200, description="one-token logit target; default: the top tokens "
+    target: str | None = Field(None, max_length=GRAPH.max_target_chars, description="one-token logit target; default: the top tokens "
                                f"until cumulative probability {CIRCUIT.logit_prob}, at most {CIRCUIT.max_logits}")
-    sae_ids: list[str] | None = Field(None, max_length=256, description="the transcoders to use (default: every "
+    sae_ids: list[str] | None = Field(None, max_length=GRAPH.max_ids, description="the transcoders to use (default: every "
                                       "transcoder of the worker, one per layer)")
     node_threshold: float = Field(CIRCUIT.node_threshold, ge=0.0, le=1.0, description="cumulative influence kept (nodes)")
     edge_threshold: float = Field(CIRCUIT.edge_threshold, ge=0.0, le=1.0, description="cumulative edge score kept")
