@@ -795,3 +795,22 @@ def test_graph_page_in_chromium(graph_site, tiny_store):
     finally:
         server.should_exit = True
         th.join(timeout=10)
+
+
+def test_circuit_tracer_files_load_as_saes(lms, tmp_path):
+    """load_sae (what precompute uses) reads one layer of a circuit-tracer folder / file as a transcoder SAE."""
+    lm = lms["gpt2"]
+    clt_dir = _write_clt(tmp_path, lm)
+    clt = load_transcoders(clt_dir, 3)
+    sae = load_sae(clt_dir, "blocks.2.hook_mlp_in")
+    assert sae.cfg.hook_name == "blocks.2.hook_mlp_in" and sae.cfg.hook_name_out == "blocks.2.hook_mlp_out"
+    x = torch.randn(6, lm.d_model)
+    np.testing.assert_allclose(sae.encode(x).detach().numpy(), clt.encoders[2].encode(x).numpy(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(UserError, match="--hook"):
+        load_sae(clt_dir)
+    one = tmp_path / "ct" / "layer_1.safetensors"
+    one.parent.mkdir()
+    save_file({"W_enc": torch.randn(F, lm.d_model), "W_dec": torch.randn(F, lm.d_model), "b_enc": torch.randn(F),
+               "b_dec": torch.zeros(lm.d_model)}, str(one))
+    s1 = load_sae(str(one))
+    assert s1.cfg.hook_name == "blocks.1.hook_mlp_in" and s1.cfg.architecture == "transcoder"

@@ -285,6 +285,35 @@ def load_openai(file: Path, hook: str | None = None) -> SAE:
     return _build(cfg, state, str(file))
 
 
+# ---------------------------------------------------------------- circuit-tracer transcoders (one layer as an SAE)
+def _load_circuit_tracer(path: Path, hook: str | None, file_match) -> SAE:
+    """One layer of a circuit-tracer transcoder set or CLT as a transcoder SAE, for dashboards: the layer comes from
+    a `layer_{i}.safetensors` file name or from --hook blocks.L.hook_mlp_in (a folder)."""
+    from ..circuits.transcoders import load_clt, load_ct_layer, load_transcoder_set_folder, _read_config
+    from ..models import parse_hook
+
+    if file_match is not None:
+        layer = int(file_match.group(1))
+        from ..circuits.transcoders import TranscoderSet, _input_kind
+
+        cfg = _read_config(path.parent)
+        enc, b, skip = load_ct_layer(path, layer, cfg)
+        ts = TranscoderSet(layer + 1, {layer: enc}, {layer: b}, {layer: skip} if skip is not None else {},
+                           _input_kind(cfg, str(path.parent / "config.yaml")))
+    else:
+        if hook is None:
+            raise SAEFormatError(str(path), "hook", "none", "--hook blocks.L.hook_mlp_in naming the layer of this "
+                                 "circuit-tracer transcoder folder to load")
+        layer = parse_hook(hook).layer
+        clt = (path / "W_enc_0.safetensors").exists()
+        ts = load_clt(path) if clt else load_transcoder_set_folder(path, layer + 1)
+        if layer not in ts.encoders:
+            raise SAEFormatError(str(path), "hook", repr(hook), f"a layer the folder holds ({', '.join(map(str, ts.layers))})")
+    sae = ts.layer_sae(layer)
+    sae.cfg.source_format = "circuit-tracer"
+    return sae
+
+
 # ---------------------------------------------------------------- dispatch
 def _from_hub(ref: str) -> Path:
     ref = ref.removeprefix("hf://")
@@ -322,7 +351,11 @@ def load_sae(ref: str | Path, hook: str | None = None) -> SAE:
         else:
             path = _from_hub(str(ref))
     source = str(ref)
-    if path.is_dir():
+    ct_layer = re.fullmatch(r"layer_(\d+)\.safetensors", path.name)
+    if (path.is_dir() and ((path / "W_enc_0.safetensors").exists() or any(path.glob("layer_*.safetensors")))) or \
+            (path.is_file() and ct_layer):
+        sae = _load_circuit_tracer(path, hook, ct_layer)
+    elif path.is_dir():
         if (path / SAELENS_WEIGHTS).exists():
             sae = load_saelens(path, hook)
         elif (path / SPARSIFY_WEIGHTS).exists():
