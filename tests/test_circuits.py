@@ -814,3 +814,39 @@ def test_circuit_tracer_files_load_as_saes(lms, tmp_path):
                "b_dec": torch.zeros(lm.d_model)}, str(one))
     s1 = load_sae(str(one))
     assert s1.cfg.hook_name == "blocks.1.hook_mlp_in" and s1.cfg.architecture == "transcoder"
+
+
+@pytest.mark.parametrize("fam", ["gpt2", "llama"])
+def test_node_interventions_frozen_and_real(lms, tsets, graphs, fam):
+    from saescope.precompute.circuits.intervene import FeatureEdit, intervene
+
+    lm, ts, g = lms[fam], tsets[(fam, "clt")], graphs[(fam, "clt")]
+    feats = [g.node(j) for j in range(g.n_features)]
+    early = [f for f in feats if f["layer"] == 0][:2]
+    edits = [FeatureEdit(f["layer"], f["pos"], f["feature"], "scale", 3.0) for f in early]
+    out = intervene(lm, ts, IDS, edits)
+    _, _, base = _mlp_io(lm, IDS)
+    np.testing.assert_allclose(out["logits"]["base"].numpy(), base[-1].numpy(), rtol=1e-6, atol=1e-8)
+    # real: the test's own hook adds (3a - a) d at every layer the CLT feature writes to
+    sub = {}
+    for f in early:
+        enc = ts.encoders[f["layer"]]
+        for o in enc.out_layers:
+            v = -(2.0 * f["activation"]) * enc.W_dec[f["feature"], o - f["layer"]].double()
+            p0, v0 = sub.get(o, (None, None))
+            if p0 is not None and p0 != f["pos"]:
+                pytest.skip("edits at two positions of one layer")  # the own hook takes one position per layer
+            sub[o] = (f["pos"], v if v0 is None else v0 + v)
+    _, _, real = _mlp_io(lm, IDS, sub)
+    np.testing.assert_allclose(out["logits"]["real"].numpy(), real[-1].numpy(), rtol=1e-6, atol=1e-8)
+    assert not np.allclose(out["logits"]["frozen"].numpy(), out["logits"]["real"].numpy())  # patterns matter
+    # a no-op edit leaves both unchanged; an edit at the last layer and position cannot reach any attention: frozen == real
+    noop = intervene(lm, ts, IDS, [FeatureEdit(*map(int, g.features[0]), "scale", 1.0)])
+    np.testing.assert_allclose(noop["logits"]["frozen"].numpy(), base[-1].numpy(), rtol=1e-6, atol=1e-8)
+    last = [f for f in feats if f["layer"] == 2 and f["pos"] == len(IDS) - 1][:1]
+    if last:
+        o2 = intervene(lm, ts, IDS, [FeatureEdit(2, last[0]["pos"], last[0]["feature"], "set", 5.0)])
+        np.testing.assert_allclose(o2["logits"]["frozen"].numpy(), o2["logits"]["real"].numpy(), rtol=1e-6, atol=1e-8)
+        assert not np.allclose(o2["logits"]["real"].numpy(), base[-1].numpy())
+    with pytest.raises(UserError, match="no transcoder at layer 7"):
+        intervene(lm, ts, IDS, [FeatureEdit(7, 1, 0)])
