@@ -89,7 +89,23 @@ class MapSettings:
     levels: int = 255  # colour codes 1..255; 0 = no value (a dead feature when colouring by density)
 
 
+@dataclass(frozen=True)
+class GraphPageSettings:
+    """The attribution graph page's URL limits (the graph's own bounds: CIRCUIT in precompute/config.py)."""
+
+    max_prompt_chars: int = 2000
+    max_target_chars: int = 200  # a one-token target, with room for odd tokenisations
+    max_ids: int = 200  # pinned node ids / supernode members a URL may carry
+    max_id_chars: int = 80
+    max_list_chars: int = 20_000  # the pinned= and groups= parameters
+    max_groups: int = 50
+    max_label_chars: int = 60
+    worker_grace_s: float = 30.0  # the worker answers 504 this long after CIRCUIT.max_seconds
+    client_grace_s: float = 60.0  # the dashboard waits this long after CIRCUIT.max_seconds
+
+
 SERVE = ServeSettings()
 WORKER = WorkerSettings()
 MAP = MapSettings()
+GRAPH = GraphPageSettings()
 VERSION = __version__

@@ -145,8 +145,27 @@ class DiffSettings:
 CHECK = CheckSettings()
 DIFF = DiffSettings()
 
+class CircuitConfig:
+    """Attribution graphs (precompute/circuits/): circuit-tracer's defaults and saescope's bounds on one graph."""
+
+    max_tokens: int = 64  # prompt tokens (BOS included); a longer prompt is a 4xx
+    max_feature_nodes: int = 2048  # feature nodes whose incoming edges are computed (by influence, as circuit-tracer)
+    max_seconds: float = 120.0  # wall time of one graph; beyond it the graph fails with the limit named
+    max_logits: int = 10  # logit nodes: top tokens until cumulative probability >= logit_prob, at most this many
+    logit_prob: float = 0.95
+    node_threshold: float = 0.8  # pruning: cumulative influence kept (nodes)
+    edge_threshold: float = 0.98  # pruning: cumulative edge score kept
+    batch_size: int = 64  # backward passes batched together
+    zero_bos: bool = True  # features and errors at position 0 are zeroed (circuit-tracer)
+    verify_nodes: int = 10  # top nodes by influence ablated in the real model
+    verify_edges: int = 10  # top feature->feature edges checked by a real ablation
+    verify_rtol: float = 0.5  # flagged: |estimate - true| > max(verify_atol, verify_rtol * |estimate|) (the one-layer table's rule)
+    verify_atol: float = 0.01  # differences below this (logit units / activation units) always agree
+
+
 EMBEDDED = EmbeddedDefault()
 PRECOMPUTE = PrecomputeSettings()
 TRAIN = TrainSettings()
 EXPLAIN = ExplainSettings()
 LIMITS = Limits()
+CIRCUIT = CircuitConfig()

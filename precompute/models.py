@@ -8,6 +8,9 @@ Hook names map onto the Hugging Face module tree with forward hooks:
                                                                   the final norm)
     blocks.{L}.hook_mlp_out     output of the MLP of layer L    (Gemma-2: after post_feedforward_layernorm)
     blocks.{L}.hook_attn_out    output of attention of layer L  (Gemma-2: after post_attention_layernorm)
+    blocks.{L}.hook_mlp_in      input of the MLP of layer L, after its norm (what transcoders read; aliases
+                                blocks.{L}.ln2.hook_normalized and blocks.{L}.mlp.hook_in)
+    blocks.{L}.hook_resid_mid   input of the MLP's norm (residual stream between attention and MLP)
 
 The forward pass stops right after the hooked module, so later layers cost nothing.
 
@@ -39,8 +42,9 @@ from .errors import SetupError, UserError
 
 log = logging.getLogger(__name__)
 
-HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_mlp_out|hook_attn_out)$")
-HOOK_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out")
+HOOK_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out", "hook_mlp_in", "hook_resid_mid")
+HOOK_ALIASES = {"ln2.hook_normalized": "hook_mlp_in", "mlp.hook_in": "hook_mlp_in", "mlp.hook_out": "hook_mlp_out"}
+HOOK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in (*HOOK_KINDS, *HOOK_ALIASES)) + r")$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -82,7 +86,7 @@ def parse_hook(name: str, n_layers: int | None = None) -> HookSpec:
         raise UserError(
             f"unknown hook name {name!r}; valid: blocks.<layer>.<kind> with kind one of {', '.join(HOOK_KINDS)}"
         )
-    spec = HookSpec(int(m.group(1)), m.group(2))
+    spec = HookSpec(int(m.group(1)), HOOK_ALIASES.get(m.group(2), m.group(2)))
     if n_layers is not None and not 0 <= spec.layer < n_layers:
         raise UserError(f"hook {name!r} names layer {spec.layer}, but the model has layers 0..{n_layers - 1}")
     return spec
@@ -238,6 +242,28 @@ def output_cache(out):
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
+def _mlp_norm(layer: nn.Module, model_type: str) -> nn.Module:
+    """The norm in front of the MLP (its output is the MLP's input in every supported pre-norm layout)."""
+    for n in ("pre_feedforward_layernorm", "ln_2", "post_attention_layernorm"):
+        mod = getattr(layer, n, None)
+        if isinstance(mod, nn.Module) and not (n == "post_attention_layernorm" and model_type.startswith(("gemma2", "gemma3"))):
+            return mod
+    raise ModelLoadError(f"cannot find the norm in front of the MLP in {type(layer).__name__}")
+
+
+def hook_site(layer: nn.Module, kind: str, model_type: str) -> tuple[nn.Module, str]:
+    """(module, 'pre' | 'post'): the activation at hook `kind` is that module's first input ('pre') or output."""
+    if kind == "hook_resid_pre":
+        return layer, "pre"
+    if kind == "hook_resid_post":
+        return layer, "post"
+    if kind == "hook_mlp_in":
+        return submodule(layer, "hook_mlp_out", ""), "pre"  # the MLP module itself, not Gemma's post-norm
+    if kind == "hook_resid_mid":
+        return _mlp_norm(layer, model_type), "pre"
+    return submodule(layer, kind, model_type), "post"
+
+
 def final_norm(model: nn.Module) -> nn.Module | None:
     return _first_module(model, ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm",
                                  "model.final_layernorm"), nn.Module)
@@ -281,12 +307,8 @@ class HookedLM:
     def hook_point(self, hook: str) -> HookPoint:
         """The module (and side: input or output) that carries the activation named `hook`."""
         spec = parse_hook(hook, self.n_layers)
-        layer = self.layers[spec.layer]
-        if spec.kind == "hook_resid_pre":
-            return HookPoint(spec.name, layer, True)
-        if spec.kind == "hook_resid_post":
-            return HookPoint(spec.name, layer, False)
-        return HookPoint(spec.name, submodule(layer, spec.kind, self.model_type), False)
+        module, where = hook_site(self.layers[spec.layer], spec.kind, self.model_type)
+        return HookPoint(spec.name, module, where == "pre")
 
     @contextmanager
     def hooks(self, fns: Mapping[str, HookFn] | Iterable[tuple[str, HookFn]],

@@ -18,7 +18,7 @@ from starlette.datastructures import URL
 from saescope.app.settings import SERVE
 from saescope.app.web.app import create_app
 from saescope.app.web.launch import WorkerSupervisor
-from saescope.app.web.live import explain_request, first_difference
+from saescope.app.web.live_views import explain_request, first_difference
 from saescope.app.web.lookups import Pager
 from saescope.app.web.templates import ENV
 from saescope.app.web.tokens import shown, untrusted, visible

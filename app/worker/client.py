@@ -96,6 +96,14 @@ class WorkerClient:
     def attribute(self, body: AttributeIn) -> AttributeOut:
         return self._call("/attribute", body, AttributeOut)
 
+    def graph(self, body: "GraphIn") -> "GraphOut":
+        """An attribution graph (the worker bounds its time; the client waits as long)."""
+        from saescope.precompute.config import CIRCUIT
+
+        from ..settings import GRAPH
+        from .wire import GraphOut
+        return self._call("/graph", body, GraphOut, timeout_s=CIRCUIT.max_seconds + GRAPH.client_grace_s)
+
     def explain(self, body: ExplainIn) -> ExplainOut:
         """One feature explained by the worker's model (waits up to the worker's own explanation time limit)."""
         return self._call("/explain", body, ExplainOut, timeout_s=WORKER.explain_timeout_s + 5)

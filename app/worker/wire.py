@@ -210,3 +210,50 @@ class ExplainOut(BaseModel):
     scores: list[ScoreOut] = Field([], description="detection and fuzzing results when asked to score")
     score_error: str | None = Field(None, description="why scoring could not run, when asked")
     seconds: float = Field(description="time spent")
+
+
+# ---------------------------------------------------------------- attribution graphs (routes/graph.py)
+from saescope.precompute.config import CIRCUIT  # noqa: E402  (graph bounds are offline-side defaults)
+
+from ..settings import GRAPH  # noqa: E402
+
+
+class GraphIn(BaseModel):
+    """An attribution graph for one prompt over the worker's transcoders (circuit-tracer's definitions)."""
+
+    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="the prompt (BOS is added)")
+    target: str | None = Field(None, max_length=GRAPH.max_target_chars, description="one-token logit target; default: the top tokens "
+                               f"until cumulative probability {CIRCUIT.logit_prob}, at most {CIRCUIT.max_logits}")
+    sae_ids: list[str] | None = Field(None, max_length=GRAPH.max_ids, description="the transcoders to use (default: every "
+                                      "transcoder of the worker, one per layer)")
+    node_threshold: float = Field(CIRCUIT.node_threshold, ge=0.0, le=1.0, description="cumulative influence kept (nodes)")
+    edge_threshold: float = Field(CIRCUIT.edge_threshold, ge=0.0, le=1.0, description="cumulative edge score kept")
+    max_feature_nodes: int = Field(CIRCUIT.max_feature_nodes, ge=1, le=CIRCUIT.max_feature_nodes,
+                                   description="feature nodes whose incoming edges are computed")
+    verify: bool = Field(True, description="check the top nodes and edges by real ablations")
+
+
+class NodeCheckOut(BaseModel):
+    node_id: str = Field(description="the node (its id in `graph`)")
+    estimate: float = Field(description="graph's predicted change of the target logit (demeaned) if ablated")
+    true: float = Field(description="measured change in the real model (nothing frozen)")
+    agree: bool
+
+
+class EdgeCheckOut(BaseModel):
+    source: str
+    target: str
+    weight: float = Field(description="the edge weight")
+    estimate: float = Field(description="graph's predicted change of the target's activation if the source is ablated")
+    true: float = Field(description="measured change of the target's activation in the real model")
+    agree: bool
+
+
+class GraphOut(BaseModel):
+    graph: dict = Field(description="the pruned graph in circuit-tracer's / Neuronpedia's JSON format")
+    replacement_score: float
+    completeness_score: float
+    node_checks: list[NodeCheckOut]
+    edge_checks: list[EdgeCheckOut]
+    sae_ids: dict[int, str] = Field(description="layer -> the transcoder (sae_id) used there")
+    seconds: float

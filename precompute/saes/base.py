@@ -27,7 +27,8 @@ class SAEConfig:
     architecture: str
     d_in: int
     d_sae: int
-    hook_name: str | None = None
+    hook_name: str | None = None  # where the SAE reads (a transcoder: the MLP's input)
+    hook_name_out: str | None = None  # transcoders only: where the decoder writes (the MLP's output)
     model_name: str | None = None
     apply_b_dec_to_input: bool = True
     normalize_activations: str = "none"
@@ -55,6 +56,7 @@ class SAE(nn.Module):
     """Shapes: W_enc (d_in, d_sae), b_enc (d_sae,), W_dec (d_sae, d_in), b_dec (d_in,)."""
 
     architecture: ClassVar[str] = ""
+    is_transcoder: ClassVar[bool] = False
     extra_params: ClassVar[dict[str, str]] = {}  # name -> shape spec ("d_sae" | "d_in")
     uses_b_enc: ClassVar[bool] = True
 

@@ -70,7 +70,9 @@ def _saelens_cfg(raw: dict[str, Any], file: str, hook: str | None) -> tuple[SAEC
     arch = {"jump_relu": "jumprelu", "relu": "standard"}.get(arch, arch)
     sae_class(arch, file)  # unknown architecture: fail here, naming cfg.json
     k = raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k"))
-    if arch == "topk":
+    if arch == "transcoder" and act_fn == "topk":
+        arch = "topk_transcoder"
+    if arch.startswith("topk"):
         if not isinstance(k, (int, float)) or int(k) <= 0:
             raise SAEFormatError(file, "k", repr(k), "a positive integer for a topk SAE")
         k = int(k)
@@ -90,15 +92,24 @@ def _saelens_cfg(raw: dict[str, Any], file: str, hook: str | None) -> tuple[SAEC
     if norm not in valid_norms:
         raise SAEFormatError(file, "normalize_activations", repr(norm), f"one of {', '.join(valid_norms)}")
     hook_name = hook or flat.get("hook_name") or flat.get("hook_point")
+    hook_out = None
+    if sae_class(arch, file).is_transcoder:
+        d_out = raw.get("d_out", raw.get("d_in"))
+        if d_out != raw.get("d_in"):
+            raise SAEFormatError(file, "d_out", repr(d_out), f"d_in ({raw.get('d_in')}): an MLP reads and writes the residual width")
+        hook_out = flat.get("hook_name_out") or _mlp_out_of(hook_name)
+        if norm != "none":
+            raise SAEFormatError(file, "normalize_activations", repr(norm), "'none' for a transcoder")
     cfg = SAEConfig(
         architecture=arch,
         d_in=_int_field(raw, "d_in", file),
         d_sae=_int_field(raw, "d_sae", file),
         hook_name=hook_name,
+        hook_name_out=hook_out,
         model_name=flat.get("model_name"),
-        apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+        apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)) and hook_out is None,
         normalize_activations=norm,
-        k=k if arch == "topk" else None,
+        k=k if arch.startswith("topk") else None,
         prepend_bos=bool(flat.get("prepend_bos", True)),
         context_size=flat.get("context_size"),
         dataset_path=flat.get("dataset_path"),
@@ -106,6 +117,12 @@ def _saelens_cfg(raw: dict[str, Any], file: str, hook: str | None) -> tuple[SAEC
         extra={"sae_lens_version": flat.get("sae_lens_version"), "neuronpedia_id": flat.get("neuronpedia_id")},
     )
     return cfg, scale
+
+
+def _mlp_out_of(hook: str | None) -> str | None:
+    """blocks.L.<anything> -> blocks.L.hook_mlp_out (where a transcoder reading layer L's MLP input writes)."""
+    m = re.match(r"^blocks\.(\d+)\.", hook or "")
+    return f"blocks.{m.group(1)}.hook_mlp_out" if m else None
 
 
 def _read_cfg(folder: Path, weights: str, fmt: str) -> tuple[Path, dict]:
@@ -128,7 +145,7 @@ def load_saelens(folder: Path, hook: str | None = None) -> SAE:
     cfg_file, raw = _read_cfg(folder, SAELENS_WEIGHTS, "SAELens")
     cfg, scale = _saelens_cfg(raw, str(cfg_file), hook)
     state = _read_safetensors(folder / SAELENS_WEIGHTS)
-    if cfg.architecture == "jumprelu" and "threshold" not in state and "log_threshold" in state:
+    if cfg.architecture.startswith("jumprelu") and "threshold" not in state and "log_threshold" in state:
         state["threshold"] = state.pop("log_threshold").exp()
     sf = state.pop("scaling_factor", state.pop("finetuning_scaling_factor", None))
     if sf is not None and not torch.allclose(sf, torch.ones_like(sf)):
@@ -159,8 +176,12 @@ def save_saelens(sae: SAE, folder: Path, dtype: torch.dtype = torch.float32, ext
             "sae_lens_version": "6.0.0", "sae_lens_training_version": "6.0.0", **(extra_meta or {}),
         },
     }
-    if c.architecture == "topk":
+    if c.architecture.startswith("topk"):
         cfg["k"] = c.k
+    if sae.is_transcoder:
+        cfg["d_out"] = c.d_in
+        cfg["hook_name_out"] = c.hook_name_out
+        cfg["metadata"]["hook_name_out"] = c.hook_name_out
     names = type(sae).param_shapes(c.d_in, c.d_sae)
     save_file({n: getattr(sae, n).detach().to(dtype).contiguous() for n in names}, str(folder / SAELENS_WEIGHTS))
     (folder / SAELENS_CFG).write_text(json.dumps(cfg, indent=2) + "\n")
@@ -265,6 +286,35 @@ def load_openai(file: Path, hook: str | None = None) -> SAE:
     return _build(cfg, state, str(file))
 
 
+# ---------------------------------------------------------------- circuit-tracer transcoders (one layer as an SAE)
+def _load_circuit_tracer(path: Path, hook: str | None, file_match) -> SAE:
+    """One layer of a circuit-tracer transcoder set or CLT as a transcoder SAE, for dashboards: the layer comes from
+    a `layer_{i}.safetensors` file name or from --hook blocks.L.hook_mlp_in (a folder)."""
+    from ..circuits.transcoders import load_clt, load_ct_layer, load_transcoder_set_folder, _read_config
+    from ..models import parse_hook
+
+    if file_match is not None:
+        layer = int(file_match.group(1))
+        from ..circuits.transcoders import TranscoderSet, _input_kind
+
+        cfg = _read_config(path.parent)
+        enc, b, skip = load_ct_layer(path, layer, cfg)
+        ts = TranscoderSet(layer + 1, {layer: enc}, {layer: b}, {layer: skip} if skip is not None else {},
+                           _input_kind(cfg, str(path.parent / "config.yaml")))
+    else:
+        if hook is None:
+            raise SAEFormatError(str(path), "hook", "none", "--hook blocks.L.hook_mlp_in naming the layer of this "
+                                 "circuit-tracer transcoder folder to load")
+        layer = parse_hook(hook).layer
+        clt = (path / "W_enc_0.safetensors").exists()
+        ts = load_clt(path) if clt else load_transcoder_set_folder(path, layer + 1)
+        if layer not in ts.encoders:
+            raise SAEFormatError(str(path), "hook", repr(hook), f"a layer the folder holds ({', '.join(map(str, ts.layers))})")
+    sae = ts.layer_sae(layer)
+    sae.cfg.source_format = "circuit-tracer"
+    return sae
+
+
 # ---------------------------------------------------------------- dispatch
 def _from_hub(ref: str) -> Path:
     ref = ref.removeprefix("hf://")
@@ -302,7 +352,11 @@ def load_sae(ref: str | Path, hook: str | None = None) -> SAE:
         else:
             path = _from_hub(str(ref))
     source = str(ref)
-    if path.is_dir():
+    ct_layer = re.fullmatch(r"layer_(\d+)\.safetensors", path.name)
+    if (path.is_dir() and ((path / "W_enc_0.safetensors").exists() or any(path.glob("layer_*.safetensors")))) or \
+            (path.is_file() and ct_layer):
+        sae = _load_circuit_tracer(path, hook, ct_layer)
+    elif path.is_dir():
         if (path / SAELENS_WEIGHTS).exists():
             sae = load_saelens(path, hook)
         elif (path / SPARSIFY_WEIGHTS).exists():

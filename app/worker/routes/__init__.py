@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ...errors import AppError, validation_message
 from ...settings import VERSION
 from ..batcher import Engine
-from . import activations, explain, interventions
+from . import activations, explain, graph, interventions
 
 DESCRIPTION = ("Live SAE feature activations over a small JSON API, with dynamic batching; feature explanations "
                "and an OpenAI-compatible chat route (/v1/chat/completions) for the worker's own model.")
@@ -66,6 +66,7 @@ def create_worker_app(engine: Engine, secret: str | None = None) -> FastAPI:
                                                if chat is not None else None))
     app.include_router(interventions.make_router(engine))
     app.include_router(explain.make_router(engine, chat))
+    app.include_router(graph.make_graph_router(engine))  # POST /graph: attribution graphs over the transcoders
     if chat is not None or engine is None:  # any OpenAI client can chat with the worker's model (greedy, unsteered)
         app.include_router(explain.make_chat_routes(engine, chat))
     return app

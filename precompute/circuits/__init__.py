@@ -1,0 +1,1 @@
+"""Attribution graphs (circuit-tracer definitions) on transcoders: replacement model, graph, pruning, checks, export."""
