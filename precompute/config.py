@@ -145,6 +145,8 @@ class DiffSettings:
 CHECK = CheckSettings()
 DIFF = DiffSettings()
 
+
+@dataclass(frozen=True)
 class CircuitConfig:
     """Attribution graphs (precompute/circuits/): circuit-tracer's defaults and saescope's bounds on one graph."""
 
