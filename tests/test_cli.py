@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +24,8 @@ from saescope.app.cli._common import read_secret, warn_if_exposed
 from saescope.app.settings import WORKER
 from saescope.precompute.errors import UserError
 from saescope.precompute.pipeline import PrecomputeSpec, SAESpec
-from tests.conftest import free_port
+from saescope.precompute.store import Store
+from tests.conftest import ROOT, TINY_CLI, free_port
 
 
 def _sub(name: str) -> argparse.ArgumentParser:
@@ -258,3 +261,67 @@ def test_serve_on_a_non_loopback_host_warns(tiny_store):
     finally:
         proc.kill()
         proc.wait()
+
+
+# ---------------------------------------------------------------- paths and SAE lists
+def test_relative_model_and_sae_paths_are_stored_absolute(tmp_path, monkeypatch, capsys, tiny_lm_dir, tiny_sae_dir,
+                                                            small_corpus):
+    """Before: `--model models/lm` was stored as the string 'models/lm', so a worker started from any other
+    directory could not find the model. (`saescope precompute` runs in this process, from another directory.)"""
+    from saescope.app.cli import main
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "lm").symlink_to(tiny_lm_dir, target_is_directory=True)
+    (tmp_path / "saes").mkdir()
+    (tmp_path / "saes" / "s").symlink_to(tiny_sae_dir, target_is_directory=True)
+    shutil.copy(small_corpus, tmp_path / "c.jsonl")
+    monkeypatch.chdir(tmp_path)
+    code = main(["precompute", "--model", "models/lm", "--sae", "saes/s", "--dataset", "c.jsonl", "--tokens",
+                 str(64 * 8), "--out", "s.duckdb", "--sae-id", "rel", *TINY_CLI])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    monkeypatch.chdir(ROOT)
+    with Store(tmp_path / "s.duckdb") as store:
+        info = store.sae("rel")
+    for stored, real in ((info.model_path, tiny_lm_dir), (info.sae_path, tiny_sae_dir)):
+        assert os.path.isabs(stored), f"stored as typed: {stored!r}"
+        assert Path(stored).resolve() == Path(real).resolve()
+
+
+def test_run_file_and_repeated_flags(tmp_path, tiny_sae_dir, second_sae_dir):
+    from saescope.app.cli import build_parser
+    from saescope.app.cli.precompute import spec_from_args
+    from saescope.precompute.pipeline import SAESpec
+
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'[[sae]]\npath = "{tiny_sae_dir}"\nid = "a"\n\n[[sae]]\npath = "{second_sae_dir}"\n'
+                    'hook = "blocks.2.hook_resid_post"\nid = "b"\n')
+    want = [SAESpec(str(tiny_sae_dir), None, "a"), SAESpec(str(second_sae_dir), "blocks.2.hook_resid_post", "b")]
+    p = build_parser()
+    a = spec_from_args(p.parse_args(["precompute", "--out", "x.duckdb", "--run", str(toml)]))
+    assert a.saes == want
+    js = tmp_path / "run.json"
+    js.write_text(json.dumps({"sae": [{"path": str(tiny_sae_dir), "id": "a"},
+                                      {"path": str(second_sae_dir), "hook": "blocks.2.hook_resid_post", "id": "b"}]}))
+    assert spec_from_args(p.parse_args(["precompute", "--out", "x", "--run", str(js)])).saes == want
+    flags = ["precompute", "--out", "x", "--sae", str(tiny_sae_dir), "--sae", str(second_sae_dir),
+             "--hook", "blocks.1.hook_resid_post", "--hook", "blocks.2.hook_resid_post", "--sae-id", "a", "--sae-id", "b"]
+    got = spec_from_args(p.parse_args(flags)).saes
+    assert got == [SAESpec(str(tiny_sae_dir), "blocks.1.hook_resid_post", "a"), want[1]]
+    # one SAE, as before
+    one = spec_from_args(p.parse_args(["precompute", "--out", "x", "--sae-id", "z"])).saes
+    assert one == [SAESpec("default", None, "z")]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--sae", "a", "--sae", "b", "--hook", "blocks.1.hook_resid_post"], "--hook was given 1 time"),
+    (["--sae", "a", "--sae-id", "x", "--sae-id", "y"], "--sae-id was given 2 time"),
+    (["--sae", "a", "--run", "r.toml"], "either with --run"),
+    (["--run", "nope.toml"], "no such file"),
+])
+def test_bad_sae_lists_are_refused_readably(argv, match):
+    from saescope.app.cli import build_parser
+    from saescope.app.cli.precompute import spec_from_args
+
+    with pytest.raises(ValueError, match=match):
+        spec_from_args(build_parser().parse_args(["precompute", "--out", "x", *argv]))
+
