@@ -309,6 +309,7 @@ def demo_sae():
 SLOW_FIXTURES = {"tiny_worker", "browser", "local_ray", "server", "served", "worker"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("browser") or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):

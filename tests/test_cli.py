@@ -131,6 +131,7 @@ def test_other_helps_print_no_empty_defaults(cmd):
         assert b.count("(default") <= 1 and "(default: None)" not in b and "(default: False)" not in b, b
 
 
+@pytest.mark.slow  # a subprocess
 def test_precompute_help_from_the_command_line():
     r = subprocess.run([sys.executable, "-m", "saescope.app.cli", "precompute", "--help"], capture_output=True,
                        text=True, timeout=120)

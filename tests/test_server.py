@@ -112,6 +112,7 @@ def test_context_width_and_samples_are_fragments(demo):
     assert "<html" in full.text and "samples=quantile" in full.text and 'value="3"' in full.text
 
 
+@pytest.mark.slow  # runs `saescope import-explanations` as a subprocess
 def test_search_by_index_token_and_explanation(demo, demo_store, tmp_path):
     client, store, sae = demo
     r = client.get(f"/sae/{sae.sae_id}/search?q=17", follow_redirects=False)
