@@ -305,8 +305,10 @@ def demo_sae():
     return load_sae(EMBEDDED.sae_dir)
 
 
-# fixtures that start processes, a browser or Ray: a test using one is slow whether or not it says so
-SLOW_FIXTURES = {"tiny_worker", "browser", "local_ray", "server", "served", "worker"}
+# fixtures that start a process, a server (in a subprocess or a uvicorn thread), a browser or Ray: a test using one
+# is slow whether or not it says so
+SLOW_FIXTURES = {"tiny_worker", "browser", "local_ray", "server", "served", "worker",  # processes, Ray, Chromium
+                 "worker_url", "inproc", "gpt2_128"}  # uvicorn threads (test_explain_cli.py, test_worker.py)
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects

@@ -29,16 +29,8 @@ KINDS = ("top", "interval", "quantile")
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory, tiny_lm_dir, tiny_sae_dir, small_corpus) -> dict[str, Path]:
-    from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
-
-    root = tmp_path_factory.mktemp("bf16")
-    out = {}
-    for dtype in ("float32", "bfloat16"):
-        out[dtype] = run_precompute(PrecomputeSpec(out=root / f"{dtype}.duckdb", model=str(tiny_lm_dir),
-                                                   saes=[SAESpec(str(tiny_sae_dir), sae_id="tiny")], dataset=str(small_corpus),
-                                                   device="cpu", dtype=dtype, **ARGS))
-    return out
+def stores(make_store) -> dict[str, Path]:
+    return {dtype: make_store(device="cpu", dtype=dtype, **ARGS) for dtype in ("float32", "bfloat16")}
 
 
 @pytest.fixture(scope="module")

@@ -154,6 +154,7 @@ def test_sparse_features_in_token_slices_equal_one_slice(tiny_lm_dir, tiny_sae_d
     np.testing.assert_allclose(whole.value, z[c, p, f], rtol=1e-5)
 
 
+@pytest.mark.slow  # interrupts a run, then two more runs
 def test_a_run_stopped_while_building_tables_resumes_at_the_next_range(tmp_path, make_store, tiny_lm_dir, tiny_sae_dir,
                                                                       small_corpus, caplog):
     """Ctrl-C after 3 feature ranges: the rerun streams nothing, builds only the other ranges, and the store
