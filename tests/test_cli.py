@@ -26,6 +26,7 @@ from saescope.precompute.errors import UserError
 from saescope.precompute.pipeline import PrecomputeSpec, SAESpec
 from saescope.precompute.store import Store
 from tests.conftest import ROOT, TINY_CLI, free_port
+from tests.helpers import start_process, stop_process, worker_cmd
 
 
 def _sub(name: str) -> argparse.ArgumentParser:
@@ -218,26 +219,16 @@ def test_worker_takes_its_secret_from_a_file(tiny_store, tmp_path):
     secret.write_text("file-secret\n")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != WORKER.secret_env}
-    proc = subprocess.Popen([sys.executable, "-m", "saescope.app.cli", "worker", "--store", str(tiny_store), "--port",
-                             str(port), "--secret-file", str(secret)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}/health"
+    # start_process fails with the worker's stderr if it exits, or does not answer within 120 s
+    proc = start_process(worker_cmd(tiny_store, port, "--secret-file", str(secret)), ready=url,
+                         headers={"Authorization": "Bearer file-secret"}, stdout=subprocess.DEVNULL, env=env)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stderr.read()[-2000:]
-            try:
-                r = httpx.get(url, headers={"Authorization": "Bearer file-secret"}, timeout=0.5)
-                if r.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         assert httpx.get(url, headers={"Authorization": "Bearer file-secret"}).status_code == 200
         assert httpx.get(url).status_code == 401
         assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
     finally:
-        proc.kill()
-        proc.wait()
+        stop_process(proc, grace_s=0)
 
 
 @pytest.mark.slow

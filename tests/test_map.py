@@ -33,7 +33,7 @@ from saescope.precompute.featuremap import QUANT_MAX, build_feature_map, decode_
 from saescope.precompute.saes import load_sae
 from saescope.precompute.store import Store
 from tests.conftest import ARTIFACTS, free_port
-from tests.helpers import stop_process
+from tests.helpers import start_process, stop_process
 
 SAE = "tiny"
 EVIL = '<img src=x onerror="window.__xss=1">&amp;'  # a token string as untrusted as they come
@@ -269,16 +269,12 @@ def server(mapped, tmp_path_factory):
     shutil.copy(mapped["path"], copy)
     port = free_port()
     log = (copy.parent / "serve.log").open("w")  # a file, not a pipe nobody drains (a full pipe blocks the server)
-    proc = subprocess.Popen([sys.executable, "-m", "saescope.app.cli", "serve", str(copy), "--no-worker", "--no-prewarm",
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    deadline, up = time.time() + 60, False
-    while time.time() < deadline and not up and proc.poll() is None:
-        try:
-            up = httpx.get(f"{base}/", timeout=0.5).status_code == 200
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    assert up, f"server did not come up: {(copy.parent / 'serve.log').read_text()[-2000:]}"
+    try:
+        proc = start_process([sys.executable, "-m", "saescope.app.cli", "serve", str(copy), "--no-worker", "--no-prewarm",
+                              "--port", str(port)], ready=f"{base}/", timeout=60, stdout=log, stderr=subprocess.STDOUT)
+    except RuntimeError as err:
+        pytest.fail(f"server did not come up ({err}): {(copy.parent / 'serve.log').read_text()[-2000:]}")
     yield base
     stop_process(proc)
     log.close()
