@@ -10,11 +10,14 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from tests.helpers import start_process, stop_process, worker_cmd
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -162,16 +165,45 @@ def interrupt_after(event: str, **when):
 
 TINY_ARGS = dict(tokens=64 * 40, context_len=64, batch_size=8, top_k=5, n_intervals=4, per_interval=3,
                  n_quantiles=4, per_quantile=3, progress=False)
+# TINY_ARGS' table sizes as `saescope precompute` flags (tokens, model, SAE and output left to the test)
+TINY_CLI = ["--context-len", "64", "--batch-size", "8", "--top-k", "5", "--n-intervals", "4", "--per-interval", "3",
+            "--n-quantiles", "4", "--per-quantile", "3", "--device", "cpu", "--dtype", "float32"]
 
 
 @pytest.fixture(scope="session")
-def tiny_store(tmp_path_factory, tiny_lm_dir, tiny_sae_dir, small_corpus) -> Path:
+def make_store(tmp_path_factory, tiny_lm_dir, tiny_sae_dir, small_corpus):
+    """make_store(**overrides) -> the path of a store built by run_precompute with the tiny model, the tiny TopK SAE
+    (id "tiny"), the small corpus and TINY_ARGS, each overridden by a PrecomputeSpec field of `overrides`
+    (saes=[SAESpec(...)], tokens=..., feature_map=False, ...). Built once per distinct overrides per session:
+    treat the result as read-only (copy it to change it)."""
     from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
 
-    out = tmp_path_factory.mktemp("tinystore") / "tiny.duckdb"
-    run_precompute(PrecomputeSpec(out=out, model=str(tiny_lm_dir), saes=[SAESpec(str(tiny_sae_dir), sae_id="tiny")],
-                                  dataset=str(small_corpus), **TINY_ARGS))
-    return out
+    built: dict[str, Path] = {}
+
+    def make(**overrides) -> Path:
+        key = repr(sorted(overrides.items()))
+        if key not in built:
+            spec = {"model": str(tiny_lm_dir), "saes": [SAESpec(str(tiny_sae_dir), sae_id="tiny")],
+                    "dataset": str(small_corpus), **TINY_ARGS, **overrides}
+            out = tmp_path_factory.mktemp("store") / "store.duckdb"
+            built[key] = run_precompute(PrecomputeSpec(out=out, **spec))
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_store(make_store) -> Path:
+    return make_store()
+
+
+@pytest.fixture(scope="session")
+def two_sae_store(make_store, tiny_sae_dir, second_sae_dir) -> Path:
+    """The tiny TopK SAE ("tiny", blocks.1.hook_resid_post) and the ReLU SAE ("relu", blocks.2.hook_resid_pre)
+    precomputed in one run over the tiny store's tokens."""
+    from saescope.precompute.pipeline import SAESpec
+
+    return make_store(saes=[SAESpec(str(tiny_sae_dir), None, "tiny"), SAESpec(str(second_sae_dir), None, "relu")])
 
 
 @pytest.fixture(scope="session")
@@ -216,13 +248,71 @@ def serve_in_thread(app, start_timeout_s: float = 30.0):
         thread.join(10)
 
 
-def stop_group(proc, grace_s: float = 10.0) -> None:
-    """SIGTERM a subprocess started with start_new_session=True and its children; SIGKILL if it lingers."""
-    import signal
-    import subprocess
+stop_group = stop_process  # the name tests/test_browser.py imports
 
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+
+# ------------------------------------------------------------------------------------------ shared live parts
+@pytest.fixture(scope="session")
+def tiny_worker(tiny_store) -> str:
+    """One real `saescope worker` process on the tiny store (batching window 30 ms), shared by every test that
+    only needs a worker: yields its base URL. Tests that need their own flags or kill it start their own."""
+    port = free_port()
+    proc = start_process(worker_cmd(tiny_store, port, "--batch-wait-ms", "30"), ready=f"http://127.0.0.1:{port}/health",
+                         stdout=subprocess.DEVNULL)
+    yield f"http://127.0.0.1:{port}"
+    stop_process(proc, grace_s=0)
+
+
+@pytest.fixture(scope="session")
+def worker_client(tiny_lm_dir, tiny_sae_dir):
+    """The worker app on the tiny model and SAE in this process (FastAPI's TestClient; no subprocess)."""
+    from fastapi.testclient import TestClient
+
+    from saescope.app.worker.engine import build_engine
+    from saescope.app.worker.routes import create_worker_app
+
+    engine = build_engine(str(tiny_lm_dir), {"tiny": str(tiny_sae_dir)}, {"tiny": None}, "cpu", "float32")
+    with TestClient(create_worker_app(engine)) as client:
+        yield client
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium (Debian's /usr/bin/chromium, driven by Playwright) for the session."""
+    from playwright.sync_api import sync_playwright
+
+    if not os.path.exists(CHROMIUM) and os.environ.get("SAESCOPE_SKIP_BROWSER") == "1":
+        pytest.skip("SAESCOPE_SKIP_BROWSER=1 and no /usr/bin/chromium")
+    assert os.path.exists(CHROMIUM), "install Debian's chromium (make browser) for the browser tests"
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="session")
+def demo_sae():
+    """The committed demo SAE (the embedded default's), loaded once."""
+    from saescope.precompute.config import EMBEDDED
+    from saescope.precompute.saes import load_sae
+
+    return load_sae(EMBEDDED.sae_dir)
+
+
+# fixtures that start a process, a server (in a subprocess or a uvicorn thread), a browser or Ray: a test using one
+# is slow whether or not it says so
+SLOW_FIXTURES = {"tiny_worker", "browser", "local_ray", "server", "served", "worker",  # processes, Ray, Chromium
+                 "worker_url", "inproc", "gpt2_128"}  # uvicorn threads (test_explain_cli.py, test_worker.py)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("browser") or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -20,6 +20,7 @@ import torch
 from saescope.precompute.config import PRECOMPUTE
 from saescope.precompute.store import Store
 from tests.conftest import TINY_ARGS
+from tests.helpers import dense_reference
 
 TAU, CHANGES = PRECOMPUTE.verify_bound_bf16, PRECOMPUTE.verify_changes_bf16
 ARGS = {**TINY_ARGS, "feature_map": False, "cooccurrence": False}
@@ -28,39 +29,17 @@ KINDS = ("top", "interval", "quantile")
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory, tiny_lm_dir, tiny_sae_dir, small_corpus) -> dict[str, Path]:
-    from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
-
-    root = tmp_path_factory.mktemp("bf16")
-    out = {}
-    for dtype in ("float32", "bfloat16"):
-        out[dtype] = run_precompute(PrecomputeSpec(out=root / f"{dtype}.duckdb", model=str(tiny_lm_dir),
-                                                   saes=[SAESpec(str(tiny_sae_dir), sae_id="tiny")], dataset=str(small_corpus),
-                                                   device="cpu", dtype=dtype, **ARGS))
-    return out
+def stores(make_store) -> dict[str, Path]:
+    return {dtype: make_store(device="cpu", dtype=dtype, **ARGS) for dtype in ("float32", "bfloat16")}
 
 
 @pytest.fixture(scope="module")
 def ref(tiny_lm_dir, tiny_sae_dir, small_corpus) -> dict:
-    """Dense float32 activations of every feature on every token: hidden_states + the TopK formula by hand."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from saescope.precompute.data import iter_contexts, iter_texts
-    from saescope.precompute.saes import load_sae
-
-    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32).eval()
-    sae = load_sae(str(tiny_sae_dir))
-    n_ctx = ARGS["tokens"] // T
-    ctxs = np.stack(list(itertools.islice(iter_contexts(iter_texts(str(small_corpus)), tok, T, True), n_ctx)))
-    with torch.no_grad():
-        hs = model(torch.from_numpy(ctxs).long(), output_hidden_states=True).hidden_states[2]  # resid_post of layer 1
-        pre = (hs - sae.b_dec) @ sae.W_enc + sae.b_enc  # (n_ctx, T, F)
-        top = pre.topk(sae.cfg.k, dim=-1)
-        A = torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values)).double().numpy()
-        kth = top.values[..., -1].double().numpy()  # (n_ctx, T): the k-th largest pre-activation of every token
-    A[np.isin(ctxs, tok.all_special_ids)] = 0
-    return {"A": A, "pre": pre.double().numpy(), "kth": kth, "ctxs": ctxs, "M": float(A.max())}
+    """Dense float32 activations of every feature on every token (hidden_states + the TopK formula by hand, in
+    tests/helpers.py), in float64 for the comparisons here."""
+    d = dense_reference(str(tiny_lm_dir), str(tiny_sae_dir), str(small_corpus), ARGS["tokens"], T)
+    A = d["A"].astype(np.float64)
+    return {"A": A, "pre": d["pre"].double().numpy(), "kth": d["kth"], "ctxs": d["ctxs"], "M": float(A.max())}
 
 
 def _selection_changes(got: np.ndarray, want: np.ndarray, M: float) -> np.ndarray:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +24,9 @@ from saescope.app.cli._common import read_secret, warn_if_exposed
 from saescope.app.settings import WORKER
 from saescope.precompute.errors import UserError
 from saescope.precompute.pipeline import PrecomputeSpec, SAESpec
-from tests.conftest import free_port
+from saescope.precompute.store import Store
+from tests.conftest import ROOT, TINY_CLI, free_port
+from tests.helpers import start_process, stop_process, worker_cmd
 
 
 def _sub(name: str) -> argparse.ArgumentParser:
@@ -128,6 +132,7 @@ def test_other_helps_print_no_empty_defaults(cmd):
         assert b.count("(default") <= 1 and "(default: None)" not in b and "(default: False)" not in b, b
 
 
+@pytest.mark.slow  # a subprocess
 def test_precompute_help_from_the_command_line():
     r = subprocess.run([sys.executable, "-m", "saescope.app.cli", "precompute", "--help"], capture_output=True,
                        text=True, timeout=120)
@@ -214,26 +219,16 @@ def test_worker_takes_its_secret_from_a_file(tiny_store, tmp_path):
     secret.write_text("file-secret\n")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != WORKER.secret_env}
-    proc = subprocess.Popen([sys.executable, "-m", "saescope.app.cli", "worker", "--store", str(tiny_store), "--port",
-                             str(port), "--secret-file", str(secret)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}/health"
+    # start_process fails with the worker's stderr if it exits, or does not answer within 120 s
+    proc = start_process(worker_cmd(tiny_store, port, "--secret-file", str(secret)), ready=url,
+                         headers={"Authorization": "Bearer file-secret"}, stdout=subprocess.DEVNULL, env=env)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stderr.read()[-2000:]
-            try:
-                r = httpx.get(url, headers={"Authorization": "Bearer file-secret"}, timeout=0.5)
-                if r.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         assert httpx.get(url, headers={"Authorization": "Bearer file-secret"}).status_code == 200
         assert httpx.get(url).status_code == 401
         assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
     finally:
-        proc.kill()
-        proc.wait()
+        stop_process(proc, grace_s=0)
 
 
 @pytest.mark.slow
@@ -258,3 +253,67 @@ def test_serve_on_a_non_loopback_host_warns(tiny_store):
     finally:
         proc.kill()
         proc.wait()
+
+
+# ---------------------------------------------------------------- paths and SAE lists
+def test_relative_model_and_sae_paths_are_stored_absolute(tmp_path, monkeypatch, capsys, tiny_lm_dir, tiny_sae_dir,
+                                                            small_corpus):
+    """Before: `--model models/lm` was stored as the string 'models/lm', so a worker started from any other
+    directory could not find the model. (`saescope precompute` runs in this process, from another directory.)"""
+    from saescope.app.cli import main
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "lm").symlink_to(tiny_lm_dir, target_is_directory=True)
+    (tmp_path / "saes").mkdir()
+    (tmp_path / "saes" / "s").symlink_to(tiny_sae_dir, target_is_directory=True)
+    shutil.copy(small_corpus, tmp_path / "c.jsonl")
+    monkeypatch.chdir(tmp_path)
+    code = main(["precompute", "--model", "models/lm", "--sae", "saes/s", "--dataset", "c.jsonl", "--tokens",
+                 str(64 * 8), "--out", "s.duckdb", "--sae-id", "rel", *TINY_CLI])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    monkeypatch.chdir(ROOT)
+    with Store(tmp_path / "s.duckdb") as store:
+        info = store.sae("rel")
+    for stored, real in ((info.model_path, tiny_lm_dir), (info.sae_path, tiny_sae_dir)):
+        assert os.path.isabs(stored), f"stored as typed: {stored!r}"
+        assert Path(stored).resolve() == Path(real).resolve()
+
+
+def test_run_file_and_repeated_flags(tmp_path, tiny_sae_dir, second_sae_dir):
+    from saescope.app.cli import build_parser
+    from saescope.app.cli.precompute import spec_from_args
+    from saescope.precompute.pipeline import SAESpec
+
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'[[sae]]\npath = "{tiny_sae_dir}"\nid = "a"\n\n[[sae]]\npath = "{second_sae_dir}"\n'
+                    'hook = "blocks.2.hook_resid_post"\nid = "b"\n')
+    want = [SAESpec(str(tiny_sae_dir), None, "a"), SAESpec(str(second_sae_dir), "blocks.2.hook_resid_post", "b")]
+    p = build_parser()
+    a = spec_from_args(p.parse_args(["precompute", "--out", "x.duckdb", "--run", str(toml)]))
+    assert a.saes == want
+    js = tmp_path / "run.json"
+    js.write_text(json.dumps({"sae": [{"path": str(tiny_sae_dir), "id": "a"},
+                                      {"path": str(second_sae_dir), "hook": "blocks.2.hook_resid_post", "id": "b"}]}))
+    assert spec_from_args(p.parse_args(["precompute", "--out", "x", "--run", str(js)])).saes == want
+    flags = ["precompute", "--out", "x", "--sae", str(tiny_sae_dir), "--sae", str(second_sae_dir),
+             "--hook", "blocks.1.hook_resid_post", "--hook", "blocks.2.hook_resid_post", "--sae-id", "a", "--sae-id", "b"]
+    got = spec_from_args(p.parse_args(flags)).saes
+    assert got == [SAESpec(str(tiny_sae_dir), "blocks.1.hook_resid_post", "a"), want[1]]
+    # one SAE, as before
+    one = spec_from_args(p.parse_args(["precompute", "--out", "x", "--sae-id", "z"])).saes
+    assert one == [SAESpec("default", None, "z")]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--sae", "a", "--sae", "b", "--hook", "blocks.1.hook_resid_post"], "--hook was given 1 time"),
+    (["--sae", "a", "--sae-id", "x", "--sae-id", "y"], "--sae-id was given 2 time"),
+    (["--sae", "a", "--run", "r.toml"], "either with --run"),
+    (["--run", "nope.toml"], "no such file"),
+])
+def test_bad_sae_lists_are_refused_readably(argv, match):
+    from saescope.app.cli import build_parser
+    from saescope.app.cli.precompute import spec_from_args
+
+    with pytest.raises(ValueError, match=match):
+        spec_from_args(build_parser().parse_args(["precompute", "--out", "x", *argv]))
+

@@ -8,19 +8,10 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from saescope.precompute.cooccur import cooccurrence, cooccurrence_from_chunks
-
-
-def brute(tok: np.ndarray, feat: np.ndarray, d_sae: int, n: int, which=None) -> dict[int, list[tuple]]:
-    """feature -> its top-n (-Jaccard, partner, |A ∩ B|), best first, from Python sets."""
-    sets = [set(tok[feat == a].tolist()) for a in range(d_sae)]
-    out = {}
-    for a in range(d_sae) if which is None else which:
-        cands = [(-len(sets[a] & sets[b]) / len(sets[a] | sets[b]), b, len(sets[a] & sets[b]))
-                 for b in range(d_sae) if b != a and sets[a] & sets[b]]
-        out[a] = sorted(cands)[:n]  # Jaccard descending, then the lower index
-    return out
+from tests.helpers import jaccard_reference
 
 
 def check(res, want: dict[int, list[tuple]], n: int) -> None:
@@ -58,7 +49,7 @@ def skewed():
     feat[:40], tok[:40] = 36, np.arange(40)
     feat[40:80], tok[40:80] = 35, np.arange(40)
     assert len(set(zip(tok.tolist(), feat.tolist()))) < tok.size  # repeats are there
-    return tok, feat, d_sae, n, brute(tok, feat, d_sae, n)
+    return tok, feat, d_sae, n, jaccard_reference(tok, feat, d_sae, n)
 
 
 # chunk sizes that do not divide 170, one token a chunk, everything in one; budgets from one row of C a block
@@ -102,7 +93,7 @@ def test_ties_go_to_the_lower_index_across_blocks_and_chunks():
     feat = np.tile(twins, 20).astype(np.int32)
     tok = np.concatenate([tok, np.arange(0, 60, 6)])
     feat = np.concatenate([feat, np.full(10, 1, np.int32)])
-    want = brute(tok, feat, d_sae, n)
+    want = jaccard_reference(tok, feat, d_sae, n)
     assert want[27] == [(-1.0, 3, 20), (-1.0, 9, 20)] and want[1] == [(-0.5, 3, 10), (-0.5, 9, 10)]
     for chunk_tokens, block_bytes in [(5, 1), (13, 4 * d_sae * 7), (100, 2**20)]:
         read, _ = reader(tok, feat, seed=chunk_tokens)
@@ -118,7 +109,7 @@ def test_ties_in_sparse_rows_where_partners_are_met_out_of_order(caplog):
     tok = np.array([0, 1, 2, 3, 0, 1, 2, 3], dtype=np.int64)
     feat = np.array([0, 0, 0, 0, 2900, 2000, 700, 5], dtype=np.int32)
     for n in (1, 2, 4, 6):
-        want = brute(tok, feat, d_sae, n, which=[0, 5, 2900])
+        want = jaccard_reference(tok, feat, d_sae, n, which=[0, 5, 2900])
         assert [b for _, b, _ in want[0]] == [5, 700, 2000, 2900][:n]
         with caplog.at_level(logging.INFO, logger="saescope.precompute.cooccur"):
             res = cooccurrence(tok, feat, d_sae, n=n)
@@ -139,7 +130,7 @@ def test_larger_random_corpora_on_a_sample_of_features(d_sae, n_tok, l0, block_b
     tok = np.repeat(np.arange(n_tok), l0).astype(np.int64)
     feat = rng.choice(d_sae, tok.size, p=p / p.sum()).astype(np.int32)
     sample = list(range(0, d_sae, d_sae // 23))
-    want = brute(tok, feat, d_sae, n, which=sample)
+    want = jaccard_reference(tok, feat, d_sae, n, which=sample)
     assert any(len(c) == n for c in want.values())  # full lists (ties at the cut too, likely)
     read, _ = reader(tok, feat)
     with caplog.at_level(logging.INFO, logger="saescope.precompute.cooccur"):
@@ -155,7 +146,7 @@ def test_nothing_to_pair():
         res = cooccurrence_from_chunks(lambda t0, t1: empty, n_tokens, 4, n=3, chunk_tokens=4)
         assert (res.ids == -1).all() and (res.jaccard == 0).all() and (res.counts == 0).all()
     res = cooccurrence(np.array([0, 0, 1, 1, 1]), np.array([0, 1, 0, 1, 2]), 3, n=5)  # only 2 others exist
-    check(res, brute(np.array([0, 0, 1, 1, 1]), np.array([0, 1, 0, 1, 2]), 3, 5), 5)
+    check(res, jaccard_reference(np.array([0, 0, 1, 1, 1]), np.array([0, 1, 0, 1, 2]), 3, 5), 5)
     assert res.ids[2].tolist() == [0, 1, -1, -1, -1] and res.jaccard[0, :2].tolist() == [1.0, 0.5]
 
 
@@ -182,3 +173,66 @@ def test_bad_input_says_what_is_allowed():
         cooccurrence(np.array([0, 1]), np.array([0, 4]), 4)
     with pytest.raises(ValueError, match=r"token_index must be >= 0"):
         cooccurrence(np.array([-1, 1]), np.array([0, 1]), 4)
+
+
+# ---------------------------------------------------------------- co-occurrence
+
+
+def check_close(res, want, n):
+    """check() with a float tolerance on the Jaccard values."""
+    for a, cands in want.items():
+        k = len(cands)
+        assert res.ids[a].tolist() == [b for _, b, _ in cands] + [-1] * (n - k), a
+        np.testing.assert_allclose(res.jaccard[a, :k], [-j for j, _, _ in cands], rtol=1e-6)
+        assert res.counts[a, :k].tolist() == [i for _, _, i in cands]
+        assert (res.jaccard[a, k:] == 0).all() and (res.counts[a, k:] == 0).all()
+
+
+@pytest.mark.parametrize("block_bytes", [1, 32 * 37 * 5, 2**28])  # one column per block .. all in one block
+def test_cooccurrence_equals_brute_force(block_bytes):
+    from saescope.precompute.cooccur import cooccurrence
+
+    rng = np.random.default_rng(2)
+    d_sae, n_tok, n = 37, 150, 6
+    tok = rng.integers(0, n_tok, 900).astype(np.int64)
+    feat = (rng.zipf(1.6, 900) % d_sae).astype(np.int32)  # skewed, with repeated (token, feature) pairs
+    feat[:40], tok[:40] = 36, np.arange(40)  # features 35 and 36 fire on the same tokens: ties in Jaccard
+    feat[40:80], tok[40:80] = 35, np.arange(40)
+    res = cooccurrence(tok, feat, d_sae, n=n, block_bytes=block_bytes)
+    assert res.ids.shape == res.jaccard.shape == res.counts.shape == (d_sae, n)
+    assert res.ids.dtype == np.int32 and res.jaccard.dtype == np.float32
+    assert res.ids[35, 0] == 36 and res.jaccard[35, 0] == pytest.approx(
+        40 / len(set(tok[feat == 35].tolist()) | set(tok[feat == 36].tolist())))
+    check_close(res, jaccard_reference(tok, feat, d_sae, n), n)
+
+
+def test_cooccurrence_of_real_sae_codes(demo_sae):
+    """Codes of the demo TopK SAE on inputs built from its own decoder directions, checked on a sample."""
+    from saescope.precompute.cooccur import cooccurrence
+
+    g = torch.Generator().manual_seed(3)
+    d_sae = demo_sae.cfg.d_sae
+    picks = torch.randint(0, 64, (256, 3), generator=g)  # few directions, so features really co-occur
+    x = demo_sae.W_dec.detach()[picks].sum(1) * 4 + demo_sae.b_dec.detach()  # (256, d_in)
+    with torch.no_grad():
+        z = demo_sae.encode(x + 0.1 * torch.randn(x.shape, generator=g))  # (256, d_sae)
+    tok, feat = (t.numpy() for t in torch.nonzero(z > 0, as_tuple=True))
+    res = cooccurrence(tok.astype(np.int64), feat.astype(np.int32), d_sae, n=8)
+    active = np.unique(feat)
+    sample = list(active[np.linspace(0, len(active) - 1, 12).astype(int)])
+    brute = jaccard_reference(tok, feat, d_sae, 8, which=sample)
+    assert any(len(c) == 8 for c in brute.values())
+    check_close(res, brute, 8)
+    silent = np.setdiff1d(np.arange(d_sae), active)[:3]
+    assert (res.ids[silent] == -1).all()
+
+
+def test_cooccurrence_rejects_bad_input():
+    from saescope.precompute.cooccur import cooccurrence
+
+    with pytest.raises(ValueError, match=r"feature ids must be in \[0, 4\)"):
+        cooccurrence(np.array([0, 1]), np.array([0, 4]), 4)
+    with pytest.raises(ValueError, match="same length"):
+        cooccurrence(np.array([0, 1]), np.array([0]), 4)
+    with pytest.raises(ValueError, match="integer"):
+        cooccurrence(np.array([0.0]), np.array([0]), 4)

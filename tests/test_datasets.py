@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,18 +12,9 @@ import pytest
 from saescope.precompute.data import iter_contexts, iter_dataset_contexts, iter_texts, token_column
 from saescope.precompute.models import load_tokenizer
 from tests.conftest import TINY_ARGS
+from tests.helpers import dump_tables
 
-TABLES = {"features": "feature", "examples": "feature, kind, grp, rank", "groups": "feature, kind, grp",
-          "contexts": "ctx_id"}
-
-
-def _rows(path, table: str, order: str) -> list[tuple]:
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        cols = [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall() if r[0] != "sae_id"]
-        return con.execute(f"SELECT {', '.join(cols)} FROM {table} ORDER BY {order}").fetchall()
-    finally:
-        con.close()
+TABLES = ("features", "examples", "groups", "contexts")
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +39,9 @@ def test_pretokenized_input_gives_the_same_store_as_the_same_tokens_fed_as_text(
     out = tmp_path / "pretok.duckdb"
     run_precompute(PrecomputeSpec(out=out, model=str(tiny_lm_dir), saes=[SAESpec(str(tiny_sae_dir), sae_id="tiny")],
                                   dataset=str(src), **TINY_ARGS))
-    for table, order in TABLES.items():
-        assert _rows(out, table, order) == _rows(tiny_store, table, order), table
+    got, want = dump_tables(out, "tiny", TABLES), dump_tables(tiny_store, "tiny", TABLES)
+    for table in TABLES:
+        assert got[table] == want[table], table
 
 
 def test_pretokenized_rows_are_never_retokenized_and_bos_follows_the_config(tiny_lm_dir, tmp_path):

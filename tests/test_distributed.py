@@ -5,27 +5,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pytest
 
 from tests.conftest import TINY_ARGS
+from tests.helpers import dump_tables
 
 ray = pytest.importorskip("ray", reason="the Ray extra is not installed: pip install -e '.[test,ray]'")
-
-TABLES = ("features", "examples", "groups", "contexts", "explanations", "cross_matches", "vocab", "meta")
-
-
-def everything(path: Path) -> dict[str, list]:
-    """Every row of every table, sorted; the saes rows without their build times."""
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        out = {t: sorted(con.execute(f"SELECT * FROM {t}").fetchall(), key=repr) for t in TABLES}
-        out["saes"] = con.execute("SELECT * EXCLUDE (created) FROM saes ORDER BY sae_id").fetchall()
-        return out
-    finally:
-        con.close()
-
 
 @pytest.fixture(scope="module")
 def local_ray():
@@ -43,11 +29,9 @@ def args(out: Path, tiny_lm_dir, tiny_sae_dir, second_sae_dir, small_corpus, **k
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, tiny_lm_dir, tiny_sae_dir, second_sae_dir, small_corpus) -> Path:
-    from saescope.precompute.pipeline import run_precompute
-
-    out = tmp_path_factory.mktemp("single") / "one.duckdb"
-    return run_precompute(args(out, tiny_lm_dir, tiny_sae_dir, second_sae_dir, small_corpus))
+def single(two_sae_store) -> Path:
+    """The same two SAEs precomputed in one process (the session's two-SAE store; feature ranges change no row)."""
+    return two_sae_store
 
 
 def test_sharded_on_ray_equals_one_process(local_ray, single, tmp_path, tiny_lm_dir, tiny_sae_dir, second_sae_dir,
@@ -58,7 +42,7 @@ def test_sharded_on_ray_equals_one_process(local_ray, single, tmp_path, tiny_lm_
     out = tmp_path / "sharded.duckdb"
     run_precompute(args(out, tiny_lm_dir, tiny_sae_dir, second_sae_dir, small_corpus, shards=3))
     assert "streaming 3 shard(s) of 3 on Ray" in caplog.text
-    got, want = everything(out), everything(single)
+    got, want = dump_tables(out), dump_tables(single)
     assert got.keys() == want.keys()
     for t in want:
         assert got[t] == want[t], f"table {t} differs between the sharded and the one-process run"
@@ -95,7 +79,7 @@ def test_a_sealed_shard_is_not_streamed_again(local_ray, single, tmp_path, tiny_
     caplog.set_level("INFO")
     run_precompute(a)
     assert "streaming 2 shard(s) of 3 on Ray" in caplog.text
-    assert everything(out) == everything(single)
+    assert dump_tables(out) == dump_tables(single)
 
 
 def test_shard_plans_fall_on_batch_edges():

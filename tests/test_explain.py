@@ -351,6 +351,7 @@ def test_prefix_cache_gives_the_same_answer_as_plain_generate(local):
     assert got[0].prompt_tokens == enc["input_ids"].shape[1] == local.prompt_tokens(messages)
 
 
+@pytest.mark.slow  # generates with the 135M default model: the longest in-process test
 def test_local_model_explains_two_real_sae_features(local, corpus_tokens):
     """Activations of the committed demo SAE on demo-corpus contexts, computed here; two features explained."""
     from saescope.precompute.config import EMBEDDED

@@ -1,4 +1,5 @@
-"""Feature map, co-occurrence, cross-SAE matches and SAELens release resolution, each against brute force."""
+"""Feature map, cross-SAE matches and SAELens release resolution, each against brute force (co-occurrence:
+tests/test_cooccur.py)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from saescope.precompute.config import EMBEDDED
-
-DEMO_SAE = EMBEDDED.sae_dir
-
-
-@pytest.fixture(scope="module")
-def demo_sae():
-    from saescope.precompute.saes import load_sae
-
-    return load_sae(DEMO_SAE)
 
 
 # ---------------------------------------------------------------- feature map
@@ -101,80 +91,6 @@ def test_coords_payload_round_trips():
     assert np.abs(back - xy).max() <= 0.5 / 65535 + 1e-7
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         encode_coords(xy * 2)
-
-
-# ---------------------------------------------------------------- co-occurrence
-def _brute_cooccurrence(tok: np.ndarray, feat: np.ndarray, d_sae: int, n: int, which=None):
-    sets = [set(tok[feat == a].tolist()) for a in range(d_sae)]
-    out = {}
-    for a in (range(d_sae) if which is None else which):
-        cands = []
-        for b in range(d_sae):
-            inter = len(sets[a] & sets[b])
-            if b != a and inter:
-                cands.append((-inter / len(sets[a] | sets[b]), b, inter))
-        cands.sort()  # Jaccard descending, then lower index
-        out[a] = cands[:n]
-    return out
-
-
-def _check(res, brute, n):
-    for a, cands in brute.items():
-        k = len(cands)
-        assert res.ids[a].tolist() == [b for _, b, _ in cands] + [-1] * (n - k), a
-        np.testing.assert_allclose(res.jaccard[a, :k], [-j for j, _, _ in cands], rtol=1e-6)
-        assert res.counts[a, :k].tolist() == [i for _, _, i in cands]
-        assert (res.jaccard[a, k:] == 0).all() and (res.counts[a, k:] == 0).all()
-
-
-@pytest.mark.parametrize("block_bytes", [1, 32 * 37 * 5, 2**28])  # one column per block .. all in one block
-def test_cooccurrence_equals_brute_force(block_bytes):
-    from saescope.precompute.cooccur import cooccurrence
-
-    rng = np.random.default_rng(2)
-    d_sae, n_tok, n = 37, 150, 6
-    tok = rng.integers(0, n_tok, 900).astype(np.int64)
-    feat = (rng.zipf(1.6, 900) % d_sae).astype(np.int32)  # skewed, with repeated (token, feature) pairs
-    feat[:40], tok[:40] = 36, np.arange(40)  # features 35 and 36 fire on the same tokens: ties in Jaccard
-    feat[40:80], tok[40:80] = 35, np.arange(40)
-    res = cooccurrence(tok, feat, d_sae, n=n, block_bytes=block_bytes)
-    assert res.ids.shape == res.jaccard.shape == res.counts.shape == (d_sae, n)
-    assert res.ids.dtype == np.int32 and res.jaccard.dtype == np.float32
-    assert res.ids[35, 0] == 36 and res.jaccard[35, 0] == pytest.approx(
-        40 / len(set(tok[feat == 35].tolist()) | set(tok[feat == 36].tolist())))
-    _check(res, _brute_cooccurrence(tok, feat, d_sae, n), n)
-
-
-def test_cooccurrence_of_real_sae_codes(demo_sae):
-    """Codes of the demo TopK SAE on inputs built from its own decoder directions, checked on a sample."""
-    from saescope.precompute.cooccur import cooccurrence
-
-    g = torch.Generator().manual_seed(3)
-    d_sae = demo_sae.cfg.d_sae
-    picks = torch.randint(0, 64, (256, 3), generator=g)  # few directions, so features really co-occur
-    x = demo_sae.W_dec.detach()[picks].sum(1) * 4 + demo_sae.b_dec.detach()  # (256, d_in)
-    with torch.no_grad():
-        z = demo_sae.encode(x + 0.1 * torch.randn(x.shape, generator=g))  # (256, d_sae)
-    tok, feat = (t.numpy() for t in torch.nonzero(z > 0, as_tuple=True))
-    res = cooccurrence(tok.astype(np.int64), feat.astype(np.int32), d_sae, n=8)
-    active = np.unique(feat)
-    sample = list(active[np.linspace(0, len(active) - 1, 12).astype(int)])
-    brute = _brute_cooccurrence(tok, feat, d_sae, 8, which=sample)
-    assert any(len(c) == 8 for c in brute.values())
-    _check(res, brute, 8)
-    silent = np.setdiff1d(np.arange(d_sae), active)[:3]
-    assert (res.ids[silent] == -1).all()
-
-
-def test_cooccurrence_rejects_bad_input():
-    from saescope.precompute.cooccur import cooccurrence
-
-    with pytest.raises(ValueError, match=r"feature ids must be in \[0, 4\)"):
-        cooccurrence(np.array([0, 1]), np.array([0, 4]), 4)
-    with pytest.raises(ValueError, match="same length"):
-        cooccurrence(np.array([0, 1]), np.array([0]), 4)
-    with pytest.raises(ValueError, match="integer"):
-        cooccurrence(np.array([0.0]), np.array([0]), 4)
 
 
 # ---------------------------------------------------------------- cross-SAE matches

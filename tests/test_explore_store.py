@@ -68,8 +68,9 @@ def test_centred_logit_effects_and_the_map_are_stored(tiny_store, active_sets):
 
 
 @pytest.fixture(scope="module")
-def two_sae_store(tmp_path_factory, tiny_lm_dir, tiny_sae_dir, small_corpus):
-    from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
+def matched_saes(tmp_path_factory, make_store, tiny_sae_dir):
+    """The tiny SAE ("a") and a TopK SAE ("b") whose first 40 decoder rows are nearly the tiny SAE's, in one store."""
+    from saescope.precompute.pipeline import SAESpec
     from saescope.precompute.saes import SAEConfig, load_sae, save_saelens
     from saescope.precompute.saes.topk import TopKSAE
 
@@ -84,15 +85,13 @@ def two_sae_store(tmp_path_factory, tiny_lm_dir, tiny_sae_dir, small_corpus):
         other.W_enc.mul_(15.0)
     d = tmp_path_factory.mktemp("other")
     save_saelens(other, d)
-    out = tmp_path_factory.mktemp("two") / "two.duckdb"
-    run_precompute(PrecomputeSpec(out=out, model=str(tiny_lm_dir), dataset=str(small_corpus),
-                                  saes=[SAESpec(str(tiny_sae_dir), None, "a"), SAESpec(str(d), None, "b")],
-                                  **{**TINY_ARGS, "tokens": 64 * 8}, feature_map=False))
+    out = make_store(saes=[SAESpec(str(tiny_sae_dir), None, "a"), SAESpec(str(d), None, "b")], tokens=64 * 8,
+                     feature_map=False)
     return out, base, other
 
 
-def test_cross_sae_matches_equal_a_brute_force_cosine(two_sae_store):
-    out, a, b = two_sae_store
+def test_cross_sae_matches_equal_a_brute_force_cosine(matched_saes):
+    out, a, b = matched_saes
     A = torch.nn.functional.normalize(a.W_dec.detach().float(), dim=-1)
     B = torch.nn.functional.normalize(b.W_dec.detach().float(), dim=-1)
     cos = A @ B.T  # (96, 80)
@@ -187,8 +186,8 @@ def test_feature_json_carries_every_section_of_the_page(tiny_store):
         assert [tuple(c) for c in j["cooc"]] == [(a, pytest.approx(b)) for a, b in feat.cooc]
 
 
-def test_feature_json_carries_the_cross_sae_matches(two_sae_store):
-    out, a, b = two_sae_store
+def test_feature_json_carries_the_cross_sae_matches(matched_saes):
+    out, a, b = matched_saes
     client = TestClient(create_app(out))
     A = torch.nn.functional.normalize(a.W_dec.detach().float(), dim=-1)
     B = torch.nn.functional.normalize(b.W_dec.detach().float(), dim=-1)

@@ -17,8 +17,6 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from saescope.app.web.app import create_app
-from tests.conftest import free_port
-from tests.test_worker import start_worker, stop
 
 pytestmark = pytest.mark.slow
 
@@ -56,15 +54,9 @@ def _routes(app) -> list[tuple[str, str, list[str], list[str], list[str]]]:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_store):
-    port = free_port()
-    proc = start_worker(tiny_store, port)
-    try:
-        app = create_app(tiny_store, worker_url=f"http://127.0.0.1:{port}")
-        yield app, f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
-
+def served(tiny_store, tiny_worker):
+    app = create_app(tiny_store, worker_url=tiny_worker)
+    yield app, tiny_worker
 
 VALID = {"sae": "tiny", "sae_id": "tiny", "feature": "3", "index": "3", "prompt": "The file is closed.",
          "text": "The file is closed.", "q": "the", "other": "tiny"}

@@ -11,7 +11,6 @@ import base64
 import gzip
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -33,7 +32,8 @@ from saescope.app.web.tokens import visible
 from saescope.precompute.featuremap import QUANT_MAX, build_feature_map, decode_coords
 from saescope.precompute.saes import load_sae
 from saescope.precompute.store import Store
-from tests.conftest import ARTIFACTS, free_port, stop_group
+from tests.conftest import ARTIFACTS, free_port
+from tests.helpers import start_process, stop_process
 
 SAE = "tiny"
 EVIL = '<img src=x onerror="window.__xss=1">&amp;'  # a token string as untrusted as they come
@@ -262,10 +262,6 @@ def test_feature_page_shows_its_map_neighbourhood(client, mapped):
 
 
 # ---------------------------------------------------------------- a real browser
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
-
 
 @pytest.fixture(scope="module")
 def server(mapped, tmp_path_factory):
@@ -273,33 +269,16 @@ def server(mapped, tmp_path_factory):
     shutil.copy(mapped["path"], copy)
     port = free_port()
     log = (copy.parent / "serve.log").open("w")  # a file, not a pipe nobody drains (a full pipe blocks the server)
-    proc = subprocess.Popen([sys.executable, "-m", "saescope.app.cli", "serve", str(copy), "--no-worker", "--no-prewarm",
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    deadline, up = time.time() + 60, False
-    while time.time() < deadline and not up and proc.poll() is None:
-        try:
-            up = httpx.get(f"{base}/", timeout=0.5).status_code == 200
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    assert up, f"server did not come up: {(copy.parent / 'serve.log').read_text()[-2000:]}"
+    try:
+        proc = start_process([sys.executable, "-m", "saescope.app.cli", "serve", str(copy), "--no-worker", "--no-prewarm",
+                              "--port", str(port)], ready=f"{base}/", timeout=60, stdout=log, stderr=subprocess.STDOUT)
+    except RuntimeError as err:
+        pytest.fail(f"server did not come up ({err}): {(copy.parent / 'serve.log').read_text()[-2000:]}")
     yield base
-    stop_group(proc)
+    stop_process(proc)
     log.close()
     print(f"\nserver log: {copy.parent / 'serve.log'}")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("install Debian's chromium (make browser) for the browser tests")
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 def _view(page) -> dict:

@@ -162,3 +162,35 @@ def test_hooks_replace_an_activation_like_a_hand_written_hook(family, kind, tiny
     def stop(_x):
         raise StopForward
     assert lm.run_with_hooks(ids, [(name, stop)]) is None
+
+
+def test_activations_multi_equals_one_hook_at_a_time(tiny_lm_dir, small_corpus):
+    """One pass with several hooks gives bitwise the activations of a pass per hook, and of the HF hidden states."""
+    from saescope.precompute.models import load_model
+
+    lm = load_model(str(tiny_lm_dir), "cpu", "float32")
+    ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    hooks = ["blocks.2.hook_resid_pre", "blocks.0.hook_mlp_out", "blocks.1.hook_resid_post", "blocks.0.hook_attn_out"]
+    got = lm.activations_multi(ids, hooks)
+    assert list(got) == hooks
+    for h in hooks:
+        assert torch.equal(got[h], lm.activations(ids, h)), h
+    with torch.no_grad():
+        hs = lm.model(ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(got["blocks.1.hook_resid_post"], hs[2], rtol=0, atol=0)
+    torch.testing.assert_close(got["blocks.2.hook_resid_pre"], hs[2], rtol=0, atol=0)
+
+
+def test_activations_multi_stops_after_the_deepest_hook(tiny_lm_dir):
+    from saescope.precompute.models import load_model
+
+    lm = load_model(str(tiny_lm_dir), "cpu", "float32")
+    ran: list[int] = []
+    handles = [layer.register_forward_pre_hook(lambda _m, _a, i=i: ran.append(i)) for i, layer in enumerate(lm.layers)]
+    try:
+        lm.activations_multi(torch.tensor([[1, 5, 9]]), ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"])
+    finally:
+        for h in handles:
+            h.remove()
+    assert ran == [0, 1], "layer 2 must not run when the deepest hook is in layer 1"
+

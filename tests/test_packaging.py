@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY_ARGS, free_port, stop_group
+from conftest import ROOT, TINY_ARGS, free_port, stop_process
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SETUPTOOLS = PYPROJECT["tool"]["setuptools"]
@@ -374,6 +374,6 @@ def test_wheel_installed_outside_the_checkout_precomputes_and_serves(tmp_path, t
         assert answer is not None and answer.status_code == 200, (answer.status_code, answer.text[:500])
         assert answer.json()
     finally:
-        stop_group(proc)
+        stop_process(proc)
     opened = audit_log.read_text() if audit_log.exists() else ""
     assert not opened, "processes of the installed package read files of the checkout:\n" + opened[:4000]

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import duckdb
 import numpy as np
 import pytest
-import torch
 
 from saescope.precompute.store import Store
 from saescope.precompute.store.schema import priority
 from tests.conftest import TINY_ARGS, interrupt_after
+from tests.helpers import dense_reference, dump_tables
 
 T = TINY_ARGS["context_len"]
 
@@ -26,25 +24,9 @@ T = TINY_ARGS["context_len"]
 @pytest.fixture(scope="module")
 def brute(tiny_lm_dir, tiny_sae_dir, small_corpus):
     """Dense activations of every feature on every token, computed without the precompute code path."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from saescope.precompute.data import iter_contexts, iter_texts
-    from saescope.precompute.saes import load_sae
-
-    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32).eval()
-    sae = load_sae(str(tiny_sae_dir))
-    n_ctx = TINY_ARGS["tokens"] // T
-    ctxs = np.stack(list(itertools.islice(iter_contexts(iter_texts(str(small_corpus)), tok, T, True), n_ctx)))
-    assert (ctxs[:, 0] == tok.bos_token_id).all()
-    with torch.no_grad():
-        hs = model(torch.from_numpy(ctxs).long(), output_hidden_states=True).hidden_states[2]  # resid_post of layer 1
-        pre = (hs - sae.b_dec) @ sae.W_enc + sae.b_enc
-        top = pre.topk(sae.cfg.k, dim=-1)
-        A = torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values)).numpy()  # (n_ctx, T, F)
-    special = np.isin(ctxs, tok.all_special_ids)
-    A[special] = 0
-    return {"ctxs": ctxs, "A": A, "special": special, "model": model, "sae": sae, "tok": tok}
+    ref = dense_reference(str(tiny_lm_dir), str(tiny_sae_dir), str(small_corpus), TINY_ARGS["tokens"], T)
+    assert (ref["ctxs"][:, 0] == ref["tok"].bos_token_id).all()
+    return ref
 
 
 @pytest.fixture(scope="module")
@@ -195,18 +177,6 @@ def test_stored_activations_equal_a_fresh_recompute(store, tiny_lm_dir, tiny_sae
             np.testing.assert_allclose(e.acts, z, rtol=1e-4, atol=1e-6)
 
 
-def dump(path: Path) -> dict:
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        out = {}
-        for t in ("features", "examples", "groups", "contexts", "vocab"):
-            out[t] = sorted(con.execute(f"SELECT * FROM {t}").fetchall(), key=repr)
-        out["saes"] = con.execute("SELECT * EXCLUDE (created) FROM saes").fetchall()
-        return out
-    finally:
-        con.close()
-
-
 def test_interrupted_run_resumes_to_the_same_store(tmp_path, tiny_store, tiny_lm_dir, tiny_sae_dir, small_corpus, caplog):
     from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
 
@@ -218,7 +188,7 @@ def test_interrupted_run_resumes_to_the_same_store(tmp_path, tiny_store, tiny_lm
     caplog.set_level("INFO")
     run_precompute(PrecomputeSpec(**args))
     assert "resuming: 16 of 40 contexts already done" in caplog.text
-    assert dump(tmp_path / "r.duckdb") == dump(tiny_store)
+    assert dump_tables(tmp_path / "r.duckdb") == dump_tables(tiny_store)
     assert not (tmp_path / "r.duckdb.work").exists()
 
 
@@ -269,7 +239,7 @@ def test_kill_9_then_the_same_command_resumes(tmp_path, tiny_store, tiny_lm_dir,
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "resuming:" in rerun.stderr
-    d, ref = dump(out), dump(tiny_store)
+    d, ref = dump_tables(out), dump_tables(tiny_store)
     # batch size 1 vs 8 changes nothing here beyond float round-off; compare with a tolerance
     assert d["contexts"] == ref["contexts"] and d["vocab"] == ref["vocab"]
     assert [r[:6] for r in d["examples"]] == [r[:6] for r in ref["examples"]]

@@ -1,6 +1,7 @@
 """Every SAE format and architecture loads, and encode equals an independent numpy reference to <= 1e-5."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 from safetensors.numpy import save_file
 
 from saescope.precompute.saes import REGISTRY, SAEFormatError, load_sae
+from tests.conftest import TINY_CLI
 
 D_IN, D_SAE = 16, 40
 
@@ -242,3 +244,30 @@ def test_check_d_in_names_both_widths():
     with pytest.raises(ValueError, match=r"SAE 's1' reads vectors of width d_in=16, but blocks.0.hook_resid_post "
                                          r"of model 'm' has width 32"):
         check_d_in(sae, 32, "blocks.0.hook_resid_post", "m", "s1")
+
+
+def test_an_sae_folder_without_cfg_json_says_what_is_missing(tmp_path, capsys, tiny_sae_dir, tiny_lm_dir):
+    """Before: load_sae raised a bare "[Errno 2] No such file or directory: '.../cfg.json'"."""
+    from saescope.app.cli import main
+    from saescope.precompute.saes import load_sae
+    from saescope.precompute.saes.base import SAEFormatError
+
+    folder = tmp_path / "sae_no_cfg"
+    folder.mkdir()
+    shutil.copy(tiny_sae_dir / "sae_weights.safetensors", folder)
+    (folder / "notes.txt").write_text("hello")
+    with pytest.raises(SAEFormatError) as e:
+        load_sae(folder)
+    msg = str(e.value)
+    assert "Errno" not in msg
+    assert "cfg.json" in msg and "sae_weights.safetensors" in msg and "notes.txt" in msg
+    assert "expected" in msg and "d_sae" in msg
+    capsys.readouterr()
+    code = main(["precompute", "--model", str(tiny_lm_dir), "--sae", str(folder), "--dataset", "default",
+                 "--tokens", "128", "--out", str(tmp_path / "x.duckdb"), *TINY_CLI])
+    err = capsys.readouterr().err
+    assert code == 2, (code, err[-2000:])
+    said = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert said and "cfg.json" in said[-1] and "notes.txt" in said[-1] and "Errno" not in err, err[-2000:]
+    assert not (tmp_path / "x.duckdb").exists()
+

@@ -112,6 +112,7 @@ def test_context_width_and_samples_are_fragments(demo):
     assert "<html" in full.text and "samples=quantile" in full.text and 'value="3"' in full.text
 
 
+@pytest.mark.slow  # runs `saescope import-explanations` as a subprocess
 def test_search_by_index_token_and_explanation(demo, demo_store, tmp_path):
     client, store, sae = demo
     r = client.get(f"/sae/{sae.sae_id}/search?q=17", follow_redirects=False)
@@ -277,3 +278,47 @@ def test_page_cache_serves_identical_pages_and_never_caches_live_routes(demo_sto
         assert "x-cache" not in r.headers
     assert client.get(f"/sae/{sid}/feature/99999").status_code == 404  # errors are not cached either
     assert "x-cache" not in client.get(f"/sae/{sid}/feature/99999").headers
+
+
+# ---------------------------------------------------------------- the tiny store's pages
+@pytest.fixture(scope="module")
+def tiny_client(tiny_store):
+    return TestClient(create_app(tiny_store))
+
+
+def test_samples_render_without_javascript_and_pages_have_the_live_region(tiny_client, tiny_store):
+    """Before: ?samples=quantile without htmx headers gave the whole page with the "loading…" placeholder, whose
+    content only htmx could fetch; and app.js announced into #tok-live, which no template defined."""
+    with Store(tiny_store) as store:
+        index = store.features("tiny", sort="density", desc=True, limit=1)[0].index
+        groups = store.groups("tiny", index, "quantile")
+    assert groups
+    r = tiny_client.get(f"/sae/tiny/feature/{index}?samples=quantile")
+    assert r.status_code == 200 and "<html" in r.text
+    assert "loading…" not in r.text
+    for g in groups:
+        assert re.search(rf'<h3 class="group">quantile {g.grp + 1}:', r.text), g.grp
+    for url in ("/", "/sae/tiny", f"/sae/tiny/feature/{index}", f"/sae/tiny/feature/{index}?samples=interval",
+                "/sae/tiny/search?q=the", "/inspect", "/sae/tiny/feature/100000", "/nowhere"):
+        page = tiny_client.get(url)
+        assert page.text.count('id="tok-live"') == 1, url
+
+
+def test_home_page_shows_the_verify_badge(tiny_store):
+    import html
+
+    from fastapi.testclient import TestClient
+
+    from saescope.app.web.app import create_app
+
+    with Store(tiny_store) as s:
+        v = s.sae("tiny").verify
+    page = TestClient(create_app(tiny_store, worker_url=None)).get("/")
+    assert page.status_code == 200
+    text = html.unescape(page.text)
+    shown = f"{v['max_rel_diff']:.0e}" if v["max_rel_diff"] else "0"
+    assert f"verified: max rel. diff {shown} on 8 contexts" in text
+    assert f"saescope verify {tiny_store} --sae tiny --sample 8 --seed 0" in text
+    api = TestClient(create_app(tiny_store, worker_url=None)).get("/api/saes")  # the JSON twin: the same record
+    assert api.status_code == 200 and [x["verify"]["command"] for x in api.json()] == [v["command"]]
+

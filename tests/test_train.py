@@ -5,12 +5,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from saescope.precompute.config import EMBEDDED
 from saescope.precompute.saes import load_sae
 
 
+@pytest.mark.slow  # a subprocess
 def test_train_sae_cli_writes_a_loadable_saelens_folder(tmp_path, tiny_lm_dir, small_corpus):
     out = tmp_path / "sae"
     r = subprocess.run([sys.executable, "-m", "saescope.app.cli", "train-sae", "--model", str(tiny_lm_dir), "--hook",

@@ -122,3 +122,86 @@ def test_damaged_bytes_are_reported_by_table(tmp_path, tiny_store, capsys):
     out = capsys.readouterr().out
     for t in bad:
         assert f"damaged table {t}:" in out
+
+
+# ---------------------------------------------------------------- the stored verification and the CLI
+def test_precompute_stores_its_verification(tiny_store):
+    with Store(tiny_store) as s:
+        v = s.sae("tiny").verify
+        assert v["ok"] and v["max_rel_diff"] <= 1e-4 and v["mismatches"] == 0
+        assert v["contexts"] == 8 and v["positions"] > 100
+        assert v["date"] == s.sae("tiny").created
+        assert v["command"] == f"saescope verify {tiny_store} --sae tiny --sample 8 --seed 0"
+        # the sampled contexts are stored ones, and every stored activation of them was compared
+        stored = s.stored_activations("tiny", v["ctx_ids"])
+        assert v["positions"] >= sum(len(p) for _, feats in stored.values() for p, _ in feats.values())
+
+
+def test_verify_cli_on_the_tiny_store(tiny_store, capsys):
+    from saescope.app.cli import main
+
+    assert main(["verify", str(tiny_store), "--sae", "tiny", "--sample", "5", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("tiny: ok: max rel. diff") and "on 5 contexts" in out
+
+
+def test_verify_reports_a_tampered_value(tmp_path, tiny_store):
+    """Change one stored activation (in every example row of that feature and context): verify names it."""
+    from saescope.precompute.verify import verify_store
+
+    copy = tmp_path / "tampered.duckdb"
+    shutil.copyfile(tiny_store, copy)
+    with Store(copy) as s:
+        ctx = s.sae("tiny").verify["ctx_ids"][0]
+        feats = s.stored_activations("tiny", [ctx])[ctx][1]
+    feature = min(feats)
+    pos, val = feats[feature]
+    con = duckdb.connect(str(copy))
+    con.execute("""UPDATE examples SET act_val = list_transform(act_val, lambda v, i: CASE WHEN i = 1 THEN v * 1.01 ELSE v END)
+                   WHERE sae_id = 'tiny' AND ctx_id = ? AND feature = ?""", [ctx, feature])
+    con.close()
+    r = verify_store(copy, "tiny", sample=8, seed=0)["tiny"]
+    assert not r["ok"]
+    assert r["worst"]["ctx_id"] == ctx and r["worst"]["feature"] == feature and r["worst"]["pos"] == pos[0]
+    assert r["max_rel_diff"] == pytest.approx(0.01 / 1.01, rel=1e-3)  # |1.01 v - v| / (1.01 v)
+    assert r["worst"]["stored"] == pytest.approx(val[0] * 1.01, rel=1e-6)
+
+
+def test_verify_reports_zero_nonzero_mismatches(tmp_path, tiny_store, capsys):
+    """A stored activation dropped (a nonzero that the store says is zero) is a zero/nonzero mismatch."""
+    from saescope.app.cli import main
+
+    copy = tmp_path / "dropped.duckdb"
+    shutil.copyfile(tiny_store, copy)
+    with Store(copy) as s:
+        ctx = s.sae("tiny").verify["ctx_ids"][0]
+    con = duckdb.connect(str(copy))
+    n = con.execute("""UPDATE examples SET act_pos = act_pos[2:], act_val = act_val[2:]
+                       WHERE sae_id = 'tiny' AND ctx_id = ? AND len(act_pos) > 1""", [ctx]).fetchall()[0][0]
+    n_feats = con.execute("""SELECT count(DISTINCT feature) FROM examples WHERE sae_id = 'tiny' AND ctx_id = ?
+                             AND len(act_pos) >= 1""", [ctx]).fetchall()[0][0]
+    con.close()
+    assert n > 0
+    assert main(["verify", str(copy), "--sample", "8"]) == 1
+    out = capsys.readouterr().out
+    assert "tiny: FAILED" in out and "worst: context" in out
+    mism = int(out.split(" zero/nonzero mismatches")[0].rsplit(" ", 1)[1])
+    assert 0 < mism <= n_feats
+
+
+def test_verify_unknown_sae_says_what_exists(tiny_store):
+    from saescope.precompute.verify import verify_store
+
+    with pytest.raises(ValueError, match="no SAE 'nope'; valid: tiny"):
+        verify_store(tiny_store, "nope")
+
+
+def test_verify_needs_a_sample():
+    from saescope.precompute.verify import sample_contexts
+
+    with pytest.raises(ValueError, match="at least one context"):
+        sample_contexts([1, 2, 3], 0)
+    assert sample_contexts([5, 1, 3], 10) == [1, 3, 5]
+    got = sample_contexts(list(range(100)), 8, seed=4)
+    assert len(set(got)) == 8 and got == sorted(got) and got == sample_contexts(list(range(100)), 8, seed=4)
+

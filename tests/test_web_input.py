@@ -5,6 +5,7 @@ spreadsheet will not run."""
 from __future__ import annotations
 
 import csv
+import html
 import io
 
 import pytest
@@ -197,3 +198,39 @@ def test_create_app_always_returns_the_fastapi_app_with_the_cache_inside(tiny_st
     c.get(f"/sae/{SAE}/feature/2")
     assert c.get(f"/sae/{SAE}/feature/2").headers["x-cache"] == "hit"
     assert c.get("/_cache").json()["hits"] == cached.state.page_cache.hits == 1
+
+
+# ---------------------------------------------------------------- short echoes
+LONG = 60_000  # the HTTP client refuses URLs over 65,536 characters; request bodies carry 100,000
+
+
+
+@pytest.mark.parametrize("url, param", [("/sae/tiny/search", "q"), ("/inspect", "prompt"),
+                                        ("/api/saes/tiny/search", "q"), ("/api/inspect", "prompt")])
+def test_a_422_never_echoes_a_whole_input(client, url, param):
+    """Before: the 422 repeated the whole rejected value, so a 100,000-character prompt came back as ~100 kB."""
+    huge = client.get(url, params={param: "x" * LONG, "sae": "tiny"})
+    assert huge.status_code == 422
+    assert "x" * 200 not in huge.text
+    assert f"{LONG:,}" in html.unescape(huge.text), huge.text[-1500:]
+    # the same refusal for a value just over the limit: only the stated length differs (digits, not the value)
+    small = client.get(url, params={param: "x" * 5_000, "sae": "tiny"})
+    assert small.status_code == 422 and "5,000" in html.unescape(small.text)
+    assert abs(len(huge.content) - len(small.content)) < 10
+    if url.startswith("/api/"):
+        assert len(huge.content) < 2048 and f"{LONG:,}-character" in huge.json()["error"]["message"]
+
+
+def test_a_100k_prompt_in_a_body_gets_a_short_422(client, worker_client):
+    r = client.post("/live/activations", data={"sae": "tiny", "feature": "1", "text": "z" * 100_000},
+                         headers={"accept": "application/json"})
+    assert r.status_code == 422 and len(r.content) < 2048, len(r.content)
+    msg = r.json()["error"]["message"]
+    assert "100,000-character" in msg and "text" in msg
+    page_ = client.post("/live/activations", data={"sae": "tiny", "feature": "1", "text": "z" * 100_000})
+    assert page_.status_code == 422 and "z" * 200 not in page_.text and "100,000" in page_.text
+    # the worker's own refusal, which the dashboard passes on
+    r = worker_client.post("/activations", json={"sae_id": "tiny", "text": "w" * 100_000, "feature": 1})
+    assert r.status_code == 422 and len(r.content) < 2048, len(r.content)
+    assert "100,000-character" in r.json()["error"]["message"]
+

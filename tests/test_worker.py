@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,39 +20,25 @@ from saescope.app.web.app import create_app
 from saescope.precompute.config import LIMITS
 from saescope.precompute.store import Store
 from tests.conftest import free_port, serve_in_thread
+from tests.helpers import start_process, stop_process, worker_cmd
 
 TEXTS = ["The file descriptor is closed.", "def f(x):\n    return x + 1", "Return a new socket object.",
          "If the buffer is full, the call blocks.", "A", "Raise ValueError when the key is missing from the mapping."]
 
 
 def start_worker(store, port: int, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "saescope.app.cli", "worker", "--store", str(store), "--port", str(port), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker exited: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("worker did not come up in 120 s")
+    """A worker process of its own (for tests that pass flags or kill it; others share conftest's tiny_worker)."""
+    return start_process(worker_cmd(store, port, *extra), ready=f"http://127.0.0.1:{port}/health",
+                         stdout=subprocess.DEVNULL)
 
 
 def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop_process(proc, grace_s=0)
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_store):
-    port = free_port()
-    proc = start_worker(tiny_store, port, "--batch-wait-ms", "30")
-    yield f"http://127.0.0.1:{port}"
-    stop(proc)
+def worker(tiny_worker):
+    return tiny_worker
 
 
 @pytest.fixture(scope="module")
@@ -479,3 +463,31 @@ def test_a_request_that_fails_inside_a_batch_fails_alone(gpt2_128):
         want = encode_batch(engine.lm, sae, ids[None], sae.cfg.hook_name)[0]
         np.testing.assert_allclose(z.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
     assert engine.batches == 1 + len(good) + 1  # the failed batch, then each of its jobs alone
+
+
+# ---------------------------------------------------------------- the project's error format
+def _project_error(r: httpx.Response, status: int) -> str:
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert "detail" not in body and set(body) == {"error"}, body
+    assert set(body["error"]) == {"status", "title", "message"} and body["error"]["status"] == status
+    return body["error"]["message"]
+
+
+
+def test_the_worker_answers_unparsable_bodies_in_the_project_format(worker_client):
+    """Before: bytes that are not UTF-8 (FastAPI's "There was an error parsing the body"), unknown routes and
+    wrong methods came back as the framework's {"detail": ...}."""
+    json_ct = {"content-type": "application/json"}
+    msg = _project_error(worker_client.post("/top_features", content=b"\xff\xfe not json", headers=json_ct), 400)
+    assert "body" in msg
+    msg = _project_error(worker_client.post("/top_features", content=b"not json", headers=json_ct), 422)
+    assert "JSON" in msg
+    msg = _project_error(worker_client.post("/top_features", data={"sae_id": "tiny", "text": "hi"}), 422)
+    assert "JSON object" in msg
+    assert "/nope" in _project_error(worker_client.get("/nope"), 404)
+    assert "GET /top_features" in _project_error(worker_client.get("/top_features"), 405)
+    # the same worker still answers a good request
+    ok = worker_client.post("/top_features", json={"sae_id": "tiny", "text": "hi", "k": 3})
+    assert ok.status_code == 200 and ok.json()["tokens"]
+

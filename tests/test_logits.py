@@ -1,19 +1,12 @@
-"""Issue 10 (large SAEs): the faster logit-effect and neighbour code equals brute force, and the store's
-in-memory map index answers the map neighbourhood exactly as the ORDER BY it replaced."""
+"""precompute/logits.py: logit effects and nearest decoder neighbours (chunked for large SAEs) equal brute force."""
 
 from __future__ import annotations
 
-import shutil
-
-import duckdb
 import numpy as np
 import pytest
 import torch
 
 from saescope.precompute.logits import logit_effects, nearest_features
-from saescope.precompute.store import Store
-
-SAE = "tiny"
 
 
 def _brute_neighbours(W: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,61 +73,3 @@ def test_logit_effects_equal_brute_force(chunk):
         np.testing.assert_array_equal(out["hist"][f], np.bincount(b, minlength=bins))
         assert out["hist"][f].sum() == vocab
     assert out["hist"][3][0] == vocab
-
-
-# ---------------------------------------------------------------- the store's map index
-@pytest.fixture(scope="module")
-def mapped_store(tiny_store, tmp_path_factory):
-    """A copy of the tiny store with map coordinates that have exact ties (a coarse grid) and a few NULLs."""
-    out = tmp_path_factory.mktemp("largesae") / "mapped.duckdb"
-    shutil.copy(tiny_store, out)
-    con = duckdb.connect(str(out))
-    try:
-        d_sae = con.execute("SELECT count(*) FROM features WHERE sae_id = ?", [SAE]).fetchone()[0]
-        g = np.random.default_rng(0)
-        xy = (g.integers(0, 6, size=(d_sae, 2)) / 5).astype(np.float32)  # many features share a spot
-        rows = [[float(x), float(y), SAE, i] for i, (x, y) in enumerate(xy)]
-        rows[4][:2] = [None, None]
-        con.executemany("UPDATE features SET map_x = ?, map_y = ? WHERE sae_id = ? AND feature = ?", rows)
-    finally:
-        con.close()
-    return out, d_sae
-
-
-def _sql_neighbourhood(path, index: int, k: int) -> list[tuple]:
-    """The query the map index replaced (distance in REAL arithmetic, ties by feature)."""
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        return con.execute("""
-            WITH me AS (SELECT map_x AS x0, map_y AS y0 FROM features WHERE sae_id = ? AND feature = ?)
-            SELECT feature, map_x, map_y FROM features, me WHERE sae_id = ? AND map_x IS NOT NULL
-            ORDER BY (map_x - x0) * (map_x - x0) + (map_y - y0) * (map_y - y0), feature LIMIT ?""",
-            [SAE, index, SAE, k + 1]).fetchall()
-    finally:
-        con.close()
-
-
-def test_map_neighbourhood_equals_the_sql_order_with_ties(mapped_store):
-    path, d_sae = mapped_store
-    with Store(path) as s:
-        for i in (i for i in range(d_sae) if i != 4):
-            for k in (3, 30, d_sae + 5):
-                got = s.map_neighbourhood(SAE, i, k)
-                assert got == _sql_neighbourhood(path, i, k), (i, k)
-        assert s.map_neighbourhood(SAE, 4, 5) == []  # no position: no neighbourhood
-        assert s.map_neighbourhood(SAE, d_sae + 10, 5) == []
-
-
-def test_features_by_index_reads_the_rows_asked_for(mapped_store):
-    path, d_sae = mapped_store
-    con = duckdb.connect(str(path), read_only=True)
-    want = {r[0]: r for r in con.execute("""SELECT feature, density, max_act, n_active FROM features
-                                           WHERE sae_id = ?""", [SAE]).fetchall()}
-    con.close()
-    ask = [d_sae - 1, 0, 17, 17, 5, d_sae + 3]
-    with Store(path) as s:
-        got = s.features_by_index(SAE, ask)
-        assert set(got) == {d_sae - 1, 0, 17, 5}
-        for i, row in got.items():
-            assert (row.index, row.density, row.max_act, row.n_active) == want[i]
-            assert row.top_tokens == s.feature(SAE, i).top_tokens
