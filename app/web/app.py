@@ -82,7 +82,7 @@ def create_app(store_path: Path | str, worker_url: str | None = None, cache: boo
         n_features = sum(s.d_sae for s in store.saes())
         if cached is not None and prewarm and n_features <= SERVE.prewarm_max_features:
             paths = [f"/sae/{s.sae_id}/feature/{i}" for s in store.saes() for i in range(s.d_sae)]
-            task = asyncio.get_running_loop().create_task(cached.prewarm(paths))
+            task = asyncio.get_running_loop().create_task(cached.prewarm(paths, _app))
         elif cached is not None and prewarm:
             log.info("%d features: pages are rendered when first asked for (pre-rendering stops at %d)", n_features,
                      SERVE.prewarm_max_features)

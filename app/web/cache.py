@@ -127,8 +127,9 @@ class PageCache:
         """Ask a running prewarm to end after the page it is rendering."""
         self._stopping = True
 
-    async def prewarm(self, paths: list[str]) -> None:
-        """Render `paths` through the app in the background (one at a time, yielding in between)."""
+    async def prewarm(self, paths: list[str], app=None) -> None:
+        """Render `paths` through the app in the background (one at a time, yielding in between). `app`: the
+        FastAPI app, put in each request's scope as Starlette does for real requests (routes read request.app)."""
         t0 = time.time()
         for done, path in enumerate(paths):
             if self._stopping:
@@ -137,6 +138,8 @@ class PageCache:
                 log.info("pre-rendering stopped after %d of %d pages: the cache is 80%% full", done, len(paths))
                 break
             scope = _scope(path)
+            if app is not None:
+                scope["app"] = app
 
             async def receive():
                 return {"type": "http.request", "body": b"", "more_body": False}
