@@ -120,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip co-occurring features (exact Jaccard over active token positions)")
     p.add_argument("--verify-sample", type=int, default=P.verify_sample,
                    help="contexts re-encoded in fp32 at the end to check the stored values (0: skip)")
+    p.add_argument("--eval-tokens", type=int, default=P.eval_tokens, help="held-out tokens (after the streamed ones) "
+                   "for the SAE quality metrics, SAELens/SAEBench definitions (0: skip) (default: %(default)s)")
+
+    p = sub.add_parser("eval", help="recompute the SAE quality metrics (CE loss score, explained variance, L0, ...) of a store",
+                       description="SAELens's and SAEBench core's definitions (precompute/quality.py) on the held-out "
+                       "tokens that follow the store's streamed contexts; model and SAEs from the store's provenance.")
+    p.add_argument("store", type=Path, help="DuckDB store written by precompute")
+    p.add_argument("--sae", dest="sae_id", action="append", default=None, help="SAE to evaluate (repeat; default: all)")
+    p.add_argument("--eval-tokens", type=int, default=P.eval_tokens, help="eval tokens (default: %(default)s)")
+    p.add_argument("--model", default=None, help="load the model from here instead of the store's model_path")
+    p.add_argument("--device", default=P.device, help="cpu, cuda or auto (default: %(default)s)")
+    p.add_argument("--dtype", default=P.dtype, help="model dtype (default: %(default)s)")
 
     p = sub.add_parser("verify", help="recompute a random sample of stored examples in fp32 and report the largest difference",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=(

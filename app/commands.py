@@ -57,6 +57,15 @@ def verify(args: argparse.Namespace) -> int:
     return 0 if all(r["ok"] for r in results.values()) else 1
 
 
+def eval(args: argparse.Namespace) -> int:  # noqa: A001 (the subcommand's name)
+    from saescope.precompute.quality import evaluate_store
+
+    for r in evaluate_store(args.store, args.model, args.sae_id, args.eval_tokens, args.device, args.dtype):
+        print(f"{r['sae_id']}: explained_variance {r['explained_variance']:.4f}  ce_loss_score {r['ce_loss_score']:.4f}  "
+              f"l0 {r['l0']:.1f}  on {r['n_tokens']} tokens")
+    return 0
+
+
 def serve(args: argparse.Namespace) -> int:
     from .web.launch import serve_store
 

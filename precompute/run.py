@@ -33,6 +33,7 @@ from .encode import encode_activations
 from .embedded import MODEL_ID, resolve_model, resolve_sae
 from .logits import LOGIT_METHOD, logit_effects, nearest_features
 from .models import HookedLM, load_model
+from .quality import quality_for_run
 from .saes import SAE, load_sae
 from .store.spill import Plan, ShardWriter, WorkDir
 from .store.write import SampleSpec, SparseActs, StoreBuilder, build_range, feature_ranges, read_active, size_bytes
@@ -135,6 +136,7 @@ class PrecomputeArgs:
     verify_sample: int = P.verify_sample  # contexts re-encoded in fp32 at the end (0: skip)
     feature_map: bool = P.feature_map  # seeded UMAP of the decoder directions
     cooccurrence: bool = P.cooccurrence  # exact Jaccard co-occurrence over active token positions
+    eval_tokens: int = P.eval_tokens  # quality metrics on this many held-out tokens (precompute/quality.py; 0: skip)
     progress: bool = True
     stop_after_batches: int | None = field(default=None, repr=False)  # tests: simulate an interrupted run
     stop_after_ranges: int | None = field(default=None, repr=False)  # tests: ... interrupted while building tables
@@ -374,6 +376,8 @@ def _publish(a: PrecomputeArgs, lm: HookedLM, loaded: list[_Loaded], model_label
             _publish_one(a, builder, lm, x, i, model_label, model_path, work, [j for j in jobs if j[0] == i],
                          prepend, logits, neighbours)
         _cross_matches(builder, loaded)
+        if a.eval_tokens > 0:  # SAE quality metrics on the held-out tokens after the stream (precompute/quality.py)
+            builder.put_quality(quality_for_run(a, lm, loaded, prepend, plan.n_ctx))
         if a.verify_sample > 0:
             _verify_before_publish(a, builder, lm, loaded, model_path)
         builder.publish()

@@ -17,7 +17,7 @@ import duckdb
 import numpy as np
 
 from ..errors import SaescopeError, UnknownSAE
-from .schema import EXPLANATIONS, FEATURES, SAES, SCHEMA_VERSION, STORE_TABLES
+from .schema import EXPLANATIONS, FEATURES, QUALITY, SAES, SCHEMA_VERSION, STORE_TABLES
 
 
 class StoreError(SaescopeError):
@@ -25,6 +25,7 @@ class StoreError(SaescopeError):
 
 
 SAEInfo = SAES.row_type("SAEInfo")  # one field per column of the saes table, JSON columns as dicts
+Quality = QUALITY.row_type("Quality")  # one SAE's quality metrics (precompute/quality.py); NULL -> None
 Explanation = EXPLANATIONS.row_type("Explanation")  # one explanation with its provenance and scores (NULL -> None)
 
 
@@ -210,6 +211,11 @@ class Store:
 
     def sae(self, sae_id: str) -> SAEInfo | None:
         return self._saes.get(sae_id)
+
+    def quality(self) -> dict[str, Quality]:
+        """sae_id -> its quality metrics, for the SAEs that have them."""
+        rows = self._q(f"SELECT {QUALITY.select_list()} FROM {QUALITY.name} ORDER BY sae_id")
+        return {r[0]: Quality(*r) for r in rows}
 
     def require_sae(self, sae_id: str) -> SAEInfo:
         """The SAE's row, or UnknownSAE naming the SAEs the store has (the one check every caller shares)."""
