@@ -331,3 +331,73 @@ def test_saescope_eval_rewrites_the_rows(tmp_path, tiny_store):
     assert after.n_contexts == 256 // after.context_len and after.created >= before.created
     assert after.l0 > 0 and after.explained_variance != before.explained_variance
     assert main(["eval", str(copy), "--sae", "nope"]) == 2  # an unknown SAE: a readable error, exit status 2
+
+
+# ------------------------------------------------------------------ two SAEs in one run, and the pages
+@pytest.fixture(scope="module")
+def two_sae_store(tmp_path_factory, tiny_lm_dir, tiny_sae_dir, second_sae_dir, small_corpus):
+    from saescope.precompute.run import PrecomputeArgs, SAESpec, run_precompute
+
+    out = tmp_path_factory.mktemp("quality2") / "two.duckdb"
+    run_precompute(PrecomputeArgs(out=out, model=str(tiny_lm_dir), dataset=str(small_corpus), tokens=64 * 12,
+                                  context_len=64, batch_size=4, top_k=3, n_intervals=2, per_interval=2, n_quantiles=2,
+                                  per_quantile=2, progress=False, feature_map=False, cooccurrence=False,
+                                  verify_sample=0, eval_tokens=64 * 6,
+                                  saes=[SAESpec(str(tiny_sae_dir), None, "tiny"),
+                                        SAESpec(str(second_sae_dir), None, "relu")]))
+    return out
+
+
+def test_each_sae_of_a_run_is_evaluated_alone(two_sae_store, tiny_lm_dir, tiny_sae_dir, second_sae_dir, small_corpus):
+    from saescope.precompute.data import iter_dataset_contexts
+    from saescope.precompute.models import load_model
+    from saescope.precompute.saes import load_sae
+    from saescope.precompute.store import Store
+
+    with Store(two_sae_store) as st:
+        q = st.quality()
+    assert sorted(q) == ["relu", "tiny"] and q["tiny"].held_out and q["tiny"].first_ctx == 12
+    lm = load_model(str(tiny_lm_dir), "cpu", "float32")
+    torch.set_num_threads(1)
+    ctxs = np.stack(list(iter_dataset_contexts(str(small_corpus), "text", lm.tokenizer, 64, True))[12:18])
+    for sid, d in (("tiny", tiny_sae_dir), ("relu", second_sae_dir)):
+        sae = load_sae(str(d))
+        alone = quality_metrics(lm, [EvalSAE(sae, sae.cfg.hook_name)], ctxs)[0]
+        for k in METRICS:
+            assert getattr(q[sid], k) == pytest.approx(alone[k], rel=1e-6, abs=1e-9), (sid, k)
+    assert q["tiny"].ce_loss_with_sae != q["relu"].ce_loss_with_sae
+    # a zero residual stream stays zero through this bias-free Llama: uniform logits, CE = ln(vocab) exactly
+    for sid in q:
+        assert q[sid].ce_loss_with_ablation == pytest.approx(np.log(49152), rel=1e-6)
+
+
+def test_home_table_sorts_plots_and_json_twin(two_sae_store):
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from saescope.app.web.app import create_app
+    from saescope.precompute.store import Store
+
+    with Store(two_sae_store) as st:
+        q = st.quality()
+    client = TestClient(create_app(two_sae_store, worker_url=None))
+    html = client.get("/").text
+    assert 'id="quality"' in html and html.count('aria-label="explained variance vs L0"') == 1
+    assert 'aria-label="CE loss score vs L0"' in html and html.count("<circle") == 4  # 2 SAEs x 2 plots
+    for order in ("asc", "desc"):
+        body = client.get(f"/?qsort=explained_variance&qorder={order}").text
+        table = body[body.index('class="quality-table"'):]
+        seen = re.findall(r'<tr><td><a href="/sae/([^"]+)">', table)
+        want = sorted(q, key=lambda s: q[s].explained_variance, reverse=order == "desc")
+        assert seen == want
+    frag = client.get("/?qsort=l0&qorder=asc", headers={"HX-Request": "true"}).text
+    assert frag.lstrip().startswith("<h2>Quality") and "<html" not in frag  # the htmx block alone
+    bad = client.get("/?qsort=nope")
+    assert bad.status_code == 422 and "qsort must be one of" in bad.text
+    api = {s["sae_id"]: s for s in client.get("/api/saes").json()}
+    for sid in q:
+        assert api[sid]["quality"]["ce_loss_score"] == pytest.approx(q[sid].ce_loss_score)
+        assert api[sid]["quality"]["formula_version"] == q[sid].formula_version
+    card = client.get("/sae/tiny").text
+    assert "explained variance" in card and "held-out" in card

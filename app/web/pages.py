@@ -29,8 +29,14 @@ def store_of(request: Request) -> Store:
 
 @router.get("/", response_class=HTMLResponse)
 @cacheable
-def home(request: Request):
-    return page(request, "home.html", {"saes": store_of(request).saes()})
+def home(request: Request, qsort: str = Query("sae_id", max_length=64), qorder: str = Query("asc", max_length=8)):
+    from .quality import next_order, quality_table  # the quality table and plots (app/web/quality.py)
+
+    store = store_of(request)
+    q = quality_table(store, qsort, qorder)
+    return page(request, "home.html", {"saes": store.saes(), "quality": q, "quality_by_id": {r.sae_id: r for r in q.rows},
+                                       "quality_sort_url": lambda col: url("/", qsort=col, qorder=next_order(q, col))
+                                       + "#quality"}, block="quality")
 
 
 @router.get("/sae/{sae_id}", response_class=HTMLResponse)
@@ -50,6 +56,7 @@ def sae_page(request: Request, sae_id: str,
     hist, n_scored = score_histogram(store, sae_id)
     return page(request, "sae.html", {
         "sae": sae, "rows": rows, "pager": pg, "params": params, "compared": store.compared_with(sae_id), "score_hist": hist, "n_scored": n_scored,
+        "quality": store.quality().get(sae_id),
         "prev_url": url(base, **params, page=pg.page - 1) if pg.page > 1 else None,
         "next_url": url(base, **params, page=pg.page + 1) if pg.page < pg.pages else None,
         "sort_url": lambda col: url(base, **{**params, "sort": col, "order": _next_order(sort, order, col)}),
