@@ -133,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=P.device, help="cpu, cuda or auto (default: %(default)s)")
     p.add_argument("--dtype", default=P.dtype, help="model dtype (default: %(default)s)")
 
+    p = sub.add_parser("contrast", help="features that separate two sets of texts (AUROC, mean difference) + sparse probes",
+                       description="Per text, each feature's max (or mean) activation; features ranked by AUROC of A vs "
+                       "B, both sides; SAEBench-style sparse probes (k = 1, 2, 5, 20 features by mean difference, "
+                       "logistic regression, 20% held out) next to a dense probe. Stored under NAME: /sae/ID/contrast/NAME.")
+    p.add_argument("store", type=Path, help="DuckDB store written by precompute")
+    p.add_argument("--sae", dest="sae_id", required=True, help="SAE of the store")
+    p.add_argument("--a", dest="a_path", type=Path, required=True, help="texts A: .txt (one per line) or .jsonl (text field)")
+    p.add_argument("--b", dest="b_path", type=Path, required=True, help="texts B, likewise")
+    p.add_argument("--name", required=True, help="name of the stored contrast (letters, digits, . _ -)")
+    p.add_argument("--reduce", choices=("max", "mean"), default="max", help="per-text reduction for the ranking")
+    p.add_argument("--top", type=int, default=50, help="features listed per side")
+    p.add_argument("--device", default=P.device, help="cpu, cuda or auto (default: %(default)s)")
+    p.add_argument("--dtype", default=P.dtype, help="model dtype (default: %(default)s)")
+
     p = sub.add_parser("verify", help="recompute a random sample of stored examples in fp32 and report the largest difference",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=(
                            "Loads the model and SAE from the store's provenance paths, re-encodes a random sample of "

@@ -66,6 +66,22 @@ def eval(args: argparse.Namespace) -> int:  # noqa: A001 (the subcommand's name)
     return 0
 
 
+def contrast(args: argparse.Namespace) -> int:
+    from saescope.precompute.contrast import run_contrast
+
+    r = run_contrast(args.store, args.sae_id, args.a_path, args.b_path, args.name, args.reduce, args.top,
+                     args.device, args.dtype)
+    au = r["auroc"]
+    print(f"stored contrast {args.name!r} of {args.sae_id}: /sae/{args.sae_id}/contrast/{args.name}")
+    print("higher on A: " + ", ".join(f"{f} (AUROC {au[f]:.3f})" for f in r["top_a"]))
+    print("higher on B: " + ", ".join(f"{f} (AUROC {au[f]:.3f})" for f in r["top_b"]))
+    probe = r["run"]["probe"]
+    if probe:
+        print("sparse probe test accuracy: " + ", ".join(f"k={k}: {v:.3f}" for k, v in probe["sae_accuracy"].items())
+              + f"; dense: {probe['dense_accuracy']:.3f}")
+    return 0
+
+
 def serve(args: argparse.Namespace) -> int:
     from .web.launch import serve_store
 

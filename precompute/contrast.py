@@ -185,3 +185,83 @@ def sparse_probe(fa: np.ndarray, fb: np.ndarray, da: np.ndarray, db: np.ndarray,
         acc[k] = fit_probe(x[tr][:, cols], y[tr], x[te][:, cols], y[te], seed)
     dense = fit_probe(dx[tr], y[tr], dx[te], y[te], seed)
     return ProbeResult(list(ks), feats, acc, dense, len(tr), len(te), test_frac, seed)
+
+
+# ------------------------------------------------------------------ `saescope contrast STORE`
+MAX_TEXTS = 10_000  # texts per side of an offline contrast
+MAX_TEXT_TOKENS = 512  # tokens per text
+TOP_TEXTS = 3  # texts listed per feature and side
+
+
+def read_texts(path) -> list[str]:
+    """A side's texts: a .txt file (one text per non-empty line) or .jsonl (a "text" field per row)."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: no such file (a .txt with one text per line, or a .jsonl with a \"text\" field)")
+    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if p.suffix == ".jsonl":
+        try:
+            texts = [str(json.loads(ln)["text"]) for ln in lines]
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(f"{p}: every row must be a JSON object with a \"text\" field ({err})") from err
+    else:
+        texts = lines
+    if not texts:
+        raise UserError(f"{p} holds no texts")
+    if len(texts) > MAX_TEXTS:
+        raise UserError(f"{p} holds {len(texts)} texts; the limit is {MAX_TEXTS} per side")
+    return texts
+
+
+def run_contrast(store_path, sae_id: str, a_path, b_path, name: str, reduce: str = "max", top: int = 50,
+                 device: str = "auto", dtype: str = "auto", lm: HookedLM | None = None) -> dict:
+    """Compute a contrast for one SAE of a store and store it under `name` (model and SAE from its provenance)."""
+    import datetime as dt
+    import re
+    from pathlib import Path
+
+    from .models import load_model
+    from .saes import load_sae
+    from .store import Store
+    from .store.write import write_contrast
+
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name or ""):
+        raise UserError("--name may hold 1-64 letters, digits, '.', '_' and '-'")
+    if reduce not in REDUCTIONS:
+        raise UserError(f"--reduce {reduce!r}; valid: {', '.join(REDUCTIONS)}")
+    ta, tb = read_texts(a_path), read_texts(b_path)
+    with Store(store_path) as st:
+        info = st.require_sae(sae_id)
+    lm = lm or load_model(info.model_path, device, dtype)
+    sae = load_sae(info.sae_path, info.hook).to(lm.device)
+    a = text_activations(lm, sae, info.hook, ta, info.prepend_bos, MAX_TEXT_TOKENS)
+    b = text_activations(lm, sae, info.hook, tb, info.prepend_bos, MAX_TEXT_TOKENS)
+    res = contrast(getattr(a, reduce), getattr(b, reduce), top, reduce)
+    probe = None
+    if len(ta) >= 2 and len(tb) >= 2:
+        p = sparse_probe(a.mean, b.mean, a.dense, b.dense)
+        probe = {"ks": p.ks, "features": {str(k): v for k, v in p.features.items()},
+                 "sae_accuracy": {str(k): v for k, v in p.sae_accuracy.items()}, "dense_accuracy": p.dense_accuracy,
+                 "n_train": p.n_train, "n_test": p.n_test, "test_frac": p.test_frac, "seed": p.seed,
+                 "pooling": "mean", "classifier": "StandardScaler + LogisticRegression(C=1, max_iter=1000)"}
+    cols: dict[str, list] = {k: [] for k in ("side", "rank", "feature", "auroc", "mean_a", "mean_b", "diff",
+                                             "top_texts", "top_values")}
+    for side, feats, scores in (("a", res.top_a, getattr(a, reduce)), ("b", res.top_b, getattr(b, reduce))):
+        for rank, f in enumerate(feats):
+            order = np.argsort(-scores[:, f], kind="stable")[:TOP_TEXTS]
+            for k, v in (("side", side), ("rank", rank), ("feature", int(f)), ("auroc", float(res.auroc[f])),
+                         ("mean_a", float(res.mean_a[f])), ("mean_b", float(res.mean_b[f])),
+                         ("diff", float(res.diff[f])), ("top_texts", [int(i) for i in order]),
+                         ("top_values", [float(scores[i, f]) for i in order])):
+                cols[k].append(v)
+    texts = {"side": ["a"] * len(ta) + ["b"] * len(tb), "idx": list(range(len(ta))) + list(range(len(tb))),
+             "token_ids": a.token_ids + b.token_ids}
+    run = {"sae_id": sae_id, "name": name, "a_source": str(a_path), "b_source": str(b_path), "n_a": len(ta),
+           "n_b": len(tb), "reduce": reduce, "probe": probe,
+           "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    write_contrast(Path(store_path), run, cols, texts)
+    return {"run": run, "top_a": [int(f) for f in res.top_a[:10]], "top_b": [int(f) for f in res.top_b[:10]],
+            "auroc": res.auroc}

@@ -129,3 +129,46 @@ def test_bad_input_is_refused_with_the_limit(lm, sae):
         ct.text_activations(lm, sae, HOOK, ["a long text with many tokens in it"], max_tokens=4)
     with pytest.raises(UserError, match="at least 2 texts per side"):
         ct.split(1, 5)
+
+
+def test_saescope_contrast_stores_a_page(tmp_path, tiny_store, tiny_lm_dir, tiny_sae_dir):
+    """The CLI stores the contrast; the page and the JSON twin show exactly what the library computes."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from saescope.app.cli import main
+    from saescope.app.web.app import create_app
+    from saescope.precompute.models import load_model
+    from saescope.precompute.saes import load_sae
+
+    copy = tmp_path / "c.duckdb"
+    shutil.copyfile(tiny_store, copy)
+    (tmp_path / "a.txt").write_text("\n".join(A_TEXTS) + "\n")
+    (tmp_path / "b.jsonl").write_text("".join(f'{{"text": "{t}"}}\n' for t in B_TEXTS))
+    assert main(["contrast", str(copy), "--sae", "tiny", "--a", str(tmp_path / "a.txt"), "--b",
+                 str(tmp_path / "b.jsonl"), "--name", "fruit", "--top", "5", "--device", "cpu",
+                 "--dtype", "float32"]) == 0
+    lm = load_model(str(tiny_lm_dir), "cpu", "float32")
+    torch.set_num_threads(1)
+    sae = load_sae(str(tiny_sae_dir))
+    a = ct.text_activations(lm, sae, sae.cfg.hook_name, A_TEXTS)
+    b = ct.text_activations(lm, sae, sae.cfg.hook_name, B_TEXTS)
+    want = ct.contrast(a.max, b.max, top=5)
+    client = TestClient(create_app(copy, worker_url=None))
+    j = client.get("/api/saes/tiny/contrast/fruit").json()
+    assert [f["feature"] for f in j["features"]["a"]] == list(want.top_a)
+    assert [f["feature"] for f in j["features"]["b"]] == list(want.top_b)
+    for f in j["features"]["a"] + j["features"]["b"]:
+        assert f["auroc"] == pytest.approx(want.auroc[f["feature"]], abs=1e-12)
+        side = a.max if f["side"] == "a" else b.max
+        assert f["top_texts"][0] == int(np.argmax(side[:, f["feature"]]))
+    probe = j["run"]["probe"]
+    assert set(probe["sae_accuracy"]) == {"1", "2", "5", "20"} and 0 <= probe["dense_accuracy"] <= 1
+    html = client.get("/sae/tiny/contrast/fruit").text
+    assert "Sparse probing" in html and f'/sae/tiny/feature/{want.top_a[0]}"' in html and "banana" in html
+    assert 'href="/sae/tiny/contrast/fruit"' in client.get("/sae/tiny").text
+    missing = client.get("/sae/tiny/contrast/nope")
+    assert missing.status_code == 404 and "stored: fruit" in missing.text
+    assert main(["contrast", str(copy), "--sae", "tiny", "--a", str(tmp_path / "a.txt"), "--b",
+                 str(tmp_path / "none.txt"), "--name", "x"]) == 2  # a missing file: a readable error

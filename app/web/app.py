@@ -19,7 +19,7 @@ from saescope.precompute.store import Store, StoreError
 from ..errors import AppError, validation_message
 from ..settings import SERVE, VERSION
 from ..worker.client import WorkerClient
-from . import api, live, maps, pages
+from . import api, contrast_pages, live, maps, pages
 from .cache import PageCache, cacheable_paths
 from .lookups import warm_up
 from .templates import STATIC, page
@@ -87,6 +87,7 @@ def create_app(store_path: Path | str, worker_url: str | None = None, cache: boo
     app.include_router(live.router)
     app.include_router(api.router)
     app.include_router(maps.router)
+    app.include_router(contrast_pages.router)  # stored contrasts (app/web/contrast_pages.py)
 
     @app.exception_handler(AppError)
     async def app_error(request: Request, err: AppError):
@@ -112,6 +113,6 @@ def create_app(store_path: Path | str, worker_url: str | None = None, cache: boo
         return _render_error(request, AppError("something went wrong on the server; the log has the details", 500))
 
     if cache:
-        cached = PageCache(app, SERVE.cache_bytes, cacheable_paths(pages.router, live.router, api.router, maps.router))
+        cached = PageCache(app, SERVE.cache_bytes, cacheable_paths(pages.router, live.router, api.router, maps.router, contrast_pages.router))
         return cached
     return app

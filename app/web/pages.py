@@ -56,7 +56,7 @@ def sae_page(request: Request, sae_id: str,
     hist, n_scored = score_histogram(store, sae_id)
     return page(request, "sae.html", {
         "sae": sae, "rows": rows, "pager": pg, "params": params, "compared": store.compared_with(sae_id), "score_hist": hist, "n_scored": n_scored,
-        "quality": store.quality().get(sae_id),
+        "quality": store.quality().get(sae_id), "contrasts": store.contrasts(sae_id),
         "prev_url": url(base, **params, page=pg.page - 1) if pg.page > 1 else None,
         "next_url": url(base, **params, page=pg.page + 1) if pg.page < pg.pages else None,
         "sort_url": lambda col: url(base, **{**params, "sort": col, "order": _next_order(sort, order, col)}),

@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-SCHEMA_VERSION = 3  # 2: saes.verify, features.cooc_*/map_*, explanations provenance and scores; 3: quality
+SCHEMA_VERSION = 3  # 2: saes.verify, features.cooc_*/map_*, explanations provenance and scores; 3: quality, contrasts
 
 
 @dataclass(frozen=True)
@@ -150,8 +150,29 @@ QUALITY = Table("quality", (  # one row per SAE: quality metrics on a held-out s
     C("average_max_encoder_cosine_sim", "DOUBLE", float, _Q + "mean over features of the largest encoder cosine"),
     C("average_max_decoder_cosine_sim", "DOUBLE", float, _Q + "mean over features of the largest decoder cosine"),
 ), key=("sae_id",))
-STORE_TABLES = (META, SAES, VOCAB, CONTEXTS, FEATURES, EXAMPLES, GROUPS, EXPLANATIONS, CROSS, QUALITY)
-PER_SAE_TABLES = (SAES, CONTEXTS, FEATURES, EXAMPLES, GROUPS, EXPLANATIONS, CROSS, QUALITY)  # rows keyed by sae_id
+CONTRASTS = Table("contrasts", (  # one row per stored contrast (`saescope contrast`, precompute/contrast.py)
+    C("sae_id", "VARCHAR", str, "the SAE"), C("name", "VARCHAR", str, "the contrast's name (its page: /sae/ID/contrast/NAME)"),
+    C("a_source", "VARCHAR", str, "where the A texts came from"), C("b_source", "VARCHAR", str, "where the B texts came from"),
+    C("n_a", "INTEGER", int, "texts in A"), C("n_b", "INTEGER", int, "texts in B"),
+    C("reduce", "VARCHAR", str, "per-text reduction of a feature's activations for the ranking: max or mean"),
+    C("probe", "VARCHAR", dict, "sparse probing: ks, features per k, test accuracies, dense accuracy, split", json=True),
+    C("created", "VARCHAR", str, "when it was computed (UTC)"),
+), key=("sae_id", "name"))
+CONTRAST_FEATURES = Table("contrast_features", (  # the ranked features of each contrast, both sides
+    C("sae_id", "VARCHAR", str), C("name", "VARCHAR", str), C("side", "VARCHAR", str), C("rank", "INTEGER", int),
+    C("feature", "INTEGER", int), C("auroc", "DOUBLE", float), C("mean_a", "DOUBLE", float),
+    C("mean_b", "DOUBLE", float), C("diff", "DOUBLE", float),
+    C("top_texts", "INTEGER[]", list),  # indices of the side's texts where the feature is highest, best first
+    C("top_values", "REAL[]", list),
+))
+CONTRAST_TEXTS = Table("contrast_texts", (  # the texts of each contrast, tokenized as they were encoded
+    C("sae_id", "VARCHAR", str), C("name", "VARCHAR", str), C("side", "VARCHAR", str), C("idx", "INTEGER", int),
+    C("token_ids", "INTEGER[]", list),
+))
+STORE_TABLES = (META, SAES, VOCAB, CONTEXTS, FEATURES, EXAMPLES, GROUPS, EXPLANATIONS, CROSS, QUALITY, CONTRASTS,
+                CONTRAST_FEATURES, CONTRAST_TEXTS)
+PER_SAE_TABLES = (SAES, CONTEXTS, FEATURES, EXAMPLES, GROUPS, EXPLANATIONS, CROSS, QUALITY, CONTRASTS,
+                  CONTRAST_FEATURES, CONTRAST_TEXTS)  # rows keyed by sae_id
 
 def create_all(tables: tuple[Table, ...]) -> str:
     return ";\n".join(t.create_sql() for t in tables) + ";"

@@ -24,8 +24,9 @@ import pyarrow as pa
 
 from ..config import PRECOMPUTE
 from .read import sae_params, stored_activations
-from .schema import (CROSS, CONTEXTS, EXAMPLES, EXPLANATIONS, FEATURES, GROUPS, META, PER_SAE_TABLES,
-                     PRIORITY_SQL, QUALITY, SAES, SCHEMA_VERSION, STORE_TABLES, VOCAB, create_all)
+from .schema import (CONTRAST_FEATURES, CONTRAST_TEXTS, CONTRASTS, CROSS, CONTEXTS, EXAMPLES, EXPLANATIONS, FEATURES,
+                     GROUPS, META, PER_SAE_TABLES, PRIORITY_SQL, QUALITY, SAES, SCHEMA_VERSION, STORE_TABLES, VOCAB,
+                     create_all)
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
@@ -464,6 +465,42 @@ def write_quality(path: Path, rows: list[dict[str, Any]]) -> None:
         if unknown:
             raise UserError(f"{path} has no SAE {', '.join(unknown)}; valid: {', '.join(sorted(have)) or 'none'}")
         _put_quality(con, rows)
+        _run(con, "CHECKPOINT")
+    except BaseException:
+        con.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    con.close()
+    os.replace(tmp, path)
+
+
+def write_contrast(path: Path, run: dict[str, Any], features: dict[str, list], texts: dict[str, list]) -> None:
+    """`saescope contrast`: store one contrast (replacing one of the same SAE and name): run = a CONTRASTS row,
+    features = CONTRAST_FEATURES columns (without sae_id/name) as lists, texts = CONTRAST_TEXTS columns likewise."""
+    check_version(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.copyfile(path, tmp)
+    con = duckdb.connect(str(tmp))
+    try:
+        _run(con, create_all((CONTRASTS, CONTRAST_FEATURES, CONTRAST_TEXTS)))
+        have = {r[0] for r in con.execute("SELECT sae_id FROM saes").fetchall()}
+        if run["sae_id"] not in have:
+            raise UserError(f"{path} has no SAE {run['sae_id']!r}; valid: {', '.join(sorted(have)) or 'none'}")
+        key = [run["sae_id"], run["name"]]
+        for t in (CONTRASTS, CONTRAST_FEATURES, CONTRAST_TEXTS):
+            _run(con, f"DELETE FROM {t.name} WHERE sae_id = ? AND name = ?", key)
+        values = [json.dumps(run[c.name]) if c.json else run[c.name] for c in CONTRASTS.cols]
+        _run(con, f"INSERT INTO {CONTRASTS.name} ({CONTRASTS.select_list()}) VALUES ({', '.join('?' * len(values))})",
+             values)
+        types = {"INTEGER": pa.int32(), "DOUBLE": pa.float64(), "VARCHAR": pa.string(), "INTEGER[]": pa.list_(pa.int32()),
+                 "REAL[]": pa.list_(pa.float32())}
+        for t, cols in ((CONTRAST_FEATURES, features), (CONTRAST_TEXTS, texts)):
+            n = len(next(iter(cols.values())))
+            full = {"sae_id": [run["sae_id"]] * n, "name": [run["name"]] * n, **cols}
+            tbl = pa.table({c.name: pa.array(full[c.name], types[c.sql]) for c in t.cols})
+            con.register("new_rows", tbl)
+            _run(con, t.insert_sql("new_rows"))
+            con.unregister("new_rows")
         _run(con, "CHECKPOINT")
     except BaseException:
         con.close()
