@@ -314,12 +314,17 @@ def quality_rows(results: list[dict[str, Any]], saes: Sequence[EvalSAE], dataset
 
 def precompute_quality(lm: HookedLM, saes: Sequence[EvalSAE], dataset: str, text_field: str, context_len: int,
                        prepend_bos: bool, skip: int, n_tokens: int, progress: bool = False) -> list[dict[str, Any]]:
-    """Quality rows for the SAEs of a precompute run: the eval slice follows the `skip` streamed contexts."""
+    """Quality rows for the SAEs of a precompute run: the eval slice follows the `skip` streamed contexts.
+
+    The rows' `seconds` include reading (tokenizing) the dataset up to the slice."""
+    t0 = time.perf_counter()
     ctx, first, held = eval_contexts(dataset, text_field, lm.tokenizer, context_len, prepend_bos, skip, n_tokens)
     if not held:
         log.warning("the dataset has no contexts left after the %d streamed ones; the quality metrics use the last "
                     "%d streamed contexts (not held out)", skip, len(ctx))
     res = quality_metrics(lm, saes, ctx, progress=progress)
+    for r in res:
+        r["seconds"] = time.perf_counter() - t0
     for e, r in zip(saes, res):
         log.info("quality of %s on %d tokens: explained variance %.4f, CE loss score %.4f, L0 %.1f (%.1f s)",
                  e.sae_id, r["n_tokens"], r["explained_variance"], r["ce_loss_score"], r["l0"], r["seconds"])
