@@ -162,16 +162,22 @@ def _div(a: float, b: float) -> float:
     return a / b if b != 0 else float("nan")
 
 
-def _ce_per_token(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) logits, (B, T) ids -> (B, T-1): -log p(ids[t+1]) at input position t (TransformerLens's loss)."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return -logp.gather(-1, ids[:, 1:, None].to(logp.device))[..., 0]
+def _ce_per_token(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) log-probabilities, (B, T) ids -> (B, T-1): -log p(ids[t+1]) at input position t (TransformerLens's
+    per-token loss)."""
+    return -logp[:, :-1].gather(-1, ids[:, 1:, None].to(logp.device))[..., 0]
 
 
-def _kl_per_token(logp_orig: torch.Tensor, logits_new: torch.Tensor) -> torch.Tensor:
-    """KL(p_orig || p_new) summed over the vocabulary: (B, T)."""
-    logp_new = torch.log_softmax(logits_new.float(), dim=-1)
-    return torch.nn.functional.kl_div(logp_new, logp_orig, reduction="none", log_target=True).sum(-1)
+class _Reference:
+    """The original pass's distribution, kept for KL(p_orig || p_new) = sum p_orig log p_orig - sum p_orig log p_new."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logp = torch.log_softmax(logits.float(), dim=-1)
+        self.p = self.logp.exp()
+        self.neg_entropy = (self.p * self.logp).sum(-1, dtype=torch.float64)  # (B, T), summed in float64
+
+    def kl(self, logp_new: torch.Tensor) -> torch.Tensor:  # (B, T)
+        return self.neg_entropy - (self.p * logp_new).sum(-1, dtype=torch.float64)
 
 
 def _logits(lm: HookedLM, ids: torch.Tensor) -> torch.Tensor:
@@ -225,17 +231,17 @@ def quality_metrics(lm: HookedLM, saes: Sequence[EvalSAE], tokens: np.ndarray | 
             for h in hooks:
                 st.enter_context(_hooked(lm, h, grab(h)))
             logits = _logits(lm, ids)
-        ce = _ce_per_token(logits, ids).cpu()
+        ref = _Reference(logits)
+        del logits
+        ce = _ce_per_token(ref.logp, ids).cpu()
         base_ce += float(ce[keep_ce].double().sum())
         base_n += int(keep_ce.sum())
-        logp_orig = torch.log_softmax(logits.float(), dim=-1)
-        del logits
         for h in hooks:
             with _hooked(lm, h, torch.zeros_like):
-                lg = _logits(lm, ids)
+                lg = torch.log_softmax(_logits(lm, ids).float(), dim=-1)
             a = abl[h]
             a[0] += float(_ce_per_token(lg, ids).cpu()[keep_ce].double().sum())
-            a[1] += float(_kl_per_token(logp_orig, lg).cpu()[keep].double().sum())
+            a[1] += float(ref.kl(lg).cpu()[keep].double().sum())
             a[2] += int(keep_ce.sum())
             a[3] += int(keep.sum())
             del lg
@@ -252,13 +258,13 @@ def quality_metrics(lm: HookedLM, saes: Sequence[EvalSAE], tokens: np.ndarray | 
                 return torch.where(kd[..., None], rec.to(device=act.device, dtype=act.dtype), act)
 
             with _hooked(lm, e.hook, splice):
-                lg = _logits(lm, ids)
+                lg = torch.log_softmax(_logits(lm, ids).float(), dim=-1)
             acc.ce += float(_ce_per_token(lg, ids).cpu()[keep_ce].double().sum())
-            acc.kl += float(_kl_per_token(logp_orig, lg).cpu()[keep].double().sum())
+            acc.kl += float(ref.kl(lg).cpu()[keep].double().sum())
             acc.n_ce += int(keep_ce.sum())
             acc.n_kl += int(keep.sum())
             del lg
-        del logp_orig, captured
+        del ref, captured
     base = base_ce / max(base_n, 1)
     seconds = time.perf_counter() - t0
     out = []
