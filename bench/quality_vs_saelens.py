@@ -14,7 +14,8 @@ offline on SmolLM2-135M-Instruct, a SAELens standard ReLU SAE (4,608 features, b
 2. runs saescope's `precompute.quality.quality_metrics` on the same tokens with the same SAE folder and the same
    weights (the peer's HF-cache SmolLM2 loaded with transformers; --model default uses saescope's embedded
    default instead, converted from the same GGUF);
-3. writes the table to bench/quality_vs_saelens.md (and the raw numbers as JSON next to it).
+3. prints the table and writes the raw numbers to bench/quality_vs_saelens.json (the note around them,
+   bench/quality_vs_saelens.md, is written by hand).
 
 Usage: python bench/quality_vs_saelens.py [--peer /tmp/peer] [--contexts 16] [--model peer|default]
 """
