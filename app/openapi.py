@@ -14,11 +14,11 @@ def dashboard_doc() -> dict:
     from fastapi import FastAPI
 
     from .settings import VERSION
-    from .web import api, live, maps, pages
+    from .web import api, contrast_pages, live, maps, pages
     from .web.app import DESCRIPTION
 
     app = FastAPI(title="saescope", version=VERSION, description=DESCRIPTION)
-    for r in (pages.router, live.router, api.router, maps.router):
+    for r in (pages.router, live.router, api.router, maps.router, contrast_pages.router):
         app.include_router(r)
     return app.openapi()
 
