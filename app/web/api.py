@@ -17,6 +17,7 @@ from .lookups import feature_or_404
 from .pages import store_of
 from .views import (APISearchParams, FeatureListParams, FeatureView, ListParams, feature_view, features_view, list_csv,
                     list_filename, list_view, search_view)
+from .quality import QualityOut
 
 S = SERVE
 
@@ -26,7 +27,9 @@ router = APIRouter(prefix="/api", tags=["store"])
 # the SAE's public fields, typed and described by the store's column spec (paths and internal keys left out)
 SAEOut = create_model("SAEOut", **{c.name: (c.py, Field(description=c.doc)) for c in SAES.cols
                                    if c.name not in ("model_path", "model_key", "sae_path", "params",
-                                                     "density_hist", "density_hist_lo", "density_hist_hi")})
+                                                     "density_hist", "density_hist_lo", "density_hist_hi")},
+                      quality=(QualityOut | None, Field(None, description="quality metrics (SAELens/SAEBench "
+                                                        "definitions, precompute/quality.py); None if not computed")))
 
 
 class FeatureSummary(BaseModel):
@@ -148,7 +151,9 @@ def _groups(groups) -> list[GroupOut]:
 @router.get("/saes", response_model=list[SAEOut], summary="SAEs in the store")
 @cacheable
 def api_saes(request: Request):
-    return [SAEOut(**{k: getattr(s, k) for k in SAEOut.model_fields}) for s in store_of(request).saes()]
+    q = store_of(request).quality()
+    return [SAEOut(**{k: getattr(s, k) for k in SAEOut.model_fields if k != "quality"},
+                   quality=QualityOut(**vars(q[s.sae_id])) if s.sae_id in q else None) for s in store_of(request).saes()]
 
 
 @router.get("/saes/{sae_id}/features", response_model=FeatureList, summary="features of an SAE (the SAE page)")

@@ -31,8 +31,14 @@ def store_of(request: Request) -> Store:
 
 @router.get("/", response_class=HTMLResponse)
 @cacheable
-def home(request: Request):
-    return page(request, "home.html", {"saes": store_of(request).saes()})
+def home(request: Request, qsort: str = "sae_id", qorder: str = "asc"):  # checked by quality_table
+    from .quality import next_order, quality_table  # the quality table and plots (app/web/quality.py)
+
+    store = store_of(request)
+    q = quality_table(store, qsort, qorder)
+    return page(request, "home.html", {"saes": store.saes(), "quality": q, "quality_by_id": {r.sae_id: r for r in q.rows},
+                                       "quality_sort_url": lambda col: url("/", qsort=col, qorder=next_order(q, col))
+                                       + "#quality"}, block="quality")
 
 
 @router.get("/sae/{sae_id}", response_class=HTMLResponse)
@@ -44,6 +50,7 @@ def sae_page(request: Request, sae_id: str, p: Annotated[FeatureListParams, Depe
     return page(request, "sae.html", {
         "sae": v.sae, "rows": v.rows, "pager": v.pager, "params": params, "compared": v.compared,
         "score_hist": v.score_hist, "n_scored": v.n_scored,
+        "quality": store_of(request).quality().get(sae_id), "contrasts": store_of(request).contrasts(sae_id),
         "prev_url": v.pager.prev_url(base, **params), "next_url": v.pager.next_url(base, **params),
         "sort_url": lambda col: url(base, **{**params, "sort": col, "order": _next_order(p.sort, p.order, col)}),
     }, block="list")

@@ -42,3 +42,39 @@ def histogram_svg(counts: list[int], lo: float, hi: float, label: str, width: in
         parts.append(f'<text x="{zx:.1f}" y="{y}" class="tick" text-anchor="middle">0</text>')
     parts.append("</svg>")
     return Markup("".join(parts))
+
+
+def scatter_svg(points: list[tuple[float, float, str]], xlabel: str, ylabel: str, width: int = 360,
+                height: int = 220) -> Markup:
+    """Labelled points (x, y, label) on linear axes with min/max ticks; a <title> per point for hover."""
+    pts = [(x, y, lab) for x, y, lab in points if x is not None and y is not None]
+    if not pts:
+        return Markup(f'<p class="muted">{escape(ylabel)} vs {escape(xlabel)}: no data</p>')
+    pad_l, pad_r, pad_t, pad_b = 40, 10, 8, 30
+    w, h = width - pad_l - pad_r, height - pad_t - pad_b
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    if x1 == x0:
+        x0, x1 = x0 - 0.5 * (abs(x0) or 1), x1 + 0.5 * (abs(x1) or 1)
+    if y1 == y0:
+        y0, y1 = y0 - 0.05 * (abs(y0) or 1), y1 + 0.05 * (abs(y1) or 1)
+    sx = lambda v: pad_l + w * (v - x0) / (x1 - x0)  # noqa: E731
+    sy = lambda v: pad_t + h - h * (v - y0) / (y1 - y0)  # noqa: E731
+    label = f"{ylabel} vs {xlabel}"
+    parts = [f'<svg class="plot" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(label)}">',
+             f'<line x1="{pad_l}" y1="{pad_t + h}" x2="{pad_l + w}" y2="{pad_t + h}" class="axis"/>',
+             f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{pad_t + h}" class="axis"/>']
+    for x, y, lab in pts:
+        parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="var(--bar)"><title>{escape(lab)}: '
+                     f'{escape(xlabel)} {fmt(x)}, {escape(ylabel)} {fmt(y)}</title></circle>')
+        parts.append(f'<text x="{sx(x) + 6:.1f}" y="{sy(y) - 5:.1f}" class="tick">{escape(lab)}</text>')
+    ty = pad_t + h + 12
+    parts += [f'<text x="{pad_l}" y="{ty}" class="tick">{fmt(x0)}</text>',
+              f'<text x="{pad_l + w}" y="{ty}" class="tick" text-anchor="end">{fmt(x1)}</text>',
+              f'<text x="{pad_l + w / 2:.1f}" y="{ty + 12}" class="tick" text-anchor="middle">{escape(xlabel)}</text>',
+              f'<text x="{pad_l - 3}" y="{pad_t + h}" class="tick" text-anchor="end">{fmt(y0)}</text>',
+              f'<text x="{pad_l - 3}" y="{pad_t + 8}" class="tick" text-anchor="end">{fmt(y1)}</text>',
+              f'<text x="10" y="{pad_t + h / 2:.1f}" class="tick" text-anchor="middle" '
+              f'transform="rotate(-90 10 {pad_t + h / 2:.1f})">{escape(ylabel)}</text>', "</svg>"]
+    return Markup("".join(parts))

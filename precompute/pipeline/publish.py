@@ -39,6 +39,10 @@ def publish(spec: PrecomputeSpec, run: LoadedRun, model_label: str, model_path: 
             _publish_one(spec, builder, lm, x, i, model_label, model_path, work, [j for j in jobs if j.i == i],
                          prepend, logits, neighbours)
         _cross_matches(builder, loaded)
+        if spec.eval_tokens > 0:  # SAE quality metrics on the held-out tokens after the stream (precompute/quality.py)
+            from ..quality import quality_for_run
+
+            builder.put_quality(quality_for_run(spec, lm, loaded, prepend, spec.tokens // spec.context_len))
         if spec.verify_sample > 0:
             _verify_before_publish(spec, builder, lm, loaded, model_path)
         builder.publish()

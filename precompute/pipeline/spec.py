@@ -148,6 +148,8 @@ class PrecomputeSpec:
                               metavar="ADDRESS", default_text="start a local Ray")
     verify_sample: int = setting(P.verify_sample, "contexts re-encoded in fp32 at the end to check the stored values "
                                  "(0: skip)")
+    eval_tokens: int = setting(P.eval_tokens, "held-out tokens (after the streamed ones) for the SAE quality metrics, "
+                               "SAELens/SAEBench definitions (precompute/quality.py; 0: skip)")
     feature_map: bool = setting(P.feature_map, "the 2-D feature map (a seeded UMAP of the decoder directions); "
                                 "--no-map skips it", flag="--map")
     cooccurrence: bool = setting(P.cooccurrence, "co-occurring features (exact Jaccard over active token "

@@ -19,7 +19,8 @@ import numpy as np
 
 from ..errors import SaescopeError, UnknownSAE
 from .maps import MapQueries
-from .schema import EXPLANATIONS, FEATURES, SAES, SCHEMA_VERSION, STORE_TABLES
+from .schema import (CONTRAST_FEATURES, CONTRASTS, EXPLANATIONS, FEATURES, QUALITY, SAES, SCHEMA_VERSION,
+                     STORE_TABLES)
 from .search import SearchHit, SearchQueries, dedup as _dedup
 
 
@@ -28,6 +29,9 @@ class StoreError(SaescopeError):
 
 
 SAEInfo = SAES.row_type("SAEInfo")  # one field per column of the saes table, JSON columns as dicts
+ContrastRun = CONTRASTS.row_type("ContrastRun")  # one stored contrast (probe as a dict)
+ContrastFeature = CONTRAST_FEATURES.row_type("ContrastFeature")
+Quality = QUALITY.row_type("Quality")  # one SAE's quality metrics (precompute/quality.py); NULL -> None
 Explanation = EXPLANATIONS.row_type("Explanation")  # one explanation with its provenance and scores (NULL -> None)
 
 
@@ -234,6 +238,32 @@ class Store(SearchQueries, MapQueries):
 
     def sae(self, sae_id: str) -> SAEInfo | None:
         return self._saes.get(sae_id)
+
+    def quality(self) -> dict[str, Quality]:
+        """sae_id -> its quality metrics, for the SAEs that have them."""
+        rows = self._q(f"SELECT {QUALITY.select_list()} FROM {QUALITY.name} ORDER BY sae_id")
+        return {r[0]: Quality(*r) for r in rows}
+
+    def contrasts(self, sae_id: str) -> list[str]:
+        """Names of the SAE's stored contrasts."""
+        return [r[0] for r in self._q("SELECT name FROM contrasts WHERE sae_id = ? ORDER BY name", [sae_id])]
+
+    def contrast(self, sae_id: str, name: str) -> tuple[ContrastRun, dict[str, list[ContrastFeature]],
+                                                         dict[str, list[list[int]]]] | None:
+        """One stored contrast: its run row, its ranked features per side ('a', 'b') and its texts' token ids."""
+        rows = self._q(f"SELECT {CONTRASTS.select_list()} FROM contrasts WHERE sae_id = ? AND name = ?", [sae_id, name])
+        if not rows:
+            return None
+        run = ContrastRun(*(json.loads(v or "{}") if c.json else v for c, v in zip(CONTRASTS.cols, rows[0])))
+        feats: dict[str, list[ContrastFeature]] = {"a": [], "b": []}
+        for r in self._q(f"SELECT {CONTRAST_FEATURES.select_list()} FROM contrast_features WHERE sae_id = ? AND name = ? "
+                         "ORDER BY side, rank", [sae_id, name]):
+            feats[r[2]].append(ContrastFeature(*r))
+        texts: dict[str, list[list[int]]] = {"a": [], "b": []}
+        for side, ids in self._q("SELECT side, token_ids FROM contrast_texts WHERE sae_id = ? AND name = ? "
+                                 "ORDER BY side, idx", [sae_id, name]):
+            texts[side].append(list(ids))
+        return run, feats, texts
 
     def require_sae(self, sae_id: str) -> SAEInfo:
         """The SAE's row, or UnknownSAE naming the SAEs the store has (the one check every caller shares)."""

@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-SCHEMA_VERSION = 2  # 2: saes.verify, features.cooc_*/map_*, explanations provenance and scores
+SCHEMA_VERSION = 3  # 2: saes.verify, features.cooc_*/map_*, explanations provenance and scores; 3: quality, contrasts
 
 
 @dataclass(frozen=True)
@@ -113,8 +113,66 @@ CROSS = Table("cross_matches", (  # nearest decoder directions in another SAE of
     C("sae_id", "VARCHAR", str), C("feature", "INTEGER", int), C("other", "VARCHAR", str),
     C("ids", "INTEGER[]", list), C("cos", "REAL[]", list),
 ))
-STORE_TABLES = (META, SAES, VOCAB, CONTEXTS, FEATURES, EXAMPLES, GROUPS, EXPLANATIONS, CROSS)
-PER_SAE_TABLES = (SAES, CONTEXTS, FEATURES, EXAMPLES, GROUPS, EXPLANATIONS, CROSS)  # rows keyed by sae_id
+_Q = "SAELens evals / SAEBench core (precompute/quality.py): "
+QUALITY = Table("quality", (  # one row per SAE: quality metrics on a held-out slice of the token stream
+    C("sae_id", "VARCHAR", str, "name of the SAE inside the store"),
+    C("formula_version", "VARCHAR", str, "which definitions the numbers follow (precompute/quality.py)"),
+    C("dataset", "VARCHAR", str, "text the eval tokens came from"),
+    C("first_ctx", "BIGINT", int, "index of the first eval context in the dataset's context stream"),
+    C("n_contexts", "BIGINT", int, "eval contexts"),
+    C("context_len", "INTEGER", int, "tokens per eval context"),
+    C("n_tokens", "BIGINT", int, "eval tokens that count (structural special tokens excluded)"),
+    C("held_out", "BOOLEAN", bool, "whether the eval contexts follow the streamed ones (else: the last streamed)"),
+    C("dtype", "VARCHAR", str, "model dtype of the eval passes"),
+    C("seconds", "DOUBLE", float, "wall time of the eval passes (all SAEs of the run together)"),
+    C("created", "VARCHAR", str, "when the metrics were computed (UTC)"),
+    C("ce_loss_score", "DOUBLE", float, _Q + "(CE_ablated - CE_sae) / (CE_ablated - CE_orig)"),
+    C("ce_loss_without_sae", "DOUBLE", float, _Q + "CE_orig: mean next-token cross-entropy of the model"),
+    C("ce_loss_with_sae", "DOUBLE", float, _Q + "CE_sae: with the SAE reconstruction spliced in (no error term)"),
+    C("ce_loss_with_ablation", "DOUBLE", float, _Q + "CE_ablated: with the hook output zero-ablated"),
+    C("kl_div_score", "DOUBLE", float, _Q + "(KL_ablated - KL_sae) / KL_ablated"),
+    C("kl_div_with_sae", "DOUBLE", float, _Q + "mean KL(original || spliced) per token"),
+    C("kl_div_with_ablation", "DOUBLE", float, _Q + "mean KL(original || zero-ablated) per token"),
+    C("explained_variance", "DOUBLE", float, _Q + "1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2)"),
+    C("mse", "DOUBLE", float, _Q + "mean over tokens of ||x - x_hat||^2"),
+    C("cossim", "DOUBLE", float, _Q + "mean cosine of x and x_hat"),
+    C("l2_norm_in", "DOUBLE", float, _Q + "mean ||x||"),
+    C("l2_norm_out", "DOUBLE", float, _Q + "mean ||x_hat||"),
+    C("l2_ratio", "DOUBLE", float, _Q + "mean ||x_hat|| / ||x||"),
+    C("relative_reconstruction_bias", "DOUBLE", float, _Q + "E||x_hat||^2 / E<x, x_hat>"),
+    C("l0", "DOUBLE", float, _Q + "mean active features per token"),
+    C("l1", "DOUBLE", float, _Q + "mean sum of |feature activations| per token"),
+    C("frac_alive", "DOUBLE", float, _Q + "share of features active on some eval token"),
+    C("freq_over_1_percent", "DOUBLE", float, _Q + "share of features with density > 1%"),
+    C("freq_over_10_percent", "DOUBLE", float, _Q + "share of features with density > 10%"),
+    C("normalized_freq_over_1_percent", "DOUBLE", float, _Q + "share of all activations from features > 1%"),
+    C("normalized_freq_over_10_percent", "DOUBLE", float, _Q + "share of all activations from features > 10%"),
+    C("average_max_encoder_cosine_sim", "DOUBLE", float, _Q + "mean over features of the largest encoder cosine"),
+    C("average_max_decoder_cosine_sim", "DOUBLE", float, _Q + "mean over features of the largest decoder cosine"),
+), key=("sae_id",))
+CONTRASTS = Table("contrasts", (  # one row per stored contrast (`saescope contrast`, precompute/contrast.py)
+    C("sae_id", "VARCHAR", str, "the SAE"), C("name", "VARCHAR", str, "the contrast's name (its page: /sae/ID/contrast/NAME)"),
+    C("a_source", "VARCHAR", str, "where the A texts came from"), C("b_source", "VARCHAR", str, "where the B texts came from"),
+    C("n_a", "INTEGER", int, "texts in A"), C("n_b", "INTEGER", int, "texts in B"),
+    C("reduce", "VARCHAR", str, "per-text reduction of a feature's activations for the ranking: max or mean"),
+    C("probe", "VARCHAR", dict, "sparse probing: ks, features per k, test accuracies, dense accuracy, split", json=True),
+    C("created", "VARCHAR", str, "when it was computed (UTC)"),
+), key=("sae_id", "name"))
+CONTRAST_FEATURES = Table("contrast_features", (  # the ranked features of each contrast, both sides
+    C("sae_id", "VARCHAR", str), C("name", "VARCHAR", str), C("side", "VARCHAR", str), C("rank", "INTEGER", int),
+    C("feature", "INTEGER", int), C("auroc", "DOUBLE", float), C("mean_a", "DOUBLE", float),
+    C("mean_b", "DOUBLE", float), C("diff", "DOUBLE", float),
+    C("top_texts", "INTEGER[]", list),  # indices of the side's texts where the feature is highest, best first
+    C("top_values", "REAL[]", list),
+))
+CONTRAST_TEXTS = Table("contrast_texts", (  # the texts of each contrast, tokenized as they were encoded
+    C("sae_id", "VARCHAR", str), C("name", "VARCHAR", str), C("side", "VARCHAR", str), C("idx", "INTEGER", int),
+    C("token_ids", "INTEGER[]", list),
+))
+STORE_TABLES = (META, SAES, VOCAB, CONTEXTS, FEATURES, EXAMPLES, GROUPS, EXPLANATIONS, CROSS, QUALITY, CONTRASTS,
+                CONTRAST_FEATURES, CONTRAST_TEXTS)
+PER_SAE_TABLES = (SAES, CONTEXTS, FEATURES, EXAMPLES, GROUPS, EXPLANATIONS, CROSS, QUALITY, CONTRASTS,
+                  CONTRAST_FEATURES, CONTRAST_TEXTS)  # rows keyed by sae_id
 
 def create_all(tables: tuple[Table, ...]) -> str:
     return ";\n".join(t.create_sql() for t in tables) + ";"

@@ -24,8 +24,9 @@ import pyarrow as pa
 
 from ..config import PRECOMPUTE
 from .read import sae_params, stored_activations, stored_examples
-from .schema import (CROSS, CONTEXTS, EXAMPLES, EXPLANATIONS, FEATURES, GROUPS, META, PER_SAE_TABLES,
-                     PRIORITY_SQL, SAES, SCHEMA_VERSION, STORE_TABLES, VOCAB, create_all)
+from .schema import (CONTRAST_FEATURES, CONTRAST_TEXTS, CONTRASTS, CROSS, CONTEXTS, EXAMPLES, EXPLANATIONS, FEATURES,
+                     GROUPS, META, PER_SAE_TABLES, PRIORITY_SQL, QUALITY, SAES, SCHEMA_VERSION, STORE_TABLES, VOCAB,
+                     create_all)
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
@@ -373,6 +374,10 @@ class StoreBuilder:
                   for c in SAES.cols]
         _run(self.con, f"INSERT INTO {SAES.name} ({SAES.select_list()}) VALUES ({', '.join('?' * len(values))})", values)
 
+    def put_quality(self, rows: list[dict[str, Any]]) -> None:
+        """Quality-metric rows (schema.QUALITY; precompute/quality.py), replacing those of the same SAEs."""
+        _put_quality(self.con, rows)
+
     def publish(self) -> None:
         """Index the features table, checkpoint, close, fsync, and atomically replace the store."""
         # one feature's row by an index lookup instead of a zone-map scan (2.3 -> 0.8 ms measured at 65,536 features)
@@ -464,3 +469,70 @@ def add_explanations(path: Path, sae_id: str, rows: list, source: str, replace: 
     con.close()
     os.replace(tmp, path)
     return len(rows)
+
+
+def _put_quality(con, rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        missing, extra = set(QUALITY.names) - set(r), set(r) - set(QUALITY.names)
+        if missing or extra:
+            raise UserError(f"quality row: missing {sorted(missing)}, unknown {sorted(extra)}")
+        _run(con, f"DELETE FROM {QUALITY.name} WHERE sae_id = ?", [r["sae_id"]])
+        _run(con, f"INSERT INTO {QUALITY.name} ({QUALITY.select_list()}) VALUES ({', '.join('?' * len(QUALITY.cols))})",
+             [r[c] for c in QUALITY.names])
+
+
+def write_quality(path: Path, rows: list[dict[str, Any]]) -> None:
+    """`saescope eval`: replace the quality rows of some SAEs of a published store (copy, write, atomic rename)."""
+    check_version(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.copyfile(path, tmp)
+    con = duckdb.connect(str(tmp))
+    try:
+        have = {r[0] for r in con.execute("SELECT sae_id FROM saes").fetchall()}
+        unknown = sorted({r["sae_id"] for r in rows} - have)
+        if unknown:
+            raise UserError(f"{path} has no SAE {', '.join(unknown)}; valid: {', '.join(sorted(have)) or 'none'}")
+        _put_quality(con, rows)
+        _run(con, "CHECKPOINT")
+    except BaseException:
+        con.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    con.close()
+    os.replace(tmp, path)
+
+
+def write_contrast(path: Path, run: dict[str, Any], features: dict[str, list], texts: dict[str, list]) -> None:
+    """`saescope contrast`: store one contrast (replacing one of the same SAE and name): run = a CONTRASTS row,
+    features = CONTRAST_FEATURES columns (without sae_id/name) as lists, texts = CONTRAST_TEXTS columns likewise."""
+    check_version(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.copyfile(path, tmp)
+    con = duckdb.connect(str(tmp))
+    try:
+        _run(con, create_all((CONTRASTS, CONTRAST_FEATURES, CONTRAST_TEXTS)))
+        have = {r[0] for r in con.execute("SELECT sae_id FROM saes").fetchall()}
+        if run["sae_id"] not in have:
+            raise UserError(f"{path} has no SAE {run['sae_id']!r}; valid: {', '.join(sorted(have)) or 'none'}")
+        key = [run["sae_id"], run["name"]]
+        for t in (CONTRASTS, CONTRAST_FEATURES, CONTRAST_TEXTS):
+            _run(con, f"DELETE FROM {t.name} WHERE sae_id = ? AND name = ?", key)
+        values = [json.dumps(run[c.name]) if c.json else run[c.name] for c in CONTRASTS.cols]
+        _run(con, f"INSERT INTO {CONTRASTS.name} ({CONTRASTS.select_list()}) VALUES ({', '.join('?' * len(values))})",
+             values)
+        types = {"INTEGER": pa.int32(), "DOUBLE": pa.float64(), "VARCHAR": pa.string(), "INTEGER[]": pa.list_(pa.int32()),
+                 "REAL[]": pa.list_(pa.float32())}
+        for t, cols in ((CONTRAST_FEATURES, features), (CONTRAST_TEXTS, texts)):
+            n = len(next(iter(cols.values())))
+            full = {"sae_id": [run["sae_id"]] * n, "name": [run["name"]] * n, **cols}
+            tbl = pa.table({c.name: pa.array(full[c.name], types[c.sql]) for c in t.cols})
+            con.register("new_rows", tbl)
+            _run(con, t.insert_sql("new_rows"))
+            con.unregister("new_rows")
+        _run(con, "CHECKPOINT")
+    except BaseException:
+        con.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    con.close()
+    os.replace(tmp, path)

@@ -1,0 +1,267 @@
+"""Contrast: which SAE features separate two sets of texts, and how well k of them read the concept.
+
+Per text, a feature's activation is reduced over the text's counted positions (special tokens and padding
+excluded) to its max (default, for ranking) or mean (SAEBench's pooling, for probing). Then per feature:
+
+    AUROC       P(score_A > score_B) + P(tie)/2, by the rank formula (U = R_A - n_A (n_A + 1) / 2, ranks over the
+                pooled scores with ties given their average rank; AUROC = U / (n_A n_B)). 1: A always higher.
+    mean_a, mean_b, diff = mean_a - mean_b
+
+Features are listed twice: those higher on A (AUROC descending, then diff) and those higher on B.
+
+Sparse probing (SAEBench, evals/sparse_probing): a seeded stratified train/test split; on the train split the k
+features with the largest |mean_A - mean_B| (get_top_k_mean_diff_mask), a scikit-learn LogisticRegression on them
+(standardised), test accuracy for each k; the same on the dense hook activations (mean-pooled) as the ceiling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .data import bos_id, special_mask
+from .errors import UserError
+from .models import HookedLM
+from .saes import SAE
+
+PROBE_KS = (1, 2, 5, 20)
+REDUCTIONS = ("max", "mean")
+
+
+@dataclass
+class TextActs:
+    """Per-text reduced activations: features (n, d_sae) by max and by mean, dense hook activations (n, d_in) mean."""
+
+    max: np.ndarray
+    mean: np.ndarray
+    dense: np.ndarray
+    n_tokens: np.ndarray  # (n,) counted positions per text
+    token_ids: list[list[int]] = field(default_factory=list)
+
+
+def tokenize(lm: HookedLM, texts: Sequence[str], prepend_bos: bool, max_tokens: int) -> list[list[int]]:
+    out = []
+    bos = bos_id(lm.tokenizer) if prepend_bos else None
+    for i, t in enumerate(texts):
+        ids = lm.tokenizer(t, add_special_tokens=False)["input_ids"]
+        ids = ([bos] if bos is not None else []) + list(ids)
+        if len(ids) > max_tokens:
+            raise UserError(f"text {i + 1} has {len(ids)} tokens; the limit is {max_tokens}")
+        if not ids:
+            raise UserError(f"text {i + 1} is empty")
+        out.append(ids)
+    return out
+
+
+@torch.no_grad()
+def text_activations(lm: HookedLM, sae: SAE, hook: str, texts: Sequence[str], prepend_bos: bool = True,
+                     max_tokens: int = 512, batch_size: int = 8) -> TextActs:
+    """Every text's per-feature max and mean activation over its counted tokens, and its mean hook activation."""
+    ids = tokenize(lm, texts, prepend_bos, max_tokens)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    n, d_sae, d_in = len(ids), sae.cfg.d_sae, sae.cfg.d_in
+    mx, mn = np.zeros((n, d_sae), np.float32), np.zeros((n, d_sae), np.float32)
+    dense, counted = np.zeros((n, d_in), np.float32), np.zeros(n, np.int64)
+    order = sorted(range(n), key=lambda i: len(ids[i]))  # similar lengths together: little padding
+    for b0 in range(0, n, batch_size):
+        idx = order[b0:b0 + batch_size]
+        T = max(len(ids[i]) for i in idx)
+        batch = np.full((len(idx), T), pad, dtype=np.int64)
+        valid = np.zeros((len(idx), T), dtype=bool)
+        for r, i in enumerate(idx):
+            batch[r, :len(ids[i])] = ids[i]
+            valid[r, :len(ids[i])] = True
+        keep = valid & ~special_mask(batch, lm.tokenizer)  # (B, T)
+        acts = lm.activations(torch.from_numpy(batch), hook, torch.from_numpy(valid.astype(np.int64)))
+        z = sae.encode(acts.to(sae.W_enc.device)).float().cpu()  # (B, T, d_sae)
+        k = torch.from_numpy(keep)
+        z[~k] = 0
+        cnt = k.sum(1).clamp(min=1)  # (B,)
+        mx[idx] = z.max(dim=1).values.numpy()
+        mn[idx] = (z.sum(1) / cnt[:, None]).numpy()
+        a = acts.float().cpu() * k[..., None]
+        dense[idx] = (a.sum(1) / cnt[:, None]).numpy()
+        counted[idx] = k.sum(1).numpy()
+    return TextActs(mx, mn, dense, counted, ids)
+
+
+def auroc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per column: AUROC of scores a (n_a, F) against b (n_b, F) by the rank formula, ties averaged."""
+    from scipy.stats import rankdata
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.ndim == 1:
+        a, b = a[:, None], b[:, None]
+    na, nb = len(a), len(b)
+    ranks = rankdata(np.concatenate([a, b]), axis=0)  # average ranks for ties
+    u = ranks[:na].sum(0) - na * (na + 1) / 2
+    return u / (na * nb)
+
+
+@dataclass
+class ContrastResult:
+    auroc: np.ndarray  # (d_sae,)
+    mean_a: np.ndarray
+    mean_b: np.ndarray
+    diff: np.ndarray
+    top_a: np.ndarray  # feature ids higher on A, best first
+    top_b: np.ndarray  # feature ids higher on B, best first
+    reduce: str = "max"
+
+
+def contrast(sa: np.ndarray, sb: np.ndarray, top: int = 50, reduce: str = "max") -> ContrastResult:
+    """Rank features by how well per-text scores sa (n_a, F) and sb (n_b, F) separate A from B."""
+    if len(sa) < 1 or len(sb) < 1:
+        raise UserError(f"contrast needs at least one text on each side; got {len(sa)} (A) and {len(sb)} (B)")
+    au = auroc(sa, sb)
+    ma, mb = sa.astype(np.float64).mean(0), sb.astype(np.float64).mean(0)
+    diff = ma - mb
+    f = np.arange(len(au))
+    # lexsort: last key first. A side: AUROC desc, then diff desc, then index
+    order_a = np.lexsort((f, -diff, -au))
+    order_b = np.lexsort((f, diff, au))
+    top_a = order_a[(au[order_a] > 0.5) | ((au[order_a] == 0.5) & (diff[order_a] > 0))][:top]
+    top_b = order_b[(au[order_b] < 0.5) | ((au[order_b] == 0.5) & (diff[order_b] < 0))][:top]
+    return ContrastResult(au, ma, mb, diff, top_a, top_b, reduce)
+
+
+# ------------------------------------------------------------------ sparse probing
+def split(n_a: int, n_b: int, test_frac: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded train/test index split over the pooled [A..., B...] rows; (train, test)."""
+    g = np.random.default_rng(seed)
+    tr, te = [], []
+    for lo, n in ((0, n_a), (n_a, n_b)):
+        perm = lo + g.permutation(n)
+        k = max(1, int(round(n * test_frac)))
+        if n - k < 1:
+            raise UserError(f"sparse probing needs at least 2 texts per side; got {n}")
+        te.append(perm[:k])
+        tr.append(perm[k:])
+    return np.sort(np.concatenate(tr)), np.sort(np.concatenate(te))
+
+
+def top_k_mean_diff(x: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    """SAEBench get_top_k_mean_diff_mask: the k columns with the largest |mean(x | y=1) - mean(x | y=0)|."""
+    d = np.abs(x[y == 1].mean(0) - x[y == 0].mean(0))
+    return np.argsort(-d, kind="stable")[:k]
+
+
+def fit_probe(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray, seed: int = 0) -> float:
+    """Standardised logistic regression (scikit-learn, L2, C=1): test accuracy."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    sc = StandardScaler().fit(xtr)
+    clf = LogisticRegression(max_iter=1000, random_state=seed).fit(sc.transform(xtr), ytr)
+    return float((clf.predict(sc.transform(xte)) == yte).mean())
+
+
+@dataclass
+class ProbeResult:
+    ks: list[int]
+    features: dict[int, list[int]]  # k -> features picked on the train split
+    sae_accuracy: dict[int, float]
+    dense_accuracy: float
+    n_train: int
+    n_test: int
+    test_frac: float
+    seed: int
+
+
+def sparse_probe(fa: np.ndarray, fb: np.ndarray, da: np.ndarray, db: np.ndarray, ks: Sequence[int] = PROBE_KS,
+                 test_frac: float = 0.2, seed: int = 0) -> ProbeResult:
+    """fa/fb: per-text SAE features of A/B (mean-pooled); da/db: the dense hook activations (mean-pooled)."""
+    x = np.concatenate([fa, fb]).astype(np.float64)
+    dx = np.concatenate([da, db]).astype(np.float64)
+    y = np.concatenate([np.ones(len(fa), int), np.zeros(len(fb), int)])
+    tr, te = split(len(fa), len(fb), test_frac, seed)
+    feats, acc = {}, {}
+    for k in ks:
+        cols = top_k_mean_diff(x[tr], y[tr], min(k, x.shape[1]))
+        feats[k] = [int(c) for c in cols]
+        acc[k] = fit_probe(x[tr][:, cols], y[tr], x[te][:, cols], y[te], seed)
+    dense = fit_probe(dx[tr], y[tr], dx[te], y[te], seed)
+    return ProbeResult(list(ks), feats, acc, dense, len(tr), len(te), test_frac, seed)
+
+
+# ------------------------------------------------------------------ `saescope contrast STORE`
+MAX_TEXTS = 10_000  # texts per side of an offline contrast
+MAX_TEXT_TOKENS = 512  # tokens per text
+TOP_TEXTS = 3  # texts listed per feature and side
+
+
+def read_texts(path) -> list[str]:
+    """A side's texts: a .txt file (one text per non-empty line) or .jsonl (a "text" field per row)."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: no such file (a .txt with one text per line, or a .jsonl with a \"text\" field)")
+    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if p.suffix == ".jsonl":
+        try:
+            texts = [str(json.loads(ln)["text"]) for ln in lines]
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(f"{p}: every row must be a JSON object with a \"text\" field ({err})") from err
+    else:
+        texts = lines
+    if not texts:
+        raise UserError(f"{p} holds no texts")
+    if len(texts) > MAX_TEXTS:
+        raise UserError(f"{p} holds {len(texts)} texts; the limit is {MAX_TEXTS} per side")
+    return texts
+
+
+def run_contrast(store_path, sae_id: str, a_path, b_path, name: str, reduce: str = "max", top: int = 50,
+                 device: str = "auto", dtype: str = "auto", lm: HookedLM | None = None) -> dict:
+    """Compute a contrast for one SAE of a store and store it under `name` (model and SAE from its provenance)."""
+    import datetime as dt
+    import re
+    from pathlib import Path
+
+    from .models import load_model
+    from .saes import load_sae
+    from .store import Store
+    from .store.write import write_contrast
+
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name or ""):
+        raise UserError("--name may hold 1-64 letters, digits, '.', '_' and '-'")
+    if reduce not in REDUCTIONS:
+        raise UserError(f"--reduce {reduce!r}; valid: {', '.join(REDUCTIONS)}")
+    ta, tb = read_texts(a_path), read_texts(b_path)
+    with Store(store_path) as st:
+        info = st.require_sae(sae_id)
+    lm = lm or load_model(info.model_path, device, dtype)
+    sae = load_sae(info.sae_path, info.hook).to(lm.device)
+    a = text_activations(lm, sae, info.hook, ta, info.prepend_bos, MAX_TEXT_TOKENS)
+    b = text_activations(lm, sae, info.hook, tb, info.prepend_bos, MAX_TEXT_TOKENS)
+    res = contrast(getattr(a, reduce), getattr(b, reduce), top, reduce)
+    probe = None
+    if len(ta) >= 2 and len(tb) >= 2:
+        p = sparse_probe(a.mean, b.mean, a.dense, b.dense)
+        probe = {"ks": p.ks, "features": {str(k): v for k, v in p.features.items()},
+                 "sae_accuracy": {str(k): v for k, v in p.sae_accuracy.items()}, "dense_accuracy": p.dense_accuracy,
+                 "n_train": p.n_train, "n_test": p.n_test, "test_frac": p.test_frac, "seed": p.seed,
+                 "pooling": "mean", "classifier": "StandardScaler + LogisticRegression(C=1, max_iter=1000)"}
+    cols: dict[str, list] = {k: [] for k in ("side", "rank", "feature", "auroc", "mean_a", "mean_b", "diff",
+                                             "top_texts", "top_values")}
+    for side, feats, scores in (("a", res.top_a, getattr(a, reduce)), ("b", res.top_b, getattr(b, reduce))):
+        for rank, f in enumerate(feats):
+            order = np.argsort(-scores[:, f], kind="stable")[:TOP_TEXTS]
+            for k, v in (("side", side), ("rank", rank), ("feature", int(f)), ("auroc", float(res.auroc[f])),
+                         ("mean_a", float(res.mean_a[f])), ("mean_b", float(res.mean_b[f])),
+                         ("diff", float(res.diff[f])), ("top_texts", [int(i) for i in order]),
+                         ("top_values", [float(scores[i, f]) for i in order])):
+                cols[k].append(v)
+    texts = {"side": ["a"] * len(ta) + ["b"] * len(tb), "idx": list(range(len(ta))) + list(range(len(tb))),
+             "token_ids": a.token_ids + b.token_ids}
+    run = {"sae_id": sae_id, "name": name, "a_source": str(a_path), "b_source": str(b_path), "n_a": len(ta),
+           "n_b": len(tb), "reduce": reduce, "probe": probe,
+           "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    write_contrast(Path(store_path), run, cols, texts)
+    return {"run": run, "top_a": [int(f) for f in res.top_a[:10]], "top_b": [int(f) for f in res.top_b[:10]],
+            "auroc": res.auroc}
