@@ -54,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "sae_weights.safetensors (SAELens v6) plus training_report.json with held-out explained "
                            "variance, L0 and dead share."))
     _model_args(p, sae=False)
-    p.add_argument("--hook", default=E.hook, help="hook to train on")
+    p.add_argument("--hook", default=E.hook, help="hook to train on (a transcoder's input: blocks.L.hook_mlp_in)")
+    p.add_argument("--hook-out", default=None, metavar="HOOK",
+                   help="train a TopK transcoder from --hook to this hook (blocks.L.hook_mlp_out of the same layer): "
+                        "the loss is the MLP output's reconstruction; saved as a SAELens topk_transcoder")
     p.add_argument("--dataset", default=E.dataset, help="'default', a .txt/.jsonl/.parquet file, or a HF dataset id")
     p.add_argument("--out", type=Path, required=True, help="output folder (cfg.json + sae_weights.safetensors)")
     p.add_argument("--tokens", type=int, default=T.tokens, help="activations to collect")

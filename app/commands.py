@@ -22,11 +22,16 @@ def train_sae(args: argparse.Namespace) -> int:
     from saescope.precompute.embedded import MODEL_ID, resolve_model
     from saescope.precompute.models import load_model
     from saescope.precompute.train import train_sae as run
+    from saescope.precompute.train import train_transcoder
 
     lm = load_model(resolve_model(args.model), args.device, args.dtype)
-    report = run(lm, args.hook, args.dataset, args.out, tokens=args.tokens, context_len=args.context_len,
-                 d_sae=args.d_sae, k=args.k, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                 fp16=args.fp16, model_label=MODEL_ID if args.model == DEFAULT else args.model)
+    kw = dict(tokens=args.tokens, context_len=args.context_len, d_sae=args.d_sae, k=args.k, steps=args.steps,
+              batch=args.batch, lr=args.lr, seed=args.seed, fp16=args.fp16,
+              model_label=MODEL_ID if args.model == DEFAULT else args.model)
+    if getattr(args, "hook_out", None):
+        report = train_transcoder(lm, args.hook, args.hook_out, args.dataset, args.out, **kw)
+    else:
+        report = run(lm, args.hook, args.dataset, args.out, **kw)
     print(f"saved {args.out}: explained variance {report.explained_variance:.3f}, L0 {report.l0:.1f}, "
           f"dead {100 * report.dead_share:.1f}% ({report.seconds:.0f} s)")
     return 0

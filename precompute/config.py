@@ -29,6 +29,9 @@ class EmbeddedDefault:
     dataset: str = DEFAULT  # Python's documentation text, shipped with every CPython
     sae_dir: Path = PACKAGE_DATA / "demo_sae"
     hook: str = "blocks.9.hook_resid_post"
+    # per-layer TopK transcoders (blocks.L.hook_mlp_in -> blocks.L.hook_mlp_out) for attribution graphs
+    transcoder_dir: Path = PACKAGE_DATA / "demo_transcoders"
+    dashboard_layers: tuple[int, ...] = (3, 9, 15, 21)  # transcoder layers `saescope demo` precomputes dashboards for
     store: Path = Path("out/demo.duckdb")  # where `saescope demo` keeps its store
 
 
@@ -79,6 +82,23 @@ class TrainSettings:
 
 
 @dataclass(frozen=True)
+class DemoTranscoders:
+    """How the committed demo transcoders were trained (`python -m saescope.precompute.train` regenerates them).
+
+    30 layers x (W_enc 576x512 + W_dec 512x576) in float16 is ~35 MB: the repository budget of the embedded default."""
+
+    folder_name: str = "layer_{layer:02d}"
+    tokens: int = 8_192  # one forward pass per batch collects every layer's MLP input and output
+    context_len: int = 128
+    d_sae: int = 512
+    k: int = 16
+    steps: int = 150
+    batch: int = 256
+    lr: float = 2e-3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class ExplainSettings:
     """`saescope explain`: LLM explanations and their detection/fuzzing scores (precompute/explain/)."""
 
@@ -117,4 +137,5 @@ EMBEDDED = EmbeddedDefault()
 PRECOMPUTE = PrecomputeSettings()
 TRAIN = TrainSettings()
 EXPLAIN = ExplainSettings()
+DEMO_TRANSCODERS = DemoTranscoders()
 CIRCUIT = CircuitConfig()
