@@ -83,20 +83,31 @@ def _demo_store_is_current(out, tokens: int) -> bool:
         return False
     try:
         with Store(out) as store:
-            return any(s.n_tokens == tokens // PRECOMPUTE.context_len * PRECOMPUTE.context_len
-                       and s.sae_path == str(EMBEDDED.sae_dir) for s in store.saes())
+            n = tokens // PRECOMPUTE.context_len * PRECOMPUTE.context_len
+            have = {s.sae_path for s in store.saes() if s.n_tokens == n}
+        from saescope.precompute.embedded import resolve_sae
+
+        return {resolve_sae(p) for p in _demo_sae_paths()} <= have
     except StoreError:
         return False
 
 
+def _demo_sae_paths() -> list:
+    """The demo SAE ('default'), then the demo transcoders that get dashboards (EMBEDDED.dashboard_layers)."""
+    from saescope.precompute.embedded import demo_transcoder_dirs
+
+    return [EMBEDDED.sae, *(str(p) for p in demo_transcoder_dirs(EMBEDDED.dashboard_layers))]
+
+
 def demo(args: argparse.Namespace) -> int:
-    from saescope.precompute.run import PrecomputeArgs, run_precompute
+    from saescope.precompute.run import PrecomputeArgs, SAESpec, run_precompute
     from saescope.precompute.store import Store
 
     if _demo_store_is_current(args.out, args.tokens):
         print(f"using the existing demo store {args.out} (delete it to rebuild)")
-    else:
-        run_precompute(PrecomputeArgs(out=args.out, tokens=args.tokens))
+    else:  # one forward pass feeds the demo SAE and the transcoders (all at or below its layer)
+        specs = [SAESpec(p, None, None) for p in _demo_sae_paths()]
+        run_precompute(PrecomputeArgs(out=args.out, tokens=args.tokens, saes=specs))
     with Store(args.out) as store:
         sae = store.saes()[0]
         print(f"\n{sae.sae_id}: {sae.d_sae:,} features over {sae.n_tokens:,} tokens, dead {100 * sae.dead_share:.1f}%; "

@@ -31,7 +31,10 @@ class EmbeddedDefault:
     hook: str = "blocks.9.hook_resid_post"
     # per-layer TopK transcoders (blocks.L.hook_mlp_in -> blocks.L.hook_mlp_out) for attribution graphs
     transcoder_dir: Path = PACKAGE_DATA / "demo_transcoders"
-    dashboard_layers: tuple[int, ...] = (3, 9, 15, 21)  # transcoder layers `saescope demo` precomputes dashboards for
+    # transcoder layers `saescope demo` precomputes dashboards for: at or below the demo SAE's layer 9, so the shared
+    # forward pass (which stops after the deepest hook) costs nothing more; graphs load every layer's transcoder
+    dashboard_layers: tuple[int, ...] = (2, 5, 8)
+    graph_prompt: str = "import numpy as"  # the example graph the home page links to (/graph?prompt=...)
     store: Path = Path("out/demo.duckdb")  # where `saescope demo` keeps its store
 
 

@@ -30,7 +30,16 @@ def store_of(request: Request) -> Store:
 @router.get("/", response_class=HTMLResponse)
 @cacheable
 def home(request: Request):
-    return page(request, "home.html", {"saes": store_of(request).saes()})
+    from urllib.parse import urlencode
+
+    from saescope.precompute.config import EMBEDDED
+    from saescope.precompute.saes import TRANSCODER_REGISTRY
+
+    saes = store_of(request).saes()
+    graph_url = None
+    if any(s.architecture in TRANSCODER_REGISTRY for s in saes):  # a ready example graph (the /graph page)
+        graph_url = "/graph?" + urlencode({"prompt": EMBEDDED.graph_prompt})
+    return page(request, "home.html", {"saes": saes, "graph_url": graph_url, "graph_prompt": EMBEDDED.graph_prompt})
 
 
 @router.get("/sae/{sae_id}", response_class=HTMLResponse)
