@@ -188,13 +188,19 @@ class TranscoderReport(TrainReport):
 
 
 def train_topk_transcoder(x: torch.Tensor, y: torch.Tensor, d_sae: int, k: int, steps: int, batch: int, lr: float,
-                          seed: int, cfg_base: SAEConfig, progress: bool = True) -> tuple[TopKTranscoder, TranscoderReport]:
+                          seed: int, cfg_base: SAEConfig, progress: bool = True,
+                          max_norm_ratio: float | None = None) -> tuple[TopKTranscoder, TranscoderReport]:
     """Train a TopK transcoder from inputs x (N, d_in) to targets y (N, d_out); 10% held out for the report.
 
-    explained_variance is the held-out MLP output's: 1 - Σ||y - f(x)||² / Σ||y - ȳ||²."""
+    explained_variance is the held-out MLP output's: 1 - Σ||y - f(x)||² / Σ||y - ȳ||².
+    max_norm_ratio: leave out training rows whose target norm exceeds this multiple of the median (the rare
+    'massive activations' some MLPs write, which otherwise dominate the loss); held-out rows are never dropped."""
     t0 = time.time()
     g = torch.Generator().manual_seed(seed)
     tr, ev_idx = _split(x.shape[0], g)
+    if max_norm_ratio is not None:
+        norms = y[tr].float().norm(dim=-1)
+        tr = tr[norms <= max_norm_ratio * norms.median()]
     sx = math.sqrt(x.shape[1] / x[tr].float().pow(2).sum(-1).mean().item())
     sy = math.sqrt(y.shape[1] / y[tr].float().pow(2).sum(-1).mean().item())
     train_x, train_y = x[tr], y[tr]  # kept in their storage dtype (float16 for many layers); scaled per batch
