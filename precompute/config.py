@@ -30,6 +30,12 @@ class EmbeddedDefault:
     dataset: str = DEFAULT  # Python's documentation text, shipped with every CPython
     sae_dir: Path = PACKAGE_DATA / "demo_sae"
     hook: str = "blocks.9.hook_resid_post"
+    # per-layer TopK transcoders (blocks.L.hook_mlp_in -> blocks.L.hook_mlp_out) for attribution graphs
+    transcoder_dir: Path = PACKAGE_DATA / "demo_transcoders"
+    # transcoder layers `saescope demo` precomputes dashboards for: at or below the demo SAE's layer 9, so the shared
+    # forward pass (which stops after the deepest hook) costs nothing more; graphs load every layer's transcoder
+    dashboard_layers: tuple[int, ...] = (2, 5, 8)
+    graph_prompt: str = "import numpy as"  # the example graph the home page links to (/graph?prompt=...)
     store: Path = Path("out/demo.duckdb")  # where `saescope demo` keeps its store
 
 
@@ -77,6 +83,23 @@ class TrainSettings:
     steps: int = 900
     batch: int = 1024
     lr: float = 1e-3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DemoTranscoders:
+    """How the committed demo transcoders were trained (`python -m saescope.precompute.train` regenerates them).
+
+    30 layers x (W_enc 576x512 + W_dec 512x576) in float16 is ~35 MB: the repository budget of the embedded default."""
+
+    folder_name: str = "layer_{layer:02d}"
+    tokens: int = 8_192  # one forward pass per batch collects every layer's MLP input and output
+    context_len: int = 128
+    d_sae: int = 512
+    k: int = 16
+    steps: int = 150
+    batch: int = 256
+    lr: float = 2e-3
     seed: int = 0
 
 
@@ -171,4 +194,5 @@ PRECOMPUTE = PrecomputeSettings()
 TRAIN = TrainSettings()
 EXPLAIN = ExplainSettings()
 LIMITS = Limits()
+DEMO_TRANSCODERS = DemoTranscoders()
 CIRCUIT = CircuitConfig()

@@ -123,3 +123,20 @@ def resolve_model(ref: str) -> str:
 def resolve_sae(ref: str) -> str:
     """'default' -> the committed demo SAE; a local path -> its absolute path; a hub reference as is."""
     return str(EMBEDDED.sae_dir) if ref == DEFAULT else _absolute(ref)
+
+
+def demo_transcoder_dirs(layers: list[int] | tuple[int, ...] | None = None) -> list[Path]:
+    """The committed per-layer transcoders of the embedded default (SAELens folders), every layer unless named.
+
+    `saescope demo` precomputes dashboards for EMBEDDED.dashboard_layers; graphs read all of them."""
+    from .config import DEMO_TRANSCODERS
+
+    root = EMBEDDED.transcoder_dir
+    found = sorted(p for p in root.glob(DEMO_TRANSCODERS.folder_name.split("{")[0] + "*") if (p / "cfg.json").is_file())
+    if layers is None:
+        return found
+    by_layer = {int(p.name.rsplit("_", 1)[1]): p for p in found}
+    missing = [l for l in layers if l not in by_layer]
+    if missing:
+        raise SetupError(f"no demo transcoder for layers {missing} under {root} (have {sorted(by_layer)})")
+    return [by_layer[l] for l in layers]

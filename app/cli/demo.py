@@ -29,14 +29,24 @@ def _demo_store_is_current(out: Path, tokens: int) -> bool:
         return False
     try:
         with Store(out) as store:
-            return any(s.n_tokens == tokens // PRECOMPUTE.context_len * PRECOMPUTE.context_len
-                       and s.sae_path == str(EMBEDDED.sae_dir) for s in store.saes())
+            n = tokens // PRECOMPUTE.context_len * PRECOMPUTE.context_len
+            have = {s.sae_path for s in store.saes() if s.n_tokens == n}
+        from saescope.precompute.embedded import resolve_sae
+
+        return {resolve_sae(p) for p in _demo_sae_paths()} <= have
     except StoreError:
         return False
 
 
+def _demo_sae_paths() -> list:
+    """The demo SAE ('default'), then the demo transcoders that get dashboards (EMBEDDED.dashboard_layers)."""
+    from saescope.precompute.embedded import demo_transcoder_dirs
+
+    return [EMBEDDED.sae, *(str(p) for p in demo_transcoder_dirs(EMBEDDED.dashboard_layers))]
+
+
 def run(args: argparse.Namespace) -> int:
-    from saescope.precompute.pipeline import PrecomputeSpec, run_precompute
+    from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
     from saescope.precompute.store import Store
 
     from .serve import EXPOSED
@@ -45,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     if _demo_store_is_current(args.out, args.tokens):
         print(f"using the existing demo store {args.out} (delete it to rebuild)")
     else:
-        run_precompute(PrecomputeSpec(out=args.out, tokens=args.tokens))
+        # one forward pass feeds the demo SAE and the transcoders (all at or below its layer)
+        run_precompute(PrecomputeSpec(out=args.out, tokens=args.tokens, saes=[SAESpec(p) for p in _demo_sae_paths()]))
     with Store(args.out) as store:
         sae = store.saes()[0]
         print(f"\n{sae.sae_id}: {sae.d_sae:,} features over {sae.n_tokens:,} tokens, dead {100 * sae.dead_share:.1f}%; "

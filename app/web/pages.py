@@ -32,13 +32,21 @@ def store_of(request: Request) -> Store:
 @router.get("/", response_class=HTMLResponse)
 @cacheable
 def home(request: Request, qsort: str = "sae_id", qorder: str = "asc"):  # checked by quality_table
+    from saescope.precompute.config import EMBEDDED
+    from saescope.precompute.saes import TRANSCODER_REGISTRY
+
     from .quality import next_order, quality_table  # the quality table and plots (app/web/quality.py)
 
     store = store_of(request)
+    saes = store.saes()
     q = quality_table(store, qsort, qorder)
-    return page(request, "home.html", {"saes": store.saes(), "quality": q, "quality_by_id": {r.sae_id: r for r in q.rows},
+    graph_url = None
+    if any(s.architecture in TRANSCODER_REGISTRY for s in saes):  # a ready example graph (the /graph page)
+        graph_url = "/graph?" + urlencode({"prompt": EMBEDDED.graph_prompt})
+    return page(request, "home.html", {"saes": saes, "quality": q, "quality_by_id": {r.sae_id: r for r in q.rows},
                                        "quality_sort_url": lambda col: url("/", qsort=col, qorder=next_order(q, col))
-                                       + "#quality"}, block="quality")
+                                       + "#quality", "graph_url": graph_url, "graph_prompt": EMBEDDED.graph_prompt},
+                block="quality")
 
 
 @router.get("/sae/{sae_id}", response_class=HTMLResponse)

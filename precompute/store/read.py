@@ -163,10 +163,11 @@ class Store(SearchQueries, MapQueries):
         if missing:
             raise damaged(self.path, f"tables missing: {', '.join(sorted(missing))}")
         # a truncated file (an interrupted copy, a full disk) is shorter than the blocks its header lists
-        block_size, total_blocks = self._q("SELECT block_size, total_blocks FROM pragma_database_size()")[0]
+        # (free blocks at the end of the file need not be on disk: compare with the blocks in use, not all blocks)
+        block_size, used_blocks = self._q("SELECT block_size, used_blocks FROM pragma_database_size()")[0]
         size = self.path.stat().st_size
-        if size < block_size * total_blocks:
-            raise damaged(self.path, f"the file has {size:,} bytes; its header lists {total_blocks} blocks of "
+        if size < block_size * used_blocks:
+            raise damaged(self.path, f"the file has {size:,} bytes; its header lists {used_blocks} blocks in use of "
                                      f"{block_size:,} bytes")
         self._vocab: dict[str, list[str]] = {}
         self._saes = {s.sae_id: s for s in self._load_saes()}
