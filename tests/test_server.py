@@ -164,7 +164,7 @@ def test_errors_are_clear_pages_and_json(demo):
     r = client.get(f"/sae/{sae.sae_id}?sort=bogus")
     assert r.status_code == 422 and "sort must be 'index', 'density', 'max' or 'score' (got 'bogus')" in html.unescape(r.text)
     r = client.get(f"/sae/{sae.sae_id}?page=999")  # past the end: an empty page linking back (issue 17, #10)
-    assert r.status_code == 200 and "there are 82 pages" in r.text and "page=82" in r.text
+    assert r.status_code == 200 and "page 999 is past the end" in r.text and "fill 82 pages" in r.text and "page=82" in r.text
     r = client.get(f"/sae/{sae.sae_id}/feature/abc")
     assert r.status_code == 422 and "index" in r.text
     r = client.get(f"/api/saes/{sae.sae_id}/features/99999")
