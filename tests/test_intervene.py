@@ -445,3 +445,128 @@ def test_bad_input_names_the_limit(tiny):
         with pytest.raises(ValueError, match=msg):
             call()
     assert LIMITS.max_abs_value == 1000.0 and LIMITS.max_n_top == 100  # the limits quoted above
+
+
+# ------------------------------------------------------------------ steering methods (Neuronpedia's three)
+def neuronpedia_steer(h: torch.Tensor, v: torch.Tensor, method: str, coeff: float, normalize: bool) -> torch.Tensor:
+    """One feature's steering of h (..., d) written out as Neuronpedia's inference server does it: SIMPLE_ADDITIVE
+    h + coeff * v (v / |v| first with normalize_steering); ORTHOGONAL_DECOMP h (I - P)^T + coeff * h P^T with the
+    matrix P = v v^T / |v|^2; PROJECTION_CAP the projection on the unit vector capped from above at coeff."""
+    v = v.double()
+    if normalize:
+        v = v / v.norm()
+    h64 = h.double()
+    if method == "add":
+        out = h64 + coeff * v
+    elif method == "orthogonal":
+        P = torch.outer(v, v) / (v * v).sum()
+        out = h64 @ (torch.eye(len(v), dtype=torch.float64) - P).T + coeff * (h64 @ P.T)
+    else:
+        u = v / v.norm()
+        proj = h64 @ u
+        out = h64 + (torch.minimum(proj, torch.tensor(coeff, dtype=torch.float64)) - proj)[..., None] * u
+    return out.to(h.dtype)
+
+
+def steered_reference_logits(lm: HookedLM, family: str | None, sae: SAE, ids: torch.Tensor,
+                             steps: list[tuple[int, str, float, bool]]) -> torch.Tensor:
+    """Logits with a forward hook written here (module paths per family; the embedded default is a Llama)."""
+    layer, kind = int(sae.cfg.hook_name.split(".")[1]), sae.cfg.hook_name.split(".")[2]
+    mod = module_for(lm, family or "llama", layer, kind)
+
+    def replace(x):
+        for f, method, c, norm in steps:
+            x = neuronpedia_steer(x, sae.W_dec[f].detach(), method, c, norm)
+        return x
+
+    if kind == "hook_resid_pre":
+        hd = mod.register_forward_pre_hook(lambda _m, args: (replace(args[0]),) + tuple(args[1:]))
+    else:
+        hd = mod.register_forward_hook(
+            lambda _m, _a, out: (replace(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else replace(out))
+    try:
+        return plain_logits(lm, ids)
+    finally:
+        hd.remove()
+
+
+METHOD_CASES = [("add", 4.0, False), ("add", 1.5, True), ("orthogonal", 3.0, False), ("orthogonal", -2.0, True),
+                ("cap", 0.5, False), ("cap", 0.0, True)]  # cap: a quantile of the projections seen (below)
+
+
+@pytest.mark.parametrize("family,kind", [("llama", "hook_resid_post"), ("gpt2", "hook_mlp_out")])
+@pytest.mark.parametrize("method,coeff,normalize", METHOD_CASES)
+def test_each_steering_method_equals_neuronpedias_formula_in_a_hook(tiny, family, kind, method, coeff, normalize):
+    lm = tiny(family)
+    sae = make_sae("topk", "none", f"blocks.1.{kind}", seed=5, dec=3.0)
+    ids = prompt_ids(12, seed=8)
+    f = most_active(sae, lm, ids, 1)[0]
+    if method == "cap":  # a cap some positions' projections exceed
+        u = (sae.W_dec[f] / sae.W_dec[f].norm()).detach()
+        coeff = float((lm.activations(ids[None], sae.cfg.hook_name)[0] @ u).quantile(coeff))
+    got = iv.spliced_logits(lm, sae, ids, [iv.Edit(f, method, coeff, normalize=normalize)])
+    want = steered_reference_logits(lm, family, sae, ids, [(f, method, coeff, normalize)])
+    assert rel(got, want) <= 1e-4
+    assert rel(got, plain_logits(lm, ids)) > 1e-3  # the method did something measurable
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_several_features_each_with_its_own_method_and_strength(tiny, family):
+    lm = tiny(family)
+    sae = make_sae("standard", "none", "blocks.1.hook_resid_post", seed=9, dec=3.0)
+    ids = prompt_ids(12, seed=1)
+    f, g, h = most_active(sae, lm, ids, 3)
+    steps = [(f, "add", 2.0, False), (g, "orthogonal", 4.0, False), (h, "cap", 0.0, False), (f, "add", 0.5, True)]
+    got = iv.spliced_logits(lm, sae, ids, [iv.Edit(a, m, c, normalize=n) for a, m, c, n in steps])
+    assert rel(got, steered_reference_logits(lm, family, sae, ids, steps)) <= 1e-4
+    # positions: steering from position 4 on leaves the first four predictions bit-for-bit
+    at = tuple(range(4, len(ids)))
+    got = iv.spliced_logits(lm, sae, ids, [iv.Edit(g, "orthogonal", 4.0, at), iv.Edit(h, "cap", 0.0, at)])
+    assert torch.equal(got[:4], plain_logits(lm, ids)[:4]) and rel(got, plain_logits(lm, ids)) > 1e-3
+
+
+def test_steering_methods_on_the_embedded_default(default_lm, demo_sae):
+    tok = default_lm.tokenizer
+    ids = torch.tensor([tok.bos_token_id] + tok("The weather today is", add_special_tokens=False)["input_ids"])
+    steps = [(100, "add", 6.0, False), (200, "orthogonal", 3.0, False), (300, "cap", 0.5, False),
+             (400, "add", 8.0, True)]
+    got = iv.spliced_logits(default_lm, demo_sae, ids, [iv.Edit(a, m, c, normalize=n) for a, m, c, n in steps])
+    want = steered_reference_logits(default_lm, None, demo_sae, ids, steps)
+    assert rel(got, want) <= 1e-4 and rel(got, plain_logits(default_lm, ids)) > 1e-3
+
+
+def test_a_neutral_strength_gives_plain_generate_for_every_method(default_lm, demo_sae):
+    """add 0, orthogonal 1 ((I-P)h + Ph = h) and a cap above every projection change nothing (for orthogonal and
+    cap, Neuronpedia's own definitions make coefficient 0 an edit: it removes / caps at 0 the component on v)."""
+    tok = default_lm.tokenizer
+    ids = [tok.bos_token_id] + tok("Once upon a time, in a small village,", add_special_tokens=False)["input_ids"]
+    n = 10
+    ref = default_lm.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n)[0, len(ids):].tolist()
+    full = torch.tensor([ids + ref])
+    x = default_lm.activations(full, demo_sae.cfg.hook_name)[0]
+    u = (demo_sae.W_dec[300] / demo_sae.W_dec[300].norm()).detach()
+    cap = LIMITS.max_abs_value
+    assert float((x @ u).max()) < cap  # so the cap is never reached
+    for mode in iv.STEER_MODES:
+        value = cap if mode == "cap" else iv.NEUTRAL_VALUE[mode]
+        out = iv.generate(default_lm, demo_sae, ids, [iv.Edit(300, mode, value)], max_new_tokens=n)
+        assert out.steered.ids == ref and out.default.ids == ref, mode
+    # coefficient 0 of add (with or without normalize) is plain generate too
+    out = iv.generate(default_lm, demo_sae, ids, [iv.Edit(300, "add", 0.0, normalize=True)], max_new_tokens=n)
+    assert out.steered.ids == ref
+    lm = iv.spliced_logits(default_lm, demo_sae, ids, [iv.Edit(300, "orthogonal", 1.0), iv.Edit(5, "cap", cap)])
+    assert torch.equal(lm, plain_logits(default_lm, torch.tensor(ids)))
+
+
+def test_bad_steering_method_input(tiny):
+    lm = tiny("llama")
+    sae = make_sae("topk", "none", "blocks.1.hook_resid_post")
+    with torch.no_grad():
+        sae.W_dec[7] = 0
+    ids = prompt_ids(6).tolist()
+    with pytest.raises(ValueError, match=r"feature 7 has a zero decoder row"):
+        iv.spliced_logits(lm, sae, ids, [iv.Edit(7, "orthogonal", 2.0)])
+    with pytest.raises(ValueError, match=r"normalize applies to the steering modes \(add, orthogonal, cap\)"):
+        iv.spliced_logits(lm, sae, ids, [iv.Edit(1, "clamp", 2.0, normalize=True)])
+    with pytest.raises(ValueError, match=r"not finite"):
+        iv.spliced_logits(lm, sae, ids, [iv.Edit(1, "cap", float("nan"))])
