@@ -65,6 +65,8 @@ class WorkerSettings:
     max_verify: int = LIMITS.max_verify
     max_temperature: float = LIMITS.max_temperature
     max_seed: int = LIMITS.max_seed
+    max_logprobs: int = LIMITS.max_logprobs  # most likely tokens per generated token
+    default_logprobs: int = LIMITS.default_logprobs
     secret_env: str = "SAESCOPE_WORKER_SECRET"  # the shared secret the worker requires, when set
     # explanations (POST /explain, /v1/chat/completions)
     explain_max_tokens: int = 60  # answer budget of the explainer for the feature page's button

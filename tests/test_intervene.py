@@ -570,3 +570,65 @@ def test_bad_steering_method_input(tiny):
         iv.spliced_logits(lm, sae, ids, [iv.Edit(1, "clamp", 2.0, normalize=True)])
     with pytest.raises(ValueError, match=r"not finite"):
         iv.spliced_logits(lm, sae, ids, [iv.Edit(1, "cap", float("nan"))])
+
+
+# ------------------------------------------------------------------ log-probabilities and KL per step
+@pytest.mark.parametrize("sampling", [iv.Sampling(), iv.Sampling(temperature=1.0, top_p=0.9, seed=5)])
+def test_top_logprobs_and_kl_equal_the_models_own_log_softmax(default_lm, demo_sae, sampling):
+    tok = default_lm.tokenizer
+    ids = [tok.bos_token_id] + tok("My favourite food is", add_special_tokens=False)["input_ids"]
+    steps = [(100, "add", 12.0, False), (300, "orthogonal", 4.0, False)]
+    edits = [iv.Edit(a, m, c, normalize=n) for a, m, c, n in steps]
+    n, k, T = 8, LIMITS.max_logprobs, len(ids)
+    out = iv.generate(default_lm, demo_sae, ids, edits, max_new_tokens=n, sampling=sampling, n_logprobs=k, kl=True,
+                      stop_at_eos=False)
+    assert out.default.ids != out.steered.ids
+    d_full = torch.tensor(ids + out.default.ids[:-1])
+    s_full = torch.tensor(ids + out.steered.ids[:-1])
+    lp_default = torch.log_softmax(plain_logits(default_lm, d_full)[T - 1:], -1)  # (n, vocab)
+    lp_steered = torch.log_softmax(steered_reference_logits(default_lm, None, demo_sae, s_full, steps)[T - 1:], -1)
+    for cont, ref in ((out.default, lp_default), (out.steered, lp_steered)):
+        chosen = ref.gather(-1, torch.tensor(cont.ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(cont.logprobs), chosen, rtol=1e-4, atol=1e-4)
+        assert len(cont.top_logprobs) == n and all(len(t) == k for t in cont.top_logprobs)
+        for t, top in enumerate(cont.top_logprobs):
+            want = ref[t].topk(k)
+            assert [i for i, _ in top] == want.indices.tolist()
+            torch.testing.assert_close(torch.tensor([v for _, v in top]), want.values, rtol=1e-4, atol=1e-4)
+    # KL(default || steered) of the next-token distribution, both given the steered prefix
+    lp_plain_on_steered = torch.log_softmax(plain_logits(default_lm, s_full)[T - 1:], -1)
+    want_kl = (lp_plain_on_steered.exp() * (lp_plain_on_steered - lp_steered)).sum(-1)
+    assert out.kl is not None and len(out.kl) == n
+    torch.testing.assert_close(torch.tensor(out.kl), want_kl, rtol=2e-3, atol=2e-4)
+    assert max(out.kl) > 0.01
+    # the shadow row changes nothing else: same tokens and log-probs without it
+    bare = iv.generate(default_lm, demo_sae, ids, edits, max_new_tokens=n, sampling=sampling, stop_at_eos=False)
+    assert bare.steered.ids == out.steered.ids and bare.default.ids == out.default.ids and bare.kl is None
+    with pytest.raises(ValueError, match=rf"n_logprobs 11 is out of range; allowed: 0\.\.{LIMITS.max_logprobs}"):
+        iv.generate(default_lm, demo_sae, ids, edits, max_new_tokens=2, n_logprobs=11)
+
+
+def test_suggested_strengths_follow_the_stated_derivation(default_lm, demo_sae):
+    from saescope.precompute.interventions.strength import measure_scale, suggest
+
+    tok = default_lm.tokenizer
+    ids = [tok.bos_token_id] + tok("The weather today is sunny and warm", add_special_tokens=False)["input_ids"]
+    sc = measure_scale(default_lm, demo_sae, ids, [100, 300])
+    h = default_lm.activations(torch.tensor([ids]), demo_sae.cfg.hook_name)[0, 1:]  # first position left out
+    assert sc.resid_norm == pytest.approx(float(h.norm(dim=-1).median()), rel=1e-5)
+    for fs, f in zip(sc.features, (100, 300)):
+        v = demo_sae.W_dec[f].detach()
+        assert fs.decoder_norm == pytest.approx(float(v.norm()), rel=1e-5)
+        assert fs.projection == pytest.approx(float((h @ (v / v.norm())).median()), rel=1e-4, abs=1e-5)
+    fs = sc.features[0]
+    add = suggest("add", False, 5.0, fs, sc.resid_norm)
+    assert add.strong == pytest.approx(0.5 * sc.resid_norm / fs.decoder_norm, rel=1e-6)
+    assert add.extreme == pytest.approx(2 * sc.resid_norm / fs.decoder_norm, rel=1e-6)
+    assert add.gentle <= add.strong < add.extreme and add.lo <= add.gentle and add.extreme <= add.hi
+    unit = suggest("add", True, 5.0, fs, sc.resid_norm)
+    assert unit.strong == pytest.approx(0.5 * sc.resid_norm, rel=1e-6)
+    orth = suggest("orthogonal", False, 5.0, fs, sc.resid_norm)
+    assert 1.0 < orth.gentle < orth.strong < orth.extreme
+    cap = suggest("cap", False, 5.0, fs, sc.resid_norm)
+    assert cap.gentle >= cap.strong == 0.0 > cap.extreme
+    assert cap.extreme == pytest.approx(-5.0 * fs.decoder_norm, rel=1e-6)

@@ -188,7 +188,9 @@ def test_attribution_lists_features_with_the_true_ablation_effect(worker, parts)
     ({"edits": [{"feature": 1}], "max_new_tokens": WORKER.max_new_tokens + 1}, 422, f"less than or equal to {WORKER.max_new_tokens}"),
     ({"edits": [{"feature": 1}], "ids": []}, 422, "empty"),  # "" is BOS alone: a prompt (the one prompt rule)
     ({"edits": []}, 422, "at least 1"),
-    ({"edits": [{"feature": 1, "mode": "boost"}]}, 422, "'ablate', 'clamp' or 'add'"),
+    ({"edits": [{"feature": 1, "mode": "boost"}]}, 422, "'ablate', 'clamp', 'add', 'orthogonal' or 'cap'"),
+    ({"edits": [{"feature": 1}], "n_logprobs": WORKER.max_logprobs + 1}, 422,
+     f"less than or equal to {WORKER.max_logprobs}"),
     ({"edits": [{"feature": 1, "positions": [999]}]}, 422, "out of range"),
 ])
 def test_bad_steering_requests_are_clear_4xx(worker, body, status, words):
@@ -246,3 +248,68 @@ def test_inspect_page_shows_the_ablation_row_and_the_attribution_table(dash, wor
     assert f'{a["features"][0]["attribution"]:+.4f}' in r.text
     live = dash.post("/live/activations", data={"sae": "tiny", "feature": f, "text": PROMPT, "ablate": "true"})
     assert 'id="live-ablation"' in live.text
+
+
+def test_steering_methods_and_logprobs_through_the_worker(worker, parts):
+    """Every method through the worker equals this file's own hook; token_logprobs equal the model's log_softmax."""
+    lm, sae = parts
+    ids = _tokens(worker, PROMPT)
+    n = 5
+    for mode, value, norm in (("add", 30.0, False), ("orthogonal", 5.0, False), ("cap", -0.5, False),
+                              ("add", 4.0, True)):
+        r = post(worker, "/steer", {"sae_id": "tiny", "text": PROMPT, "max_new_tokens": n, "n_logprobs": 3,
+                                    "edits": [{"feature": 3, "mode": mode, "value": value, "normalize": norm}]})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        new = out["steered"]["ids"]
+        v = sae.W_dec[3].detach()
+        u = v / v.norm()
+
+        def hook(_m, _a, o, mode=mode, value=value, norm=norm):
+            h = o[0] if isinstance(o, tuple) else o
+            if mode == "add":
+                h2 = h + value * (u if norm else v)
+            elif mode == "orthogonal":
+                p = (h @ u)[..., None] * u
+                h2 = h - p + value * p
+            else:
+                p = h @ u
+                h2 = h + (p.clamp(max=value) - p)[..., None] * u
+            return (h2, *o[1:]) if isinstance(o, tuple) else h2
+
+        layer = lm.layers[int(sae.cfg.hook_name.split(".")[1])]
+        handle = layer.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                logits = lm.model(input_ids=torch.tensor([ids + new[:-1]])).logits[0, len(ids) - 1:].float()
+        finally:
+            handle.remove()
+        lp = torch.log_softmax(logits, -1)
+        assert lp.argmax(-1).tolist() == new, mode
+        tl = out["steered"]["token_logprobs"]
+        assert [t["id"] for t in tl] == new and all(len(t["top_logprobs"]) == 3 for t in tl)
+        for t, row in zip(tl, lp):
+            assert math.isclose(t["logprob"], float(row[t["id"]]), abs_tol=2e-4)
+            top = row.topk(3)
+            assert [o["id"] for o in t["top_logprobs"]] == top.indices.tolist()
+        assert len(out["kl"]) == len(new) and out["scale"]["resid_norm"] > 0
+        assert out["scale"]["features"][0]["feature"] == 3
+
+
+def test_steer_page_method_selector_presets_kl_plot_and_hover(dash):
+    r = dash.get("/steer", params={"sae": "tiny", "prompt": PROMPT, "edit": ["3:orthogonal:4", "5:add:20:unit"],
+                                   "n": 5})
+    assert r.status_code == 200, r.text
+    assert 'id="steer-method"' in r.text and "<option>orthogonal</option>" in r.text and "<option>cap</option>" in r.text
+    assert 'id="kl-plot"' in r.text and 'id="strength-hints"' in r.text
+    for preset in ("gentle", "strong", "extreme"):
+        assert f'data-preset="{preset}"' in r.text
+    assert "log p " in r.text  # hover text of every generated token
+    j = dash.get("/api/steer", params={"sae": "tiny", "prompt": PROMPT, "edit": ["3:cap:0"], "n": 3}).json()
+    assert j["steered"]["token_logprobs"][0]["top_logprobs"]
+    form = dash.get("/steer", params={"sae": "tiny", "prompt": PROMPT, "feature": 3, "mode": "cap", "value": 0, "n": 3})
+    assert 'value="3:cap:0"' in form.text
+    bad = dash.get("/api/steer", params={"sae": "tiny", "prompt": PROMPT, "edit": "3:clamp:1:unit"})
+    assert bad.status_code == 422 and ":unit applies to the steering modes" in bad.json()["error"]["message"]
+    bad = dash.get("/api/steer", params={"sae": "tiny", "prompt": PROMPT, "edit": "3:add:nan"})
+    assert bad.status_code == 422 and "FEATURE:MODE:VALUE" in bad.json()["error"]["message"]

@@ -18,6 +18,7 @@ from ..settings import SERVE, WORKER
 from ..worker.client import DOWN_HINT, WorkerClient
 from ..worker.wire import (AblateOut, AttributeIn, AttributeOut, EditIn, EditsIn, ExampleIn, ExplainIn,
                            FeatureActsIn, FeatureActsOut, SteerIn, SteerOut, TopFeaturesIn, TopFeaturesOut)
+from . import steering
 from .lookups import check_index, sae_or_404, sae_or_first
 from .pages import store_of
 from .templates import ENV, page
@@ -180,11 +181,12 @@ def api_feature_live(request: Request, sae_id: str, index: int,
 
 
 # ---------------------------------------------------------------- interventions: steer, ablate, attribute
-EDIT_RE = re.compile(r"^(\d{1,9})(?::(ablate|clamp|add))?(?::(-?[0-9.]+(?:e-?\d+)?))?$")
+EDIT_RE = re.compile(r"^(\d{1,9})(?::(ablate|clamp|add|orthogonal|cap))?(?::(-?[0-9.]+(?:e-?\d+)?))?(:unit)?$")
 
 
 def parse_edits(specs: list[str], info) -> list[EditIn]:
-    """URL edits 'FEATURE:MODE:VALUE' (e.g. 123:add:8, 45:clamp:0.5, 7:ablate) -> checked wire edits."""
+    """URL edits 'FEATURE:MODE:VALUE[:unit]' (e.g. 123:add:8, 45:clamp:0.5, 7:ablate, 9:orthogonal:3, 9:cap:0,
+    123:add:20:unit steers along the unit decoder direction) -> checked wire edits."""
     if not specs:
         raise AppError("give at least one edit, e.g. edit=123:add:8 (feature 123, steering coefficient 8)", 422)
     if len(specs) > W.max_edits:
@@ -193,14 +195,17 @@ def parse_edits(specs: list[str], info) -> list[EditIn]:
     for spec in specs:
         m = EDIT_RE.match(spec.strip())
         if not m:
-            raise AppError(f"edit {echo(spec)} is not FEATURE:MODE:VALUE with MODE one of ablate, clamp, add "
-                           "(e.g. 123:add:8 or 7:ablate)", 422)
+            raise AppError(f"edit {echo(spec)} is not FEATURE:MODE:VALUE with MODE one of ablate, clamp, add, "
+                           "orthogonal, cap (e.g. 123:add:8, 9:cap:0 or 7:ablate; :unit after a steering edit "
+                           "normalizes the direction)", 422)
         feature, mode, value = int(m.group(1)), m.group(2) or "add", float(m.group(3) or 0)
         check_index(info, feature)
         if not math.isfinite(value) or abs(value) > W.max_abs_value:
             raise AppError(f"edit {echo(spec)}: value must be a number from -{W.max_abs_value:g} to "
                            f"{W.max_abs_value:g}", 422)
-        out.append(EditIn(feature=feature, mode=mode, value=value))
+        if m.group(4) and mode not in ("add", "orthogonal", "cap"):
+            raise AppError(f"edit {echo(spec)}: :unit applies to the steering modes add, orthogonal, cap", 422)
+        out.append(EditIn(feature=feature, mode=mode, value=value, normalize=bool(m.group(4))))
     return out
 
 
@@ -222,6 +227,7 @@ def _steer_state(request: Request, sae: str | None, prompt: str, edit: list[str]
             ctx["lead"], ctx["vmax"] = lead, (store.feature(info.sae_id, lead).max_act or 1.0)
             ctx["steered_toks"] = [Tok(t, a[0], False) for t, a in zip(out.steered.tokens, out.steered.feature_acts)]
             ctx["default_toks"] = [Tok(t, a[0], False) for t, a in zip(out.default.tokens, out.default.feature_acts)]
+            ctx.update(steering.steer_extras(request, store, info.sae_id, parsed, out))
         except AppError as err:
             if err.status == 404:
                 raise
@@ -234,7 +240,8 @@ def steer_page(request: Request, sae: str | None = None, prompt: str = Query("",
                edit: list[str] = Query([], max_length=W.max_edits),
                n: int = Query(W.default_new_tokens, ge=1, le=W.max_new_tokens),
                temperature: float = Query(0.0, ge=0.0, le=W.max_temperature), seed: int = Query(0, ge=0, le=W.max_seed),
-               feature: int | None = Query(None, ge=0), mode: Literal["add", "clamp", "ablate"] = "add",
+               feature: int | None = Query(None, ge=0),
+               mode: Literal["add", "orthogonal", "cap", "clamp", "ablate"] = "add",
                value: float = Query(0.0, ge=-W.max_abs_value, le=W.max_abs_value)):
     """Default and steered continuations side by side; the URL holds the whole state, so a link reproduces it.
     Edits come as edit=FEATURE:MODE:VALUE (repeatable), or as feature/mode/value from a feature page's form."""

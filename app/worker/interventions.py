@@ -14,12 +14,13 @@ from saescope.precompute import interventions as iv
 from ..errors import AppError
 from ..settings import WORKER
 from .batcher import Engine
-from .wire import (AblateOut, AttributeIn, AttributeOut, AttributionOut, ContinuationOut, EditsIn, SteerIn, SteerOut)
+from .wire import (AblateOut, AttributeIn, AttributeOut, AttributionOut, ContinuationOut, EditsIn, FeatureScaleOut,
+                   ScaleOut, SteerIn, SteerOut, TokenLogprobOut, TopLogprobOut)
 
 
 def _edits(body: EditsIn) -> list[iv.Edit]:
-    return [iv.Edit(e.feature, e.mode, e.value, tuple(e.positions) if e.positions is not None else None)
-            for e in body.edits]
+    return [iv.Edit(e.feature, e.mode, e.value, tuple(e.positions) if e.positions is not None else None,
+                    e.normalize) for e in body.edits]
 
 
 async def _run(engine: Engine, fn, *args, timeout: float):
@@ -49,21 +50,35 @@ def _check_features(engine: Engine, body: EditsIn) -> None:
 
 
 def _cont(engine: Engine, c: iv.Continuation) -> ContinuationOut:
-    return ContinuationOut(ids=c.ids, tokens=engine.strs(c.ids), text=c.text or "", logprobs=c.logprobs,
-                           feature_acts=c.feature_acts)
+    strs = engine.strs(c.ids)
+    tops = [[TopLogprobOut(token=engine.strs([i])[0], id=i, logprob=v) for i, v in top] for top in c.top_logprobs]
+    return ContinuationOut(ids=c.ids, tokens=strs, text=c.text or "", logprobs=c.logprobs,
+                           feature_acts=c.feature_acts,
+                           token_logprobs=[TokenLogprobOut(token=t, id=i, logprob=lp, top_logprobs=top)
+                                           for t, i, lp, top in zip(strs, c.ids, c.logprobs, tops)])
+
+
+def _scale(s: iv.strength.Scale) -> ScaleOut:
+    return ScaleOut(resid_norm=s.resid_norm, features=[FeatureScaleOut(**vars(f)) for f in s.features])
 
 
 async def steer(engine: Engine, body: SteerIn) -> SteerOut:
     _check_features(engine, body)
     sae = engine.sae(body.sae_id)
     ids = _ids(engine, body)
-    g = await _run(engine, lambda: iv.generate(
-        engine.lm, sae, ids.tolist(), _edits(body), body.max_new_tokens,
-        iv.Sampling(body.temperature, body.top_p, body.seed), time_limit=WORKER.generation_time_s),
-        timeout=WORKER.generation_time_s + engine.timeout)
+    edits = _edits(body)
+
+    def work():
+        g = iv.generate(engine.lm, sae, ids.tolist(), edits, body.max_new_tokens,
+                        iv.Sampling(body.temperature, body.top_p, body.seed), time_limit=WORKER.generation_time_s,
+                        n_logprobs=body.n_logprobs, kl=body.kl)
+        return g, iv.strength.measure_scale(engine.lm, sae, ids.tolist(), g.watch)
+
+    g, scale = await _run(engine, work, timeout=WORKER.generation_time_s + engine.timeout)
     assert g.default is not None
     return SteerOut(prompt_tokens=engine.strs(ids), watch=g.watch, default=_cont(engine, g.default),
-                    steered=_cont(engine, g.steered), stopped=g.stopped, seconds=g.seconds)
+                    steered=_cont(engine, g.steered), stopped=g.stopped, seconds=g.seconds, kl=g.kl,
+                    scale=_scale(scale))
 
 
 async def ablate(engine: Engine, body: EditsIn) -> AblateOut:

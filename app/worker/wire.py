@@ -92,12 +92,17 @@ class ErrorOut(BaseModel):
 # ---------------------------------------------------------------- interventions
 class EditIn(BaseModel):
     feature: int = Field(ge=0, description="feature index")
-    mode: Literal["ablate", "clamp", "add"] = Field("add", description="ablate: set to 0; clamp: set to value; "
-                                                    "add: add value x the decoder direction (steering)")
+    mode: Literal["ablate", "clamp", "add", "orthogonal", "cap"] = Field(
+        "add", description="ablate: set to 0; clamp: set to value; the steering methods of Neuronpedia's inference "
+        "server, with v the decoder direction: add (SIMPLE_ADDITIVE) h += value v; orthogonal (ORTHOGONAL_DECOMP) "
+        "h := (I - P) h + value P h, P = v v^T / |v|^2; cap (PROJECTION_CAP) the projection of h on v / |v| capped "
+        "at value")
     value: float = Field(0.0, ge=-WORKER.max_abs_value, le=WORKER.max_abs_value, allow_inf_nan=False,
-                         description="clamp value or steering coefficient, in the feature's activation units")
+                         description="clamp value or steering strength (add: in the feature's activation units)")
     positions: list[int] | None = Field(None, max_length=WORKER.max_prompt_tokens,
                                         description="token positions to edit (0 = first token); all when absent")
+    normalize: bool = Field(False, description="steer along v / |v| (Neuronpedia's normalize_steering; changes "
+                            "only add, since orthogonal and cap use the direction alone)")
 
 
 class EditsIn(TextIn):
@@ -110,6 +115,20 @@ class SteerIn(EditsIn):
     temperature: float = Field(0.0, ge=0.0, le=WORKER.max_temperature, allow_inf_nan=False, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     seed: int = Field(0, ge=0, le=WORKER.max_seed, description="sampling seed (same seed, same tokens)")
+    n_logprobs: int = Field(WORKER.default_logprobs, ge=0, le=WORKER.max_logprobs,
+                            description="most likely tokens reported with each generated token")
+    kl: bool = Field(True, description="report KL(default || steered) of the next-token distribution per step "
+                     "(the default model is fed the steered tokens as one more batch row)")
+
+
+class TopLogprobOut(BaseModel):
+    token: str = Field(description="display string")
+    id: int = Field(description="token id")
+    logprob: float = Field(description="log-prob (natural log, before temperature)")
+
+
+class TokenLogprobOut(TopLogprobOut):
+    top_logprobs: list[TopLogprobOut] = Field(description="that step's most likely tokens, most likely first")
 
 
 class ContinuationOut(BaseModel):
@@ -119,6 +138,18 @@ class ContinuationOut(BaseModel):
     logprobs: list[float] = Field(description="log-prob of each new token where it was chosen")
     feature_acts: list[list[float]] = Field(description="per new token, the activation of each steered feature "
                                             "(read before the edit)")
+    token_logprobs: list[TokenLogprobOut] = Field([], description="per new token: {token, logprob, top_logprobs}")
+
+
+class FeatureScaleOut(BaseModel):
+    feature: int = Field(description="feature index")
+    decoder_norm: float = Field(description="|W_dec[f]|")
+    projection: float = Field(description="median over the prompt of h . W_dec[f] / |W_dec[f]| at the hook")
+
+
+class ScaleOut(BaseModel):
+    resid_norm: float = Field(description="median |h| at the hook over the prompt (the first position left out)")
+    features: list[FeatureScaleOut] = Field(description="per steered feature, what the suggested strengths use")
 
 
 class SteerOut(BaseModel):
@@ -128,6 +159,9 @@ class SteerOut(BaseModel):
     steered: ContinuationOut = Field(description="the continuation with the edits applied")
     stopped: Literal["length", "eos", "time"] = Field(description="why generation stopped")
     seconds: float = Field(description="time spent generating")
+    kl: list[float] | None = Field(None, description="per steered token: KL(default || steered) of the next-token "
+                                   "distribution given the steered prefix, nats")
+    scale: ScaleOut | None = Field(None, description="residual norm and projections the suggested strengths use")
 
 
 class AblateOut(BaseModel):

@@ -46,11 +46,12 @@ from .ablate import AblationResult, ablation_effects
 from .attribute import AttributionResult, FeatureAttribution, LatentGradients, attribute, latent_gradients
 from .edits import (EDIT_MODES, NEURONPEDIA_METHODS, NEUTRAL_VALUE, STEER_MODES, Edit, EditMode, PromptLengthError, check_int, check_prompt_length, context_limit,
                     model_positions, prompt_ids, validate_edits, validate_ids, vocab_size)
-from .generate import Continuation, Generation, Sampling, check_sampling, generate
+from . import strength
+from .generate import Continuation, Generation, Sampling, check_n_logprobs, check_sampling, generate
 from .splice import EditSplice, LatentSplice, forward_from_latents, hook_of, run_with_edits, splice, spliced_logits
 
 __all__ = ["AblationResult", "ablation_effects", "AttributionResult", "FeatureAttribution", "LatentGradients",
            "attribute", "latent_gradients", "EDIT_MODES", "NEURONPEDIA_METHODS", "NEUTRAL_VALUE", "STEER_MODES", "Edit", "EditMode", "PromptLengthError", "check_int",
            "check_prompt_length", "context_limit", "model_positions", "prompt_ids", "validate_edits", "validate_ids",
-           "vocab_size", "Continuation", "Generation", "Sampling", "check_sampling", "generate", "EditSplice",
+           "vocab_size", "Continuation", "Generation", "Sampling", "check_n_logprobs", "check_sampling", "generate", "EditSplice",
            "LatentSplice", "forward_from_latents", "hook_of", "run_with_edits", "splice", "spliced_logits"]
