@@ -66,6 +66,8 @@ class WorkerSettings:
     max_temperature: float = LIMITS.max_temperature
     max_seed: int = LIMITS.max_seed
     max_logprobs: int = LIMITS.max_logprobs  # most likely tokens per generated token
+    max_patch_features: int = LIMITS.max_patch_features  # activation patching: heatmap columns
+    patch_features: int = LIMITS.patch_features
     default_logprobs: int = LIMITS.default_logprobs
     secret_env: str = "SAESCOPE_WORKER_SECRET"  # the shared secret the worker requires, when set
     # explanations (POST /explain, /v1/chat/completions)

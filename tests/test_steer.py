@@ -313,3 +313,51 @@ def test_steer_page_method_selector_presets_kl_plot_and_hover(dash):
     assert bad.status_code == 422 and ":unit applies to the steering modes" in bad.json()["error"]["message"]
     bad = dash.get("/api/steer", params={"sae": "tiny", "prompt": PROMPT, "edit": "3:add:nan"})
     assert bad.status_code == 422 and "FEATURE:MODE:VALUE" in bad.json()["error"]["message"]
+
+
+CLEAN, CORRUPTED = "The file is closed because the buffer is full.", "The file is open because the buffer is full."
+
+
+def test_patching_route_equals_the_library_and_refuses_bad_input(worker, parts):
+    from saescope.precompute.interventions.patching import Metric, patch
+
+    lm, sae = parts
+    c, x = _tokens(worker, CLEAN), _tokens(worker, CORRUPTED)
+    assert len(c) == len(x)
+    r = post(worker, "/patch", {"sae_id": "tiny", "clean": CLEAN, "corrupted": CORRUPTED, "metric": "logit_diff",
+                                "target": 5, "other": 7, "n_features": 3})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    ref = patch(lm, sae, c, x, Metric("logit_diff", 5, 7), n_features=3)
+    assert out["features"] == ref.features and out["positions"] == ref.positions
+    for e, want in zip(out["per_position"], ref.per_position):
+        assert math.isclose(e["metric"], want.metric, abs_tol=1e-4)
+        assert math.isclose(e["estimate"], want.estimate, rel_tol=1e-3, abs_tol=1e-5)
+    assert math.isclose(out["all_with_error"], out["source_metric"], abs_tol=1e-3)
+    assert out["clean_tokens"][0] and len(out["cells"]) == len(out["positions"])
+    bad = [({"corrupted": "Something much longer than the clean prompt, surely"}, 422, "aligned positions"),
+           ({"direction": "sideways"}, 422, "corrupted_into_clean"),
+           ({"metric": "prob"}, 422, "logit_diff"),
+           ({"target_text": " closed and open"}, 422, "must be exactly one token"),
+           ({"features": [96]}, 404, "features 0 to 95"),
+           ({"n_features": WORKER.max_patch_features + 1}, 422, f"less than or equal to {WORKER.max_patch_features}"),
+           ({"align": [[0, 99]]}, 422, "corrupted position 99 is out of range")]
+    for extra, status, words in bad:
+        r = post(worker, "/patch", {"sae_id": "tiny", "clean": CLEAN, "corrupted": CORRUPTED, **extra})
+        assert r.status_code == status, (extra, r.text)
+        assert words in r.json()["error"]["message"], (extra, r.json())
+
+
+def test_patching_page_heatmap_and_json_twin(dash):
+    params = {"sae": "tiny", "clean": CLEAN, "corrupted": CORRUPTED, "n_features": 3, "error": "true"}
+    r = dash.get("/patch", params=params)
+    assert r.status_code == 200, r.text
+    assert 'id="patch-heatmap"' in r.text and "whole feature" in r.text and 'id="patch-summary"' in r.text
+    j = dash.get("/api/patch", params=params).json()
+    assert len(j["features"]) == 3
+    for f in j["features"]:
+        assert f'href="/sae/tiny/feature/{f}"' in r.text
+    bad = dash.get("/api/patch", params={**params, "align": "0-0"})
+    assert bad.status_code == 422 and "CLEAN:CORRUPTED" in bad.json()["error"]["message"]
+    page = dash.get("/patch", params={**params, "corrupted": "short"})
+    assert 'id="patch-error"' in page.text and "aligned positions" in page.text

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from ..errors import AppError
 from ..settings import SERVE, WORKER
 from .wire import (AblateOut, AttributeIn, AttributeOut, EditsIn, ExplainIn, ExplainOut, FeatureActsIn, FeatureActsOut,
-                   HealthOut, SteerIn, SteerOut, TokenFeaturesIn, TokenFeaturesOut, TokenizeIn, TokenizeOut,
+                   HealthOut, PatchIn, PatchOut, SteerIn, SteerOut, TokenFeaturesIn, TokenFeaturesOut, TokenizeIn, TokenizeOut,
                    TopFeaturesIn, TopFeaturesOut)
 
 DOWN_HINT = ("the model worker is unavailable ({why}); precomputed pages still work. Live inspection comes back by "
@@ -95,6 +95,9 @@ class WorkerClient:
 
     def attribute(self, body: AttributeIn) -> AttributeOut:
         return self._call("/attribute", body, AttributeOut)
+
+    def patch(self, body: PatchIn) -> PatchOut:
+        return self._call("/patch", body, PatchOut)
 
     def explain(self, body: ExplainIn) -> ExplainOut:
         """One feature explained by the worker's model (waits up to the worker's own explanation time limit)."""

@@ -1,5 +1,5 @@
-"""The worker's interventions: steering, ablation on text and attribution, through precompute.interventions (the one
-SAE splice the tests check against independent hooks). Each runs in a thread under the engine's model lock."""
+"""The worker's interventions: steering, ablation on text, attribution and activation patching, through
+precompute.interventions (the one SAE splice the tests check against independent hooks). Each runs in a thread under the engine's model lock."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import torch
 
 from saescope.precompute import interventions as iv
 
-from ..errors import AppError
+from ..errors import AppError, echo
 from ..settings import WORKER
 from .batcher import Engine
 from .wire import (AblateOut, AttributeIn, AttributeOut, AttributionOut, ContinuationOut, EditsIn, FeatureScaleOut,
-                   ScaleOut, SteerIn, SteerOut, TokenLogprobOut, TopLogprobOut)
+                   PatchEntryOut, PatchIn, PatchOut, ScaleOut, SteerIn, SteerOut, TokenLogprobOut, TopLogprobOut)
 
 
 def _edits(body: EditsIn) -> list[iv.Edit]:
@@ -117,3 +117,65 @@ async def attribute(engine: Engine, body: AttributeIn) -> AttributeOut:
                                  activation_at_position=f.activation_at_position,
                                  ablation_estimate=f.ablation_estimate, ablation_true=f.ablation_true)
                   for f in r.features])
+
+
+async def patch(engine: Engine, body: PatchIn) -> PatchOut:
+    """Activation patching from a counterfactual prompt (precompute.interventions.patching)."""
+    from saescope.precompute.interventions.patching import Metric
+    from saescope.precompute.interventions.patching import patch as run_patch
+
+    sae = engine.sae(body.sae_id)
+    clean = engine.tokenize(body.sae_id, body.clean, body.clean_ids)
+    corrupted = engine.tokenize(body.sae_id, body.corrupted, body.corrupted_ids)
+    vocab = len(engine.vocab)
+    tgt, oth = body.target, body.other
+    for name, text in (("target", body.target_text), ("other", body.other_text)):
+        if text is None:
+            continue
+        ids_ = engine.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids_) != 1:
+            raise AppError(f"the {name} {echo(text)} is {len(ids_)} tokens; it must be exactly one token "
+                           "(a leading space often matters, e.g. ' Paris')", 422)
+        if name == "target":
+            tgt = ids_[0]
+        else:
+            oth = ids_[0]
+    for name, v in (("target", tgt), ("other", oth)):
+        if v is not None and v >= vocab:
+            raise AppError(f"{name} token id {v} is outside the vocabulary (0 to {vocab - 1})", 422)
+    if body.features is not None:
+        _check_feature_ids(engine, body.sae_id, body.features)
+
+    def work():
+        with torch.no_grad():
+            def top(ids):
+                x = torch.as_tensor(ids, dtype=torch.long)[None].to(engine.lm.device)
+                return int(engine.lm.model(input_ids=x, use_cache=False, logits_to_keep=1).logits[0, -1].argmax())
+            target = tgt if tgt is not None else top(clean)
+            other = oth
+            if body.metric == "logit_diff" and other is None:
+                other = top(corrupted)
+        m = Metric(body.metric, target, other if body.metric == "logit_diff" else None)
+        return run_patch(engine.lm, sae, clean.tolist(), corrupted.tolist(), m, direction=body.direction,
+                         align=body.align, features=body.features, positions=body.positions,
+                         n_features=body.n_features, patch_error=body.patch_error)
+
+    r = await _run(engine, work, timeout=engine.timeout)
+    entry = lambda e: PatchEntryOut(**vars(e))  # noqa: E731
+    m = r.metric
+    return PatchOut(
+        clean_tokens=engine.strs(clean), corrupted_tokens=engine.strs(corrupted), direction=r.direction,
+        metric=m.kind, target=m.target, target_token=engine.strs([m.target])[0], other=m.other,
+        other_token=engine.strs([m.other])[0] if m.other is not None else None, clean_metric=r.clean_metric,
+        corrupted_metric=r.corrupted_metric, base_metric=r.base_metric, source_metric=r.source_metric,
+        positions=r.positions, source_positions=r.source_positions, features=r.features,
+        per_position=[entry(e) for e in r.per_position], per_feature=[entry(e) for e in r.per_feature],
+        cells=r.cells, cell_estimates=r.cell_estimates, all_latents=r.all_latents, all_with_error=r.all_with_error,
+        error_estimate=r.error_estimate, seconds=r.seconds)
+
+
+def _check_feature_ids(engine: Engine, sae_id: str, feats: list[int]) -> None:
+    d_sae = engine.sae(sae_id).cfg.d_sae
+    bad = [f for f in feats if not 0 <= f < d_sae]
+    if bad:
+        raise AppError(f"feature {bad[0]} does not exist: {sae_id} has features 0 to {d_sae - 1}", 404)

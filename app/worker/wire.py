@@ -205,6 +205,72 @@ class AttributeOut(BaseModel):
     n_active: int = Field(description="active (position, feature) pairs")
 
 
+# ---------------------------------------------------------------- activation patching
+class PatchIn(BaseModel):
+    sae_id: str = Field(description="the SAE whose latents are patched")
+    clean: str = Field("", max_length=MAX_TEXT_CHARS, description="the clean prompt")
+    corrupted: str = Field("", max_length=MAX_TEXT_CHARS, description="the corrupted (counterfactual) prompt")
+    clean_ids: list[int] | None = Field(None, description="token ids to use verbatim instead of clean")
+    corrupted_ids: list[int] | None = Field(None, description="token ids to use verbatim instead of corrupted")
+    metric: Literal["logprob", "logit_diff"] = Field("logprob", description="log p(target), or logit(target) - "
+                                                     "logit(other), at the base prompt's last token")
+    target: int | None = Field(None, ge=0, description="target token id (default: the clean run's top prediction)")
+    other: int | None = Field(None, ge=0, description="logit_diff's second token id (default: the corrupted run's "
+                              "top prediction)")
+    target_text: str | None = Field(None, max_length=200, description="the target as text (one token, e.g. ' Paris')"
+                                    " instead of its id")
+    other_text: str | None = Field(None, max_length=200, description="the other token as text instead of its id")
+    direction: Literal["corrupted_into_clean", "clean_into_corrupted"] = Field(
+        "corrupted_into_clean", description="which run is patched with the other's latents")
+    align: list[tuple[int, int]] | None = Field(None, max_length=WORKER.max_prompt_tokens,
+                                                description="(clean position, corrupted position) pairs; "
+                                                "needed when the token lengths differ")
+    features: list[int] | None = Field(None, max_length=WORKER.max_patch_features,
+                                       description="latents to patch per position and the heatmap's columns "
+                                       "(default: all latents; columns the largest estimates)")
+    positions: list[int] | None = Field(None, max_length=WORKER.max_prompt_tokens,
+                                        description="base positions to patch (default: every aligned one)")
+    n_features: int = Field(WORKER.patch_features, ge=1, le=WORKER.max_patch_features,
+                            description="heatmap columns when no features are given")
+    patch_error: bool = Field(False, description="per-position rows patch the SAE's error term too")
+
+
+class PatchEntryOut(BaseModel):
+    key: int = Field(description="the position or the feature")
+    metric: float = Field(description="the metric after the real patch")
+    change: float = Field(description="metric - base metric")
+    fraction: float | None = Field(description="change / (source metric - base metric): the share of the "
+                                   "difference the patch moves (None when the two prompts agree)")
+    estimate: float = Field(description="attribution-patching estimate of change: (z_src - z_base) . d metric / dz")
+    estimate_fraction: float | None = Field(description="estimate / (source metric - base metric)")
+
+
+class PatchOut(BaseModel):
+    clean_tokens: list[str] = Field(description="display strings of the clean prompt's tokens")
+    corrupted_tokens: list[str] = Field(description="display strings of the corrupted prompt's tokens")
+    direction: str = Field(description="corrupted_into_clean or clean_into_corrupted")
+    metric: str = Field(description="logprob or logit_diff")
+    target: int = Field(description="target token id")
+    target_token: str = Field(description="its display string")
+    other: int | None = Field(description="logit_diff's second token id")
+    other_token: str | None = Field(description="its display string")
+    clean_metric: float = Field(description="the metric on the clean prompt")
+    corrupted_metric: float = Field(description="the metric on the corrupted prompt")
+    base_metric: float = Field(description="the metric of the patched (base) run before patching")
+    source_metric: float = Field(description="the metric of the run the latents come from")
+    positions: list[int] = Field(description="patched base positions")
+    source_positions: list[int] = Field(description="the source position aligned with each")
+    features: list[int] = Field(description="the heatmap's features")
+    per_position: list[PatchEntryOut] = Field(description="per position: the chosen latents (or all) patched there")
+    per_feature: list[PatchEntryOut] = Field(description="per feature: patched at every position")
+    cells: list[list[float]] = Field(description="(position, feature): real change of the metric")
+    cell_estimates: list[list[float]] = Field(description="(position, feature): the estimate of that change")
+    all_latents: float = Field(description="metric with every latent at every position patched")
+    all_with_error: float = Field(description="... and the error term too (the source metric up to rounding)")
+    error_estimate: list[float] = Field(description="per position: the error term's estimate")
+    seconds: dict[str, float] = Field(description="time spent")
+
+
 # ---------------------------------------------------------------- explanations
 class ExampleIn(BaseModel):
     tokens: list[str] = Field(min_length=1, max_length=WORKER.max_prompt_tokens, description="token strings of a context")

@@ -1,4 +1,4 @@
-"""The worker's intervention routes: steering, ablation on text, attribution (app/worker/interventions.py runs them)."""
+"""The worker's intervention routes: steering, ablation on text, attribution, activation patching (app/worker/interventions.py runs them)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from .. import interventions
 from ..batcher import Engine
-from ..wire import AblateOut, AttributeIn, AttributeOut, EditsIn, SteerIn, SteerOut
+from ..wire import AblateOut, AttributeIn, AttributeOut, EditsIn, PatchIn, PatchOut, SteerIn, SteerOut
 
 
 def make_router(engine: Engine) -> APIRouter:
@@ -23,5 +23,10 @@ def make_router(engine: Engine) -> APIRouter:
     @router.post("/attribute", response_model=AttributeOut, summary="features behind one next-token prediction")
     async def attribute(body: AttributeIn) -> AttributeOut:
         return await interventions.attribute(engine, body)
+
+    @router.post("/patch", response_model=PatchOut, summary="activation patching of SAE latents from a "
+                 "counterfactual prompt, real patches next to the attribution-patching estimate")
+    async def patch(body: PatchIn) -> PatchOut:
+        return await interventions.patch(engine, body)
 
     return router
