@@ -217,9 +217,9 @@ class PatchIn(BaseModel):
     target: int | None = Field(None, ge=0, description="target token id (default: the clean run's top prediction)")
     other: int | None = Field(None, ge=0, description="logit_diff's second token id (default: the corrupted run's "
                               "top prediction)")
-    target_text: str | None = Field(None, max_length=200, description="the target as text (one token, e.g. ' Paris')"
+    target_text: str | None = Field(None, max_length=WORKER.max_token_text_chars, description="the target as text (one token, e.g. ' Paris')"
                                     " instead of its id")
-    other_text: str | None = Field(None, max_length=200, description="the other token as text instead of its id")
+    other_text: str | None = Field(None, max_length=WORKER.max_token_text_chars, description="the other token as text instead of its id")
     direction: Literal["corrupted_into_clean", "clean_into_corrupted"] = Field(
         "corrupted_into_clean", description="which run is patched with the other's latents")
     align: list[tuple[int, int]] | None = Field(None, max_length=WORKER.max_prompt_tokens,
