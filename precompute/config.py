@@ -114,6 +114,8 @@ class Limits:
     max_patch_features: int = 32  # features (heatmap columns) of one activation-patching experiment
     max_patch_rows: int = 1200  # patched forward passes of one experiment (positions x features + positions + ...)
     patch_batch: int = 32  # patched runs per forward batch
+    max_chat_turns: int = 16  # messages in one steered conversation (system, user and assistant turns)
+    max_message_chars: int = 2000  # characters of one message of a steered conversation
     max_logprobs: int = 10  # most likely tokens reported per generated token (Neuronpedia's n_logprobs limit too)
     # ... and what a request gets when it names none
     default_new_tokens: int = 32  # tokens a steered generation produces

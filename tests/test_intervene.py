@@ -632,3 +632,36 @@ def test_suggested_strengths_follow_the_stated_derivation(default_lm, demo_sae):
     cap = suggest("cap", False, 5.0, fs, sc.resid_norm)
     assert cap.gentle >= cap.strong == 0.0 > cap.extreme
     assert cap.extreme == pytest.approx(-5.0 * fs.decoder_norm, rel=1e-6)
+
+
+# ------------------------------------------------------------------ steering a chat
+def test_chat_template_equals_the_tokenizers_own_and_replies_are_generated(default_lm, demo_sae):
+    from saescope.precompute.interventions.chat import chat_prompt, reply_text, steer_chat
+
+    tok = default_lm.tokenizer
+    convo = [{"role": "user", "content": "What is the capital of France?"},
+             {"role": "assistant", "content": "The capital of France is Paris."},
+             {"role": "user", "content": "And of Italy?"}]
+    text, ids = chat_prompt(default_lm, convo)
+    own = tok.apply_chat_template(convo, add_generation_prompt=True, tokenize=True)
+    own = own["input_ids"] if hasattr(own, "keys") else own
+    assert ids == list(own)
+    assert text == tok.apply_chat_template(convo, add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<|im_start|>assistant\n")
+    n = 12
+    ref = default_lm.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n)[0, len(ids):].tolist()
+    _, g = steer_chat(default_lm, demo_sae, convo, [iv.Edit(100, "orthogonal", 1.0)], max_new_tokens=n)
+    assert g.default.ids == ref[:len(g.default.ids)] and g.steered.ids == g.default.ids
+    _, g = steer_chat(default_lm, demo_sae, convo, [iv.Edit(100, "add", 30.0)], max_new_tokens=n,
+                      sampling=iv.Sampling(0.8, 1.0, 3))
+    _, again = steer_chat(default_lm, demo_sae, convo, [iv.Edit(100, "add", 30.0)], max_new_tokens=n,
+                          sampling=iv.Sampling(0.8, 1.0, 3))
+    assert g.steered.ids == again.steered.ids and g.default.ids == again.default.ids  # same seed, same replies
+    assert "<|im_end|>" not in reply_text(default_lm, g.default.ids)
+    for bad, msg in [([], r"non-empty"), ([{"role": "user", "content": "x"}] * (LIMITS.max_chat_turns + 1),
+                                          rf"{LIMITS.max_chat_turns + 1} messages; the limit is {LIMITS.max_chat_turns}"),
+                     (convo[:2], r"the last message is the assistant's"),
+                     ([{"role": "user", "content": "x" * (LIMITS.max_message_chars + 1)}], r"characters; the limit is"),
+                     ([{"role": "robot", "content": "x"}], r"role 'robot'; valid")]:
+        with pytest.raises(ValueError, match=msg):
+            chat_prompt(default_lm, bad)

@@ -1,5 +1,6 @@
 """The worker's interventions: steering, ablation on text, attribution and activation patching, through
-precompute.interventions (the one SAE splice the tests check against independent hooks). Each runs in a thread under the engine's model lock."""
+precompute.interventions (the one SAE splice the tests check against independent hooks). Each runs in a thread under
+the engine's model lock."""
 
 from __future__ import annotations
 

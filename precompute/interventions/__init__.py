@@ -42,16 +42,18 @@ Modules: edits (the edit model and input validation), splice (installing the spl
 on text), attribute (attribution), generate (steered generation).
 """
 
+from . import chat, patching, strength
 from .ablate import AblationResult, ablation_effects
 from .attribute import AttributionResult, FeatureAttribution, LatentGradients, attribute, latent_gradients
-from .edits import (EDIT_MODES, NEURONPEDIA_METHODS, NEUTRAL_VALUE, STEER_MODES, Edit, EditMode, PromptLengthError, check_int, check_prompt_length, context_limit,
-                    model_positions, prompt_ids, validate_edits, validate_ids, vocab_size)
-from . import patching, strength
+from .edits import (EDIT_MODES, NEURONPEDIA_METHODS, NEUTRAL_VALUE, STEER_MODES, Edit, EditMode, PromptLengthError,
+                    check_int, check_prompt_length, context_limit, model_positions, prompt_ids, validate_edits,
+                    validate_ids, vocab_size)
 from .generate import Continuation, Generation, Sampling, check_n_logprobs, check_sampling, generate
 from .splice import EditSplice, LatentSplice, forward_from_latents, hook_of, run_with_edits, splice, spliced_logits
 
 __all__ = ["AblationResult", "ablation_effects", "AttributionResult", "FeatureAttribution", "LatentGradients",
-           "attribute", "latent_gradients", "EDIT_MODES", "NEURONPEDIA_METHODS", "NEUTRAL_VALUE", "STEER_MODES", "Edit", "EditMode", "PromptLengthError", "check_int",
-           "check_prompt_length", "context_limit", "model_positions", "prompt_ids", "validate_edits", "validate_ids",
-           "vocab_size", "Continuation", "Generation", "Sampling", "check_n_logprobs", "check_sampling", "generate", "EditSplice",
-           "LatentSplice", "forward_from_latents", "hook_of", "run_with_edits", "splice", "spliced_logits"]
+           "attribute", "latent_gradients", "EDIT_MODES", "NEURONPEDIA_METHODS", "NEUTRAL_VALUE", "STEER_MODES", "Edit",
+           "EditMode", "PromptLengthError", "check_int", "check_prompt_length", "context_limit", "model_positions",
+           "prompt_ids", "validate_edits", "validate_ids", "vocab_size", "Continuation", "Generation", "Sampling",
+           "check_n_logprobs", "check_sampling", "generate", "EditSplice", "LatentSplice", "forward_from_latents",
+           "hook_of", "run_with_edits", "splice", "spliced_logits", "chat", "patching", "strength"]
