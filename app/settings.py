@@ -68,6 +68,8 @@ class WorkerSettings:
     max_logprobs: int = LIMITS.max_logprobs  # most likely tokens per generated token
     max_patch_features: int = LIMITS.max_patch_features  # activation patching: heatmap columns
     patch_features: int = LIMITS.patch_features
+    max_chat_turns: int = LIMITS.max_chat_turns  # messages of one steered conversation
+    max_message_chars: int = LIMITS.max_message_chars
     max_token_text_chars: int = 80  # a token given as text (patching's target and other)
     default_logprobs: int = LIMITS.default_logprobs
     secret_env: str = "SAESCOPE_WORKER_SECRET"  # the shared secret the worker requires, when set

@@ -361,3 +361,60 @@ def test_patching_page_heatmap_and_json_twin(dash):
     assert bad.status_code == 422 and "CLEAN:CORRUPTED" in bad.json()["error"]["message"]
     page = dash.get("/patch", params={**params, "corrupted": "short"})
     assert 'id="patch-error"' in page.text and "aligned positions" in page.text
+
+
+CONVO = [{"role": "user", "content": "Hello! What is a file descriptor?"},
+         {"role": "assistant", "content": "A number that names an open file."},
+         {"role": "user", "content": "And a buffer?"}]
+
+
+def test_steer_chat_route_equals_the_library_with_the_tokenizers_template(worker, parts):
+    from saescope.precompute import interventions as iv
+
+    lm, sae = parts
+    edits = [{"feature": 3, "mode": "add", "value": 40.0}]
+    r = post(worker, "/steer_chat", {"sae_id": "tiny", "messages": CONVO, "edits": edits, "max_new_tokens": 6,
+                                     "temperature": 0.7, "seed": 4})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    text, g = iv.chat.steer_chat(lm, sae, CONVO, [iv.Edit(3, "add", 40.0)], 6, iv.Sampling(0.7, 1.0, 4))
+    own = lm.tokenizer.apply_chat_template(CONVO, add_generation_prompt=True, tokenize=True)
+    own = own["input_ids"] if hasattr(own, "keys") else own
+    assert g.prompt_ids == list(own) and out["template"] == text
+    assert out["steered"]["ids"] == g.steered.ids and out["default"]["ids"] == g.default.ids
+    assert out["steered_reply"] == iv.chat.reply_text(lm, g.steered.ids)
+    too_many = [{"role": "user", "content": "hi"}] * (WORKER.max_chat_turns + 1)
+    for body, words in [({"messages": too_many}, f"at most {WORKER.max_chat_turns}"),
+                        ({"messages": CONVO[:2]}, "the last message is the assistant's"),
+                        ({"messages": [{"role": "robot", "content": "x"}]}, "'system', 'user' or 'assistant'"),
+                        ({"edits": [{"feature": 3, "mode": "add", "value": 1.0, "normalize": True},
+                                    {"feature": 4, "mode": "sideways"}]}, "'orthogonal' or 'cap'")]:
+        r = post(worker, "/steer_chat", {"sae_id": "tiny", "messages": CONVO, "edits": edits, **body})
+        assert r.status_code == 422, (body, r.text)
+        assert words in r.json()["error"]["message"], (body, r.json())
+
+
+def test_chat_page_side_by_side_replies_and_state_in_the_url(dash):
+    ms = [f"{t['role']}:{t['content']}" for t in CONVO]
+    r = dash.get("/chat", params={"sae": "tiny", "m": ms, "edit": "3:add:40", "n": 5})
+    assert r.status_code == 200, r.text
+    assert 'id="default-reply"' in r.text and 'id="steered-reply"' in r.text and 'id="continue-steered"' in r.text
+    j = dash.get("/api/chat", params={"sae": "tiny", "m": ms, "edit": "3:add:40", "n": 5}).json()
+    assert j["template"].endswith("assistant\n")
+    import html as _html
+    assert _html.escape(j["steered_reply"], quote=True) in r.text
+    # continuing appends the reply as an assistant message; a new user message then gets new replies
+    from urllib.parse import parse_qs, urlparse
+
+    import re as _re
+    link = _html.unescape(_re.search(r'id="continue-steered"', r.text) and
+                          _re.search(r'href="([^"]+)" id="continue-steered"', r.text).group(1))
+    q = parse_qs(urlparse(link).query)
+    assert q["m"][-1] == f"assistant:{j['steered_reply']}" and len(q["m"]) == len(ms) + 1
+    nxt = dash.get("/chat", params={**{k: v for k, v in q.items()}, "say": "Thanks!"})
+    assert nxt.status_code == 200 and 'id="steered-reply"' in nxt.text
+    bad = dash.get("/api/chat", params={"sae": "tiny", "m": ["robot:hi"], "edit": "3:add:1"})
+    assert bad.status_code == 422 and "ROLE:TEXT" in bad.json()["error"]["message"]
+    many = dash.get("/api/chat", params={"sae": "tiny", "m": ["user:hi"] * WORKER.max_chat_turns, "say": "one more",
+                                         "edit": "3:add:1"})
+    assert many.status_code == 422 and f"the limit is {WORKER.max_chat_turns}" in many.json()["error"]["message"]

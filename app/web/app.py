@@ -19,7 +19,7 @@ from saescope.precompute.store import Store, StoreError
 from ..errors import AppError, validation_message
 from ..settings import SERVE, VERSION
 from ..worker.client import WorkerClient
-from . import api, live, maps, pages, patching
+from . import api, chat, live, maps, pages, patching
 from .cache import PageCache, cacheable_paths
 from .lookups import warm_up
 from .templates import STATIC, page
@@ -88,6 +88,7 @@ def create_app(store_path: Path | str, worker_url: str | None = None, cache: boo
     app.include_router(api.router)
     app.include_router(maps.router)
     app.include_router(patching.router)
+    app.include_router(chat.router)
 
     @app.exception_handler(AppError)
     async def app_error(request: Request, err: AppError):

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import AppError
 from ..settings import SERVE, WORKER
-from .wire import (AblateOut, AttributeIn, AttributeOut, EditsIn, ExplainIn, ExplainOut, FeatureActsIn, FeatureActsOut,
+from .wire import (AblateOut, AttributeIn, AttributeOut, ChatSteerIn, ChatSteerOut, EditsIn, ExplainIn, ExplainOut, FeatureActsIn, FeatureActsOut,
                    HealthOut, PatchIn, PatchOut, SteerIn, SteerOut, TokenFeaturesIn, TokenFeaturesOut, TokenizeIn, TokenizeOut,
                    TopFeaturesIn, TopFeaturesOut)
 
@@ -95,6 +95,9 @@ class WorkerClient:
 
     def attribute(self, body: AttributeIn) -> AttributeOut:
         return self._call("/attribute", body, AttributeOut)
+
+    def steer_chat(self, body: ChatSteerIn) -> ChatSteerOut:
+        return self._call("/steer_chat", body, ChatSteerOut)
 
     def patch(self, body: PatchIn) -> PatchOut:
         return self._call("/patch", body, PatchOut)

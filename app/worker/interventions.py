@@ -15,7 +15,7 @@ from saescope.precompute import interventions as iv
 from ..errors import AppError, echo
 from ..settings import WORKER
 from .batcher import Engine
-from .wire import (AblateOut, AttributeIn, AttributeOut, AttributionOut, ContinuationOut, EditsIn, FeatureScaleOut,
+from .wire import (AblateOut, AttributeIn, ChatSteerIn, ChatSteerOut, AttributeOut, AttributionOut, ContinuationOut, EditsIn, FeatureScaleOut,
                    PatchEntryOut, PatchIn, PatchOut, ScaleOut, SteerIn, SteerOut, TokenLogprobOut, TopLogprobOut)
 
 
@@ -80,6 +80,28 @@ async def steer(engine: Engine, body: SteerIn) -> SteerOut:
     return SteerOut(prompt_tokens=engine.strs(ids), watch=g.watch, default=_cont(engine, g.default),
                     steered=_cont(engine, g.steered), stopped=g.stopped, seconds=g.seconds, kl=g.kl,
                     scale=_scale(scale))
+
+
+async def steer_chat(engine: Engine, body: ChatSteerIn) -> ChatSteerOut:
+    """The default and the steered assistant reply to a conversation (the model's chat template applied)."""
+    _check_features(engine, body)
+    sae = engine.sae(body.sae_id)
+    edits = _edits(body)
+    msgs = [m.model_dump() for m in body.messages]
+
+    def work():
+        text, g = iv.chat.steer_chat(engine.lm, sae, msgs, edits, body.max_new_tokens,
+                                     iv.Sampling(body.temperature, body.top_p, body.seed), n_logprobs=body.n_logprobs,
+                                     kl=body.kl, time_limit=WORKER.generation_time_s)
+        return text, g, iv.strength.measure_scale(engine.lm, sae, g.prompt_ids, g.watch)
+
+    text, g, scale = await _run(engine, work, timeout=WORKER.generation_time_s + engine.timeout)
+    assert g.default is not None
+    return ChatSteerOut(prompt_tokens=engine.strs(g.prompt_ids), watch=g.watch, default=_cont(engine, g.default),
+                        steered=_cont(engine, g.steered), stopped=g.stopped, seconds=g.seconds, kl=g.kl,
+                        scale=_scale(scale), template=text,
+                        default_reply=iv.chat.reply_text(engine.lm, g.default.ids),
+                        steered_reply=iv.chat.reply_text(engine.lm, g.steered.ids))
 
 
 async def ablate(engine: Engine, body: EditsIn) -> AblateOut:

@@ -164,6 +164,33 @@ class SteerOut(BaseModel):
     scale: ScaleOut | None = Field(None, description="residual norm and projections the suggested strengths use")
 
 
+class ChatTurnIn(BaseModel):
+    role: Literal["system", "user", "assistant"] = Field(description="who wrote the message")
+    content: str = Field(max_length=WORKER.max_message_chars, description="the message")
+
+
+class ChatSteerIn(BaseModel):
+    sae_id: str = Field(description="which SAE to steer with")
+    messages: list[ChatTurnIn] = Field(min_length=1, max_length=WORKER.max_chat_turns,
+                                       description="the conversation, oldest first, ending with a user message")
+    edits: list[EditIn] = Field(min_length=1, max_length=WORKER.max_edits, description="the interventions")
+    max_new_tokens: int = Field(WORKER.default_new_tokens, ge=1, le=WORKER.max_new_tokens,
+                                description="tokens of each reply")
+    temperature: float = Field(0.0, ge=0.0, le=WORKER.max_temperature, allow_inf_nan=False, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    seed: int = Field(0, ge=0, le=WORKER.max_seed, description="sampling seed of both replies")
+    n_logprobs: int = Field(WORKER.default_logprobs, ge=0, le=WORKER.max_logprobs,
+                            description="most likely tokens reported with each generated token")
+    kl: bool = Field(True, description="report KL(default || steered) per step")
+
+
+class ChatSteerOut(SteerOut):
+    template: str = Field(description="the conversation rendered by the model's chat template (generation prompt "
+                          "included); prompt_tokens are its tokens")
+    default_reply: str = Field(description="the default assistant reply as a message (special tokens dropped)")
+    steered_reply: str = Field(description="the steered assistant reply as a message")
+
+
 class AblateOut(BaseModel):
     tokens: list[str] = Field(description="display strings of the text's tokens")
     delta_logprob: list[float | None] = Field(description="per token t: change of log p(token t+1) when edited "

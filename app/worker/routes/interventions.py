@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from .. import interventions
 from ..batcher import Engine
-from ..wire import AblateOut, AttributeIn, AttributeOut, EditsIn, PatchIn, PatchOut, SteerIn, SteerOut
+from ..wire import AblateOut, AttributeIn, AttributeOut, ChatSteerIn, ChatSteerOut, EditsIn, PatchIn, PatchOut, SteerIn, SteerOut
 
 
 def make_router(engine: Engine) -> APIRouter:
@@ -15,6 +15,11 @@ def make_router(engine: Engine) -> APIRouter:
     @router.post("/steer", response_model=SteerOut, summary="steered and default continuations side by side")
     async def steer(body: SteerIn) -> SteerOut:
         return await interventions.steer(engine, body)
+
+    @router.post("/steer_chat", response_model=ChatSteerOut, summary="default and steered assistant replies to a "
+                 "conversation (the model's chat template applied)")
+    async def steer_chat(body: ChatSteerIn) -> ChatSteerOut:
+        return await interventions.steer_chat(engine, body)
 
     @router.post("/ablate", response_model=AblateOut, summary="per-token effect of editing features on the next token")
     async def ablate(body: EditsIn) -> AblateOut:
