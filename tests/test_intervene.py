@@ -665,3 +665,54 @@ def test_chat_template_equals_the_tokenizers_own_and_replies_are_generated(defau
                      ([{"role": "robot", "content": "x"}], r"role 'robot'; valid")]:
         with pytest.raises(ValueError, match=msg):
             chat_prompt(default_lm, bad)
+
+
+# ------------------------------------------------------------------ batched generation across requests
+def _same(a: iv.Generation, b: iv.Generation) -> None:
+    for x, y in ((a.steered, b.steered), (a.default, b.default)):
+        if x is None:
+            assert y is None
+            continue
+        assert x.ids == y.ids
+        torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), rtol=1e-4, atol=1e-4)
+        assert [[i for i, _ in t] for t in x.top_logprobs] == [[i for i, _ in t] for t in y.top_logprobs]
+        torch.testing.assert_close(torch.tensor(x.feature_acts), torch.tensor(y.feature_acts), rtol=1e-3, atol=1e-3)
+    assert a.stopped == b.stopped and a.watch == b.watch
+    if a.kl is not None:
+        torch.testing.assert_close(torch.tensor(a.kl), torch.tensor(b.kl), rtol=1e-3, atol=1e-4)
+
+
+def test_batched_requests_equal_each_request_run_alone(default_lm, demo_sae):
+    tok = default_lm.tokenizer
+    enc = lambda s: [tok.bos_token_id] + tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    G = iv.GenRequest
+    reqs = [G(enc("Once upon a time"), [iv.Edit(100, "add", 10.0)], 8),
+            G(enc("The weather in the mountains is cold and the wind"), [iv.Edit(300, "orthogonal", 4.0)], 6,
+              iv.Sampling(0.9, 0.95, 11), n_logprobs=3, kl=True),
+            G(enc("I like"), [iv.Edit(200, "cap", 0.0), iv.Edit(100, "add", 6.0, (3, 4, 9))], 10,
+              iv.Sampling(1.0, 1.0, 2), with_default=False),
+            G(enc("Python is a programming language that"), [iv.Edit(400, "clamp", 5.0, (2,))], 5, kl=True,
+              n_logprobs=2, stop_at_eos=False)]
+    together = iv.generate_many(default_lm, demo_sae, reqs)
+    for req, got in zip(reqs, together):
+        alone = iv.generate(default_lm, demo_sae, req.ids, req.edits, req.max_new_tokens, req.sampling,
+                            with_default=req.with_default, stop_at_eos=req.stop_at_eos, n_logprobs=req.n_logprobs,
+                            kl=req.kl)
+        _same(got, alone)
+    with pytest.raises(ValueError, match=r"feature 99999 is out of range"):
+        iv.generate_many(default_lm, demo_sae, [reqs[0], G(enc("x"), [iv.Edit(99999, "add", 1.0)])])
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt2"])
+def test_batched_requests_on_tiny_families(tiny, family):
+    lm = tiny(family)
+    sae = make_sae("topk", "none", "blocks.1.hook_resid_post", dec=3.0)
+    G = iv.GenRequest
+    reqs = [G(prompt_ids(5, seed=1).tolist(), [iv.Edit(3, "add", 20.0)], 12, stop_at_eos=False),
+            G(prompt_ids(11, seed=2).tolist(), [iv.Edit(4, "orthogonal", 3.0, (12, 13))], 9, iv.Sampling(1.0, 0.9, 5),
+              stop_at_eos=False, kl=True),
+            G(prompt_ids(8, seed=3).tolist(), [iv.Edit(5, "cap", 0.0)], 14, stop_at_eos=False, n_logprobs=4)]
+    for req, got in zip(reqs, iv.generate_many(lm, sae, reqs)):
+        alone = iv.generate(lm, sae, req.ids, req.edits, req.max_new_tokens, req.sampling,
+                            stop_at_eos=req.stop_at_eos, n_logprobs=req.n_logprobs, kl=req.kl)
+        _same(got, alone)

@@ -48,12 +48,13 @@ from .attribute import AttributionResult, FeatureAttribution, LatentGradients, a
 from .edits import (EDIT_MODES, NEURONPEDIA_METHODS, NEUTRAL_VALUE, STEER_MODES, Edit, EditMode, PromptLengthError,
                     check_int, check_prompt_length, context_limit, model_positions, prompt_ids, validate_edits,
                     validate_ids, vocab_size)
-from .generate import Continuation, Generation, Sampling, check_n_logprobs, check_sampling, generate
+from .generate import (Continuation, Generation, GenRequest, Sampling, check_n_logprobs, check_sampling, generate,
+                       generate_many)
 from .splice import EditSplice, LatentSplice, forward_from_latents, hook_of, run_with_edits, splice, spliced_logits
 
 __all__ = ["AblationResult", "ablation_effects", "AttributionResult", "FeatureAttribution", "LatentGradients",
            "attribute", "latent_gradients", "EDIT_MODES", "NEURONPEDIA_METHODS", "NEUTRAL_VALUE", "STEER_MODES", "Edit",
            "EditMode", "PromptLengthError", "check_int", "check_prompt_length", "context_limit", "model_positions",
            "prompt_ids", "validate_edits", "validate_ids", "vocab_size", "Continuation", "Generation", "Sampling",
-           "check_n_logprobs", "check_sampling", "generate", "EditSplice", "LatentSplice", "forward_from_latents",
+           "check_n_logprobs", "check_sampling", "generate", "generate_many", "GenRequest", "EditSplice", "LatentSplice", "forward_from_latents",
            "hook_of", "run_with_edits", "splice", "spliced_logits", "chat", "patching", "strength"]

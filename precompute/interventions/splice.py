@@ -34,6 +34,7 @@ class EditSplice:
     def __init__(self, sae: SAE, row_edits: Sequence[Sequence[Edit]], watch: Sequence[int] = ()):
         self.sae, self.row_edits, self.watch = sae, [tuple(r) for r in row_edits], list(watch)
         self.offset = 0  # absolute position of the first token of the next forward call (KV-cache steps)
+        self.pads: list[int] | None = None  # left padding per row (batched prompts of different lengths)
         self.records: list[torch.Tensor] = []  # (B, T_call, n_watch) per forward call, pre-edit latents
         self.record_only = False  # record the latents and leave x as it is (a last step that only needs them)
         self.need_z = bool(self.watch) or any(e.mode in ("ablate", "clamp") for r in self.row_edits for e in r)
@@ -72,9 +73,10 @@ class EditSplice:
             h = xs[b]  # (T, d_in): the activation before the pending additive delta
             delta = torch.zeros_like(xs[b])  # (T, d_in)
             cur: dict[int, torch.Tensor] = {}  # feature -> its latent after the edits so far, (T,)
+            pos_b = pos - self.pads[b] if self.pads else pos  # the row's own positions (pads sit at negative ones)
             for e in edits:
                 mask = torch.ones(T, dtype=torch.bool, device=W.device) if e.positions is None else \
-                    torch.isin(pos, torch.tensor(e.positions, device=W.device))  # (T,)
+                    torch.isin(pos_b, torch.tensor(e.positions, device=W.device))  # (T,)
                 if not mask.any():
                     continue
                 if e.mode == "add":
