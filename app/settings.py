@@ -46,6 +46,7 @@ class WorkerSettings:
     max_prompt_tokens: int = LIMITS.max_prompt_tokens  # admission also caps it by the model's position limit
     max_text_chars: int = 20_000
     max_batch: int = 16
+    max_generation_batch: int = 8  # steering requests decoded together in one KV-cached batch
     batch_wait_ms: float = 5.0
     max_queue: int = 64
     request_timeout_s: float = 30.0

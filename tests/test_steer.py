@@ -418,3 +418,25 @@ def test_chat_page_side_by_side_replies_and_state_in_the_url(dash):
     many = dash.get("/api/chat", params={"sae": "tiny", "m": ["user:hi"] * WORKER.max_chat_turns, "say": "one more",
                                          "edit": "3:add:1"})
     assert many.status_code == 422 and f"the limit is {WORKER.max_chat_turns}" in many.json()["error"]["message"]
+
+
+def test_concurrent_steering_requests_each_equal_the_request_alone(worker):
+    """Requests that arrive together are decoded as one batch (left padding, per-row seeds and stopping): every
+    answer equals the same request sent alone, tokens and log-probs, greedy and sampled."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = ["The file", "A buffer is full when the", "Closed", "The descriptor is closed because the file",
+               "Open the", "Full buffers are flushed to", "The", "Because the buffer is"]
+    bodies = [{"sae_id": "tiny", "text": p, "max_new_tokens": 4 + i, "n_logprobs": 2,
+               "temperature": 0.0 if i % 2 else 1.0, "seed": i,
+               "edits": [{"feature": 3 + i, "mode": ("add", "orthogonal", "cap")[i % 3], "value": 5.0 + i}]}
+              for i, p in enumerate(prompts)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda b: post(worker, "/steer", b).json(), bodies))
+    for body, got in zip(bodies, together):
+        alone = post(worker, "/steer", body).json()
+        for side in ("default", "steered"):
+            assert got[side]["ids"] == alone[side]["ids"], (body, side)
+            for a, b in zip(got[side]["logprobs"], alone[side]["logprobs"]):
+                assert math.isclose(a, b, abs_tol=2e-4)
+        assert [round(v, 3) for v in got["kl"]] == pytest.approx([round(v, 3) for v in alone["kl"]], abs=2e-3)

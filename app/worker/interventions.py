@@ -15,8 +15,10 @@ from saescope.precompute import interventions as iv
 from ..errors import AppError, echo
 from ..settings import WORKER
 from .batcher import Engine
-from .wire import (AblateOut, AttributeIn, ChatSteerIn, ChatSteerOut, AttributeOut, AttributionOut, ContinuationOut, EditsIn, FeatureScaleOut,
-                   PatchEntryOut, PatchIn, PatchOut, ScaleOut, SteerIn, SteerOut, TokenLogprobOut, TopLogprobOut)
+from .genbatch import batcher_of
+from .wire import (AblateOut, AttributeIn, AttributeOut, AttributionOut, ChatSteerIn, ChatSteerOut, ContinuationOut,
+                   EditsIn, FeatureScaleOut, PatchEntryOut, PatchIn, PatchOut, ScaleOut, SteerIn, SteerOut,
+                   TokenLogprobOut, TopLogprobOut)
 
 
 def _edits(body: EditsIn) -> list[iv.Edit]:
@@ -32,6 +34,18 @@ async def _run(engine: Engine, fn, *args, timeout: float):
 
     try:
         return await asyncio.wait_for(asyncio.to_thread(locked), timeout=timeout)
+    except ValueError as err:
+        raise AppError(str(err), 422) from err
+    except asyncio.TimeoutError as err:
+        raise AppError(f"no answer within {timeout:.0f} s (the worker is busy); retry shortly", 504) from err
+
+
+async def _generate(engine: Engine, sae_id: str, req: iv.GenRequest):
+    """A steering request through the generation batcher (decoded together with concurrent ones); bad input -> 422,
+    too slow -> 504."""
+    timeout = WORKER.generation_time_s + engine.timeout
+    try:
+        return await asyncio.wait_for(batcher_of(engine).submit(sae_id, req), timeout=timeout)
     except ValueError as err:
         raise AppError(str(err), 422) from err
     except asyncio.TimeoutError as err:
@@ -65,17 +79,11 @@ def _scale(s: iv.strength.Scale) -> ScaleOut:
 
 async def steer(engine: Engine, body: SteerIn) -> SteerOut:
     _check_features(engine, body)
-    sae = engine.sae(body.sae_id)
     ids = _ids(engine, body)
-    edits = _edits(body)
-
-    def work():
-        g = iv.generate(engine.lm, sae, ids.tolist(), edits, body.max_new_tokens,
+    req = iv.GenRequest(ids.tolist(), _edits(body), body.max_new_tokens,
                         iv.Sampling(body.temperature, body.top_p, body.seed), time_limit=WORKER.generation_time_s,
                         n_logprobs=body.n_logprobs, kl=body.kl)
-        return g, iv.strength.measure_scale(engine.lm, sae, ids.tolist(), g.watch)
-
-    g, scale = await _run(engine, work, timeout=WORKER.generation_time_s + engine.timeout)
+    g, scale = await _generate(engine, body.sae_id, req)
     assert g.default is not None
     return SteerOut(prompt_tokens=engine.strs(ids), watch=g.watch, default=_cont(engine, g.default),
                     steered=_cont(engine, g.steered), stopped=g.stopped, seconds=g.seconds, kl=g.kl,
@@ -85,17 +93,15 @@ async def steer(engine: Engine, body: SteerIn) -> SteerOut:
 async def steer_chat(engine: Engine, body: ChatSteerIn) -> ChatSteerOut:
     """The default and the steered assistant reply to a conversation (the model's chat template applied)."""
     _check_features(engine, body)
-    sae = engine.sae(body.sae_id)
     edits = _edits(body)
     msgs = [m.model_dump() for m in body.messages]
-
-    def work():
-        text, g = iv.chat.steer_chat(engine.lm, sae, msgs, edits, body.max_new_tokens,
-                                     iv.Sampling(body.temperature, body.top_p, body.seed), n_logprobs=body.n_logprobs,
-                                     kl=body.kl, time_limit=WORKER.generation_time_s)
-        return text, g, iv.strength.measure_scale(engine.lm, sae, g.prompt_ids, g.watch)
-
-    text, g, scale = await _run(engine, work, timeout=WORKER.generation_time_s + engine.timeout)
+    try:
+        text, ids = iv.chat.chat_prompt(engine.lm, msgs)
+    except ValueError as err:
+        raise AppError(str(err), 422) from err
+    req = iv.GenRequest(ids, edits, body.max_new_tokens, iv.Sampling(body.temperature, body.top_p, body.seed),
+                        time_limit=WORKER.generation_time_s, n_logprobs=body.n_logprobs, kl=body.kl)
+    g, scale = await _generate(engine, body.sae_id, req)
     assert g.default is not None
     return ChatSteerOut(prompt_tokens=engine.strs(g.prompt_ids), watch=g.watch, default=_cont(engine, g.default),
                         steered=_cont(engine, g.steered), stopped=g.stopped, seconds=g.seconds, kl=g.kl,
