@@ -30,8 +30,7 @@ def logprob_strip_html(c: ContinuationOut, col: int, vmax: float, strip_id: str)
         if lp is not None:
             tip.append(f"log p {lp.logprob:.3f}")
             tip += [f"  {escape(visible(o.token))}  {o.logprob:.3f}" for o in lp.top_logprobs]
-        on = " on" if act > 0 else ""
-        out.append(f'<span class="tok{on}" tabindex="0" style="--a:{alpha(act, vmax)}" '
+        out.append(f'<span class="tok on lp" tabindex="0" style="--a:{alpha(act, vmax)}" '
                    f'data-logprob="{lp.logprob if lp is not None else ""}" data-tip="{"&#10;".join(tip)}">{text}</span>')
     out.append("</span>")
     return Markup("".join(out))
