@@ -16,11 +16,11 @@ def dashboard_doc() -> dict:
     from fastapi import FastAPI
 
     from .settings import VERSION
-    from .web import api, live, maps, pages
+    from .web import api, chat, live, maps, pages, patching
     from .web.app import DESCRIPTION
 
     app = FastAPI(title="saescope", version=VERSION, description=DESCRIPTION)
-    for r in (pages.router, live.router, api.router, maps.router):
+    for r in (pages.router, live.router, api.router, maps.router, patching.router, chat.router):
         app.include_router(r)
     return app.openapi()
 

@@ -47,6 +47,7 @@ class WorkerSettings:
     max_text_chars: int = 20_000
     max_batch: int = 16
     max_generation_batch: int = 8  # steering requests decoded together in one KV-cached batch
+    generation_wait_ms: float = 30.0  # a steering request waits this long for company (~1% of a 32-token request)
     batch_wait_ms: float = 5.0
     max_queue: int = 64
     request_timeout_s: float = 30.0

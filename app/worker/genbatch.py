@@ -1,5 +1,5 @@
 """Concurrent steering requests (/steer, /steer_chat) decoded together: the requests that arrive while a generation
-runs (or within batch_wait_ms of an idle worker's first one) go into ONE KV-cached batch
+runs (or within generation_wait_ms of the first one) go into ONE KV-cached batch
 (precompute.interventions.generate_many: left padding, per-row seeds, sampling and stopping), so throughput grows
 with concurrency while each request gets exactly what it would alone. One batch per SAE; a batch that fails is
 retried one request at a time, so a bad request fails alone.
@@ -28,7 +28,7 @@ class _Job:
 
 class GenerationBatcher:
     def __init__(self, engine, max_requests: int = WORKER.max_generation_batch,
-                 wait_ms: float = WORKER.batch_wait_ms):
+                 wait_ms: float = WORKER.generation_wait_ms):
         self.engine, self.max_requests, self.wait = engine, max_requests, wait_ms / 1000
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
         self.batches = 0
@@ -48,7 +48,7 @@ class GenerationBatcher:
     async def _loop(self) -> None:
         while True:
             jobs = [await self.queue.get()]
-            deadline = time.monotonic() + (self.wait if self.queue.qsize() or self.batches else 0.0)
+            deadline = time.monotonic() + self.wait
             while len(jobs) < self.max_requests:
                 left = deadline - time.monotonic()
                 try:
