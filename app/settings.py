@@ -49,6 +49,8 @@ class WorkerSettings:
     max_prompt_tokens: int = LIMITS.max_prompt_tokens  # admission also caps it by the model's position limit
     max_text_chars: int = 20_000
     max_batch: int = 16
+    max_generation_batch: int = 8  # steering requests decoded together in one KV-cached batch
+    generation_wait_ms: float = 30.0  # a steering request waits this long for company (~1% of a 32-token request)
     batch_wait_ms: float = 5.0
     max_queue: int = 64
     request_timeout_s: float = 30.0
@@ -69,6 +71,13 @@ class WorkerSettings:
     max_verify: int = LIMITS.max_verify
     max_temperature: float = LIMITS.max_temperature
     max_seed: int = LIMITS.max_seed
+    max_logprobs: int = LIMITS.max_logprobs  # most likely tokens per generated token
+    max_patch_features: int = LIMITS.max_patch_features  # activation patching: heatmap columns
+    patch_features: int = LIMITS.patch_features
+    max_chat_turns: int = LIMITS.max_chat_turns  # messages of one steered conversation
+    max_message_chars: int = LIMITS.max_message_chars
+    max_token_text_chars: int = 80  # a token given as text (patching's target and other)
+    default_logprobs: int = LIMITS.default_logprobs
     secret_env: str = "SAESCOPE_WORKER_SECRET"  # the shared secret the worker requires, when set
     # explanations (POST /explain, /v1/chat/completions)
     explain_max_tokens: int = 60  # answer budget of the explainer for the feature page's button

@@ -135,10 +135,18 @@ class Limits:
     max_temperature: float = 10.0
     max_seed: int = 2**31 - 1
     max_chat_tokens: int = 256  # largest max_tokens of the worker's OpenAI-compatible chat route
+    max_patch_features: int = 32  # features (heatmap columns) of one activation-patching experiment
+    max_patch_rows: int = 1200  # patched forward passes of one experiment (positions x features + positions + ...)
+    patch_batch: int = 32  # patched runs per forward batch
+    max_chat_turns: int = 16  # messages in one steered conversation (system, user and assistant turns)
+    max_message_chars: int = 2000  # characters of one message of a steered conversation
+    max_logprobs: int = 10  # most likely tokens reported per generated token (Neuronpedia's n_logprobs limit too)
     # ... and what a request gets when it names none
     default_new_tokens: int = 32  # tokens a steered generation produces
     attribution_top: int = 20  # features listed by attribution
     attribution_verify: int = 10  # of which the true ablation effect is measured
+    patch_features: int = 8  # heatmap columns when none are chosen: the largest attribution-patching estimates
+    default_logprobs: int = 5  # most likely tokens per generated token the steer page shows on hover
 
 
 # ---- evidence (issue 22): `saescope check`, `saescope diff`, `saescope export --format html`

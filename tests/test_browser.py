@@ -396,3 +396,45 @@ def test_the_worker_notice_says_why_once_and_clears_by_itself(server, page, fact
     page.wait_for_selector("#top-features tbody tr td a", timeout=120_000)
     assert page.locator("#worker-status .notice").count() == 0
     assert page.evaluate("window.notReloaded === true")
+def test_chat_page_steers_a_conversation_and_continues_it(server, page, facts):
+    """Type a message, steer, read both replies; continue with the steered one; the URL reproduces the view."""
+    page.goto(f"{server}/chat?sae={facts['sae']}")
+    form = page.locator("#chat-form")
+    form.locator("textarea[name=say]").fill("What is a file?")
+    form.locator("input[name=edit]").fill(f"{facts['index']}:add:40")
+    form.locator("input[name=n]").fill("6")
+    form.locator("button").click()
+    page.wait_for_selector("#steered-reply", timeout=90_000)
+    assert page.inner_text("#chat-turns").strip().startswith("user")
+    default, steered = page.inner_text("#default-reply").strip(), page.inner_text("#steered-reply").strip()
+    assert default and steered
+    # hover over a generated token shows its log-probability
+    page.hover("#steered-reply .tok")
+    assert "log p" in tip(page, "#steered-reply .tok")
+    page.click("#continue-steered")
+    page.wait_for_selector("#chat-turns li.assistant", timeout=60_000)
+    q = parse_qs(urlparse(page.url).query)
+    assert q["m"][0] == "user:What is a file?" and q["m"][-1].startswith("assistant:")
+    again = page.context.new_page()
+    again.goto(page.url)
+    assert again.locator("#chat-turns li").count() == 2
+    again.close()
+
+
+def test_patching_page_draws_the_heatmap_with_real_and_estimated_shares(server, page, facts):
+    page.goto(f"{server}/patch?sae={facts['sae']}")
+    form = page.locator("#patch-form")
+    form.locator("textarea[name=clean]").fill("The file is closed")
+    form.locator("textarea[name=corrupted]").fill("The file is open")
+    form.locator("input[name=n_features]").fill("4")
+    form.locator("button").click()
+    page.wait_for_selector("#patch-heatmap", timeout=90_000)
+    assert page.locator("#patch-heatmap thead th a").count() == 4
+    cell = page.locator("#patch-heatmap td[data-real]").first
+    assert cell.get_attribute("data-estimate") is not None
+    q = parse_qs(urlparse(page.url).query)
+    assert q["clean"] == ["The file is closed"] and q["n_features"] == ["4"]
+    again = page.context.new_page()
+    again.goto(page.url)
+    assert again.locator("#patch-heatmap tbody tr").count() == page.locator("#patch-heatmap tbody tr").count()
+    again.close()

@@ -445,3 +445,274 @@ def test_bad_input_names_the_limit(tiny):
         with pytest.raises(ValueError, match=msg):
             call()
     assert LIMITS.max_abs_value == 1000.0 and LIMITS.max_n_top == 100  # the limits quoted above
+
+
+# ------------------------------------------------------------------ steering methods (Neuronpedia's three)
+def neuronpedia_steer(h: torch.Tensor, v: torch.Tensor, method: str, coeff: float, normalize: bool) -> torch.Tensor:
+    """One feature's steering of h (..., d) written out as Neuronpedia's inference server does it: SIMPLE_ADDITIVE
+    h + coeff * v (v / |v| first with normalize_steering); ORTHOGONAL_DECOMP h (I - P)^T + coeff * h P^T with the
+    matrix P = v v^T / |v|^2; PROJECTION_CAP the projection on the unit vector capped from above at coeff."""
+    v = v.double()
+    if normalize:
+        v = v / v.norm()
+    h64 = h.double()
+    if method == "add":
+        out = h64 + coeff * v
+    elif method == "orthogonal":
+        P = torch.outer(v, v) / (v * v).sum()
+        out = h64 @ (torch.eye(len(v), dtype=torch.float64) - P).T + coeff * (h64 @ P.T)
+    else:
+        u = v / v.norm()
+        proj = h64 @ u
+        out = h64 + (torch.minimum(proj, torch.tensor(coeff, dtype=torch.float64)) - proj)[..., None] * u
+    return out.to(h.dtype)
+
+
+def steered_reference_logits(lm: HookedLM, family: str | None, sae: SAE, ids: torch.Tensor,
+                             steps: list[tuple[int, str, float, bool]]) -> torch.Tensor:
+    """Logits with a forward hook written here (module paths per family; the embedded default is a Llama)."""
+    layer, kind = int(sae.cfg.hook_name.split(".")[1]), sae.cfg.hook_name.split(".")[2]
+    mod = module_for(lm, family or "llama", layer, kind)
+
+    def replace(x):
+        for f, method, c, norm in steps:
+            x = neuronpedia_steer(x, sae.W_dec[f].detach(), method, c, norm)
+        return x
+
+    if kind == "hook_resid_pre":
+        hd = mod.register_forward_pre_hook(lambda _m, args: (replace(args[0]),) + tuple(args[1:]))
+    else:
+        hd = mod.register_forward_hook(
+            lambda _m, _a, out: (replace(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else replace(out))
+    try:
+        return plain_logits(lm, ids)
+    finally:
+        hd.remove()
+
+
+METHOD_CASES = [("add", 4.0, False), ("add", 1.5, True), ("orthogonal", 3.0, False), ("orthogonal", -2.0, True),
+                ("cap", 0.5, False), ("cap", 0.0, True)]  # cap: a quantile of the projections seen (below)
+
+
+@pytest.mark.parametrize("family,kind", [("llama", "hook_resid_post"), ("gpt2", "hook_mlp_out")])
+@pytest.mark.parametrize("method,coeff,normalize", METHOD_CASES)
+def test_each_steering_method_equals_neuronpedias_formula_in_a_hook(tiny, family, kind, method, coeff, normalize):
+    lm = tiny(family)
+    sae = make_sae("topk", "none", f"blocks.1.{kind}", seed=5, dec=3.0)
+    ids = prompt_ids(12, seed=8)
+    f = most_active(sae, lm, ids, 1)[0]
+    if method == "cap":  # a cap some positions' projections exceed
+        u = (sae.W_dec[f] / sae.W_dec[f].norm()).detach()
+        coeff = float((lm.activations(ids[None], sae.cfg.hook_name)[0] @ u).quantile(coeff))
+    got = iv.spliced_logits(lm, sae, ids, [iv.Edit(f, method, coeff, normalize=normalize)])
+    want = steered_reference_logits(lm, family, sae, ids, [(f, method, coeff, normalize)])
+    assert rel(got, want) <= 1e-4
+    assert rel(got, plain_logits(lm, ids)) > 1e-3  # the method did something measurable
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_several_features_each_with_its_own_method_and_strength(tiny, family):
+    lm = tiny(family)
+    sae = make_sae("standard", "none", "blocks.1.hook_resid_post", seed=9, dec=3.0)
+    ids = prompt_ids(12, seed=1)
+    f, g, h = most_active(sae, lm, ids, 3)
+    steps = [(f, "add", 2.0, False), (g, "orthogonal", 4.0, False), (h, "cap", 0.0, False), (f, "add", 0.5, True)]
+    got = iv.spliced_logits(lm, sae, ids, [iv.Edit(a, m, c, normalize=n) for a, m, c, n in steps])
+    assert rel(got, steered_reference_logits(lm, family, sae, ids, steps)) <= 1e-4
+    # positions: steering from position 4 on leaves the first four predictions bit-for-bit
+    at = tuple(range(4, len(ids)))
+    got = iv.spliced_logits(lm, sae, ids, [iv.Edit(g, "orthogonal", 4.0, at), iv.Edit(h, "cap", 0.0, at)])
+    assert torch.equal(got[:4], plain_logits(lm, ids)[:4]) and rel(got, plain_logits(lm, ids)) > 1e-3
+
+
+def test_steering_methods_on_the_embedded_default(default_lm, demo_sae):
+    tok = default_lm.tokenizer
+    ids = torch.tensor([tok.bos_token_id] + tok("The weather today is", add_special_tokens=False)["input_ids"])
+    steps = [(100, "add", 6.0, False), (200, "orthogonal", 3.0, False), (300, "cap", 0.5, False),
+             (400, "add", 8.0, True)]
+    got = iv.spliced_logits(default_lm, demo_sae, ids, [iv.Edit(a, m, c, normalize=n) for a, m, c, n in steps])
+    want = steered_reference_logits(default_lm, None, demo_sae, ids, steps)
+    assert rel(got, want) <= 1e-4 and rel(got, plain_logits(default_lm, ids)) > 1e-3
+
+
+def test_a_neutral_strength_gives_plain_generate_for_every_method(default_lm, demo_sae):
+    """add 0, orthogonal 1 ((I-P)h + Ph = h) and a cap above every projection change nothing (for orthogonal and
+    cap, Neuronpedia's own definitions make coefficient 0 an edit: it removes / caps at 0 the component on v)."""
+    tok = default_lm.tokenizer
+    ids = [tok.bos_token_id] + tok("Once upon a time, in a small village,", add_special_tokens=False)["input_ids"]
+    n = 10
+    ref = default_lm.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n)[0, len(ids):].tolist()
+    full = torch.tensor([ids + ref])
+    x = default_lm.activations(full, demo_sae.cfg.hook_name)[0]
+    u = (demo_sae.W_dec[300] / demo_sae.W_dec[300].norm()).detach()
+    cap = LIMITS.max_abs_value
+    assert float((x @ u).max()) < cap  # so the cap is never reached
+    for mode in iv.STEER_MODES:
+        value = cap if mode == "cap" else iv.NEUTRAL_VALUE[mode]
+        out = iv.generate(default_lm, demo_sae, ids, [iv.Edit(300, mode, value)], max_new_tokens=n)
+        assert out.steered.ids == ref and out.default.ids == ref, mode
+    # coefficient 0 of add (with or without normalize) is plain generate too
+    out = iv.generate(default_lm, demo_sae, ids, [iv.Edit(300, "add", 0.0, normalize=True)], max_new_tokens=n)
+    assert out.steered.ids == ref
+    lm = iv.spliced_logits(default_lm, demo_sae, ids, [iv.Edit(300, "orthogonal", 1.0), iv.Edit(5, "cap", cap)])
+    assert torch.equal(lm, plain_logits(default_lm, torch.tensor(ids)))
+
+
+def test_bad_steering_method_input(tiny):
+    lm = tiny("llama")
+    sae = make_sae("topk", "none", "blocks.1.hook_resid_post")
+    with torch.no_grad():
+        sae.W_dec[7] = 0
+    ids = prompt_ids(6).tolist()
+    with pytest.raises(ValueError, match=r"feature 7 has a zero decoder row"):
+        iv.spliced_logits(lm, sae, ids, [iv.Edit(7, "orthogonal", 2.0)])
+    with pytest.raises(ValueError, match=r"normalize applies to the steering modes \(add, orthogonal, cap\)"):
+        iv.spliced_logits(lm, sae, ids, [iv.Edit(1, "clamp", 2.0, normalize=True)])
+    with pytest.raises(ValueError, match=r"not finite"):
+        iv.spliced_logits(lm, sae, ids, [iv.Edit(1, "cap", float("nan"))])
+
+
+# ------------------------------------------------------------------ log-probabilities and KL per step
+@pytest.mark.parametrize("sampling", [iv.Sampling(), iv.Sampling(temperature=1.0, top_p=0.9, seed=5)])
+def test_top_logprobs_and_kl_equal_the_models_own_log_softmax(default_lm, demo_sae, sampling):
+    tok = default_lm.tokenizer
+    ids = [tok.bos_token_id] + tok("My favourite food is", add_special_tokens=False)["input_ids"]
+    steps = [(100, "add", 12.0, False), (300, "orthogonal", 4.0, False)]
+    edits = [iv.Edit(a, m, c, normalize=n) for a, m, c, n in steps]
+    n, k, T = 8, LIMITS.max_logprobs, len(ids)
+    out = iv.generate(default_lm, demo_sae, ids, edits, max_new_tokens=n, sampling=sampling, n_logprobs=k, kl=True,
+                      stop_at_eos=False)
+    assert out.default.ids != out.steered.ids
+    d_full = torch.tensor(ids + out.default.ids[:-1])
+    s_full = torch.tensor(ids + out.steered.ids[:-1])
+    lp_default = torch.log_softmax(plain_logits(default_lm, d_full)[T - 1:], -1)  # (n, vocab)
+    lp_steered = torch.log_softmax(steered_reference_logits(default_lm, None, demo_sae, s_full, steps)[T - 1:], -1)
+    for cont, ref in ((out.default, lp_default), (out.steered, lp_steered)):
+        chosen = ref.gather(-1, torch.tensor(cont.ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(cont.logprobs), chosen, rtol=1e-4, atol=1e-4)
+        assert len(cont.top_logprobs) == n and all(len(t) == k for t in cont.top_logprobs)
+        for t, top in enumerate(cont.top_logprobs):
+            want = ref[t].topk(k)
+            assert [i for i, _ in top] == want.indices.tolist()
+            torch.testing.assert_close(torch.tensor([v for _, v in top]), want.values, rtol=1e-4, atol=1e-4)
+    # KL(default || steered) of the next-token distribution, both given the steered prefix
+    lp_plain_on_steered = torch.log_softmax(plain_logits(default_lm, s_full)[T - 1:], -1)
+    want_kl = (lp_plain_on_steered.exp() * (lp_plain_on_steered - lp_steered)).sum(-1)
+    assert out.kl is not None and len(out.kl) == n
+    torch.testing.assert_close(torch.tensor(out.kl), want_kl, rtol=2e-3, atol=2e-4)
+    assert max(out.kl) > 0.01
+    # the shadow row changes nothing else: same tokens and log-probs without it
+    bare = iv.generate(default_lm, demo_sae, ids, edits, max_new_tokens=n, sampling=sampling, stop_at_eos=False)
+    assert bare.steered.ids == out.steered.ids and bare.default.ids == out.default.ids and bare.kl is None
+    with pytest.raises(ValueError, match=rf"n_logprobs 11 is out of range; allowed: 0\.\.{LIMITS.max_logprobs}"):
+        iv.generate(default_lm, demo_sae, ids, edits, max_new_tokens=2, n_logprobs=11)
+
+
+def test_suggested_strengths_follow_the_stated_derivation(default_lm, demo_sae):
+    from saescope.precompute.interventions.strength import measure_scale, suggest
+
+    tok = default_lm.tokenizer
+    ids = [tok.bos_token_id] + tok("The weather today is sunny and warm", add_special_tokens=False)["input_ids"]
+    sc = measure_scale(default_lm, demo_sae, ids, [100, 300])
+    h = default_lm.activations(torch.tensor([ids]), demo_sae.cfg.hook_name)[0, 1:]  # first position left out
+    assert sc.resid_norm == pytest.approx(float(h.norm(dim=-1).median()), rel=1e-5)
+    for fs, f in zip(sc.features, (100, 300)):
+        v = demo_sae.W_dec[f].detach()
+        assert fs.decoder_norm == pytest.approx(float(v.norm()), rel=1e-5)
+        assert fs.projection == pytest.approx(float((h @ (v / v.norm())).median()), rel=1e-4, abs=1e-5)
+    fs = sc.features[0]
+    add = suggest("add", False, 5.0, fs, sc.resid_norm)
+    assert add.strong == pytest.approx(0.5 * sc.resid_norm / fs.decoder_norm, rel=1e-6)
+    assert add.extreme == pytest.approx(2 * sc.resid_norm / fs.decoder_norm, rel=1e-6)
+    assert add.gentle <= add.strong < add.extreme and add.lo <= add.gentle and add.extreme <= add.hi
+    unit = suggest("add", True, 5.0, fs, sc.resid_norm)
+    assert unit.strong == pytest.approx(0.5 * sc.resid_norm, rel=1e-6)
+    orth = suggest("orthogonal", False, 5.0, fs, sc.resid_norm)
+    assert 1.0 < orth.gentle < orth.strong < orth.extreme
+    cap = suggest("cap", False, 5.0, fs, sc.resid_norm)
+    assert cap.gentle >= cap.strong == 0.0 > cap.extreme
+    assert cap.extreme == pytest.approx(-5.0 * fs.decoder_norm, rel=1e-6)
+
+
+# ------------------------------------------------------------------ steering a chat
+def test_chat_template_equals_the_tokenizers_own_and_replies_are_generated(default_lm, demo_sae):
+    from saescope.precompute.interventions.chat import chat_prompt, reply_text, steer_chat
+
+    tok = default_lm.tokenizer
+    convo = [{"role": "user", "content": "What is the capital of France?"},
+             {"role": "assistant", "content": "The capital of France is Paris."},
+             {"role": "user", "content": "And of Italy?"}]
+    text, ids = chat_prompt(default_lm, convo)
+    own = tok.apply_chat_template(convo, add_generation_prompt=True, tokenize=True)
+    own = own["input_ids"] if hasattr(own, "keys") else own
+    assert ids == list(own)
+    assert text == tok.apply_chat_template(convo, add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<|im_start|>assistant\n")
+    n = 12
+    ref = default_lm.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n)[0, len(ids):].tolist()
+    _, g = steer_chat(default_lm, demo_sae, convo, [iv.Edit(100, "orthogonal", 1.0)], max_new_tokens=n)
+    assert g.default.ids == ref[:len(g.default.ids)] and g.steered.ids == g.default.ids
+    _, g = steer_chat(default_lm, demo_sae, convo, [iv.Edit(100, "add", 30.0)], max_new_tokens=n,
+                      sampling=iv.Sampling(0.8, 1.0, 3))
+    _, again = steer_chat(default_lm, demo_sae, convo, [iv.Edit(100, "add", 30.0)], max_new_tokens=n,
+                          sampling=iv.Sampling(0.8, 1.0, 3))
+    assert g.steered.ids == again.steered.ids and g.default.ids == again.default.ids  # same seed, same replies
+    assert "<|im_end|>" not in reply_text(default_lm, g.default.ids)
+    for bad, msg in [([], r"non-empty"), ([{"role": "user", "content": "x"}] * (LIMITS.max_chat_turns + 1),
+                                          rf"{LIMITS.max_chat_turns + 1} messages; the limit is {LIMITS.max_chat_turns}"),
+                     (convo[:2], r"the last message is the assistant's"),
+                     ([{"role": "user", "content": "x" * (LIMITS.max_message_chars + 1)}], r"characters; the limit is"),
+                     ([{"role": "robot", "content": "x"}], r"role 'robot'; valid")]:
+        with pytest.raises(ValueError, match=msg):
+            chat_prompt(default_lm, bad)
+
+
+# ------------------------------------------------------------------ batched generation across requests
+def _same(a: iv.Generation, b: iv.Generation) -> None:
+    for x, y in ((a.steered, b.steered), (a.default, b.default)):
+        if x is None:
+            assert y is None
+            continue
+        assert x.ids == y.ids
+        torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), rtol=1e-4, atol=1e-4)
+        assert [[i for i, _ in t] for t in x.top_logprobs] == [[i for i, _ in t] for t in y.top_logprobs]
+        torch.testing.assert_close(torch.tensor(x.feature_acts), torch.tensor(y.feature_acts), rtol=1e-3, atol=1e-3)
+    assert a.stopped == b.stopped and a.watch == b.watch
+    if a.kl is not None:
+        torch.testing.assert_close(torch.tensor(a.kl), torch.tensor(b.kl), rtol=1e-3, atol=1e-4)
+
+
+def test_batched_requests_equal_each_request_run_alone(default_lm, demo_sae):
+    tok = default_lm.tokenizer
+    enc = lambda s: [tok.bos_token_id] + tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    G = iv.GenRequest
+    reqs = [G(enc("Once upon a time"), [iv.Edit(100, "add", 10.0)], 8),
+            G(enc("The weather in the mountains is cold and the wind"), [iv.Edit(300, "orthogonal", 4.0)], 6,
+              iv.Sampling(0.9, 0.95, 11), n_logprobs=3, kl=True),
+            G(enc("I like"), [iv.Edit(200, "cap", 0.0), iv.Edit(100, "add", 6.0, (3, 4, 9))], 10,
+              iv.Sampling(1.0, 1.0, 2), with_default=False),
+            G(enc("Python is a programming language that"), [iv.Edit(400, "clamp", 5.0, (2,))], 5, kl=True,
+              n_logprobs=2, stop_at_eos=False)]
+    together = iv.generate_many(default_lm, demo_sae, reqs)
+    for req, got in zip(reqs, together):
+        alone = iv.generate(default_lm, demo_sae, req.ids, req.edits, req.max_new_tokens, req.sampling,
+                            with_default=req.with_default, stop_at_eos=req.stop_at_eos, n_logprobs=req.n_logprobs,
+                            kl=req.kl)
+        _same(got, alone)
+    with pytest.raises(ValueError, match=r"feature 99999 is out of range"):
+        iv.generate_many(default_lm, demo_sae, [reqs[0], G(enc("x"), [iv.Edit(99999, "add", 1.0)])])
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt2"])
+def test_batched_requests_on_tiny_families(tiny, family):
+    lm = tiny(family)
+    sae = make_sae("topk", "none", "blocks.1.hook_resid_post", dec=3.0)
+    G = iv.GenRequest
+    reqs = [G(prompt_ids(5, seed=1).tolist(), [iv.Edit(3, "add", 20.0)], 12, stop_at_eos=False),
+            G(prompt_ids(11, seed=2).tolist(), [iv.Edit(4, "orthogonal", 3.0, (12, 13))], 9, iv.Sampling(1.0, 0.9, 5),
+              stop_at_eos=False, kl=True),
+            G(prompt_ids(8, seed=3).tolist(), [iv.Edit(5, "cap", 0.0)], 14, stop_at_eos=False, n_logprobs=4)]
+    for req, got in zip(reqs, iv.generate_many(lm, sae, reqs)):
+        alone = iv.generate(lm, sae, req.ids, req.edits, req.max_new_tokens, req.sampling,
+                            stop_at_eos=req.stop_at_eos, n_logprobs=req.n_logprobs, kl=req.kl)
+        _same(got, alone)

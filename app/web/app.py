@@ -22,7 +22,7 @@ from saescope.precompute.errors import UnknownSAE, UserError
 from ..errors import AppError, echo, validation_message
 from ..settings import SERVE, VERSION
 from ..worker.client import WorkerClient
-from . import api, contrast_pages, graph, live, live_api, maps, pages
+from . import api, chat, contrast_pages, graph, live, live_api, maps, pages, patching
 from . import diff as diff_pages
 from .cache import PageCache, PageCacheMiddleware, cacheable_paths
 from .lookups import warm_up, way_back
@@ -62,7 +62,8 @@ SWAGGER_JS, SWAGGER_CSS, SWAGGER_ICON = ("swagger-ui-bundle-5.35.0.js", "swagger
 DESCRIPTION = "Features of sparse autoencoders: precomputed dashboards and live inspection."
 
 
-ROUTERS = (pages.router, live.router, live_api.router, api.router, maps.router, graph.router, contrast_pages.router)
+ROUTERS = (pages.router, live.router, live_api.router, api.router, maps.router, graph.router, contrast_pages.router,
+           patching.router, chat.router)
 
 
 def create_app(store_path: Path | str, worker_url: str | None = None, cache: bool = False, prewarm: bool = False,

@@ -15,11 +15,12 @@ from ..settings import WORKER
 from ..worker.wire import EditIn
 from .lookups import check_index
 
-MODES = ("ablate", "clamp", "add")
+MODES = ("ablate", "clamp", "add", "orthogonal", "cap")
+STEERING = ("add", "orthogonal", "cap")  # the modes :unit applies to (normalize the decoder direction)
 NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
-EDIT_RE = re.compile(rf"([0-9]{{1,9}})(?::({'|'.join(MODES)}))?(?::({NUMBER}))?")
-FORMAT = (f"FEATURE:MODE:VALUE with MODE one of {', '.join(MODES)} and VALUE a number "
-          f"(e.g. 123:add:8, 45:clamp:0.5 or 7:ablate)")
+EDIT_RE = re.compile(rf"([0-9]{{1,9}})(?::({'|'.join(MODES)}))?(?::({NUMBER}))?(:unit)?")
+FORMAT = (f"FEATURE:MODE:VALUE[:unit] with MODE one of {', '.join(MODES)} and VALUE a number "
+          f"(e.g. 123:add:8, 45:clamp:0.5, 9:cap:0 or 7:ablate; :unit after a steering edit normalizes the direction)")
 
 
 def parse_edit(spec: str, sae: SAEInfo) -> EditIn:
@@ -35,7 +36,9 @@ def parse_edit(spec: str, sae: SAEInfo) -> EditIn:
     if not math.isfinite(value) or abs(value) > WORKER.max_abs_value:
         raise AppError(f"edit {echo(spec)}: VALUE must be a number from -{WORKER.max_abs_value:g} to "
                        f"{WORKER.max_abs_value:g}", 422)
-    return EditIn(feature=feature, mode=mode, value=value)
+    if m.group(4) and mode not in STEERING:
+        raise AppError(f"edit {echo(spec)}: :unit applies to the steering modes {', '.join(STEERING)}", 422)
+    return EditIn(feature=feature, mode=mode, value=value, normalize=bool(m.group(4)))
 
 
 def parse_edits(specs: list[str], sae: SAEInfo) -> list[EditIn]:

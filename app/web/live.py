@@ -117,7 +117,7 @@ def live_explain(request: Request, sae: str = Form(...), feature: int = Form(...
 @router.get("/steer", response_class=HTMLResponse)
 def steer_page(request: Request, g: Annotated[GenerationParams, Depends()], sae: str | None = None,
                prompt: Prompt = "", edit: Edits = [],  # noqa: B006  (FastAPI copies query defaults)
-               feature: int | None = Query(None, ge=0), mode: Literal["add", "clamp", "ablate"] = "add",
+               feature: int | None = Query(None, ge=0), mode: Literal["add", "orthogonal", "cap", "clamp", "ablate"] = "add",
                value: float = Query(0.0, ge=-W.max_abs_value, le=W.max_abs_value)):
     """Default and steered continuations side by side; the URL holds the whole state, so a link reproduces it.
     Edits come as edit=FEATURE:MODE:VALUE (repeatable), or as feature/mode/value from a feature page's form."""

@@ -155,6 +155,9 @@ def steer_state(request: Request, sae: SAEInfo, prompt: str, edit: list[str], g:
         for toks in (ctx["steered_toks"], ctx["default_toks"]):  # mark where the two continuations part
             if ctx["diverge"] is not None and ctx["diverge"] < len(toks):
                 toks[ctx["diverge"]].extra = "diverge"
+        from . import steering  # log-prob strips, the KL plot, suggested strengths and presets
+
+        ctx.update(steering.steer_extras(request, store, sae.sae_id, parse_edits(edit, sae), out))
     return ctx
 
 

@@ -13,8 +13,8 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import AppError
 from ..settings import SERVE, WORKER
-from .wire import (AblateOut, AttributeIn, AttributeOut, EditsIn, ExplainIn, ExplainOut, FeatureActsIn, FeatureActsOut,
-                   HealthOut, SteerIn, SteerOut, TokenFeaturesIn, TokenFeaturesOut, TokenizeIn, TokenizeOut,
+from .wire import (AblateOut, AttributeIn, AttributeOut, ChatSteerIn, ChatSteerOut, EditsIn, ExplainIn, ExplainOut, FeatureActsIn, FeatureActsOut,
+                   HealthOut, PatchIn, PatchOut, SteerIn, SteerOut, TokenFeaturesIn, TokenFeaturesOut, TokenizeIn, TokenizeOut,
                    TopFeaturesIn, TopFeaturesOut)
 
 DOWN_HINT = ("the model worker is unavailable ({why}); precomputed pages still work. Live inspection comes back by "
@@ -103,6 +103,12 @@ class WorkerClient:
         from ..settings import GRAPH
         from .wire import GraphOut
         return self._call("/graph", body, GraphOut, timeout_s=CIRCUIT.max_seconds + GRAPH.client_grace_s)
+
+    def steer_chat(self, body: ChatSteerIn) -> ChatSteerOut:
+        return self._call("/steer_chat", body, ChatSteerOut)
+
+    def patch(self, body: PatchIn) -> PatchOut:
+        return self._call("/patch", body, PatchOut)
 
     def explain(self, body: ExplainIn) -> ExplainOut:
         """One feature explained by the worker's model (waits up to the worker's own explanation time limit)."""

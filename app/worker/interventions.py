@@ -1,5 +1,6 @@
-"""The worker's interventions: steering, ablation on text and attribution, through precompute.interventions (the one
-SAE splice the tests check against independent hooks). Each runs in a thread under the engine's model lock."""
+"""The worker's interventions: steering, ablation on text, attribution and activation patching, through
+precompute.interventions (the one SAE splice the tests check against independent hooks). Each runs in a thread under
+the engine's model lock."""
 
 from __future__ import annotations
 
@@ -11,15 +12,18 @@ import torch
 
 from saescope.precompute import interventions as iv
 
-from ..errors import AppError
+from ..errors import AppError, echo
 from ..settings import WORKER
 from .batcher import Engine
-from .wire import (AblateOut, AttributeIn, AttributeOut, AttributionOut, ContinuationOut, EditsIn, SteerIn, SteerOut)
+from .genbatch import batcher_of
+from .wire import (AblateOut, AttributeIn, AttributeOut, AttributionOut, ChatSteerIn, ChatSteerOut, ContinuationOut,
+                   EditsIn, FeatureScaleOut, PatchEntryOut, PatchIn, PatchOut, ScaleOut, SteerIn, SteerOut,
+                   TokenLogprobOut, TopLogprobOut)
 
 
 def _edits(body: EditsIn) -> list[iv.Edit]:
-    return [iv.Edit(e.feature, e.mode, e.value, tuple(e.positions) if e.positions is not None else None)
-            for e in body.edits]
+    return [iv.Edit(e.feature, e.mode, e.value, tuple(e.positions) if e.positions is not None else None,
+                    e.normalize) for e in body.edits]
 
 
 async def _run(engine: Engine, fn, *args, timeout: float):
@@ -30,6 +34,18 @@ async def _run(engine: Engine, fn, *args, timeout: float):
 
     try:
         return await asyncio.wait_for(asyncio.to_thread(locked), timeout=timeout)
+    except ValueError as err:
+        raise AppError(str(err), 422) from err
+    except asyncio.TimeoutError as err:
+        raise AppError(f"no answer within {timeout:.0f} s (the worker is busy); retry shortly", 504) from err
+
+
+async def _generate(engine: Engine, sae_id: str, req: iv.GenRequest):
+    """A steering request through the generation batcher (decoded together with concurrent ones); bad input -> 422,
+    too slow -> 504."""
+    timeout = WORKER.generation_time_s + engine.timeout
+    try:
+        return await asyncio.wait_for(batcher_of(engine).submit(sae_id, req), timeout=timeout)
     except ValueError as err:
         raise AppError(str(err), 422) from err
     except asyncio.TimeoutError as err:
@@ -49,21 +65,49 @@ def _check_features(engine: Engine, body: EditsIn) -> None:
 
 
 def _cont(engine: Engine, c: iv.Continuation) -> ContinuationOut:
-    return ContinuationOut(ids=c.ids, tokens=engine.strs(c.ids), text=c.text or "", logprobs=c.logprobs,
-                           feature_acts=c.feature_acts)
+    strs = engine.strs(c.ids)
+    tops = [[TopLogprobOut(token=engine.strs([i])[0], id=i, logprob=v) for i, v in top] for top in c.top_logprobs]
+    return ContinuationOut(ids=c.ids, tokens=strs, text=c.text or "", logprobs=c.logprobs,
+                           feature_acts=c.feature_acts,
+                           token_logprobs=[TokenLogprobOut(token=t, id=i, logprob=lp, top_logprobs=top)
+                                           for t, i, lp, top in zip(strs, c.ids, c.logprobs, tops)])
+
+
+def _scale(s: iv.strength.Scale) -> ScaleOut:
+    return ScaleOut(resid_norm=s.resid_norm, features=[FeatureScaleOut(**vars(f)) for f in s.features])
 
 
 async def steer(engine: Engine, body: SteerIn) -> SteerOut:
     _check_features(engine, body)
-    sae = engine.sae(body.sae_id)
     ids = _ids(engine, body)
-    g = await _run(engine, lambda: iv.generate(
-        engine.lm, sae, ids.tolist(), _edits(body), body.max_new_tokens,
-        iv.Sampling(body.temperature, body.top_p, body.seed), time_limit=WORKER.generation_time_s),
-        timeout=WORKER.generation_time_s + engine.timeout)
+    req = iv.GenRequest(ids.tolist(), _edits(body), body.max_new_tokens,
+                        iv.Sampling(body.temperature, body.top_p, body.seed), time_limit=WORKER.generation_time_s,
+                        n_logprobs=body.n_logprobs, kl=body.kl)
+    g, scale = await _generate(engine, body.sae_id, req)
     assert g.default is not None
     return SteerOut(prompt_tokens=engine.strs(ids), watch=g.watch, default=_cont(engine, g.default),
-                    steered=_cont(engine, g.steered), stopped=g.stopped, seconds=g.seconds)
+                    steered=_cont(engine, g.steered), stopped=g.stopped, seconds=g.seconds, kl=g.kl,
+                    scale=_scale(scale))
+
+
+async def steer_chat(engine: Engine, body: ChatSteerIn) -> ChatSteerOut:
+    """The default and the steered assistant reply to a conversation (the model's chat template applied)."""
+    _check_features(engine, body)
+    edits = _edits(body)
+    msgs = [m.model_dump() for m in body.messages]
+    try:
+        text, ids = iv.chat.chat_prompt(engine.lm, msgs)
+    except ValueError as err:
+        raise AppError(str(err), 422) from err
+    req = iv.GenRequest(ids, edits, body.max_new_tokens, iv.Sampling(body.temperature, body.top_p, body.seed),
+                        time_limit=WORKER.generation_time_s, n_logprobs=body.n_logprobs, kl=body.kl)
+    g, scale = await _generate(engine, body.sae_id, req)
+    assert g.default is not None
+    return ChatSteerOut(prompt_tokens=engine.strs(g.prompt_ids), watch=g.watch, default=_cont(engine, g.default),
+                        steered=_cont(engine, g.steered), stopped=g.stopped, seconds=g.seconds, kl=g.kl,
+                        scale=_scale(scale), template=text,
+                        default_reply=iv.chat.reply_text(engine.lm, g.default.ids),
+                        steered_reply=iv.chat.reply_text(engine.lm, g.steered.ids))
 
 
 async def ablate(engine: Engine, body: EditsIn) -> AblateOut:
@@ -102,3 +146,65 @@ async def attribute(engine: Engine, body: AttributeIn) -> AttributeOut:
                                  activation_at_position=f.activation_at_position,
                                  ablation_estimate=f.ablation_estimate, ablation_true=f.ablation_true)
                   for f in r.features])
+
+
+async def patch(engine: Engine, body: PatchIn) -> PatchOut:
+    """Activation patching from a counterfactual prompt (precompute.interventions.patching)."""
+    from saescope.precompute.interventions.patching import Metric
+    from saescope.precompute.interventions.patching import patch as run_patch
+
+    sae = engine.sae(body.sae_id)
+    clean = engine.tokenize(body.sae_id, body.clean, body.clean_ids)
+    corrupted = engine.tokenize(body.sae_id, body.corrupted, body.corrupted_ids)
+    vocab = len(engine.vocab)
+    tgt, oth = body.target, body.other
+    for name, text in (("target", body.target_text), ("other", body.other_text)):
+        if text is None:
+            continue
+        ids_ = engine.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids_) != 1:
+            raise AppError(f"the {name} {echo(text)} is {len(ids_)} tokens; it must be exactly one token "
+                           "(a leading space often matters, e.g. ' Paris')", 422)
+        if name == "target":
+            tgt = ids_[0]
+        else:
+            oth = ids_[0]
+    for name, v in (("target", tgt), ("other", oth)):
+        if v is not None and v >= vocab:
+            raise AppError(f"{name} token id {v} is outside the vocabulary (0 to {vocab - 1})", 422)
+    if body.features is not None:
+        _check_feature_ids(engine, body.sae_id, body.features)
+
+    def work():
+        with torch.no_grad():
+            def top(ids):
+                x = torch.as_tensor(ids, dtype=torch.long)[None].to(engine.lm.device)
+                return int(engine.lm.model(input_ids=x, use_cache=False, logits_to_keep=1).logits[0, -1].argmax())
+            target = tgt if tgt is not None else top(clean)
+            other = oth
+            if body.metric == "logit_diff" and other is None:
+                other = top(corrupted)
+        m = Metric(body.metric, target, other if body.metric == "logit_diff" else None)
+        return run_patch(engine.lm, sae, clean.tolist(), corrupted.tolist(), m, direction=body.direction,
+                         align=body.align, features=body.features, positions=body.positions,
+                         n_features=body.n_features, patch_error=body.patch_error)
+
+    r = await _run(engine, work, timeout=engine.timeout)
+    entry = lambda e: PatchEntryOut(**vars(e))  # noqa: E731
+    m = r.metric
+    return PatchOut(
+        clean_tokens=engine.strs(clean), corrupted_tokens=engine.strs(corrupted), direction=r.direction,
+        metric=m.kind, target=m.target, target_token=engine.strs([m.target])[0], other=m.other,
+        other_token=engine.strs([m.other])[0] if m.other is not None else None, clean_metric=r.clean_metric,
+        corrupted_metric=r.corrupted_metric, base_metric=r.base_metric, source_metric=r.source_metric,
+        positions=r.positions, source_positions=r.source_positions, features=r.features,
+        per_position=[entry(e) for e in r.per_position], per_feature=[entry(e) for e in r.per_feature],
+        cells=r.cells, cell_estimates=r.cell_estimates, all_latents=r.all_latents, all_with_error=r.all_with_error,
+        error_estimate=r.error_estimate, seconds=r.seconds)
+
+
+def _check_feature_ids(engine: Engine, sae_id: str, feats: list[int]) -> None:
+    d_sae = engine.sae(sae_id).cfg.d_sae
+    bad = [f for f in feats if not 0 <= f < d_sae]
+    if bad:
+        raise AppError(f"feature {bad[0]} does not exist: {sae_id} has features 0 to {d_sae - 1}", 404)

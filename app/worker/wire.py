@@ -92,12 +92,17 @@ class ErrorOut(BaseModel):
 # ---------------------------------------------------------------- interventions
 class EditIn(BaseModel):
     feature: int = Field(ge=0, description="feature index")
-    mode: Literal["ablate", "clamp", "add"] = Field("add", description="ablate: set to 0; clamp: set to value; "
-                                                    "add: add value x the decoder direction (steering)")
+    mode: Literal["ablate", "clamp", "add", "orthogonal", "cap"] = Field(
+        "add", description="ablate: set to 0; clamp: set to value; the steering methods of Neuronpedia's inference "
+        "server, with v the decoder direction: add (SIMPLE_ADDITIVE) h += value v; orthogonal (ORTHOGONAL_DECOMP) "
+        "h := (I - P) h + value P h, P = v v^T / |v|^2; cap (PROJECTION_CAP) the projection of h on v / |v| capped "
+        "at value")
     value: float = Field(0.0, ge=-WORKER.max_abs_value, le=WORKER.max_abs_value, allow_inf_nan=False,
-                         description="clamp value or steering coefficient, in the feature's activation units")
+                         description="clamp value or steering strength (add: in the feature's activation units)")
     positions: list[int] | None = Field(None, max_length=WORKER.max_prompt_tokens,
                                         description="token positions to edit (0 = first token); all when absent")
+    normalize: bool = Field(False, description="steer along v / |v| (Neuronpedia's normalize_steering; changes "
+                            "only add, since orthogonal and cap use the direction alone)")
 
 
 class EditsIn(TextIn):
@@ -110,6 +115,20 @@ class SteerIn(EditsIn):
     temperature: float = Field(0.0, ge=0.0, le=WORKER.max_temperature, allow_inf_nan=False, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     seed: int = Field(0, ge=0, le=WORKER.max_seed, description="sampling seed (same seed, same tokens)")
+    n_logprobs: int = Field(WORKER.default_logprobs, ge=0, le=WORKER.max_logprobs,
+                            description="most likely tokens reported with each generated token")
+    kl: bool = Field(True, description="report KL(default || steered) of the next-token distribution per step "
+                     "(the default model is fed the steered tokens as one more batch row)")
+
+
+class TopLogprobOut(BaseModel):
+    token: str = Field(description="display string")
+    id: int = Field(description="token id")
+    logprob: float = Field(description="log-prob (natural log, before temperature)")
+
+
+class TokenLogprobOut(TopLogprobOut):
+    top_logprobs: list[TopLogprobOut] = Field(description="that step's most likely tokens, most likely first")
 
 
 class ContinuationOut(BaseModel):
@@ -119,6 +138,18 @@ class ContinuationOut(BaseModel):
     logprobs: list[float] = Field(description="log-prob of each new token where it was chosen")
     feature_acts: list[list[float]] = Field(description="per new token, the activation of each steered feature "
                                             "(read before the edit)")
+    token_logprobs: list[TokenLogprobOut] = Field([], description="per new token: {token, logprob, top_logprobs}")
+
+
+class FeatureScaleOut(BaseModel):
+    feature: int = Field(description="feature index")
+    decoder_norm: float = Field(description="|W_dec[f]|")
+    projection: float = Field(description="median over the prompt of h . W_dec[f] / |W_dec[f]| at the hook")
+
+
+class ScaleOut(BaseModel):
+    resid_norm: float = Field(description="median |h| at the hook over the prompt (the first position left out)")
+    features: list[FeatureScaleOut] = Field(description="per steered feature, what the suggested strengths use")
 
 
 class SteerOut(BaseModel):
@@ -128,6 +159,36 @@ class SteerOut(BaseModel):
     steered: ContinuationOut = Field(description="the continuation with the edits applied")
     stopped: Literal["length", "eos", "time"] = Field(description="why generation stopped")
     seconds: float = Field(description="time spent generating")
+    kl: list[float] | None = Field(None, description="per steered token: KL(default || steered) of the next-token "
+                                   "distribution given the steered prefix, nats")
+    scale: ScaleOut | None = Field(None, description="residual norm and projections the suggested strengths use")
+
+
+class ChatTurnIn(BaseModel):
+    role: Literal["system", "user", "assistant"] = Field(description="who wrote the message")
+    content: str = Field(max_length=WORKER.max_message_chars, description="the message")
+
+
+class ChatSteerIn(BaseModel):
+    sae_id: str = Field(description="which SAE to steer with")
+    messages: list[ChatTurnIn] = Field(min_length=1, max_length=WORKER.max_chat_turns,
+                                       description="the conversation, oldest first, ending with a user message")
+    edits: list[EditIn] = Field(min_length=1, max_length=WORKER.max_edits, description="the interventions")
+    max_new_tokens: int = Field(WORKER.default_new_tokens, ge=1, le=WORKER.max_new_tokens,
+                                description="tokens of each reply")
+    temperature: float = Field(0.0, ge=0.0, le=WORKER.max_temperature, allow_inf_nan=False, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    seed: int = Field(0, ge=0, le=WORKER.max_seed, description="sampling seed of both replies")
+    n_logprobs: int = Field(WORKER.default_logprobs, ge=0, le=WORKER.max_logprobs,
+                            description="most likely tokens reported with each generated token")
+    kl: bool = Field(True, description="report KL(default || steered) per step")
+
+
+class ChatSteerOut(SteerOut):
+    template: str = Field(description="the conversation rendered by the model's chat template (generation prompt "
+                          "included); prompt_tokens are its tokens")
+    default_reply: str = Field(description="the default assistant reply as a message (special tokens dropped)")
+    steered_reply: str = Field(description="the steered assistant reply as a message")
 
 
 class AblateOut(BaseModel):
@@ -169,6 +230,72 @@ class AttributeOut(BaseModel):
     features: list[AttributionOut] = Field(description="features by |attribution|")
     error_attribution: float = Field(description="attribution of the SAE's error term (what the SAE misses)")
     n_active: int = Field(description="active (position, feature) pairs")
+
+
+# ---------------------------------------------------------------- activation patching
+class PatchIn(BaseModel):
+    sae_id: str = Field(description="the SAE whose latents are patched")
+    clean: str = Field("", max_length=MAX_TEXT_CHARS, description="the clean prompt")
+    corrupted: str = Field("", max_length=MAX_TEXT_CHARS, description="the corrupted (counterfactual) prompt")
+    clean_ids: list[int] | None = Field(None, description="token ids to use verbatim instead of clean")
+    corrupted_ids: list[int] | None = Field(None, description="token ids to use verbatim instead of corrupted")
+    metric: Literal["logprob", "logit_diff"] = Field("logprob", description="log p(target), or logit(target) - "
+                                                     "logit(other), at the base prompt's last token")
+    target: int | None = Field(None, ge=0, description="target token id (default: the clean run's top prediction)")
+    other: int | None = Field(None, ge=0, description="logit_diff's second token id (default: the corrupted run's "
+                              "top prediction)")
+    target_text: str | None = Field(None, max_length=WORKER.max_token_text_chars, description="the target as text (one token, e.g. ' Paris')"
+                                    " instead of its id")
+    other_text: str | None = Field(None, max_length=WORKER.max_token_text_chars, description="the other token as text instead of its id")
+    direction: Literal["corrupted_into_clean", "clean_into_corrupted"] = Field(
+        "corrupted_into_clean", description="which run is patched with the other's latents")
+    align: list[tuple[int, int]] | None = Field(None, max_length=WORKER.max_prompt_tokens,
+                                                description="(clean position, corrupted position) pairs; "
+                                                "needed when the token lengths differ")
+    features: list[int] | None = Field(None, max_length=WORKER.max_patch_features,
+                                       description="latents to patch per position and the heatmap's columns "
+                                       "(default: all latents; columns the largest estimates)")
+    positions: list[int] | None = Field(None, max_length=WORKER.max_prompt_tokens,
+                                        description="base positions to patch (default: every aligned one)")
+    n_features: int = Field(WORKER.patch_features, ge=1, le=WORKER.max_patch_features,
+                            description="heatmap columns when no features are given")
+    patch_error: bool = Field(False, description="per-position rows patch the SAE's error term too")
+
+
+class PatchEntryOut(BaseModel):
+    key: int = Field(description="the position or the feature")
+    metric: float = Field(description="the metric after the real patch")
+    change: float = Field(description="metric - base metric")
+    fraction: float | None = Field(description="change / (source metric - base metric): the share of the "
+                                   "difference the patch moves (None when the two prompts agree)")
+    estimate: float = Field(description="attribution-patching estimate of change: (z_src - z_base) . d metric / dz")
+    estimate_fraction: float | None = Field(description="estimate / (source metric - base metric)")
+
+
+class PatchOut(BaseModel):
+    clean_tokens: list[str] = Field(description="display strings of the clean prompt's tokens")
+    corrupted_tokens: list[str] = Field(description="display strings of the corrupted prompt's tokens")
+    direction: str = Field(description="corrupted_into_clean or clean_into_corrupted")
+    metric: str = Field(description="logprob or logit_diff")
+    target: int = Field(description="target token id")
+    target_token: str = Field(description="its display string")
+    other: int | None = Field(description="logit_diff's second token id")
+    other_token: str | None = Field(description="its display string")
+    clean_metric: float = Field(description="the metric on the clean prompt")
+    corrupted_metric: float = Field(description="the metric on the corrupted prompt")
+    base_metric: float = Field(description="the metric of the patched (base) run before patching")
+    source_metric: float = Field(description="the metric of the run the latents come from")
+    positions: list[int] = Field(description="patched base positions")
+    source_positions: list[int] = Field(description="the source position aligned with each")
+    features: list[int] = Field(description="the heatmap's features")
+    per_position: list[PatchEntryOut] = Field(description="per position: the chosen latents (or all) patched there")
+    per_feature: list[PatchEntryOut] = Field(description="per feature: patched at every position")
+    cells: list[list[float]] = Field(description="(position, feature): real change of the metric")
+    cell_estimates: list[list[float]] = Field(description="(position, feature): the estimate of that change")
+    all_latents: float = Field(description="metric with every latent at every position patched")
+    all_with_error: float = Field(description="... and the error term too (the source metric up to rounding)")
+    error_estimate: list[float] = Field(description="per position: the error term's estimate")
+    seconds: dict[str, float] = Field(description="time spent")
 
 
 # ---------------------------------------------------------------- explanations

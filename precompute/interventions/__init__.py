@@ -29,6 +29,10 @@ Edits (`Edit`), applied in the order given, at all positions (positions=None) or
     add     x   += value * W_dec[f]        (raw space, like Neuronpedia's SIMPLE_ADDITIVE steering, which adds
                                             strength * decoder row to the hooked activation at every position;
                                             for an SAE without input normalisation this is exactly z_f += value)
+    orthogonal  x := (I - P) x + value * P x, P = v v^T / |v|^2   (Neuronpedia's ORTHOGONAL_DECOMP)
+    cap     x   += (min(x.u, value) - x.u) u, u = v / |v|          (Neuronpedia's PROJECTION_CAP)
+with v = W_dec[f] (or v / |v| with normalize, Neuronpedia's normalize_steering). Strength that changes nothing:
+add 0, orthogonal 1, cap above every projection (edits.NEUTRAL_VALUE). strength.py suggests strengths per SAE.
 
 The hook is installed through HookedLM's public hook API (`lm.hooks`, `lm.run_with_hooks`, precompute.models) on the
 same modules HookedLM reads, and fires only in the thread that installed it, so a worker serving other requests from
@@ -38,15 +42,19 @@ Modules: edits (the edit model and input validation), splice (installing the spl
 on text), attribute (attribution), generate (steered generation).
 """
 
+from . import chat, patching, strength
 from .ablate import AblationResult, ablation_effects
 from .attribute import AttributionResult, FeatureAttribution, LatentGradients, attribute, latent_gradients
-from .edits import (EDIT_MODES, Edit, EditMode, PromptLengthError, check_int, check_prompt_length, context_limit,
-                    model_positions, prompt_ids, validate_edits, validate_ids, vocab_size)
-from .generate import Continuation, Generation, Sampling, check_sampling, generate
+from .edits import (EDIT_MODES, NEURONPEDIA_METHODS, NEUTRAL_VALUE, STEER_MODES, Edit, EditMode, PromptLengthError,
+                    check_int, check_prompt_length, context_limit, model_positions, prompt_ids, validate_edits,
+                    validate_ids, vocab_size)
+from .generate import (Continuation, Generation, GenRequest, Sampling, check_n_logprobs, check_sampling, generate,
+                       generate_many)
 from .splice import EditSplice, LatentSplice, forward_from_latents, hook_of, run_with_edits, splice, spliced_logits
 
 __all__ = ["AblationResult", "ablation_effects", "AttributionResult", "FeatureAttribution", "LatentGradients",
-           "attribute", "latent_gradients", "EDIT_MODES", "Edit", "EditMode", "PromptLengthError", "check_int",
-           "check_prompt_length", "context_limit", "model_positions", "prompt_ids", "validate_edits", "validate_ids",
-           "vocab_size", "Continuation", "Generation", "Sampling", "check_sampling", "generate", "EditSplice",
-           "LatentSplice", "forward_from_latents", "hook_of", "run_with_edits", "splice", "spliced_logits"]
+           "attribute", "latent_gradients", "EDIT_MODES", "NEURONPEDIA_METHODS", "NEUTRAL_VALUE", "STEER_MODES", "Edit",
+           "EditMode", "PromptLengthError", "check_int", "check_prompt_length", "context_limit", "model_positions",
+           "prompt_ids", "validate_edits", "validate_ids", "vocab_size", "Continuation", "Generation", "Sampling",
+           "check_n_logprobs", "check_sampling", "generate", "generate_many", "GenRequest", "EditSplice", "LatentSplice", "forward_from_latents",
+           "hook_of", "run_with_edits", "splice", "spliced_logits", "chat", "patching", "strength"]

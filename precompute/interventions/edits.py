@@ -14,22 +14,34 @@ from ..config import LIMITS
 from ..errors import UserError
 from ..models import HookedLM
 
-EDIT_MODES = ("ablate", "clamp", "add")
-EditMode = Literal["ablate", "clamp", "add"]
+EDIT_MODES = ("ablate", "clamp", "add", "orthogonal", "cap")
+EditMode = Literal["ablate", "clamp", "add", "orthogonal", "cap"]
+STEER_MODES = ("add", "orthogonal", "cap")  # the three steering methods of Neuronpedia's inference server
+# Neuronpedia's names (its schemas/steer.py NPSteerMethod) -> ours
+NEURONPEDIA_METHODS = {"SIMPLE_ADDITIVE": "add", "ORTHOGONAL_DECOMP": "orthogonal", "PROJECTION_CAP": "cap"}
+# the strength at which each mode leaves the activation exactly as it is (add 0, orthogonal 1, cap +inf: a cap no
+# projection reaches); ablate and clamp always change it
+NEUTRAL_VALUE = {"add": 0.0, "orthogonal": 1.0, "cap": math.inf}
 
 
 @dataclass(frozen=True)
 class Edit:
     """One intervention on one SAE feature. positions: absolute token positions (0 = first prompt token); None = all.
 
-    ablate  z_f := 0                       (latent space; un-normalised by the SAE, see splice.py)
-    clamp   z_f := value                   (latent space)
-    add     x   += value * W_dec[f]        (raw space: steering)"""
+    ablate      z_f := 0                          (latent space; un-normalised by the SAE, see splice.py)
+    clamp       z_f := value                      (latent space)
+    add         h += value * v                    (raw space; Neuronpedia's SIMPLE_ADDITIVE)
+    orthogonal  h := (I - P) h + value * P h      (raw space; ORTHOGONAL_DECOMP, P = v v^T / |v|^2)
+    cap         h += (min(h.u, value) - h.u) u    (raw space; PROJECTION_CAP: the projection on u = v/|v| is
+                                                   capped at value)
+    with v = W_dec[f], or v / |v| when normalize (Neuronpedia's normalize_steering; it changes only `add`, since P
+    and u depend on the direction alone)."""
 
     feature: int
     mode: EditMode = "ablate"
     value: float = 0.0
     positions: tuple[int, ...] | None = None
+    normalize: bool = False
 
 
 class PromptLengthError(UserError):
@@ -115,7 +127,10 @@ def validate_edits(edits: Sequence[Edit], d_sae: int, seq_len: int, *, allow_emp
             if len(e.positions) == 0:
                 raise UserError(f"edit {i}: positions is empty; give positions, or none at all for every position")
             pos = tuple(sorted({check_int(f"edit {i}: position", p, 0, seq_len - 1) for p in e.positions}))
-        out.append(Edit(f, e.mode, 0.0 if e.mode == "ablate" else v, pos))
+        if e.normalize and e.mode not in STEER_MODES:
+            raise UserError(f"edit {i}: normalize applies to the steering modes ({', '.join(STEER_MODES)}); "
+                            f"not to {e.mode}")
+        out.append(Edit(f, e.mode, 0.0 if e.mode == "ablate" else v, pos, bool(e.normalize)))
     return tuple(out)
 
 

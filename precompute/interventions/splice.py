@@ -12,7 +12,7 @@ import torch
 from ..errors import UserError
 from ..models import HookedLM
 from ..saes import SAE, check_d_in
-from .edits import Edit, prompt_ids, validate_edits
+from .edits import STEER_MODES, Edit, prompt_ids, validate_edits
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +27,27 @@ def hook_of(lm: HookedLM, sae: SAE, hook: str | None) -> str:
 
 
 class EditSplice:
-    """The hook body: x -> x + scale * (z_edit - z) @ W_dec (+ raw additions), row by row; records watched latents."""
+    """The hook body, row by row, edits in the order given: latent edits and additions accumulate as
+    x + scale * (z_edit - z) @ W_dec + sum value * v; an orthogonal or cap edit acts on the activation as edited so
+    far (as Neuronpedia applies its features one after the other). Records the watched (pre-edit) latents."""
 
     def __init__(self, sae: SAE, row_edits: Sequence[Sequence[Edit]], watch: Sequence[int] = ()):
         self.sae, self.row_edits, self.watch = sae, [tuple(r) for r in row_edits], list(watch)
         self.offset = 0  # absolute position of the first token of the next forward call (KV-cache steps)
+        self.pads: list[int] | None = None  # left padding per row (batched prompts of different lengths)
         self.records: list[torch.Tensor] = []  # (B, T_call, n_watch) per forward call, pre-edit latents
         self.record_only = False  # record the latents and leave x as it is (a last step that only needs them)
-        self.need_z = bool(self.watch) or any(e.mode != "add" for r in self.row_edits for e in r)
+        self.need_z = bool(self.watch) or any(e.mode in ("ablate", "clamp") for r in self.row_edits for e in r)
+        W = sae.W_dec
+        steer = sorted({e.feature for r in self.row_edits for e in r if e.mode in STEER_MODES})
+        norms = W[steer].norm(dim=-1) if steer else torch.zeros(0)
+        for f, n in zip(steer, norms.tolist()):
+            if not n > 0:
+                raise UserError(f"feature {f} has a zero decoder row: it gives no direction to steer along")
+        self.unit = {f: W[f] / n for f, n in zip(steer, norms)}  # u = v / |v|
+
+    def direction(self, e: Edit) -> torch.Tensor:
+        return self.unit[e.feature] if e.normalize else self.sae.W_dec[e.feature]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:  # (B, T, d_in) -> (B, T, d_in)
         sae = self.sae
@@ -57,21 +70,31 @@ class EditSplice:
             edits = self.row_edits[b if len(self.row_edits) == B else 0]
             if not edits:
                 continue
+            h = xs[b]  # (T, d_in): the activation before the pending additive delta
             delta = torch.zeros_like(xs[b])  # (T, d_in)
             cur: dict[int, torch.Tensor] = {}  # feature -> its latent after the edits so far, (T,)
+            pos_b = pos - self.pads[b] if self.pads else pos  # the row's own positions (pads sit at negative ones)
             for e in edits:
                 mask = torch.ones(T, dtype=torch.bool, device=W.device) if e.positions is None else \
-                    torch.isin(pos, torch.tensor(e.positions, device=W.device))  # (T,)
+                    torch.isin(pos_b, torch.tensor(e.positions, device=W.device))  # (T,)
                 if not mask.any():
                     continue
                 if e.mode == "add":
-                    delta += (mask.to(W.dtype) * e.value)[:, None] * W[e.feature]
+                    delta += (mask.to(W.dtype) * e.value)[:, None] * self.direction(e)
+                    continue
+                if e.mode in ("orthogonal", "cap"):
+                    h, delta = h + delta, torch.zeros_like(delta)
+                    u = self.unit[e.feature]
+                    p = h @ u  # (T,): the projection on u
+                    # orthogonal: (I - P) h + c P h = h + (c - 1)(h.u) u;  cap: h + (min(h.u, c) - h.u) u
+                    step = (e.value - 1.0) * p if e.mode == "orthogonal" else p.clamp(max=e.value) - p
+                    h = h + (step * mask.to(W.dtype))[:, None] * u
                     continue
                 old = cur.get(e.feature, z[b, :, e.feature])  # (T,)
                 new = torch.where(mask, torch.full_like(old, e.value), old)
                 delta += ((new - old) * scale[b, :, 0])[:, None] * W[e.feature]
                 cur[e.feature] = new
-            out[b] = (xs[b] + delta).to(device=x.device, dtype=x.dtype)
+            out[b] = (h + delta).to(device=x.device, dtype=x.dtype)
         return out
 
 
