@@ -112,10 +112,12 @@ def range_kernel(f, c, p, v, starts, T, top_k, n_int, per_int, n_q, per_q, bins)
         # interval bins: the per_int rows of lowest priority per bin
         icnt[:] = 0
         itot[:] = 0
+        pr = np.empty(m, np.int64)  # each row's priority, computed once for both kinds of sample
         for i in range(s, e):
+            pr[i - s] = _prio(c[i], p[i], f[i], T)
             b = min(np.int64(np.floor(np.float64(v[i]) / np.float64(hi_v) * n_int)), n_int - 1)
             itot[b] += 1
-            icnt[b] = _keep_lowest(ipr[b], iidx[b], icnt[b], per_int, _prio(c[i], p[i], f[i], T), i)
+            icnt[b] = _keep_lowest(ipr[b], iidx[b], icnt[b], per_int, pr[i - s], i)
         for b in range(n_int):
             if itot[b]:
                 g_feat[ng] = k
@@ -136,7 +138,7 @@ def range_kernel(f, c, p, v, starts, T, top_k, n_int, per_int, n_q, per_q, bins)
             cnt = 0
             for r in range(b0, b1):
                 i = s + order[r]
-                cnt = _keep_lowest(qpr[b], qidx[b], cnt, per_q, _prio(c[i], p[i], f[i], T), i)
+                cnt = _keep_lowest(qpr[b], qidx[b], cnt, per_q, pr[order[r]], i)
             g_feat[ng] = k
             g_kind[ng] = 1
             g_bin[ng] = b

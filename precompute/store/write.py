@@ -373,20 +373,41 @@ def _build_range_kernel(act_files: list[str], ctx_files: list[str], lo: int, hi:
 def read_active(act_files: list[str], context_len: int, memory_limit: str = PRECOMPUTE.memory_limit,
                 temp_dir: Path | None = None):
     """A reader for co-occurrence: read(t0, t1) -> (token index ctx*T+pos int64, feature int32) of every
-    activation on tokens t0 <= index < t1, from the sealed Parquet files of one SAE."""
+    activation on tokens t0 <= index < t1, from the sealed Parquet files of one SAE. Each call reads only the row
+    groups whose ctx range (Parquet statistics) meets the tokens asked for: a sealing chunk holds the contexts of a
+    stretch of the stream, so the chunks of one run read every row about once. (memory_limit, temp_dir: unused,
+    kept for callers.)"""
+    import pyarrow.parquet as pq
+
     T = int(context_len)
+    files: list[tuple[str, Any, np.ndarray, np.ndarray]] = []  # (path, metadata, min ctx, max ctx per row group)
+    for path in act_files:
+        md = pq.read_metadata(path)
+        ci = md.schema.to_arrow_schema().get_field_index("ctx")
+        lo, hi = [], []
+        for g in range(md.num_row_groups):
+            st = md.row_group(g).column(ci).statistics
+            ok = st is not None and st.has_min_max
+            lo.append(st.min if ok else -2**31)
+            hi.append(st.max if ok else 2**31 - 1)
+        files.append((path, md, np.array(lo, np.int64), np.array(hi, np.int64)))
 
     def read(t0: int, t1: int) -> tuple[np.ndarray, np.ndarray]:
-        con = duckdb.connect()
-        configure(con, memory_limit, temp_dir)
-        try:
-            got = con.execute(f"""SELECT ctx::BIGINT * {T} + pos AS tok, feature FROM read_parquet({_sql_list(act_files)})
-                                  WHERE ctx BETWEEN {int(t0) // T} AND {(int(t1) - 1) // T}
-                                  AND ctx::BIGINT * {T} + pos >= {int(t0)} AND ctx::BIGINT * {T} + pos < {int(t1)}
-                                  """).fetchnumpy() if act_files else {"tok": [], "feature": []}
-        finally:
-            con.close()
-        return np.asarray(got["tok"], dtype=np.int64), np.asarray(got["feature"], dtype=np.int32)
+        c0, c1 = int(t0) // T, (int(t1) - 1) // T
+        toks, feats = [], []
+        for path, md, lo, hi in files:
+            want = np.flatnonzero((hi >= c0) & (lo <= c1))
+            if not len(want):
+                continue
+            with pq.ParquetFile(path, metadata=md) as pf:  # opened per call: no descriptor per file held
+                t = pf.read_row_groups(want.tolist(), columns=["ctx", "pos", "feature"])
+            tok = t.column("ctx").to_numpy().astype(np.int64) * T + t.column("pos").to_numpy()
+            keep = (tok >= t0) & (tok < t1)
+            toks.append(tok[keep])
+            feats.append(t.column("feature").to_numpy()[keep])
+        if not toks:
+            return np.zeros(0, np.int64), np.zeros(0, np.int32)
+        return np.concatenate(toks), np.concatenate(feats).astype(np.int32, copy=False)
 
     return read
 
