@@ -283,6 +283,11 @@ def _context_tokens(ctx_files: list[str]) -> tuple[np.ndarray, np.ndarray, np.nd
     return _CTX_CACHE[key]
 
 
+def clear_context_cache() -> None:
+    """Drop the context tokens build_range's kernels keep between ranges (4 bytes per streamed token)."""
+    _CTX_CACHE.clear()
+
+
 def _list_array(values: np.ndarray, starts: np.ndarray, ends: np.ndarray, typ: pa.DataType) -> pa.Array:
     """A list column whose row i is values[starts[i]:ends[i]]."""
     from .kernels import gather_segments
