@@ -38,9 +38,9 @@ class _Stop(Exception):
 
 
 def _folder_tables(folder: Path) -> dict:
-    import pyarrow.parquet as pq
+    from saescope.precompute.store.write import RANGE_TABLES, read_range_table
 
-    return {p.name: pq.read_table(p).to_pylist() for p in sorted(folder.iterdir())}
+    return {n: read_range_table(folder, n).to_pylist() for n in RANGE_TABLES}
 
 
 def run(n_tokens: int, work: Path, model: Path, sae_dir: Path, compare_sql: bool) -> dict:
@@ -69,6 +69,7 @@ def run(n_tokens: int, work: Path, model: Path, sae_dir: Path, compare_sql: bool
 
     load0 = os.getloadavg()[0]
     bare_before = bare()
+    print(f"  [{n_tokens:,}] bare {bare_before:.0f} tok/s", flush=True)
     out = work / f"t{n_tokens}.duckdb"
     for p in (out, out.with_name(out.name + ".work")):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -103,6 +104,9 @@ def run(n_tokens: int, work: Path, model: Path, sae_dir: Path, compare_sql: bool
             build_range(j.files, wd.context_files(), j.lo, j.hi, f, sample_spec(spec), spec.memory_limit,
                         wd.root / "spill", engine=engine)
         res[f"build_{engine}"] = time.perf_counter() - t1
+        print(f"  [{n_tokens:,}] stream {t_stopped:.1f} s (with model load); build_range {engine}: "
+              f"{res[f'build_{engine}']:.1f} s for {n_acts:,} activations = "
+              f"{n_acts / res[f'build_{engine}'] / 1e6:.2f} M/s, load {os.getloadavg()[0]:.1f}", flush=True)
         folders[engine] = scratch / engine
     if compare_sql:
         same = all(_folder_tables(folders["sql"] / j.folder.name) == _folder_tables(folders["kernel"] / j.folder.name)
