@@ -2,7 +2,7 @@
 
 load (loading.py) -> plan and open OUT.work/ (workdir.py) -> stream every shard (stream.py, through the executor)
 -> build every feature range's tables (tables.py, through the executor) -> publish the store (publish.py).
-After the stream, exact SQL over the sealed activations yields top examples, interval and quantile samples and
+After the stream, compiled kernels over the sealed activations yield top examples, interval and quantile samples and
 histograms; logit effects and neighbours come from the weights in chunks; the store is published atomically.
 """
 

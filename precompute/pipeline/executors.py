@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from ..errors import SetupError
 from ..models import HookedLM
-from ..store.write import SampleSpec, build_range
+from ..store.write import SampleSpec, build_range, clear_context_cache
 from .loading import LoadedSAE, load_model_for, load_saes
 from .spec import PrecomputeSpec, SAESpec
 from .stream import stream_shard
@@ -66,6 +66,7 @@ class LocalExecutor:
             spec.event("range", index=n, todo=len(jobs))  # before the range: a stop here keeps the finished ones
             build_range(job.files, ctx_files, job.lo, job.hi, job.folder, sample, spec.memory_limit,
                         work.root / "spill")
+        clear_context_cache()
 
 
 def _ray():

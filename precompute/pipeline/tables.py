@@ -1,5 +1,6 @@
 """Table orchestration: the feature ranges of every SAE (from the sealed per-feature counts), which of them a killed
-run had not finished, and their tables built by the executor (write.build_range: exact SQL, one range at a time)."""
+run had not finished, and their tables built by the executor (write.build_range: compiled kernels, one range at a
+time)."""
 
 from __future__ import annotations
 

@@ -128,17 +128,29 @@ class SampleSpec:
     hist_bins: int
 
 
+ENGINES = ("kernel", "sql")
+
+
 def build_range(act_files: list[str], ctx_files: list[str], lo: int, hi: int, out: Path, spec: SampleSpec,
-                memory_limit: str = PRECOMPUTE.memory_limit, temp_dir: Path | None = None) -> Path:
+                memory_limit: str = PRECOMPUTE.memory_limit, temp_dir: Path | None = None,
+                engine: str = "kernel") -> Path:
     """Every activation-derived table of features lo..hi (inclusive), from sealed Parquet, into Parquet files in
-    `out` (examples, groups, stats, hist, top): exact SQL, in a fresh in-memory DuckDB whose memory goes back to
-    the system when it closes. `out` appears complete or not at all (a folder renamed into place), so a killed
-    run rebuilds only the ranges it had not finished. Pure function of its inputs: the same rows give the same
-    files wherever it runs (a Ray task on another node, or the precompute process)."""
+    `out` (examples, groups, stats, hist, top). engine "kernel" (the default): the range's rows read into arrays,
+    sorted by (feature, ctx, pos) and turned into the tables by compiled kernels (store/kernels.py); "sql": the
+    reference, exact SQL in a fresh in-memory DuckDB whose memory goes back to the system when it closes. Both give
+    the same files (tests/test_kernels.py). `out` appears complete or not at all (a folder renamed into place), so
+    a killed run rebuilds only the ranges it had not finished. Pure function of its inputs: the same rows give the
+    same files wherever it runs (a Ray task on another node, or the precompute process)."""
+    if engine not in ENGINES:
+        raise UserError(f"table engine {engine!r}: use one of {', '.join(ENGINES)}")
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    if engine == "kernel" and _build_range_kernel(act_files, ctx_files, lo, hi, tmp, spec):
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        return out
     s = spec
     prio = PRIORITY_SQL.format(T=s.context_len)
     con = duckdb.connect()
@@ -207,23 +219,201 @@ def build_range(act_files: list[str], ctx_files: list[str], lo: int, hi: int, ou
     return out
 
 
+RANGE_TABLES = ("examples", "groups", "stats", "hist", "top")
+
+
+def read_range_table(folder: Path, name: str) -> pa.Table:
+    """One table of a built range's folder: NAME.arrow (kernel engine) or NAME.parquet (SQL engine)."""
+    import pyarrow.parquet as pq
+
+    ipc = Path(folder) / f"{name}.arrow"
+    if ipc.exists():
+        with pa.memory_map(str(ipc)) as src:
+            return pa.ipc.open_file(src).read_all()
+    return pq.read_table(Path(folder) / f"{name}.parquet")
+
+
+def _read_rows(act_files: list[str], lo: int, hi: int) -> dict[str, np.ndarray]:
+    """The rows of features lo..hi from sealed Parquet, sorted by (feature, ctx, pos)."""
+    import pyarrow.parquet as pq
+
+    cols = ("feature", "ctx", "pos", "value")
+    parts = []
+    for path in act_files:  # whole bucket files (a range is whole buckets but at its ends), filtered here
+        t = pq.ParquetFile(path).read(columns=list(cols))
+        x = {k: t.column(k).to_numpy() for k in cols}
+        keep = (x["feature"] >= lo) & (x["feature"] <= hi)
+        parts.append(x if keep.all() else {k: a[keep] for k, a in x.items()})
+    if not parts:
+        return {k: np.zeros(0, d) for k, d in zip(cols, (np.int32, np.int32, np.int16, np.float32))}
+    rows = {k: np.concatenate([x[k] for x in parts]) for k in cols}
+    # one int64 key; the files are concatenations of sorted runs, which the stable sort (timsort) merges
+    n_tok = (int(rows["ctx"].max()) + 1) * (int(rows["pos"].max()) + 1) if len(rows["ctx"]) else 1
+    span = int(rows["pos"].max()) + 1 if len(rows["pos"]) else 1
+    key = (rows["feature"].astype(np.int64) - lo) * n_tok + rows["ctx"].astype(np.int64) * span + rows["pos"]
+    order = np.argsort(key, kind="stable")
+    return {k: np.ascontiguousarray(v[order]) for k, v in rows.items()}
+
+
+_CTX_CACHE: dict = {}
+
+
+def _context_tokens(ctx_files: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ctx ids ascending, list offsets, flat token ids) of the sealed contexts; the last set read is kept (the
+    ranges of one run read the same files)."""
+    import pyarrow.parquet as pq
+
+    key = tuple((p, os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in ctx_files)
+    if key not in _CTX_CACHE:
+        ids, offs, vals, base = [], [np.zeros(1, np.int64)], [], 0
+        for p in ctx_files:
+            t = pq.read_table(p, columns=["ctx", "tokens"])
+            lst = t.column("tokens").combine_chunks()
+            ids.append(t.column("ctx").to_numpy())
+            o = lst.offsets.to_numpy().astype(np.int64)
+            offs.append(o[1:] - o[0] + base)
+            vals.append(lst.values.to_numpy()[o[0]:o[-1]])
+            base += int(o[-1] - o[0])
+        ctx = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+        off = np.concatenate(offs)
+        val = np.concatenate(vals) if vals else np.zeros(0, np.int32)
+        order = np.argsort(ctx, kind="stable")
+        starts, ends = off[:-1][order], off[1:][order]
+        _CTX_CACHE.clear()
+        _CTX_CACHE[key] = (ctx[order], starts, ends, val)
+    return _CTX_CACHE[key]
+
+
+def clear_context_cache() -> None:
+    """Drop the context tokens build_range's kernels keep between ranges (4 bytes per streamed token)."""
+    _CTX_CACHE.clear()
+
+
+def _list_array(values: np.ndarray, starts: np.ndarray, ends: np.ndarray, typ: pa.DataType) -> pa.Array:
+    """A list column whose row i is values[starts[i]:ends[i]]."""
+    from .kernels import gather_segments
+
+    offsets, flat = gather_segments(values, starts.astype(np.int64), ends.astype(np.int64))
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, typ), type=pa.list_(pa.field("element", typ)))
+
+
+KIND_NAMES = np.array(["interval", "quantile", "top"], dtype=object)
+
+
+def _build_range_kernel(act_files: list[str], ctx_files: list[str], lo: int, hi: int, tmp: Path,
+                        spec: SampleSpec) -> bool:
+    """build_range's kernel engine (store/kernels.py) into the folder tmp; False (nothing written) when the rows
+    hold a value the kernels do not take (not finite and positive): the SQL then builds the range."""
+    from .kernels import range_kernel
+
+    s = spec
+    r = _read_rows(act_files, lo, hi)
+    f, c, p, v = r["feature"], r["ctx"], r["pos"], r["value"]
+    if len(v) and not (np.isfinite(v).all() and (v > 0).all()):
+        return False
+    n_rows = len(f)
+    cut = np.flatnonzero(f[1:] != f[:-1]) + 1 if n_rows else np.zeros(0, np.int64)
+    starts = np.concatenate([[0], cut, [n_rows]]).astype(np.int64) if n_rows else np.zeros(1, np.int64)
+    feats = f[starts[:-1]] if n_rows else np.zeros(0, np.int32)
+    (n, mx, mn, mean, hist, g_feat, g_kind, g_bin, g_lo, g_hi, g_cnt,
+     e_feat, e_kind, e_grp, e_rank, e_row) = range_kernel(f, c, p, v, starts, int(s.context_len), int(s.top_k),
+                                                          int(s.n_intervals), int(s.per_interval),
+                                                          int(s.n_quantiles), int(s.per_quantile), int(s.hist_bins))
+
+    def write(name: str, cols: dict) -> None:
+        # scratch files read once by put_range (or sent back by a Ray task): Arrow IPC, 10x faster to write than
+        # Parquet for the examples' activation lists
+        tbl = pa.table(cols)
+        with pa.OSFile(str(tmp / name.replace(".parquet", ".arrow")), "wb") as sink:
+            with pa.ipc.new_file(sink, tbl.schema) as w:
+                w.write_table(tbl)
+
+    # one activation list per example: the (feature, ctx) segment of the sorted rows holding its row
+    new = np.ones(n_rows, bool)
+    if n_rows:
+        new[1:] = (f[1:] != f[:-1]) | (c[1:] != c[:-1])
+    seg_start = np.flatnonzero(new)
+    seg_end = np.append(seg_start[1:], n_rows)
+    seg = np.cumsum(new) - 1
+    es = seg[e_row]
+    write("examples.parquet", {
+        "feature": pa.array(feats[e_feat], pa.int32()),
+        "kind": pa.array(KIND_NAMES[e_kind], pa.string()),
+        "grp": pa.array(e_grp.astype(np.int16), pa.int16()),
+        "rank": pa.array(e_rank.astype(np.int16), pa.int16()),
+        "ctx_id": pa.array(c[e_row], pa.int32()),
+        "pos": pa.array(p[e_row], pa.int16()),
+        "value": pa.array(v[e_row], pa.float32()),
+        "act_pos": _list_array(p, seg_start[es], seg_end[es], pa.int16()),
+        "act_val": _list_array(v, seg_start[es], seg_end[es], pa.float32()),
+    })
+    write("groups.parquet", {
+        "feature": pa.array(feats[g_feat], pa.int32()),
+        "kind": pa.array(KIND_NAMES[g_kind], pa.string()),
+        "grp": pa.array(g_bin.astype(np.int16), pa.int16()),
+        "lo": pa.array(g_lo, pa.float32()), "hi": pa.array(g_hi, pa.float32()),
+        "n_tokens": pa.array(g_cnt, pa.int64()),
+        "share": pa.array(g_cnt / n[g_feat].astype(np.float64), pa.float64()),
+    })
+    write("stats.parquet", {"feature": pa.array(feats, pa.int32()), "n": pa.array(n, pa.int64()),
+                            "mx": pa.array(mx, pa.float32()), "mn": pa.array(mn, pa.float32()),
+                            "mean": pa.array(mean, pa.float64())})
+    hf, hb = np.nonzero(hist)
+    write("hist.parquet", {"feature": pa.array(feats[hf], pa.int32()), "bin": pa.array(hb.astype(np.int32), pa.int32()),
+                           "n": pa.array(hist[hf, hb], pa.int64())})
+    top = e_kind == 2
+    ctx_ids, t_start, t_end, tok = _context_tokens(ctx_files)
+    at = np.searchsorted(ctx_ids, c[e_row[top]])
+    if len(at) and (at.max() >= len(ctx_ids) or (ctx_ids[at] != c[e_row[top]]).any()):
+        raise UserError(f"feature range {lo}..{hi}: an example's context is missing from the sealed contexts")
+    tt = tok[t_start[at] + p[e_row[top]]]
+    tf = e_feat[top]
+    first = np.flatnonzero(np.r_[True, tf[1:] != tf[:-1]]) if len(tf) else np.zeros(0, np.int64)
+    offsets = np.append(first, len(tf)).astype(np.int32)
+    write("top.parquet", {"feature": pa.array(feats[tf[first]] if len(tf) else np.zeros(0, np.int32), pa.int32()),
+                          "tokens": pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(tt, pa.int32()),
+                                                               type=pa.list_(pa.field("element", pa.int32())))})
+    return True
+
+
 def read_active(act_files: list[str], context_len: int, memory_limit: str = PRECOMPUTE.memory_limit,
                 temp_dir: Path | None = None):
     """A reader for co-occurrence: read(t0, t1) -> (token index ctx*T+pos int64, feature int32) of every
-    activation on tokens t0 <= index < t1, from the sealed Parquet files of one SAE."""
+    activation on tokens t0 <= index < t1, from the sealed Parquet files of one SAE. Each call reads only the row
+    groups whose ctx range (Parquet statistics) meets the tokens asked for: a sealing chunk holds the contexts of a
+    stretch of the stream, so the chunks of one run read every row about once. (memory_limit, temp_dir: unused,
+    kept for callers.)"""
+    import pyarrow.parquet as pq
+
     T = int(context_len)
+    files: list[tuple[str, Any, np.ndarray, np.ndarray]] = []  # (path, metadata, min ctx, max ctx per row group)
+    for path in act_files:
+        md = pq.read_metadata(path)
+        ci = md.schema.to_arrow_schema().get_field_index("ctx")
+        lo, hi = [], []
+        for g in range(md.num_row_groups):
+            st = md.row_group(g).column(ci).statistics
+            ok = st is not None and st.has_min_max
+            lo.append(st.min if ok else -2**31)
+            hi.append(st.max if ok else 2**31 - 1)
+        files.append((path, md, np.array(lo, np.int64), np.array(hi, np.int64)))
 
     def read(t0: int, t1: int) -> tuple[np.ndarray, np.ndarray]:
-        con = duckdb.connect()
-        configure(con, memory_limit, temp_dir)
-        try:
-            got = con.execute(f"""SELECT ctx::BIGINT * {T} + pos AS tok, feature FROM read_parquet({_sql_list(act_files)})
-                                  WHERE ctx BETWEEN {int(t0) // T} AND {(int(t1) - 1) // T}
-                                  AND ctx::BIGINT * {T} + pos >= {int(t0)} AND ctx::BIGINT * {T} + pos < {int(t1)}
-                                  """).fetchnumpy() if act_files else {"tok": [], "feature": []}
-        finally:
-            con.close()
-        return np.asarray(got["tok"], dtype=np.int64), np.asarray(got["feature"], dtype=np.int32)
+        c0, c1 = int(t0) // T, (int(t1) - 1) // T
+        toks, feats = [], []
+        for path, md, lo, hi in files:
+            want = np.flatnonzero((hi >= c0) & (lo <= c1))
+            if not len(want):
+                continue
+            with pq.ParquetFile(path, metadata=md) as pf:  # opened per call: no descriptor per file held
+                t = pf.read_row_groups(want.tolist(), columns=["ctx", "pos", "feature"])
+            tok = t.column("ctx").to_numpy().astype(np.int64) * T + t.column("pos").to_numpy()
+            keep = (tok >= t0) & (tok < t1)
+            toks.append(tok[keep])
+            feats.append(t.column("feature").to_numpy()[keep])
+        if not toks:
+            return np.zeros(0, np.int64), np.zeros(0, np.int32)
+        return np.concatenate(toks), np.concatenate(feats).astype(np.int32, copy=False)
 
     return read
 
@@ -265,24 +455,30 @@ class StoreBuilder:
     def put_range(self, sae_id: str, folder: Path, stats: FeatureStats) -> None:
         """Copy one feature range's finished tables (build_range's folder) into the store; fill in its statistics."""
         con = self.con
-        ex, grp = _sql_str(folder / "examples.parquet"), _sql_str(folder / "groups.parquet")
-        cols = EXAMPLES.select_list().removeprefix("sae_id, ")
-        _run(con, f"""INSERT INTO {EXAMPLES.name} ({EXAMPLES.select_list()}) SELECT ?, {cols} FROM read_parquet({ex})
-                      ORDER BY feature, kind, grp, rank""", [sae_id])
-        cols = GROUPS.select_list().removeprefix("sae_id, ")
-        _run(con, f"""INSERT INTO {GROUPS.name} ({GROUPS.select_list()}) SELECT ?, {cols} FROM read_parquet({grp})
-                      ORDER BY feature, kind, grp""", [sae_id])
-        st = con.execute(f"SELECT feature, n, mx, mn, mean FROM read_parquet({_sql_str(folder / 'stats.parquet')})"
-                         ).fetchnumpy()
-        idx = st["feature"].astype(np.int64)
+        ex, grp = read_range_table(folder, "examples"), read_range_table(folder, "groups")
+        con.register("range_ex", ex)
+        con.register("range_grp", grp)
+        try:
+            cols = EXAMPLES.select_list().removeprefix("sae_id, ")
+            _run(con, f"""INSERT INTO {EXAMPLES.name} ({EXAMPLES.select_list()}) SELECT ?, {cols} FROM range_ex
+                          ORDER BY feature, kind, grp, rank""", [sae_id])
+            cols = GROUPS.select_list().removeprefix("sae_id, ")
+            _run(con, f"""INSERT INTO {GROUPS.name} ({GROUPS.select_list()}) SELECT ?, {cols} FROM range_grp
+                          ORDER BY feature, kind, grp""", [sae_id])
+        finally:
+            con.unregister("range_ex")
+            con.unregister("range_grp")
+        st = read_range_table(folder, "stats")
+        idx = st.column("feature").to_numpy().astype(np.int64)
         for k in ("n", "mx", "mn", "mean"):
-            getattr(stats, k)[idx] = np.asarray(st[k], dtype=np.float64)
-        h = con.execute(f"SELECT feature, bin, n FROM read_parquet({_sql_str(folder / 'hist.parquet')})").fetchnumpy()
-        np.add.at(stats.hist, (h["feature"].astype(np.int64), h["bin"].astype(np.int64)), h["n"].astype(np.int64))
-        for fe, tt in con.execute(f"SELECT feature, tokens FROM read_parquet({_sql_str(folder / 'top.parquet')})").fetchall():
+            getattr(stats, k)[idx] = st.column(k).to_numpy().astype(np.float64)
+        h = read_range_table(folder, "hist")
+        np.add.at(stats.hist, (h.column("feature").to_numpy().astype(np.int64), h.column("bin").to_numpy().astype(np.int64)),
+                  h.column("n").to_numpy().astype(np.int64))
+        for fe, tt in zip(*(read_range_table(folder, "top").column(k).to_pylist() for k in ("feature", "tokens"))):
             stats.top_tokens[int(fe)] = list(tt)
-        used = con.execute(f"SELECT DISTINCT ctx_id FROM read_parquet({ex})").fetchnumpy()["ctx_id"]
-        stats.used_ctx.append(np.asarray(used, dtype=np.int32))
+        used = np.unique(ex.column("ctx_id").to_numpy())
+        stats.used_ctx.append(used.astype(np.int32))
 
     def put_contexts(self, sae_id: str, ctx_files: list[str], used: np.ndarray) -> tuple[int, int]:
         """The token ids of the contexts the SAE's examples show; returns (contexts streamed, tokens counted)."""
