@@ -48,7 +48,6 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .intervene import _hooked, norm_stats
 from .models import HookedLM
 from .saes import SAE
 
@@ -81,7 +80,7 @@ def reconstruct(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(features f, reconstruction x_hat in the raw space of x) for hook activations x (..., d_in)."""
     xs = x.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
     z = sae.encode(xs)
-    scale, shift = norm_stats(sae, xs)
+    scale, shift = sae.norm_stats(xs)
     return z, sae.decode(z) * scale + shift
 
 
@@ -229,7 +228,7 @@ def quality_metrics(lm: HookedLM, saes: Sequence[EvalSAE], tokens: np.ndarray | 
 
         with ExitStack() as st:
             for h in hooks:
-                st.enter_context(_hooked(lm, h, grab(h)))
+                st.enter_context(lm.hooks({h: grab(h)}))
             logits = _logits(lm, ids)
         ref = _Reference(logits)
         del logits
@@ -237,7 +236,7 @@ def quality_metrics(lm: HookedLM, saes: Sequence[EvalSAE], tokens: np.ndarray | 
         base_ce += float(ce[keep_ce].double().sum())
         base_n += int(keep_ce.sum())
         for h in hooks:
-            with _hooked(lm, h, torch.zeros_like):
+            with lm.hooks({h: torch.zeros_like}):
                 lg = torch.log_softmax(_logits(lm, ids).float(), dim=-1)
             a = abl[h]
             a[0] += float(_ce_per_token(lg, ids).cpu()[keep_ce].double().sum())
@@ -257,7 +256,7 @@ def quality_metrics(lm: HookedLM, saes: Sequence[EvalSAE], tokens: np.ndarray | 
                 _, rec = reconstruct(sae, act)
                 return torch.where(kd[..., None], rec.to(device=act.device, dtype=act.dtype), act)
 
-            with _hooked(lm, e.hook, splice):
+            with lm.hooks({e.hook: splice}):
                 lg = torch.log_softmax(_logits(lm, ids).float(), dim=-1)
             acc.ce += float(_ce_per_token(lg, ids).cpu()[keep_ce].double().sum())
             acc.kl += float(ref.kl(lg).cpu()[keep].double().sum())
