@@ -71,8 +71,12 @@ def jaccard_reference(tok: np.ndarray, feat: np.ndarray, d_sae: int, n: int, whi
 
 
 # ------------------------------------------------------------------------------------------ table dump
+_UNTIMED = {"quality": "EXCLUDE (seconds, created)"}  # when and how long, not what: differs between equal runs
+
+
 def dump_tables(path: Path, sae_id: str | None = None, tables: tuple[str, ...] | None = None) -> dict[str, list]:
-    """Every row of every table of a store (or of `tables`), sorted, and the saes rows without their build times.
+    """Every row of every table of a store (or of `tables`), sorted, and the saes (and quality) rows without their
+    build times.
 
     With `sae_id`: only that SAE's rows of the per-SAE tables (default SAE_TABLES), with the sae_id column
     dropped, so that the same SAE can be compared between a one-SAE and a many-SAE store."""
@@ -81,7 +85,7 @@ def dump_tables(path: Path, sae_id: str | None = None, tables: tuple[str, ...] |
         if sae_id is None:
             names = tables or tuple(r[0] for r in con.execute(
                 "SELECT table_name FROM information_schema.tables WHERE table_name <> 'saes' ORDER BY 1").fetchall())
-            out = {t: sorted(con.execute(f"SELECT * FROM {t}").fetchall(), key=repr) for t in names}
+            out = {t: sorted(con.execute(f"SELECT * {_UNTIMED.get(t, '')} FROM {t}").fetchall(), key=repr) for t in names}
             out["saes"] = con.execute("SELECT * EXCLUDE (created) FROM saes ORDER BY sae_id").fetchall()
         else:
             out = {t: sorted(con.execute(f"SELECT * EXCLUDE (sae_id) FROM {t} WHERE sae_id = ?", [sae_id]).fetchall(),

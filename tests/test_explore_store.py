@@ -165,7 +165,7 @@ def check_feature_twins(client: TestClient, sae: str, index: int) -> dict:
         assert 'id="other-saes"' not in page
     if j["map_neighbourhood"]:
         m = j["map_neighbourhood"]
-        block = _section(page, '<section class="map-near">')
+        block = _section(page, '<section class="map-near" id="map-near">')
         assert _links(block, sae) == [p["index"] for p in m["points"]] and m["points"][-1]["me"]
         assert _html.escape(m["map_url"]) in block
         drawn = re.findall(r'<circle cx="([^"]+)" cy="([^"]+)"', block)

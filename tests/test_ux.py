@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from markupsafe import escape
 from starlette.datastructures import URL
 
+from saescope.precompute.store.explanations import non_activating_contexts
 from saescope.app.settings import SERVE
 from saescope.app.web.app import create_app
 from saescope.app.web.launch import WorkerSupervisor
@@ -292,7 +293,7 @@ def test_explain_offers_scoring_and_says_the_model_is_tiny(tiny_store):
         f = s.features("tiny", sort="density", desc=True, limit=1)[0].index
         body = explain_request(s, "tiny", f, score=True)
         plain_body = explain_request(s, "tiny", f)
-        provable = s.non_activating_contexts("tiny", f, min(ExplainConfig().n_test, 64))
+        provable = non_activating_contexts(s, "tiny", f, min(ExplainConfig().n_test, 64))
     assert body.score and body.non_activating == provable and not plain_body.score and not plain_body.non_activating
     assert body.max_tokens == ExplainConfig().explain_max_tokens  # the CLI's budget: a whole sentence
     out = ExplainOut(explanation=f"words {EVIL}", parsed=True, llm="SmolLM2-135M-Instruct", prompt_version="v1",

@@ -22,7 +22,7 @@ from saescope.precompute.config import DIFF
 from saescope.precompute.diff import Diff, read_diff
 from saescope.precompute.store import Store
 
-from ..errors import AppError
+from ..errors import AppError, echo
 from ..settings import SERVE
 from .templates import page
 from .tokens import Tok, strip_html
@@ -30,7 +30,7 @@ from .tokens import Tok, strip_html
 # not in the OpenAPI document (docs/openapi.json lists pages.router, live, api, maps): add this router to
 # app/openapi.py dashboard_doc and regenerate to publish it
 router = APIRouter(include_in_schema=False)
-NAME = re.compile(r"[A-Za-z0-9._-]+")
+NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")  # a file name on every filesystem (longer ones are no run)
 FeatureHref = Callable[[int], "str | None"]
 
 
@@ -98,7 +98,7 @@ def _diff_or_404(store: Store, name: str) -> Diff:
     folder = diffs_dir(store.path) / name
     if not NAME.fullmatch(name) or not (folder / "diff.json").is_file():
         have = ", ".join(list_diffs(store.path)) or "none"
-        raise AppError(f"there is no diff {name!r} next to this store; diffs: {have}", 404, link=("/diffs", "all diffs"))
+        raise AppError(f"there is no diff {echo(name)} next to this store; diffs: {have}", 404, link=("/diffs", "all diffs"))
     return read_diff(folder)
 
 
@@ -143,7 +143,7 @@ def diff_file(request: Request, name: str, file: str):
     store = _store(request)
     d = _diff_or_404(store, name)
     if file not in ("diff.json", "features.csv", "features.parquet", "examples.json"):
-        raise AppError(f"no file {file!r} in a diff; files: diff.json, features.csv, features.parquet, examples.json", 404)
+        raise AppError(f"no file {echo(file)} in a diff; files: diff.json, features.csv, features.parquet, examples.json", 404)
     return FileResponse(d.path / file)
 
 
@@ -153,7 +153,7 @@ def check_page(request: Request, name: str):
     p = checks_dir(store.path) / f"{name}.json"
     if not NAME.fullmatch(name) or not p.is_file():
         have = ", ".join(list_checks(store.path)) or "none"
-        raise AppError(f"there is no check run {name!r} next to this store; runs: {have}", 404, link=("/checks", "all runs"))
+        raise AppError(f"there is no check run {echo(name)} next to this store; runs: {have}", 404, link=("/checks", "all runs"))
     run = json.loads(p.read_text())
     saes = {s.sae_id for s in store.saes()}
 
