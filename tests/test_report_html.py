@@ -114,14 +114,11 @@ def test_report_folder_is_self_contained(report):
 
 @pytest.mark.browser
 @pytest.mark.slow
-def test_report_renders_offline_in_chromium_and_hostile_strings_stay_inert(report):
-    from playwright.sync_api import sync_playwright
-
+def test_report_renders_offline_in_chromium_and_hostile_strings_stay_inert(report, browser):
     out, _ = report
     assert os.path.exists(CHROMIUM), "install Debian's chromium for the browser tests"
     requests, left, dialogs = [], [], []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+    if True:  # the session's Chromium (conftest.browser); a context of its own
         ctx = browser.new_context()
 
         def guard(route):
@@ -152,7 +149,7 @@ def test_report_renders_offline_in_chromium_and_hostile_strings_stay_inert(repor
         tok = page.locator("#top-examples .tok.on").first
         tok.hover()
         assert "→" in page.evaluate("e => getComputedStyle(e, '::after').content", tok.element_handle())
-        browser.close()
+        ctx.close()
     assert dialogs == []
     assert left == [], left
     assert requests and all(u.startswith("file://") for u in requests)

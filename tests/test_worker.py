@@ -455,7 +455,8 @@ def test_a_request_that_fails_inside_a_batch_fails_alone(gpt2_128):
             engine.queue.put_nowait(j)
         return await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
 
-    outs = asyncio.run(run())
+    with cf.ThreadPoolExecutor(1) as pool:  # its own thread: a session fixture may hold a running loop in this one
+        outs = pool.submit(asyncio.run, run()).result()
     err = outs.pop(3)
     assert isinstance(err, AppError) and err.status == 500 and "encoding failed" in err.message, repr(err)
     for ids, z in zip(good, outs):

@@ -157,7 +157,7 @@ def steer_state(request: Request, sae: SAEInfo, prompt: str, edit: list[str], g:
                 toks[ctx["diverge"]].extra = "diverge"
         from . import steering  # log-prob strips, the KL plot, suggested strengths and presets
 
-        ctx.update(steering.steer_extras(request, store, sae.sae_id, parse_edits(edit, sae), out))
+        ctx.update(steering.steer_extras(request, store, sae.sae_id, parse_edits(edit, sae), out, ctx["diverge"]))
     return ctx
 
 

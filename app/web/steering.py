@@ -17,9 +17,9 @@ from .format import fmt
 from .tokens import alpha, visible
 
 
-def logprob_strip_html(c: ContinuationOut, col: int, vmax: float, strip_id: str) -> Markup:
+def logprob_strip_html(c: ContinuationOut, col: int, vmax: float, strip_id: str, mark: int | None = None) -> Markup:
     """New tokens coloured by the lead feature's activation; hover/focus shows log p of the token and the step's
-    most likely tokens (all escaped)."""
+    most likely tokens (all escaped); `mark`: the first token where default and steered part (class diverge)."""
     out = [f'<span class="strip" id="{strip_id}">']
     tls = c.token_logprobs or []
     for i, t in enumerate(c.tokens):
@@ -30,7 +30,8 @@ def logprob_strip_html(c: ContinuationOut, col: int, vmax: float, strip_id: str)
         if lp is not None:
             tip.append(f"log p {lp.logprob:.3f}")
             tip += [f"  {escape(visible(o.token))}  {o.logprob:.3f}" for o in lp.top_logprobs]
-        out.append(f'<span class="tok on lp" tabindex="0" style="--a:{alpha(act, vmax)}" '
+        cls = "tok on lp diverge" if i == mark else "tok on lp"
+        out.append(f'<span class="{cls}" tabindex="0" style="--a:{alpha(act, vmax)}" '
                    f'data-logprob="{lp.logprob if lp is not None else ""}" data-tip="{"&#10;".join(tip)}">{text}</span>')
     out.append("</span>")
     return Markup("".join(out))
@@ -63,7 +64,7 @@ def edit_spec(e: EditIn, value: float | None = None) -> str:
     return spec + (":unit" if e.normalize else "")
 
 
-def steer_extras(request, store, sae_id: str, edits: list[EditIn], out: SteerOut) -> dict:
+def steer_extras(request, store, sae_id: str, edits: list[EditIn], out: SteerOut, diverge: int | None = None) -> dict:
     """Template context: per-token log-prob strips, the KL plot and, per steering edit, the suggested strengths
     with a link per preset (this page's URL with that edit's value replaced)."""
     scales = {f.feature: f for f in (out.scale.features if out.scale else [])}
@@ -85,5 +86,5 @@ def steer_extras(request, store, sae_id: str, edits: list[EditIn], out: SteerOut
     lead = out.watch[0] if out.watch else None
     vmax = (rows[lead].max_act if lead in rows and rows[lead].max_act else 1.0) if lead is not None else 1.0
     return {"hints": hints, "kl_plot": kl_svg(out.kl or []),
-            "default_strip": logprob_strip_html(out.default, 0, vmax, "default-completion-lp"),
-            "steered_strip": logprob_strip_html(out.steered, 0, vmax, "steered-completion-lp")}
+            "default_strip": logprob_strip_html(out.default, 0, vmax, "default-completion-lp", diverge),
+            "steered_strip": logprob_strip_html(out.steered, 0, vmax, "steered-completion-lp", diverge)}
