@@ -45,16 +45,7 @@ def server(demo_store):
     stop_group(proc)
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    assert os.path.exists(CHROMIUM), "install Debian's chromium (make browser) for the browser tests"
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
+# `browser`: the session's one Chromium (tests/conftest.py); a second sync Playwright would clash with it
 
 
 @pytest.fixture()

@@ -123,7 +123,10 @@ def test_every_worker_route_survives_hostile_values(served):
             props = list(schema.get("properties", {}))
             valid = {p: WORKER_VALID[p] for p in props if p in WORKER_VALID}
             for field, value in itertools.product(props, JSON_HOSTILE):
-                r = client.post(path, json={**valid, field: value})
+                try:
+                    r = client.post(path, json={**valid, field: value})
+                except httpx.TransportError as err:  # the worker died or dropped the connection: name the request
+                    pytest.fail(f"{path} {field}={str(value)[:40]!r}: {type(err).__name__}: {err}")
                 n += 1
                 if r.status_code >= 500 and r.status_code != 503:
                     failures.append(f"{path} {field}={str(value)[:20]!r}: {r.status_code} {r.text[:200]}")
