@@ -252,10 +252,10 @@ class PatchIn(BaseModel):
     align: list[tuple[int, int]] | None = Field(None, max_length=WORKER.max_prompt_tokens,
                                                 description="(clean position, corrupted position) pairs; "
                                                 "needed when the token lengths differ")
-    features: list[int] | None = Field(None, max_length=WORKER.max_patch_features,
+    features: list[int] | None = Field(None, min_length=1, max_length=WORKER.max_patch_features,
                                        description="latents to patch per position and the heatmap's columns "
                                        "(default: all latents; columns the largest estimates)")
-    positions: list[int] | None = Field(None, max_length=WORKER.max_prompt_tokens,
+    positions: list[int] | None = Field(None, min_length=1, max_length=WORKER.max_prompt_tokens,
                                         description="base positions to patch (default: every aligned one)")
     n_features: int = Field(WORKER.patch_features, ge=1, le=WORKER.max_patch_features,
                             description="heatmap columns when no features are given")
