@@ -735,7 +735,7 @@ def test_graph_page_bad_input(graph_site):
 
 @pytest.mark.slow
 @pytest.mark.browser
-def test_graph_page_in_chromium(graph_site, tiny_store):
+def test_graph_page_in_chromium(graph_site, tiny_store, browser):
     """Chromium opens a graph, clicks a node (its card), pins two into a supernode, reloads: the same view."""
     import os
     import threading
@@ -750,7 +750,6 @@ def test_graph_page_in_chromium(graph_site, tiny_store):
     chromium = "/usr/bin/chromium"
     if not os.path.exists(chromium):
         pytest.skip("no /usr/bin/chromium")
-    from playwright.sync_api import sync_playwright
 
     _, wurl = graph_site
     port = free_port()
@@ -766,9 +765,9 @@ def test_graph_page_in_chromium(graph_site, tiny_store):
         except httpx.HTTPError:
             time.sleep(0.05)
     try:
-        with sync_playwright() as p:
-            b = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
-            pg = b.new_page(viewport={"width": 1300, "height": 900})
+        if True:  # the session's Chromium (tests/conftest.py): a second sync Playwright would clash with it
+            ctx = browser.new_context(viewport={"width": 1300, "height": 900})
+            pg = ctx.new_page()
             pg.goto(base + "/graph?prompt=The+cat+sat+on+the", timeout=180_000)
             nodes = pg.locator("g.node.cross-layer-transcoder")
             assert nodes.count() >= 2
@@ -791,7 +790,7 @@ def test_graph_page_in_chromium(graph_site, tiny_store):
             assert pg.locator(f'g.node.selected[data-id="{a}"]').count() == 1
             ARTIFACTS.mkdir(exist_ok=True)
             pg.screenshot(path=str(ARTIFACTS / "graph_page.png"), full_page=True)
-            b.close()
+            ctx.close()
     finally:
         server.should_exit = True
         th.join(timeout=10)
