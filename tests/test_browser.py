@@ -395,7 +395,9 @@ def test_chat_page_steers_a_conversation_and_continues_it(server, page, facts):
     form.locator("input[name=edit]").fill(f"{facts['index']}:add:40")
     form.locator("input[name=n]").fill("6")
     form.locator("button").click()
-    page.wait_for_selector("#steered-reply", timeout=90_000)
+    page.wait_for_selector("#steered-reply, #chat-error, #worker-status .notice", timeout=90_000)
+    assert page.locator("#chat-error").count() == 0, page.inner_text("#chat-error")
+    assert page.locator("#steered-reply").count() == 1, page.inner_text("main")[:1500]
     assert page.inner_text("#chat-turns").strip().startswith("user")
     default, steered = page.inner_text("#default-reply").strip(), page.inner_text("#steered-reply").strip()
     assert default and steered
