@@ -9,6 +9,9 @@ atomic rename: a reader never sees a half-written store.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import json
 import logging
 import os
@@ -635,14 +638,29 @@ def _explanation_table(sae_id: str, rows: list, source: str) -> pa.Table:
     return pa.table(cols)
 
 
-def add_explanations(path: Path, sae_id: str, rows: list, source: str, replace: bool = False) -> int:
-    """Add explanations to one SAE of a store: copy, write, atomic rename. A row is (feature, text) or a dict
-    with feature, text and optionally llm, prompt_version, created, score_detection, score_fuzzing, n_scored."""
+@contextmanager
+def rewriting(path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Change a published store safely: a connection to a copy, checkpointed and renamed over `path` when the block
+    ends; on any error the copy is deleted and `path` is untouched (add_explanations, write_quality, write_contrast)."""
     check_version(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.copyfile(path, tmp)
     con = duckdb.connect(str(tmp))
     try:
+        yield con
+        _run(con, "CHECKPOINT")
+    except BaseException:
+        con.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    con.close()
+    os.replace(tmp, path)
+
+
+def add_explanations(path: Path, sae_id: str, rows: list, source: str, replace: bool = False) -> int:
+    """Add explanations to one SAE of a store: copy, write, atomic rename. A row is (feature, text) or a dict
+    with feature, text and optionally llm, prompt_version, created, score_detection, score_fuzzing, n_scored."""
+    with rewriting(path) as con:
         d_sae = con.execute("SELECT d_sae FROM saes WHERE sae_id = ?", [sae_id]).fetchall()
         if not d_sae:
             have = [r[0] for r in con.execute("SELECT sae_id FROM saes ORDER BY sae_id").fetchall()]
@@ -657,13 +675,6 @@ def add_explanations(path: Path, sae_id: str, rows: list, source: str, replace: 
         given = ", ".join(tbl.column_names)  # the other columns (LLM provenance, scores) stay NULL
         _run(con, f"INSERT INTO {EXPLANATIONS.name} ({given}) SELECT {given} FROM new_expl")
         con.unregister("new_expl")
-        _run(con, "CHECKPOINT")
-    except BaseException:
-        con.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    con.close()
-    os.replace(tmp, path)
     return len(rows)
 
 
@@ -679,37 +690,22 @@ def _put_quality(con, rows: list[dict[str, Any]]) -> None:
 
 def write_quality(path: Path, rows: list[dict[str, Any]]) -> None:
     """`saescope eval`: replace the quality rows of some SAEs of a published store (copy, write, atomic rename)."""
-    check_version(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.copyfile(path, tmp)
-    con = duckdb.connect(str(tmp))
-    try:
+    with rewriting(path) as con:
         have = {r[0] for r in con.execute("SELECT sae_id FROM saes").fetchall()}
         unknown = sorted({r["sae_id"] for r in rows} - have)
         if unknown:
-            raise UserError(f"{path} has no SAE {', '.join(unknown)}; valid: {', '.join(sorted(have)) or 'none'}")
+            raise UnknownSAE(unknown[0], sorted(have), where=f"the store {path.name}")
         _put_quality(con, rows)
-        _run(con, "CHECKPOINT")
-    except BaseException:
-        con.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    con.close()
-    os.replace(tmp, path)
 
 
 def write_contrast(path: Path, run: dict[str, Any], features: dict[str, list], texts: dict[str, list]) -> None:
     """`saescope contrast`: store one contrast (replacing one of the same SAE and name): run = a CONTRASTS row,
     features = CONTRAST_FEATURES columns (without sae_id/name) as lists, texts = CONTRAST_TEXTS columns likewise."""
-    check_version(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.copyfile(path, tmp)
-    con = duckdb.connect(str(tmp))
-    try:
+    with rewriting(path) as con:
         _run(con, create_all((CONTRASTS, CONTRAST_FEATURES, CONTRAST_TEXTS)))
         have = {r[0] for r in con.execute("SELECT sae_id FROM saes").fetchall()}
         if run["sae_id"] not in have:
-            raise UserError(f"{path} has no SAE {run['sae_id']!r}; valid: {', '.join(sorted(have)) or 'none'}")
+            raise UnknownSAE(run["sae_id"], sorted(have), where=f"the store {path.name}")
         key = [run["sae_id"], run["name"]]
         for t in (CONTRASTS, CONTRAST_FEATURES, CONTRAST_TEXTS):
             _run(con, f"DELETE FROM {t.name} WHERE sae_id = ? AND name = ?", key)
@@ -725,10 +721,3 @@ def write_contrast(path: Path, run: dict[str, Any], features: dict[str, list], t
             con.register("new_rows", tbl)
             _run(con, t.insert_sql("new_rows"))
             con.unregister("new_rows")
-        _run(con, "CHECKPOINT")
-    except BaseException:
-        con.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    con.close()
-    os.replace(tmp, path)
