@@ -8,6 +8,7 @@ import torch
 
 from saescope.precompute import interventions as iv
 from saescope.precompute.config import LIMITS
+from saescope.precompute.errors import UserError
 from saescope.precompute.interventions.patching import Metric, Patch, patch, run_patched
 from tests.test_intervene import default_lm, demo_sae, make_sae, module_for, one_thread, plain_logits, tiny  # noqa: F401
 
@@ -179,7 +180,25 @@ def test_bad_patching_input_names_the_limit(tiny):
         (lambda: patch(lm, sae, clean, corrupted, m, positions=[7]), r"position 7 is out of range"),
         (lambda: patch(lm, sae, clean, corrupted, m, align=[(0, 0)], positions=[3]), r"position 3 is not patchable"),
         (lambda: patch(lm, sae, clean, corrupted, m, features=[64]), r"feature 64 is out of range; allowed: 0\.\.63"),
+        (lambda: patch(lm, sae, clean, corrupted, m, features=[]), r"features is empty: give at least one feature"),
+        (lambda: patch(lm, sae, clean, corrupted, m, positions=[]), r"positions is empty: give at least one base"),
     ]
     for call, msg in cases:
-        with pytest.raises(ValueError, match=msg):
+        with pytest.raises(UserError, match=msg):  # the project's bad-input error (a ValueError), never a bare one
             call()
+
+
+def test_empty_feature_list_is_a_user_error_not_an_index_error(tiny):
+    """features=[] once reached torch.tensor([]) (a float tensor) as the heatmap's column index: an IndexError that
+    the worker turned into a 500 and a reset connection. The library itself refuses it, and a one-feature list
+    (the smallest valid one) still runs."""
+    lm = tiny("llama")
+    sae = make_sae("topk", "none", "blocks.1.hook_resid_post")
+    clean, corrupted = prompts(6, seed=0)
+    m = Metric("logprob", 3)
+    with pytest.raises(UserError, match="features is empty") as err:
+        patch(lm, sae, clean, corrupted, m, features=[])
+    assert not isinstance(err.value, IndexError)
+    r = patch(lm, sae, clean, corrupted, m, features=[5])
+    assert r.features == [5] and r.patched_features == [5] and len(r.cells) == len(r.positions)
+    assert all(len(row) == 1 for row in r.cells)

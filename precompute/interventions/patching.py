@@ -261,6 +261,9 @@ def patch(lm: HookedLM, sae: SAE, clean: Sequence[int] | torch.Tensor, corrupted
     p = base.numel() - 1 if position is None else check_int("metric position", position, 0, base.numel() - 1)
     pairs = [(b, s) for b, s in pairs if b <= p]
     if positions is not None:
+        if len(positions) == 0:
+            raise UserError("positions is empty: give at least one base position to patch, or leave it out to patch "
+                            "every aligned one")
         want = {check_int("position", q, 0, base.numel() - 1) for q in positions}
         missing = sorted(want - {b for b, _ in pairs})
         if missing:
@@ -271,6 +274,11 @@ def patch(lm: HookedLM, sae: SAE, clean: Sequence[int] | torch.Tensor, corrupted
         raise UserError(f"no position to patch: none is aligned at or before the metric position {p}")
     d_sae = sae.cfg.d_sae
     if features is not None:
+        # an empty list would leave no heatmap column: torch.tensor([]) is a float tensor, and indexing with it
+        # raised IndexError (a 500 from the worker, whose connection uvicorn then reset)
+        if len(features) == 0:
+            raise UserError("features is empty: give at least one feature to patch, or leave it out to patch every "
+                            "latent (the heatmap's columns then are the largest estimates)")
         if len(features) > LIMITS.max_patch_features:
             raise UserError(f"{len(features)} features given; the limit is {LIMITS.max_patch_features}")
         feats = list(dict.fromkeys(check_int("feature", f, 0, d_sae - 1) for f in features))
@@ -306,7 +314,7 @@ def patch(lm: HookedLM, sae: SAE, clean: Sequence[int] | torch.Tensor, corrupted
     secs["patch"] = time.perf_counter() - t1
     diff = ms - mb
     n_p, n_f = len(pos), len(cols)
-    col_idx = torch.tensor(cols)
+    col_idx = torch.tensor(cols, dtype=torch.long)
     est_pos = (est if sel is None else est[:, col_idx]).sum(1) + (est_err if patch_error else 0)  # (n_p,)
     per_position = [PatchEntry(b, got[i], got[i] - mb, _frac(got[i] - mb, diff), float(est_pos[i]),
                                _frac(float(est_pos[i]), diff)) for i, b in enumerate(pos)]
