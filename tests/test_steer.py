@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -399,6 +400,10 @@ def test_chat_page_side_by_side_replies_and_state_in_the_url(dash):
     r = dash.get("/chat", params={"sae": "tiny", "m": ms, "edit": "3:add:40", "n": 5})
     assert r.status_code == 200, r.text
     assert 'id="default-reply"' in r.text and 'id="steered-reply"' in r.text and 'id="continue-steered"' in r.text
+    # the form is refilled with the request's settings, so submitting it again sends valid n, temperature, seed
+    # (the merge once commented them out of the context: empty values, and the next submit was a 422 page)
+    for name, value in (("n", "5"), ("temperature", "0.0"), ("seed", "0")):
+        assert re.search(rf'<input type="number" name="{name}"[^>]* value="{re.escape(value)}"', r.text), name
     j = dash.get("/api/chat", params={"sae": "tiny", "m": ms, "edit": "3:add:40", "n": 5}).json()
     assert j["template"].endswith("assistant\n")
     import html as _html

@@ -61,7 +61,9 @@ def chat_page(request: Request, sae: str | None = None,
     """Steer a conversation: the default and the steered reply to its last user message."""
     store = store_of(request)
     info = sae_or_first(store, sae)
-    ctx = {"sae": info, "saes": store.saes(), "edits": [e for e in edit if len(e) <= W.max_edit_chars],  # never refill an overlong item "n": n, "temperature": temperature, "seed": seed,
+    ctx = {"sae": info, "saes": store.saes(),
+           "edits": [e for e in edit if len(e) <= W.max_edit_chars],  # never refill an overlong item
+           "n": n, "temperature": temperature, "seed": seed,
            "worker": worker_status(request.app), "turns": [], "result": None, "error": None, "say": ""}
     try:
         turns = parse_turns(m, say)
