@@ -65,20 +65,29 @@ document.addEventListener("focusin", (e) => {
   p.value = t.dataset.pos;
 });
 
-// Steering: each edit is a row (feature, mode, value, the feature's top tokens) that writes the same
-// edit=FEATURE:MODE:VALUE URL parameter the raw box did, so links stay shareable; "+ edit" adds a row.
-// Without JS the raw boxes stay.
+// Steering: each edit is a row (feature, mode, value, :unit, the feature's top tokens) that writes the same
+// edit=FEATURE:MODE:VALUE[:unit] URL parameter the raw box did, so links stay shareable; "+ edit" adds a row.
+// A row the server read from the URL (app/web/edits.py edit_fields) keeps its edit exactly as given until it is
+// changed; one it could not read (data-raw-only) stays the raw box, so nothing of a link is lost. Without JS the
+// raw boxes stay.
 (() => {
   const rows = document.getElementById("edit-rows");
   if (!rows) return;
   const sae = rows.dataset.sae, max = Number(rows.dataset.max || 16), add = document.getElementById("add-edit");
+  const STEERING = ["add", "orthogonal", "cap"];  // the modes :unit applies to (app/web/edits.py STEERING)
   const q = (row, sel) => row.querySelector(sel);
+  const state = (row) => {  // which fields apply to the chosen mode
+    const mode = q(row, ".e-mode").value;
+    q(row, ".e-value").disabled = mode === "ablate";
+    q(row, ".e-unit").disabled = !STEERING.includes(mode);
+    const raw = q(row, ".e-raw");
+    raw.disabled = raw.value.trim() === "";  // an empty row adds nothing to the URL
+  };
   const sync = (row) => {
     const f = q(row, ".e-feature").value.trim(), mode = q(row, ".e-mode").value, v = q(row, ".e-value").value.trim();
-    const raw = q(row, ".e-raw");
-    raw.value = f === "" ? "" : mode === "ablate" ? `${f}:ablate` : `${f}:${mode}:${v === "" ? 0 : v}`;
-    raw.disabled = raw.value === "";  // an empty row adds nothing to the URL
-    q(row, ".e-value").disabled = mode === "ablate";
+    const unit = q(row, ".e-unit").checked && STEERING.includes(mode) ? ":unit" : "";
+    q(row, ".e-raw").value = f === "" ? "" : mode === "ablate" ? `${f}:ablate` : `${f}:${mode}:${v === "" ? 0 : v}${unit}`;
+    state(row);
   };
   const chips = (row) => {
     const f = q(row, ".e-feature").value.trim(), box = q(row, ".e-chips");
@@ -88,15 +97,19 @@ document.addEventListener("focusin", (e) => {
       .catch(() => { box.textContent = ""; });
   };
   const enhance = (row) => {
-    q(row, ".e-raw").type = "hidden"; q(row, ".e-structured").hidden = false; sync(row);
+    if (row.hasAttribute("data-raw-only")) return;
+    q(row, ".e-raw").type = "hidden"; q(row, ".e-structured").hidden = false; state(row);
   };
   const all = () => rows.querySelectorAll(".edit-row");
   all().forEach(enhance);
   add.hidden = false;
-  rows.addEventListener("input", (e) => { const r = e.target.closest(".edit-row"); if (r) sync(r); });
+  rows.addEventListener("input", (e) => {
+    const r = e.target.closest(".edit-row");
+    if (r && !e.target.matches(".e-raw")) sync(r);
+  });
   rows.addEventListener("change", (e) => {
     const r = e.target.closest(".edit-row");
-    if (!r) return;
+    if (!r || e.target.matches(".e-raw")) return;
     sync(r);
     if (e.target.matches(".e-feature")) chips(r);
   });
@@ -105,15 +118,20 @@ document.addEventListener("focusin", (e) => {
     if (!x) return;
     const r = x.closest(".edit-row");
     if (all().length > 1) r.remove();
-    else { q(r, ".e-feature").value = ""; q(r, ".e-value").value = ""; q(r, ".e-chips").textContent = ""; sync(r); }
+    else {
+      q(r, ".e-feature").value = ""; q(r, ".e-value").value = ""; q(r, ".e-unit").checked = false;
+      q(r, ".e-chips").textContent = ""; sync(r);
+    }
     add.disabled = all().length >= max;
   });
   add.addEventListener("click", () => {
     const list = all();
     if (list.length >= max) return;
     const r = list[list.length - 1].cloneNode(true);
-    q(r, ".e-feature").value = ""; q(r, ".e-value").value = ""; q(r, ".e-mode").value = "add"; q(r, ".e-chips").textContent = "";
-    list[list.length - 1].after(r); sync(r); q(r, ".e-feature").focus();
+    r.removeAttribute("data-raw-only"); q(r, ".e-mode").removeAttribute("id");  // ids stay unique
+    q(r, ".e-feature").value = ""; q(r, ".e-value").value = ""; q(r, ".e-mode").value = "add";
+    q(r, ".e-unit").checked = false; q(r, ".e-chips").textContent = "";
+    list[list.length - 1].after(r); enhance(r); sync(r); q(r, ".e-feature").focus();
     add.disabled = all().length >= max;
   });
 })();

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import time
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, urlencode, urlparse
 
 import httpx
 import pytest
@@ -322,6 +322,53 @@ def test_steering_has_edit_rows_chips_a_divergence_marker_and_a_header_link(serv
     assert again.locator(".edit-row").count() == 2
     assert again.locator(".edit-row .e-feature").first.input_value() == str(facts["index"])
     assert again.locator(".edit-row .e-mode").nth(1).input_value() == "ablate"
+    again.close()
+
+
+def test_steering_rows_keep_unit_from_the_url_to_the_submitted_and_shared_link(server, page, facts):
+    """URL -> rows -> submitted edits is lossless: :unit shows as a ticked box, an untouched row submits its edit
+    exactly as the link gave it, a changed row is rebuilt with its :unit, and the shared link rebuilds the rows."""
+    f = facts["index"]
+    given = [f"{f}:add:8:unit", "7:ablate", "12:cap:0.5:unit", "30:orthogonal:0.5"]
+    query = urlencode([("sae", facts["sae"]), ("prompt", "The buffer is"), *[("edit", e) for e in given], ("n", "4")])
+    page.goto(f"{server}/steer?{query}")
+    rows = page.locator(".edit-row")
+    assert rows.count() == 4
+    assert [rows.nth(i).locator(".e-unit").is_checked() for i in range(4)] == [True, False, True, False]
+    assert [rows.nth(i).locator(".e-mode").input_value() for i in range(4)] == ["add", "ablate", "cap", "orthogonal"]
+    assert rows.nth(0).locator(".e-value").input_value() == "8" and rows.nth(2).locator(".e-value").input_value() == "0.5"
+    assert rows.nth(1).locator(".e-unit").is_disabled()  # :unit applies to add, orthogonal and cap only
+    page.click("#steer-form button:text('generate')")
+    page.wait_for_selector("#steered-completion, #steer-error", timeout=90_000)
+    assert page.locator("#steer-error").count() == 0, page.inner_text("#steer-error")
+    assert parse_qs(urlparse(page.url).query)["edit"] == given
+    # the worker steered with the unit direction: the page shows what /api/steer gives for this very link
+    twin = httpx.get(f"{server}/api/steer?{urlparse(page.url).query}", timeout=120).json()
+    assert page.locator("#steered-text").text_content() == twin["steered"]["text"]
+    assert f"{f}:add:8:unit" in page.locator("#strength-hints").inner_text()
+    # changed rows are rebuilt from their fields, :unit included; unticking drops it
+    rows.nth(0).locator(".e-value").fill("9")
+    rows.nth(2).locator(".e-unit").uncheck()
+    rows.nth(3).locator(".e-unit").check()
+    page.click("#steer-form button:text('generate')")
+    want = [f"{f}:add:9:unit", "7:ablate", "12:cap:0.5", "30:orthogonal:0.5:unit"]
+    page.wait_for_function(f"new URLSearchParams(location.search).getAll('edit').join(' ') === {' '.join(want)!r}")
+    page.wait_for_selector("#steered-completion", timeout=90_000)
+    # a new row written with :unit
+    page.click("#add-edit")
+    new = page.locator(".edit-row").nth(4)
+    assert not new.locator(".e-unit").is_checked() and new.locator(".e-mode").input_value() == "add"
+    new.locator(".e-feature").fill("5")
+    new.locator(".e-value").fill("3")
+    new.locator(".e-unit").check()
+    assert new.locator(".e-raw").input_value() == "5:add:3:unit"
+    assert page.locator("#steer-method").count() == 1
+    # the shared link rebuilds the same rows
+    again = page.context.new_page()
+    again.goto(page.url)
+    back = again.locator(".edit-row")
+    assert [back.nth(i).locator(".e-unit").is_checked() for i in range(4)] == [True, False, False, True]
+    assert back.locator(".e-raw").evaluate_all("els => els.map(e => e.value)") == want
     again.close()
 
 

@@ -124,6 +124,36 @@ def test_the_edit_parser_reads_every_valid_form_as_float_does(tiny_store):
         assert (e.feature, e.mode, e.value) == (feature, mode, float(value)), spec
 
 
+def test_edit_rows_read_every_valid_form_losslessly(client, tiny_store):
+    """The steer page's rows (edit_fields) hold every part of an edit, :unit included: the edit a row writes back
+    (FEATURE:ablate, else FEATURE:MODE:VALUE plus :unit, as static/app.js builds it) parses to the same edit."""
+    import re
+
+    from saescope.app.web.edits import edit_fields, parse_edit
+    from saescope.precompute.store import Store
+
+    with Store(tiny_store) as store:
+        sae = store.require_sae(SAE)
+    specs = ["3:add:8", "3:add:8:unit", "45:clamp:0.5", "7:ablate", "7", "7:unit", "3:add:.5", "3:add:5.:unit",
+             "3:clamp:-1.5e-3", "3:add:+2E2", " 3:cap:1:unit ", "3:orthogonal:0.25:unit", "3:12", "3:12:unit"]
+    for spec in specs:
+        ef = edit_fields(spec)
+        assert ef is not None, spec
+        assert re.fullmatch(r"-?(\d+(\.\d+)?|\.\d+)([eE][+-]?\d+)?", ef.value) or ef.value == "", (spec, ef)
+        back = f"{ef.feature}:ablate" if ef.mode == "ablate" else \
+            f"{ef.feature}:{ef.mode}:{ef.value or 0}" + (":unit" if ef.unit else "")
+        assert parse_edit(back, sae) == parse_edit(spec, sae), (spec, back)
+    assert edit_fields("3:boost:1") is None and edit_fields("") == edit_fields("  ")
+    # the page renders them: a ticked unit box for :unit edits, the raw box kept for one it cannot read
+    r = client.get("/steer", params=[("sae", SAE), ("prompt", "hi"), ("edit", "3:add:8:unit"), ("edit", "4:clamp:1")])
+    rows = re.findall(r'<div class="edit-row"( data-raw-only)?>(.*?)</div>', r.text, re.S)
+    assert [("checked" in body.split('class="e-unit"')[1].split(">")[0]) for _, body in rows] == [True, False]
+    assert 'name="edit" value="3:add:8:unit"' in rows[0][1] and 'class="e-value"' in rows[0][1]
+    bad = client.get("/steer", params=[("sae", SAE), ("prompt", "hi"), ("edit", "3:boost:1")])
+    assert bad.status_code == 422 and '<div class="edit-row" data-raw-only>' in bad.text
+    assert 'value="3:boost:1"' in bad.text
+
+
 def test_edit_items_are_bounded_in_length_and_count(client):
     status, body = asgi_request(client.app, "get", "/steer", {"sae": SAE, "prompt": "hi", "edit": HUGE}, "text/html")
     assert status == 422 and len(body) < 20_000 and HUGE[:ECHO_CHARS + 1].encode() not in body  # was 200, 102 kB

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 from saescope.precompute.store import SAEInfo
 
@@ -48,3 +49,31 @@ def parse_edits(specs: list[str], sae: SAEInfo) -> list[EditIn]:
     if len(specs) > WORKER.max_edits:
         raise AppError(f"{len(specs)} edits given; the limit is {WORKER.max_edits}", 422)
     return [parse_edit(spec, sae) for spec in specs]
+
+
+HTML_NUMBER = re.compile(r"-?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][+-]?\d+)?")  # what <input type=number> keeps
+
+
+@dataclass(frozen=True)
+class EditFields:
+    """One URL edit as the steer page's row shows it: feature, mode, value (text an <input type=number> keeps)
+    and :unit. Read with parse_edit's own pattern, so a row rebuilt from these fields is the same edit."""
+
+    feature: str
+    mode: str
+    value: str  # "" when the edit gives none (the value then is 0)
+    unit: bool
+
+
+def edit_fields(spec: str) -> EditFields | None:
+    """The row fields of an edit, or None when it is not FEATURE[:MODE][:VALUE][:unit] at all (its row then stays
+    the raw text box, and parse_edits says what is wrong). Ranges are parse_edit's business, not checked here."""
+    if not spec.strip():
+        return EditFields("", "add", "", False)  # the empty row of a page without edits
+    m = EDIT_RE.fullmatch(spec.strip())
+    if not m:
+        return None
+    value = m.group(3) or ""
+    if value and not HTML_NUMBER.fullmatch(value):  # "+5", "5.", "1.e3": a number input would show these empty
+        value = repr(float(value))
+    return EditFields(m.group(1), m.group(2) or "add", value, bool(m.group(4)))

@@ -13,6 +13,7 @@ from fastapi.responses import HTMLResponse
 
 from ..errors import AppError
 from ..settings import SERVE, WORKER
+from .edits import edit_fields
 from .live_views import (Edits, GenerationParams, Prompt, ablate_feature, attribute, client_of, explain_request,
                          feature_activations, inspect_data, note_down, steer_state, store_of, strip, worker_status)
 from .lookups import check_index, sae_or_first
@@ -125,4 +126,5 @@ def steer_page(request: Request, g: Annotated[GenerationParams, Depends()], sae:
         edit = [*edit, f"{feature}:{mode}:{value:g}"]
     info = sae_or_first(store_of(request), sae)
     ctx = steer_state(request, info, prompt, edit, g)
+    ctx["edit_forms"] = [(e, edit_fields(e)) for e in (ctx["edits"] or [""])]  # the edit rows, :unit included
     return page(request, "steer.html", ctx, block="result", status=ctx["status"])
