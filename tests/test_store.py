@@ -45,6 +45,93 @@ def test_a_damaged_store_is_refused_when_opened_with_a_clear_message(tmp_path, t
     assert {"truncated50", "truncated80"} <= set(refused), refused
 
 
+def _cuts(n: int, block: int) -> list[int]:
+    """Truncation points of an n-byte store: inside and at the ends of DuckDB's three 4 kB headers, inside the
+    first, middle and last blocks, at block boundaries, and the last byte."""
+    h = 3 * 4096
+    return sorted({0, 1, 100, 4096, 8192, h - 1, h, h + 1, h + block, n // 2, int(n * 0.8), n - block - 1, n - block,
+                   n - block + 1, n - h - 1, n - h, n - 8192, n - 4096, n - 1} - {n})
+
+
+def _refusal(path, err) -> None:
+    msg = str(err)
+    assert isinstance(err, StoreError), (path.name, type(err), msg[:300])
+    assert str(path) in msg and "damaged or incomplete" in msg, msg
+    assert f"saescope precompute --out {path}" in msg and f"saescope verify {path}" in msg, msg
+
+
+def test_a_store_cut_short_anywhere_is_refused_when_opened(tmp_path, tiny_store):
+    """A copy of a real store truncated at any of ~20 points is refused by Store() with a StoreError that names the
+    file and the fix. Before: a cut in the last 12 kB (DuckDB's file headers were not counted in the size check)
+    opened, and every query of the last block then failed."""
+    data = tiny_store.read_bytes()
+    con = duckdb.connect(str(tiny_store), read_only=True)
+    block, total, used, free = con.execute(
+        "SELECT block_size, total_blocks, used_blocks, free_blocks FROM pragma_database_size()").fetchone()
+    con.close()
+    assert free == 0 and used == total and len(data) == 3 * 4096 + total * block  # the layout the check relies on
+    with Store(tiny_store) as s:  # the intact file opens
+        assert s.check_tables() == {t: None for t in s.check_tables()}
+    cuts = _cuts(len(data), block)
+    assert len(cuts) >= 15
+    for cut in cuts:
+        path = tmp_path / f"cut{cut}.duckdb"
+        path.write_bytes(data[:cut])
+        with pytest.raises(Exception) as err:
+            Store(path).close()
+        _refusal(path, err.value)
+        path.unlink()
+
+
+def test_a_store_with_free_blocks_cut_short_never_answers_wrong_data(tmp_path, tiny_store):
+    """With free blocks before the end of the file (a table rewritten after a dropped one), the size bound counts
+    only the blocks in use, so a short cut can open: then every table either reads back exactly as in the intact
+    file or is named damaged (check_tables, and a StoreError naming it from any query), never wrong data."""
+    from saescope.precompute.store.schema import STORE_TABLES
+    from tests.helpers import dump_tables
+
+    base = tmp_path / "freed.duckdb"
+    shutil.copyfile(tiny_store, base)
+    con = duckdb.connect(str(base))
+    con.execute("CREATE TABLE scratch AS SELECT range AS i, md5(range::VARCHAR) AS s FROM range(50000)")
+    con.execute("CHECKPOINT")
+    # examples rewritten after scratch, then scratch dropped: free blocks sit before the last used ones
+    con.execute("CREATE TABLE examples2 AS SELECT * FROM examples")
+    con.execute("DROP TABLE examples")
+    con.execute("ALTER TABLE examples2 RENAME TO examples")
+    con.execute("CHECKPOINT")
+    con.execute("DROP TABLE scratch")
+    con.execute("CHECKPOINT")
+    block, free = con.execute("SELECT block_size, free_blocks FROM pragma_database_size()").fetchone()
+    con.close()
+    assert free > 0
+    names = [t.name for t in STORE_TABLES if t.name != "saes"]  # dump_tables reads saes with every table
+    want = dump_tables(base, tables=tuple(names))
+    data = base.read_bytes()
+    opened = 0
+    for cut in _cuts(len(data), block):
+        path = tmp_path / f"cut{cut}.duckdb"
+        path.write_bytes(data[:cut])
+        try:
+            s = Store(path)
+        except Exception as err:  # noqa: BLE001 (anything but a StoreError is the failure being tested for)
+            _refusal(path, err)
+            path.unlink()
+            continue
+        opened += 1
+        with s:
+            broken = {t for t, why in s.check_tables().items() if why}
+            assert broken, cut  # the cut removed blocks in use: some table must say so
+            for t in broken:  # a query of a damaged table is a StoreError naming it and the fix
+                with pytest.raises(StoreError, match=rf"damaged or incomplete in table {t} .*saescope precompute"):
+                    s._q(f"SELECT count(*), bit_xor(hash(COLUMNS(*))) FROM {t}")
+        readable = tuple(t for t in names if t not in broken)
+        got = dump_tables(path, tables=readable)  # every other table (and saes) reads back as in the intact file
+        assert got == {t: want[t] for t in (*readable, "saes")}, cut
+        path.unlink()
+    assert opened > 0  # the free blocks let some cut past the size bound: the read-time path was exercised
+
+
 # ---------------------------------------------------------------- schema 2
 def test_schema_2_columns_exist_and_are_read(tiny_store):
     with Store(tiny_store) as s:

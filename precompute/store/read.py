@@ -112,6 +112,9 @@ def tables_of(sql: str) -> list[str]:
     return sorted({t for t in _FROM.findall(sql) if t in _TABLE_NAMES})
 
 
+FILE_HEADERS = 3 * 4096  # DuckDB's main header and its two database headers precede block 0
+
+
 def damaged(path: Path, why: object, tables: list[str] | None = None) -> "StoreError":
     where = f" in table{'s' if len(tables) > 1 else ''} {', '.join(tables)}" if tables else ""
     err = StoreError(f"the store file {path} is damaged or incomplete{where} ({str(why).splitlines()[0][:200]}); "
@@ -162,13 +165,16 @@ class Store(SearchQueries, MapQueries):
         missing = {t.name for t in STORE_TABLES} - tables
         if missing:
             raise damaged(self.path, f"tables missing: {', '.join(sorted(missing))}")
-        # a truncated file (an interrupted copy, a full disk) is shorter than the blocks its header lists
-        # (free blocks at the end of the file need not be on disk: compare with the blocks in use, not all blocks)
+        # a truncated file (an interrupted copy, a full disk) is shorter than the blocks its header lists. Block 0
+        # starts after DuckDB's three file headers, so a file holding `used` blocks has at least
+        # FILE_HEADERS + used * block_size bytes (without the headers, a cut inside the last block went unnoticed
+        # here and every query of it failed later). Free blocks at the end of the file need not be on disk, so the
+        # bound counts the blocks in use; with no free block (a freshly published store) it is the exact size.
         block_size, used_blocks = self._q("SELECT block_size, used_blocks FROM pragma_database_size()")[0]
-        size = self.path.stat().st_size
-        if size < block_size * used_blocks:
-            raise damaged(self.path, f"the file has {size:,} bytes; its header lists {used_blocks} blocks in use of "
-                                     f"{block_size:,} bytes")
+        size, need = self.path.stat().st_size, FILE_HEADERS + block_size * used_blocks
+        if size < need:
+            raise damaged(self.path, f"the file is cut short: it has {size:,} bytes, and the {used_blocks} blocks of "
+                                     f"{block_size:,} bytes its header lists in use need {need:,}")
         self._vocab: dict[str, list[str]] = {}
         self._saes = {s.sae_id: s for s in self._load_saes()}
         self._has_explanations = bool(self._q("SELECT count(*) FROM explanations")[0][0])
