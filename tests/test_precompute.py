@@ -246,11 +246,16 @@ def test_kill_9_then_the_same_command_resumes(tmp_path, tiny_store, tiny_lm_dir,
     np.testing.assert_allclose([r[7] for r in d["examples"]], [r[7] for r in ref["examples"]], rtol=1e-5)
 
 
+# what a test of the run's bookkeeping (resume, SAE lists) skips: the map, co-occurrence, quality metrics and the fp32
+# spot check, each tested on its own stores
+LEAN = dict(feature_map=False, cooccurrence=False, eval_tokens=0, verify_sample=0)
+
+
 def test_changed_settings_refuse_to_resume(tmp_path, tiny_lm_dir, tiny_sae_dir, small_corpus):
     from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
 
     args = dict(out=tmp_path / "c.duckdb", model=str(tiny_lm_dir), saes=[SAESpec(str(tiny_sae_dir))], dataset=str(small_corpus),
-                **TINY_ARGS)
+                **TINY_ARGS, **LEAN)
     with pytest.raises(KeyboardInterrupt):
         run_precompute(PrecomputeSpec(**args, on_event=interrupt_after("batch", batches=1)))
     with pytest.raises(ValueError, match="--restart"):
@@ -266,7 +271,7 @@ def test_two_saes_share_one_store(tmp_path, tiny_lm_dir, tiny_sae_dir, small_cor
     out = tmp_path / "two.duckdb"
     for sid in ("a", "b"):
         run_precompute(PrecomputeSpec(out=out, model=str(tiny_lm_dir), saes=[SAESpec(str(tiny_sae_dir), sae_id=sid)],
-                                      dataset=str(small_corpus), **{**TINY_ARGS, "tokens": 64 * 8}))
+                                      dataset=str(small_corpus), **{**TINY_ARGS, "tokens": 64 * 8}, **LEAN))
     with Store(out) as s:
         assert [x.sae_id for x in s.saes()] == ["a", "b"]
         assert s.count_features("a") == s.count_features("b") == 96
