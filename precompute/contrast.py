@@ -40,6 +40,12 @@ class TextActs:
     dense: np.ndarray
     n_tokens: np.ndarray  # (n,) counted positions per text
     token_ids: list[list[int]] = field(default_factory=list)
+    # per text, its nonzero activations (positions, features, values), kept while they fit KEEP_NONZEROS: the
+    # per-token values of the texts a contrast lists, without a second forward pass; None where not kept
+    nonzeros: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = field(default_factory=list)
+
+
+KEEP_NONZEROS = 16_000_000  # nonzero (token, feature) activations text_activations keeps (~200 MB)
 
 
 def tokenize(lm: HookedLM, texts: Sequence[str], prepend_bos: bool, max_tokens: int, side: str = "") -> list[list[int]]:
@@ -88,6 +94,8 @@ def text_activations(lm: HookedLM, sae: SAE, hook: str, texts: Sequence[str], pr
     n, d_sae, d_in = len(ids), sae.cfg.d_sae, sae.cfg.d_in
     mx, mn = np.zeros((n, d_sae), np.float32), np.zeros((n, d_sae), np.float32)
     dense, counted = np.zeros((n, d_in), np.float32), np.zeros(n, np.int64)
+    nonzeros: list = [None] * n
+    kept = 0
     for idx, batch, valid in _batches(ids, batch_size, _pad_id(lm)):
         keep = valid & ~special_mask(batch, lm.tokenizer)  # (B, T)
         acts = lm.activations(torch.from_numpy(batch), hook, torch.from_numpy(valid.astype(np.int64)))
@@ -100,23 +108,44 @@ def text_activations(lm: HookedLM, sae: SAE, hook: str, texts: Sequence[str], pr
         a = acts.float().cpu() * k[..., None]
         dense[idx] = (a.sum(1) / cnt[:, None]).numpy()
         counted[idx] = k.sum(1).numpy()
+        nz = torch.nonzero(z)  # (N, 3): row, position, feature, in row order
+        if kept + len(nz) <= KEEP_NONZEROS:
+            kept += len(nz)
+            vals = z[nz[:, 0], nz[:, 1], nz[:, 2]].numpy()
+            bounds = np.searchsorted(nz[:, 0].numpy(), np.arange(len(idx) + 1))
+            cols = nz[:, 1:].numpy().astype(np.int32)
+            for r, i in enumerate(idx):
+                lo, hi = bounds[r], bounds[r + 1]
+                nonzeros[i] = (cols[lo:hi, 0], cols[lo:hi, 1], vals[lo:hi])
         if progress is not None:
             progress(len(idx))
-    return TextActs(mx, mn, dense, counted, ids)
+    return TextActs(mx, mn, dense, counted, ids, nonzeros)
 
 
 @torch.no_grad()
-def token_values(lm: HookedLM, sae: SAE, hook: str, ids: list[list[int]], want: dict[int, set[int]],
+def token_values(lm: HookedLM, sae: SAE, hook: str, acts: TextActs, want: dict[int, set[int]],
                  batch_size: int = 8) -> dict[tuple[int, int], list[float]]:
     """(text, feature) -> the feature's activation on every token of the text (0 on special tokens), for the
-    texts and features in `want` (text index -> features): the highlighting of the texts a contrast lists."""
-    texts = sorted(want)
-    sub = [ids[i] for i in texts]
+    texts and features in `want` (text index -> features): the highlighting of the texts a contrast lists.
+    From the nonzeros text_activations kept; texts it did not keep are encoded again."""
+    ids = acts.token_ids
     out: dict[tuple[int, int], list[float]] = {}
+    for i in sorted(want):
+        kept = acts.nonzeros[i] if i < len(acts.nonzeros) else None
+        if kept is None:
+            continue
+        pos, feat, vals = kept
+        for f in sorted(want[i]):
+            row = np.zeros(len(ids[i]), np.float32)
+            sel = feat == f
+            row[pos[sel]] = vals[sel]
+            out[(i, f)] = row.tolist()
+    texts = sorted(i for i in want if (i, min(want[i])) not in out)
+    sub = [ids[i] for i in texts]
     for idx, batch, valid in _batches(sub, batch_size, _pad_id(lm)):
         keep = valid & ~special_mask(batch, lm.tokenizer)
-        acts = lm.activations(torch.from_numpy(batch), hook, torch.from_numpy(valid.astype(np.int64)))
-        z = sae.encode(acts.to(sae.W_enc.device)).float().cpu()
+        h = lm.activations(torch.from_numpy(batch), hook, torch.from_numpy(valid.astype(np.int64)))
+        z = sae.encode(h.to(sae.W_enc.device)).float().cpu()
         z[~torch.from_numpy(keep)] = 0
         for r, j in enumerate(idx):
             i, T = texts[j], len(sub[j])
@@ -278,6 +307,7 @@ class Computed:
     features: dict[str, list]  # CONTRAST_FEATURES columns without sae_id/name
     texts: dict[str, list]  # CONTRAST_TEXTS columns likewise
     result: ContrastResult
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds per step (bench/contrast.py)
 
 
 def compute(lm: HookedLM, sae: SAE, hook: str, ta: Sequence[str], tb: Sequence[str], prepend_bos: bool,
@@ -290,8 +320,12 @@ def compute(lm: HookedLM, sae: SAE, hook: str, ta: Sequence[str], tb: Sequence[s
         raise UserError(f"reduce {reduce!r}; valid: {', '.join(REDUCTIONS)}")
     if not ta or not tb:
         raise UserError(f"contrast needs at least one text on each side; got {len(ta)} (A) and {len(tb)} (B)")
+    import time
+
+    t0 = time.perf_counter()
     a = text_activations(lm, sae, hook, ta, prepend_bos, max_tokens, batch_size, "A", progress)
     b = text_activations(lm, sae, hook, tb, prepend_bos, max_tokens, batch_size, "B", progress)
+    t1 = time.perf_counter()
     res = contrast(getattr(a, reduce), getattr(b, reduce), top, reduce)
     probe = None
     if len(ta) >= 2 and len(tb) >= 2:
@@ -308,7 +342,9 @@ def compute(lm: HookedLM, sae: SAE, hook: str, ta: Sequence[str], tb: Sequence[s
             listed.append((side, rank, int(f), order, [float(scores[i, f]) for i in order]))
             for i in order:
                 want[side].setdefault(i, set()).add(int(f))
-    values = {s: token_values(lm, sae, hook, x.token_ids, want[s], batch_size) for s, x in (("a", a), ("b", b))}
+    t2 = time.perf_counter()
+    values = {s: token_values(lm, sae, hook, x, want[s], batch_size) for s, x in (("a", a), ("b", b))}
+    t3 = time.perf_counter()
     cols: dict[str, list] = {k: [] for k in ("side", "rank", "feature", "auroc", "mean_a", "mean_b", "diff",
                                              "top_texts", "top_values", "top_acts")}
     for side, rank, f, order, tops in listed:
@@ -318,7 +354,8 @@ def compute(lm: HookedLM, sae: SAE, hook: str, ta: Sequence[str], tb: Sequence[s
             cols[k].append(v)
     texts = {"side": ["a"] * len(ta) + ["b"] * len(tb), "idx": list(range(len(ta))) + list(range(len(tb))),
              "token_ids": a.token_ids + b.token_ids}
-    return Computed({"n_a": len(ta), "n_b": len(tb), "reduce": reduce, "probe": probe}, cols, texts, res)
+    return Computed({"n_a": len(ta), "n_b": len(tb), "reduce": reduce, "probe": probe}, cols, texts, res,
+                    {"encode": t1 - t0, "rank_and_probe": t2 - t1, "token_values": t3 - t2})
 
 
 def run_contrast(store_path, sae_id: str, a_path, b_path, name: str, reduce: str = "max", top: int = 50,
