@@ -94,6 +94,7 @@ class WorkerSettings:
     contrast_timeout_s: float = 120.0  # one live contrast may take this long (2 x 32 texts on a CPU: seconds)
     max_search_positions: int = LIMITS.max_search_positions
     max_search_top: int = LIMITS.max_search_top
+    max_search_saes: int = 256  # SAEs one search may name
     search_top: int = LIMITS.search_top
 
 

@@ -143,7 +143,7 @@ class Limits:
     max_logprobs: int = 10  # most likely tokens reported per generated token (Neuronpedia's n_logprobs limit too)
     max_contrast_texts: int = 32  # texts per side of a live contrast (precompute/contrast.py check_live_sets)
     max_contrast_tokens: int = 128  # tokens per text of a live contrast (BOS included)
-    max_contrast_chars: int = 1000  # characters per text of a live contrast
+    max_contrast_chars: int = 2000  # characters per text of a live contrast
     max_contrast_top: int = 50  # features listed per side of a live contrast
     max_search_positions: int = 64  # token positions one search across SAEs may choose
     max_search_top: int = 100  # features one search across SAEs may list

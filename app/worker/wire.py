@@ -436,7 +436,8 @@ class SearchAllIn(BaseModel):
     positions: list[int] = Field(min_length=1, max_length=WORKER.max_search_positions,
                                  description="token positions to rank by (0 = first token; special tokens never count)")
     top: int = Field(WORKER.search_top, ge=1, le=WORKER.max_search_top, description="features listed over all SAEs")
-    sae_ids: list[str] | None = Field(None, max_length=64, description="the SAEs to search (default: every one)")
+    sae_ids: list[str] | None = Field(None, max_length=WORKER.max_search_saes, description="the SAEs to search "
+                                      "(default: every one)")
 
 
 class SearchHitOut(BaseModel):
