@@ -29,6 +29,7 @@ class ServeSettings:
     max_prompt_chars: int = 4000  # prompts typed into the dashboard (inspect, "try your own text")
     inspect_k: int = 20  # features listed for a prompt
     token_detail_k: int = 10  # features listed for one token of a prompt
+    search_top: int = LIMITS.search_top  # features listed by the inspect page's search across every SAE
     max_inspect_k: int = 200
     max_list: int = 200  # features in one shared list (the list lives in its URL)
     max_note_chars: int = 500
@@ -84,6 +85,17 @@ class WorkerSettings:
     max_explain_examples: int = 64  # examples (top, per group, non-activating) a request may carry
     explain_timeout_s: float = 120.0  # an explanation request may take this long (a CPU model is slow)
     chat_max_tokens: int = LIMITS.max_chat_tokens  # largest max_tokens of the OpenAI-compatible chat route
+    # contrast of two small sets of texts (POST /contrast) and search across SAEs (POST /search_all)
+    max_contrast_texts: int = LIMITS.max_contrast_texts  # texts per side
+    max_contrast_tokens: int = LIMITS.max_contrast_tokens  # tokens per text (BOS included)
+    max_contrast_chars: int = LIMITS.max_contrast_chars  # characters per text
+    max_contrast_top: int = LIMITS.max_contrast_top  # features listed per side
+    contrast_top: int = LIMITS.contrast_top
+    contrast_timeout_s: float = 120.0  # one live contrast may take this long (2 x 32 texts on a CPU: seconds)
+    max_search_positions: int = LIMITS.max_search_positions
+    max_search_top: int = LIMITS.max_search_top
+    max_search_saes: int = 256  # SAEs one search may name
+    search_top: int = LIMITS.search_top
 
 
 @dataclass(frozen=True)

@@ -141,12 +141,20 @@ class Limits:
     max_chat_turns: int = 16  # messages in one steered conversation (system, user and assistant turns)
     max_message_chars: int = 2000  # characters of one message of a steered conversation
     max_logprobs: int = 10  # most likely tokens reported per generated token (Neuronpedia's n_logprobs limit too)
+    max_contrast_texts: int = 32  # texts per side of a live contrast (precompute/contrast.py check_live_sets)
+    max_contrast_tokens: int = 128  # tokens per text of a live contrast (BOS included)
+    max_contrast_chars: int = 2000  # characters per text of a live contrast
+    max_contrast_top: int = 50  # features listed per side of a live contrast
+    max_search_positions: int = 64  # token positions one search across SAEs may choose
+    max_search_top: int = 100  # features one search across SAEs may list
     # ... and what a request gets when it names none
     default_new_tokens: int = 32  # tokens a steered generation produces
     attribution_top: int = 20  # features listed by attribution
     attribution_verify: int = 10  # of which the true ablation effect is measured
     patch_features: int = 8  # heatmap columns when none are chosen: the largest attribution-patching estimates
     default_logprobs: int = 5  # most likely tokens per generated token the steer page shows on hover
+    contrast_top: int = 20  # features listed per side of a live contrast
+    search_top: int = 20  # features listed by a search across SAEs
 
 
 # ---- evidence (issue 22): `saescope check`, `saescope diff`, `saescope export --format html`

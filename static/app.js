@@ -65,6 +65,52 @@ document.addEventListener("focusin", (e) => {
   p.value = t.dataset.pos;
 });
 
+// Inspect: tokens selected for the search across every SAE (the sel= URL parameter): click selects one, shift-click
+// a range from the last one clicked, ctrl/cmd-click adds or removes one; Enter on a focused token does the same.
+// The selection is chosen on mousedown, before the focus loads the token's detail, so that request carries it.
+(() => {
+  let anchor = null;
+  const strip = () => document.getElementById("inspect-strip");
+  const picked = () => [...strip().querySelectorAll(".tok.picked")].map((t) => Number(t.dataset.pos));
+  const apply = (sel, pos) => {
+    for (const t of strip().querySelectorAll(".tok")) t.classList.toggle("picked", sel.includes(Number(t.dataset.pos)));
+    const form = document.getElementById("search-all-form");
+    if (!form) return;
+    form.querySelector("input[name=sel]").value = sel.join(",");
+    let p = form.querySelector("input[name=pos]");
+    if (!p) { p = document.createElement("input"); p.type = "hidden"; p.name = "pos"; form.append(p); }
+    p.value = pos;
+    htmx.trigger(form, "submit");
+  };
+  const choose = (t, e) => {
+    const p = Number(t.dataset.pos);
+    let sel = picked();
+    if (e.shiftKey && anchor !== null) {
+      sel = [];
+      for (let i = Math.min(anchor, p); i <= Math.max(anchor, p); i++) sel.push(i);
+    } else if (e.ctrlKey || e.metaKey) {
+      sel = sel.includes(p) ? sel.filter((x) => x !== p) : [...sel, p].sort((x, y) => x - y);
+      anchor = p;
+    } else { sel = [p]; anchor = p; }
+    apply(sel, p);
+  };
+  document.addEventListener("mousedown", (e) => {
+    const t = e.target.closest && e.target.closest("#inspect-strip .tok");
+    if (!t || e.button !== 0) return;
+    if (e.shiftKey) { e.preventDefault(); choose(t, e); t.focus(); return; }  // no text selection
+    choose(t, e);
+  });
+  document.addEventListener("keydown", (e) => {
+    const t = e.key === "Enter" && e.target.closest && e.target.closest("#inspect-strip .tok");
+    if (t) { e.preventDefault(); choose(t, e); }
+  });
+  document.addEventListener("htmx:configRequest", (e) => {  // a token's detail keeps the selection in its URL
+    if (!(e.detail.elt.closest && e.detail.elt.closest("#inspect-strip"))) return;
+    const sel = picked();
+    if (sel.length) e.detail.parameters.sel = sel.join(",");
+  });
+})();
+
 // Steering: each edit is a row (feature, mode, value, :unit, the feature's top tokens) that writes the same
 // edit=FEATURE:MODE:VALUE[:unit] URL parameter the raw box did, so links stay shareable; "+ edit" adds a row.
 // A row the server read from the URL (app/web/edits.py edit_fields) keeps its edit exactly as given until it is

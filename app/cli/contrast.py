@@ -25,13 +25,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=50, help="features listed per side (default: %(default)s)")
     p.add_argument("--device", default=P.device, help="cpu, cuda or auto (default: %(default)s)")
     p.add_argument("--dtype", default=P.dtype, help="model dtype (default: %(default)s)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar over the texts")
 
 
 def run(args: argparse.Namespace) -> int:
     from saescope.precompute.contrast import run_contrast
 
     r = run_contrast(args.store, args.sae_id, args.a_path, args.b_path, args.name, args.reduce, args.top,
-                     args.device, args.dtype)
+                     args.device, args.dtype, progress=args.progress)
     au = r["auroc"]
     print(f"stored contrast {args.name!r} of {args.sae_id}: /sae/{args.sae_id}/contrast/{args.name}")
     print("higher on A: " + ", ".join(f"{f} (AUROC {au[f]:.3f})" for f in r["top_a"]))

@@ -14,8 +14,9 @@ from fastapi.responses import HTMLResponse
 from ..errors import AppError
 from ..settings import SERVE, WORKER
 from .edits import edit_fields
-from .live_views import (Edits, GenerationParams, Prompt, ablate_feature, attribute, client_of, explain_request,
-                         feature_activations, inspect_data, note_down, steer_state, store_of, strip, worker_status)
+from .live_views import (Edits, GenerationParams, Prompt, Selection, ablate_feature, attribute, client_of,
+                         explain_request, feature_activations, inspect_data, note_down, parse_selection, search_all,
+                         steer_state, store_of, strip, worker_status)
 from .lookups import check_index, sae_or_first
 from .templates import ENV, page
 
@@ -27,20 +28,36 @@ S, W = SERVE, WORKER
 def inspect_page(request: Request, sae: str | None = None, prompt: Prompt = "",
                  pos: int | None = Query(None, ge=0), ablate: int | None = Query(None, ge=0),
                  why: int | None = Query(None, ge=0), target: int | None = Query(None, ge=0),
-                 color: int | None = Query(None, ge=0)):
+                 color: int | None = Query(None, ge=0), sel: Selection = None):
     """A prompt's features (live); ablate=F adds the per-token effect of removing feature F; why=P explains the
     prediction after token P (target=ID for another token than the top one); color=F colours the token strip by
-    feature F's activation instead of each token's strongest feature."""
+    feature F's activation instead of each token's strongest feature; sel=3,5 (the tokens selected by click /
+    shift-click) ranks the features of every SAE in the store at those positions."""
     store = store_of(request)
     info = sae_or_first(store, sae)
+    positions = parse_selection(sel)
     ctx = {"saes": store.saes(), "sae": info, "prompt": prompt, "pos": pos, "worker": worker_status(request.app),
            "result": None, "error": None, "ablate": ablate, "why": why, "target": target, "ablation": None,
-           "attribution": None, "color": color}
+           "attribution": None, "color": color, "sel": positions or [], "across": None, "across_error": None}
     for given in (ablate, color):
         if given is not None:
             check_index(info, given)
+    target_block = request.headers.get("HX-Target")
+    if prompt.strip() and positions and target_block == "search-all":  # only the selection changed
+        try:
+            ctx["across"] = search_all(request, prompt, positions)
+        except AppError as err:
+            ctx["across_error"] = err
+        return page(request, "inspect.html", ctx, block="across")
     if prompt.strip():
         try:
+            if positions and target_block != "token-detail":  # a token's detail keeps the selection in its URL only
+                try:
+                    ctx["across"] = search_all(request, prompt, positions)
+                except AppError as err:
+                    if err.status == 503:
+                        raise
+                    ctx["across_error"] = err
             ctx["result"] = inspect_data(request, info, prompt, pos)
             if color is not None:  # the strip coloured by one feature, relative to its stored max
                 res, acts = ctx["result"], feature_activations(request, info, color, prompt)
@@ -58,7 +75,7 @@ def inspect_page(request: Request, sae: str | None = None, prompt: Prompt = "",
                 raise
             ctx["error"] = err
             note_down(ctx, err)
-    block = "detail" if pos is not None and request.headers.get("HX-Target") == "token-detail" else "result"
+    block = "detail" if pos is not None and target_block == "token-detail" else "result"
     return page(request, "inspect.html", ctx, block=block)
 
 

@@ -8,9 +8,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 
 from ..settings import SERVE
-from ..worker.wire import AblateOut, AttributeOut, FeatureActsOut, SteerOut, TopFeaturesOut
+from ..errors import AppError
+from ..worker.wire import AblateOut, AttributeOut, FeatureActsOut, SearchAllOut, SteerOut, TopFeaturesOut
 from . import live_views as lv
-from .live_views import RequiredEdits, GenerationParams, RequiredPrompt, store_of
+from .live_views import RequiredEdits, GenerationParams, RequiredPrompt, Selection, store_of
 
 router = APIRouter(prefix="/api", tags=["live"])
 S = SERVE
@@ -46,3 +47,12 @@ def api_ablate(request: Request, sae: str, prompt: RequiredPrompt,
 def api_attribute(request: Request, sae: str, prompt: RequiredPrompt,
                   position: int | None = Query(None, ge=0), target: int | None = Query(None, ge=0)) -> AttributeOut:
     return lv.attribute(request, store_of(request).require_sae(sae), prompt, position, target)
+
+
+@router.get("/search_all", summary="a prompt's top features across every SAE of the store at chosen token positions "
+            "(live, one forward pass; features whose largest activation is on BOS left out)")
+def api_search_all(request: Request, prompt: RequiredPrompt, sel: Selection = None) -> SearchAllOut:
+    positions = lv.parse_selection(sel)
+    if not positions:
+        raise AppError("give sel: the token positions to rank by, comma-separated (e.g. sel=3,5)", 422)
+    return lv.search_all(request, prompt, positions)["out"]

@@ -10,11 +10,11 @@ from fastapi import Query, Request
 
 from saescope.precompute.store import SAEInfo, Store
 
-from ..errors import AppError
+from ..errors import AppError, echo
 from ..settings import SERVE, WORKER
 from ..worker.client import DOWN_HINT, WorkerClient
 from ..worker.wire import (AblateOut, AttributeIn, AttributeOut, EditIn, EditsIn, ExampleIn, ExplainIn,
-                           FeatureActsIn, FeatureActsOut, SteerIn, SteerOut, TopFeaturesIn, TopFeaturesOut)
+                           FeatureActsIn, FeatureActsOut, SearchAllIn, SearchAllOut, SteerIn, SteerOut, TopFeaturesIn, TopFeaturesOut)
 from .edits import parse_edits
 from .lookups import check_index
 from .tokens import Tok
@@ -83,6 +83,38 @@ def inspect_data(request: Request, sae: SAEInfo, prompt: str, pos: int | None) -
     vmax = max(top.token_max) if top.token_max else 0.0
     return {"sae": sae, "top": top, "rows": rows, "detail": detail, "vmax": vmax,
             "toks": strip(top.tokens, top.token_max, pos)}
+
+
+# ---------------------------------------------------------------- search across every SAE
+SEL_DOC = (f"token positions to rank by, comma-separated (e.g. 3,5,7; at most {W.max_search_positions}); "
+           "the inspect page's click / shift-click selection")
+Selection = Annotated[str | None, Query(max_length=W.max_search_positions * 6, description=SEL_DOC)]
+
+
+def parse_selection(sel: str | None) -> list[int] | None:
+    """sel=3,5,7 -> [3, 5, 7] (order kept, repeats dropped); None or blank -> None; anything else is a 422 that
+    says what is allowed."""
+    if sel is None or not sel.strip():
+        return None
+    parts = [p.strip() for p in sel.split(",") if p.strip()]
+    bad = [p for p in parts if not (p.isascii() and p.isdigit() and len(p) <= 6)]
+    if bad:
+        raise AppError(f"sel must be token positions separated by commas (e.g. 3,5,7); got {echo(bad[0])}", 422)
+    out = list(dict.fromkeys(int(p) for p in parts))
+    if len(out) > W.max_search_positions:
+        raise AppError(f"sel names {len(out)} positions; at most {W.max_search_positions}", 422)
+    return out
+
+
+def search_all(request: Request, prompt: str, positions: list[int]) -> dict:
+    """The prompt's top features across every SAE of the store at the chosen positions (one forward pass in the
+    worker), with each hit's stored top tokens."""
+    store = store_of(request)
+    ids = [s.sae_id for s in store.saes()]
+    out: SearchAllOut = client_of(request).search_all(SearchAllIn(text=prompt, positions=positions,
+                                                                  top=S.search_top, sae_ids=ids))
+    rows = {sid: store.features_by_index(sid, [h.feature for h in out.hits if h.sae_id == sid]) for sid in ids}
+    return {"out": out, "rows": rows, "positions": out.positions}
 
 
 # ---------------------------------------------------------------- interventions

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import AppError
 from ..settings import SERVE, WORKER
-from .wire import (AblateOut, AttributeIn, AttributeOut, ChatSteerIn, ChatSteerOut, EditsIn, ExplainIn, ExplainOut, FeatureActsIn, FeatureActsOut,
+from .wire import (AblateOut, AttributeIn, ContrastIn, ContrastOut, SearchAllIn, SearchAllOut, AttributeOut, ChatSteerIn, ChatSteerOut, EditsIn, ExplainIn, ExplainOut, FeatureActsIn, FeatureActsOut,
                    HealthOut, PatchIn, PatchOut, SteerIn, SteerOut, TokenFeaturesIn, TokenFeaturesOut, TokenizeIn, TokenizeOut,
                    TopFeaturesIn, TopFeaturesOut)
 
@@ -109,6 +109,14 @@ class WorkerClient:
 
     def patch(self, body: PatchIn) -> PatchOut:
         return self._call("/patch", body, PatchOut)
+
+    def contrast(self, body: ContrastIn) -> ContrastOut:
+        """Features separating two small sets of texts (waits as long as the worker's own limit)."""
+        return self._call("/contrast", body, ContrastOut, timeout_s=WORKER.contrast_timeout_s + 5)
+
+    def search_all(self, body: SearchAllIn) -> SearchAllOut:
+        """A prompt's top features across every SAE at chosen positions."""
+        return self._call("/search_all", body, SearchAllOut)
 
     def explain(self, body: ExplainIn) -> ExplainOut:
         """One feature explained by the worker's model (waits up to the worker's own explanation time limit)."""

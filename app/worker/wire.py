@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
@@ -384,3 +384,71 @@ class GraphOut(BaseModel):
     edge_checks: list[EdgeCheckOut]
     sae_ids: dict[int, str] = Field(description="layer -> the transcoder (sae_id) used there")
     seconds: float
+
+
+# ---------------------------------------------------------------- contrast and search across SAEs
+ContrastText = Annotated[str, Field(max_length=WORKER.max_contrast_chars)]
+
+
+class ContrastIn(BaseModel):
+    """Two small sets of texts; the features of one SAE that separate them (precompute.contrast.compute)."""
+
+    sae_id: str = Field(description="the SAE whose features are ranked")
+    a: list[ContrastText] = Field(max_length=WORKER.max_contrast_texts, description=f"texts A: 1 to "
+                                  f"{WORKER.max_contrast_texts}, each at most {WORKER.max_contrast_chars} characters "
+                                  f"and {WORKER.max_contrast_tokens} tokens (BOS included)")
+    b: list[ContrastText] = Field(max_length=WORKER.max_contrast_texts, description="texts B, likewise")
+    reduce: Literal["max", "mean"] = Field("max", description="per-text reduction of a feature's activations for "
+                                           "the ranking")
+    top: int = Field(WORKER.contrast_top, ge=1, le=WORKER.max_contrast_top, description="features listed per side")
+
+
+class ContrastFeatureOut(BaseModel):
+    side: Literal["a", "b"] = Field(description="a: higher on A, b: higher on B")
+    rank: int = Field(description="0 = best on its side")
+    feature: int = Field(description="feature index")
+    auroc: float = Field(description="P(an A text scores higher than a B text) + P(tie) / 2")
+    mean_a: float = Field(description="mean per-text score over A")
+    mean_b: float = Field(description="mean per-text score over B")
+    diff: float = Field(description="mean_a - mean_b")
+    top_texts: list[int] = Field(description="indices of the side's texts where the feature scores highest, best first")
+    top_values: list[float] = Field(description="their scores")
+    top_acts: list[list[float]] = Field(description="per listed text, the feature's activation on each of its tokens")
+
+
+class ContrastOut(BaseModel):
+    n_a: int = Field(description="texts in A")
+    n_b: int = Field(description="texts in B")
+    reduce: str = Field(description="max or mean")
+    probe: dict | None = Field(description="sparse probing (k features by mean difference, logistic regression, "
+                               "held-out accuracy) and the dense ceiling; None when a side has fewer than 2 texts")
+    features: list[ContrastFeatureOut] = Field(description="the ranked features, side a then side b")
+    token_ids: dict[str, list[list[int]]] = Field(description="side -> each text's token ids as encoded")
+    tokens: dict[str, list[list[str]]] = Field(description="side -> each text's token display strings")
+    seconds: float = Field(description="time spent")
+
+
+class SearchAllIn(BaseModel):
+    """A prompt's top features across every SAE of the worker at chosen positions (precompute.search_all)."""
+
+    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="the prompt (tokenized with the first "
+                      "SAE's BOS convention)")
+    positions: list[int] = Field(min_length=1, max_length=WORKER.max_search_positions,
+                                 description="token positions to rank by (0 = first token; special tokens never count)")
+    top: int = Field(WORKER.search_top, ge=1, le=WORKER.max_search_top, description="features listed over all SAEs")
+    sae_ids: list[str] | None = Field(None, max_length=WORKER.max_search_saes, description="the SAEs to search "
+                                      "(default: every one)")
+
+
+class SearchHitOut(BaseModel):
+    sae_id: str = Field(description="the SAE")
+    feature: int = Field(description="feature index")
+    value: float = Field(description="its largest activation over the chosen positions")
+    pos: int = Field(description="where that largest activation is")
+
+
+class SearchAllOut(BaseModel):
+    tokens: list[str] = Field(description="display strings of the prompt's tokens")
+    positions: list[int] = Field(description="the chosen positions that count (special tokens dropped)")
+    hits: list[SearchHitOut] = Field(description="features of every SAE by their activation there, highest first; "
+                                     "features whose largest activation on the whole prompt is on BOS left out")

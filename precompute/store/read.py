@@ -263,7 +263,10 @@ class Store(SearchQueries, MapQueries):
             return None
         run = ContrastRun(*(json.loads(v or "{}") if c.json else v for c, v in zip(CONTRASTS.cols, rows[0])))
         feats: dict[str, list[ContrastFeature]] = {"a": [], "b": []}
-        for r in self._q(f"SELECT {CONTRAST_FEATURES.select_list()} FROM contrast_features WHERE sae_id = ? AND name = ? "
+        have = {r[0] for r in self._q("SELECT column_name FROM information_schema.columns "
+                                      "WHERE table_name = 'contrast_features'")}
+        cols = ", ".join(c if c in have else f"NULL AS {c}" for c in CONTRAST_FEATURES.names)  # older stores
+        for r in self._q(f"SELECT {cols} FROM contrast_features WHERE sae_id = ? AND name = ? "
                          "ORDER BY side, rank", [sae_id, name]):
             feats[r[2]].append(ContrastFeature(*r))
         texts: dict[str, list[list[int]]] = {"a": [], "b": []}

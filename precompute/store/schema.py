@@ -164,6 +164,7 @@ CONTRAST_FEATURES = Table("contrast_features", (  # the ranked features of each 
     C("mean_b", "DOUBLE", float), C("diff", "DOUBLE", float),
     C("top_texts", "INTEGER[]", list),  # indices of the side's texts where the feature is highest, best first
     C("top_values", "REAL[]", list),
+    C("top_acts", "REAL[][]", list),  # per listed text, the feature's activation on each of its tokens (highlighting)
 ))
 CONTRAST_TEXTS = Table("contrast_texts", (  # the texts of each contrast, tokenized as they were encoded
     C("sae_id", "VARCHAR", str), C("name", "VARCHAR", str), C("side", "VARCHAR", str), C("idx", "INTEGER", int),

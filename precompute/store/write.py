@@ -703,6 +703,7 @@ def write_contrast(path: Path, run: dict[str, Any], features: dict[str, list], t
     features = CONTRAST_FEATURES columns (without sae_id/name) as lists, texts = CONTRAST_TEXTS columns likewise."""
     with rewriting(path) as con:
         _run(con, create_all((CONTRASTS, CONTRAST_FEATURES, CONTRAST_TEXTS)))
+        _run(con, "ALTER TABLE contrast_features ADD COLUMN IF NOT EXISTS top_acts REAL[][]")  # stores before it
         have = {r[0] for r in con.execute("SELECT sae_id FROM saes").fetchall()}
         if run["sae_id"] not in have:
             raise UnknownSAE(run["sae_id"], sorted(have), where=f"the store {path.name}")
@@ -713,7 +714,7 @@ def write_contrast(path: Path, run: dict[str, Any], features: dict[str, list], t
         _run(con, f"INSERT INTO {CONTRASTS.name} ({CONTRASTS.select_list()}) VALUES ({', '.join('?' * len(values))})",
              values)
         types = {"INTEGER": pa.int32(), "DOUBLE": pa.float64(), "VARCHAR": pa.string(), "INTEGER[]": pa.list_(pa.int32()),
-                 "REAL[]": pa.list_(pa.float32())}
+                 "REAL[]": pa.list_(pa.float32()), "REAL[][]": pa.list_(pa.list_(pa.float32()))}
         for t, cols in ((CONTRAST_FEATURES, features), (CONTRAST_TEXTS, texts)):
             n = len(next(iter(cols.values())))
             full = {"sae_id": [run["sae_id"]] * n, "name": [run["name"]] * n, **cols}

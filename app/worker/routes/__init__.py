@@ -2,7 +2,7 @@
 
 create_worker_app assembles it: error handlers, the shared-secret check, and one router per module:
 activations (/health, /tokenize, /activations, /top_features, /token_features), interventions (/steer, /ablate,
-/attribute), explain (/explain and the OpenAI-compatible chat route of app/worker/chat.py).
+/attribute), contrast (/contrast, /search_all), explain (/explain and the OpenAI-compatible chat route of app/worker/chat.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ...errors import AppError, validation_message
 from ...settings import VERSION
 from ..batcher import Engine
-from . import activations, explain, graph, interventions
+from . import activations, contrast, explain, graph, interventions
 
 DESCRIPTION = ("Live SAE feature activations over a small JSON API, with dynamic batching; feature explanations "
                "and an OpenAI-compatible chat route (/v1/chat/completions) for the worker's own model.")
@@ -66,7 +66,8 @@ def create_worker_app(engine: Engine, secret: str | None = None) -> FastAPI:
                                                if chat is not None else None))
     app.include_router(interventions.make_router(engine))
     app.include_router(explain.make_router(engine, chat))
-    app.include_router(graph.make_graph_router(engine))  # POST /graph: attribution graphs over the transcoders
+    app.include_router(graph.make_graph_router(engine))
+    app.include_router(contrast.make_router(engine))  # POST /contrast, POST /search_all  # POST /graph: attribution graphs over the transcoders
     if chat is not None or engine is None:  # any OpenAI client can chat with the worker's model (greedy, unsteered)
         app.include_router(explain.make_chat_routes(engine, chat))
     return app
