@@ -77,14 +77,16 @@ def run_precompute(spec: PrecomputeSpec) -> Path:
         if spec.feature_map:  # the live features are known now: the map beside the feature ranges
             weights.start_maps([live_mask(work.counts(i, d)) for i, d in enumerate(plan.d_sae)])
         jobs = build_tables(spec, plan, work, executor)
-        publish(spec, run, model_label(spec), model_path, work, jobs, prepend, weights)
+        phases = {"ranges": time.time() - t_stream}
+        publish(spec, run, model_label(spec), model_path, work, jobs, prepend, weights, phases)
     except BaseException:
         weights.cancel()
         raise
     shutil.rmtree(work.root, ignore_errors=True)
     t_end = time.time()
     spec.event("finished", load=t_loaded - t_start, stream=t_stream - t_loaded, forward=t_forward,
-               publish=t_end - t_stream, tokens=done * spec.context_len)
+               publish=t_end - t_stream, tokens=done * spec.context_len, phases=phases,
+               background={"logits": weights.seconds("logits"), "map": weights.seconds("map")})
     log.info("stored %s in %s (load %.0f s, stream %.0f s, tables %.0f s; peak memory %s)",
              ", ".join(x.sae_id for x in loaded), spec.out, t_loaded - t_start, t_stream - t_loaded,
              t_end - t_stream, peak_rss())

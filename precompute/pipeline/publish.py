@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 
 import numpy as np
 import torch
@@ -28,26 +29,39 @@ P = PRECOMPUTE
 
 
 def publish(spec: PrecomputeSpec, run: LoadedRun, model_label: str, model_path: str, work: WorkDir,
-            jobs: list[RangeJob], prepend: bool, weights: WeightsWork) -> None:
+            jobs: list[RangeJob], prepend: bool, weights: WeightsWork, phases: dict[str, float] | None = None) -> None:
     """Write the store from the built ranges (jobs) and the weights-only tables (computed beside the stream by
-    `weights`: waits for them); atomically replaces spec.out."""
+    `weights`: waits for them); atomically replaces spec.out. phases: filled with seconds per step (benchmarks)."""
     lm, loaded = run.lm, run.saes
+    phases = {} if phases is None else phases
+    t = time.perf_counter()
     from_weights = weights.logits()
+    phases["wait_logits"] = time.perf_counter() - t
+    t = time.perf_counter()
     maps = weights.maps() if spec.feature_map else None
+    phases["wait_map"] = time.perf_counter() - t
     builder = StoreBuilder(spec.out, spec.memory_limit, temp_dir=work.root / "spill")
     try:
         builder.put_vocab(model_label, token_strings(lm.tokenizer))
         for i, (x, (logits, neighbours)) in enumerate(zip(loaded, from_weights)):
             _publish_one(spec, builder, lm, x, i, model_label, model_path, work, [j for j in jobs if j.i == i],
-                         prepend, logits, neighbours, maps[i] if maps is not None else None)
+                         prepend, logits, neighbours, maps[i] if maps is not None else None, phases)
+        t = time.perf_counter()
         _cross_matches(builder, loaded)
+        phases["cross"] = time.perf_counter() - t
         if spec.eval_tokens > 0:  # SAE quality metrics on the held-out tokens after the stream (precompute/quality.py)
             from ..quality import quality_for_run
 
+            t = time.perf_counter()
             builder.put_quality(quality_for_run(spec, lm, loaded, prepend, spec.tokens // spec.context_len))
+            phases["quality"] = time.perf_counter() - t
+        t = time.perf_counter()
         if spec.verify_sample > 0:
             _verify_before_publish(spec, builder, lm, loaded, model_path)
+        phases["verify"] = time.perf_counter() - t
+        t = time.perf_counter()
         builder.publish()
+        phases["write"] = time.perf_counter() - t
     except BaseException:
         builder.abort()
         raise
@@ -66,14 +80,18 @@ def _cross_matches(builder: StoreBuilder, loaded: list[LoadedSAE], n: int = 5) -
 
 def _publish_one(spec: PrecomputeSpec, builder: StoreBuilder, lm: HookedLM, x: LoadedSAE, i: int, model_label: str,
                  model_path: str, work: WorkDir, jobs: list[RangeJob], prepend: bool, logits: dict[str, np.ndarray],
-                 neighbours: tuple[np.ndarray, np.ndarray], coords: np.ndarray | None) -> None:
+                 neighbours: tuple[np.ndarray, np.ndarray], coords: np.ndarray | None,
+                 phases: dict[str, float]) -> None:
     sae, sae_id = x.sae, x.sae_id
     d_sae = sae.cfg.d_sae
+    t = time.perf_counter()
     builder.replace_sae(sae_id)
     stats = FeatureStats.empty(d_sae, spec.hist_bins)
     for job in jobs:  # ranges ascend: rows go in sorted by feature (zone maps serve the pages)
         builder.put_range(sae_id, job.folder, stats)
     stats.n_ctx, stats.n_counted = builder.put_contexts(sae_id, work.context_files(), stats.used_contexts())
+    phases["put_ranges"] = phases.get("put_ranges", 0.0) + time.perf_counter() - t
+    t = time.perf_counter()
     cooc = None
     if spec.cooccurrence:
         from ..cooccur import cooccurrence_from_chunks
@@ -83,6 +101,8 @@ def _publish_one(spec: PrecomputeSpec, builder: StoreBuilder, lm: HookedLM, x: L
                                      temp_dir=work.root)
         cooc = (c.ids, c.jaccard)
         log.info("co-occurrence of %s done (peak memory so far %s)", sae_id, peak_rss())
+    phases["cooccurrence"] = phases.get("cooccurrence", 0.0) + time.perf_counter() - t
+    t = time.perf_counter()
     builder.put_features(sae_id, stats, logits, neighbours, cooc, coords)
     density = stats.n / max(1, stats.n_counted)
     live = density[density > 0]
@@ -105,6 +125,7 @@ def _publish_one(spec: PrecomputeSpec, builder: StoreBuilder, lm: HookedLM, x: L
                    "special_token_ids": sorted(int(t) for t in lm.tokenizer.all_special_ids)},
         "verify": None,
     })
+    phases["put_features"] = phases.get("put_features", 0.0) + time.perf_counter() - t
 
 
 def _verify_before_publish(spec: PrecomputeSpec, builder: StoreBuilder, lm: HookedLM, loaded: list[LoadedSAE],

@@ -135,6 +135,11 @@ class WeightsWork:
         """Per SAE its map coordinates (None when start_maps was not called); waits for the thread."""
         return self._maps.result() if self._maps is not None else None
 
+    def seconds(self, which: str) -> float:
+        """How long the thread "logits" or "map" ran (0 when it did not)."""
+        job = self._logits if which == "logits" else self._maps
+        return job.seconds if job is not None else 0.0
+
     def cancel(self) -> None:
         """Stop the threads (at their next chunk; a map in progress runs to its end) and wait for them."""
         self.stop.set()
