@@ -162,6 +162,7 @@ def main() -> int:
     sae_dir, _ = memory.make_sae(a.workdir / "relu16k", model, a.l0)
     for n in a.tokens:
         r = run(n, a.workdir, model, sae_dir, not a.no_sql)
+        print(json.dumps(r, default=str), flush=True)  # everything measured, before the summary
         bare = r["bare"]
         print(f"{n:,} tokens ({r['acts']:,} activations, L0 {r['l0']:.1f} incl. BOS, {r['ranges']} feature ranges), "
               f"load average {r['load_before']:.1f} -> {r['load_after']:.1f}")

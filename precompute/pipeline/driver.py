@@ -74,6 +74,7 @@ def run_precompute(spec: PrecomputeSpec) -> Path:
             log.warning("the dataset ran out after %d contexts (%d tokens); asked for %d", done,
                         done * spec.context_len, n_ctx)
         t_stream = time.time()
+        weights.stream_done()
         if spec.feature_map:  # the live features are known now: the map beside the feature ranges
             weights.start_maps([live_mask(work.counts(i, d)) for i, d in enumerate(plan.d_sae)])
         jobs = build_tables(spec, plan, work, executor)

@@ -7,7 +7,8 @@ stream is sealed, so it starts then, beside the feature ranges. Publish takes th
 waiting for whatever is unfinished.
 
 Same functions, same inputs, same results: the background thread uses `torch_threads` intra-op threads
-(PRECOMPUTE.weights_threads, 1: the stream keeps its own threads); float32 products were measured bit for bit
+(PRECOMPUTE.weights_threads, 1: the stream keeps its own threads) until the stream is done (`stream_done`), then as
+many as the run's thread; float32 products were measured bit for bit
 equal under 1 and 2 threads, and tests/test_pipeline.py compares a run's tables with the functions called directly.
 Each SAE's logit effects and neighbours are saved under OUT.work/weights/ when done (atomic rename), so a
 resumed run (kill -9, or a stop) loads them instead of recomputing. A failure in the thread is raised by the
@@ -38,7 +39,7 @@ LOGIT_KEYS = ("pos_ids", "pos_vals", "neg_ids", "neg_vals", "hist", "hist_lo", "
 FromWeights = tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def from_weights(lm: HookedLM, x: LoadedSAE, stop: threading.Event | None = None) -> FromWeights:
+def from_weights(lm: HookedLM, x: LoadedSAE, stop=None) -> FromWeights:
     """Logit effects and decoder-cosine neighbours of one SAE (small (d_sae, n) arrays)."""
     W_dec = x.sae.W_dec.detach().cpu()
     if x.sae.cfg.normalize_activations != "none":
@@ -86,13 +87,28 @@ class _Job:
         return self.value
 
 
+class _Control:
+    """The `stop` logits.py checks between chunks (in the worker thread): is_set() says whether to stop, and once
+    `boost` is set (the stream is done) it first gives the worker thread `after` torch threads."""
+
+    def __init__(self, after: int):
+        self.stop, self.boost, self.after, self._boosted = threading.Event(), threading.Event(), after, False
+
+    def is_set(self) -> bool:
+        if self.boost.is_set() and not self._boosted:
+            torch.set_num_threads(self.after)  # this (the worker) thread's intra-op threads
+            self._boosted = True
+        return self.stop.is_set()
+
+
 class WeightsWork:
     """Background computation of every SAE's weights-only tables (module docstring)."""
 
     def __init__(self, lm: HookedLM, loaded: list[LoadedSAE], folder: Path, torch_threads: int = P.weights_threads):
         self.lm, self.loaded, self.folder = lm, loaded, Path(folder)
         self.torch_threads = torch_threads
-        self.stop = threading.Event()
+        self.control = _Control(torch.get_num_threads())  # the caller's thread count once the stream is done
+        self.stop = self.control.stop
         self._maps: _Job | None = None
         self._logits = _Job("saescope-weights", self._all_from_weights)
 
@@ -110,7 +126,7 @@ class WeightsWork:
                 continue
             t0 = time.perf_counter()
             with torch.no_grad():
-                logits, (ids, sims) = from_weights(self.lm, x, self.stop)
+                logits, (ids, sims) = from_weights(self.lm, x, self.control)
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = p.with_name(p.name + ".tmp.npz")
             np.savez(tmp, nb_ids=ids, nb_sims=sims, **logits)
@@ -119,6 +135,10 @@ class WeightsWork:
                      time.perf_counter() - t0)
             out.append((logits, (ids, sims)))
         return out
+
+    def stream_done(self) -> None:
+        """The stream has ended: from its next chunk on, the logits thread uses as many torch threads as the run."""
+        self.control.boost.set()
 
     def start_maps(self, masks: list[np.ndarray | None]) -> None:
         """The feature map of every SAE, in a second background thread (masks: live_mask per SAE)."""
