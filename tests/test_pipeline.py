@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +177,47 @@ def test_a_run_stopped_while_building_tables_resumes_at_the_next_range(tmp_path,
     assert f"{n_ranges} feature range(s), {n_ranges - 3} to do" in caplog.text and n_ranges > 3
     assert "resuming: 40 of 40 contexts already done" in caplog.text
     assert dump_tables(out, "tiny") == dump_tables(ref, "tiny")
+
+
+def test_weights_work_equals_the_direct_calls_saves_and_reloads(tmp_path, tiny_lm_dir, tiny_sae_dir, caplog):
+    """The background thread's logit effects, neighbours and map equal logits.py / featuremap.py called directly;
+    its results are saved under the work folder and a second WeightsWork (a resumed run) loads them; a set stop
+    event makes both functions raise Cancelled at their first chunk."""
+    from saescope.precompute.featuremap import build_feature_map
+    from saescope.precompute.logits import Cancelled, logit_effects, nearest_features
+    from saescope.precompute.models import load_model
+    from saescope.precompute.pipeline.loading import load_saes
+    from saescope.precompute.pipeline.spec import SAESpec
+    from saescope.precompute.pipeline.weights import WeightsWork, live_mask
+
+    lm = load_model(str(tiny_lm_dir), "cpu", "float32")
+    loaded = load_saes([SAESpec(str(tiny_sae_dir))])
+    W = loaded[0].sae.W_dec.detach()
+    counts = np.arange(W.shape[0]) % 3  # every third feature dead
+    caplog.set_level("INFO")
+    work = WeightsWork(lm, loaded, tmp_path / "weights")
+    work.start_maps([live_mask(counts)])
+    (logits, (ids, sims)), = work.logits()
+    want = logit_effects(W, lm.unembedding(), lm.final_norm_gain(), n=10)
+    assert logits.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(logits[k], want[k])
+    want_ids, want_sims = nearest_features(W, n=10)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(sims, want_sims)
+    np.testing.assert_array_equal(work.maps()[0], build_feature_map(W.float().numpy(), mask=counts > 0))
+    assert (tmp_path / "weights" / "sae-0.npz").exists()
+    assert caplog.text.count("logit effects and neighbours of") == 1
+    again = WeightsWork(lm, loaded, tmp_path / "weights")  # a resumed run: loaded, not recomputed
+    (logits2, (ids2, sims2)), = again.logits()
+    assert caplog.text.count("logit effects and neighbours of") == 1
+    for k in want:
+        np.testing.assert_array_equal(logits2[k], want[k])
+    np.testing.assert_array_equal(ids2, want_ids)
+    assert again.maps() is None  # start_maps not called
+    ev = threading.Event()  # set: the next chunk raises
+    ev.set()
+    with pytest.raises(Cancelled):
+        logit_effects(W, lm.unembedding(), lm.final_norm_gain(), stop=ev)
+    with pytest.raises(Cancelled):
+        nearest_features(W, stop=ev)

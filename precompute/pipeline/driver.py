@@ -2,6 +2,8 @@
 
 load (loading.py) -> plan and open OUT.work/ (workdir.py) -> stream every shard (stream.py, through the executor)
 -> build every feature range's tables (tables.py, through the executor) -> publish the store (publish.py).
+The weights-only tables (weights.py) run in background threads meanwhile: logit effects and neighbours from the
+start, the feature map once the stream has told which features are live.
 After the stream, compiled kernels over the sealed activations yield top examples, interval and quantile samples and
 histograms; logit effects and neighbours come from the weights in chunks; the store is published atomically.
 """
@@ -21,6 +23,7 @@ from .loading import check_and_name, load_model_for, load_saes, model_label, pre
 from .publish import publish
 from .spec import PrecomputeSpec
 from .tables import build_tables, peak_rss
+from .weights import WeightsWork, live_mask
 from .workdir import Plan, WorkDir
 
 log = logging.getLogger("saescope.precompute.pipeline")
@@ -62,19 +65,29 @@ def run_precompute(spec: PrecomputeSpec) -> Path:
         log.info("resuming: %d of %d contexts already done", done, n_ctx)
     executor = executor_for(spec)
     run = LoadedRun(lm, loaded)
-    t_forward = executor.stream(spec, run, plan, work, prepend)
-    done = work.contexts_done(plan)
-    log.info("streamed %d contexts (peak memory so far %s)", done, peak_rss())
-    if done < n_ctx:
-        log.warning("the dataset ran out after %d contexts (%d tokens); asked for %d", done, done * spec.context_len,
-                    n_ctx)
-    t_stream = time.time()
-    jobs = build_tables(spec, plan, work, executor)
-    publish(spec, run, model_label(spec), model_path, work, jobs, prepend)
+    weights = WeightsWork(lm, loaded, work.root / "weights")  # logit effects and neighbours beside the stream
+    try:
+        t_forward = executor.stream(spec, run, plan, work, prepend)
+        done = work.contexts_done(plan)
+        log.info("streamed %d contexts (peak memory so far %s)", done, peak_rss())
+        if done < n_ctx:
+            log.warning("the dataset ran out after %d contexts (%d tokens); asked for %d", done,
+                        done * spec.context_len, n_ctx)
+        t_stream = time.time()
+        weights.stream_done()
+        if spec.feature_map:  # the live features are known now: the map beside the feature ranges
+            weights.start_maps([live_mask(work.counts(i, d)) for i, d in enumerate(plan.d_sae)])
+        jobs = build_tables(spec, plan, work, executor)
+        phases = {"ranges": time.time() - t_stream}
+        publish(spec, run, model_label(spec), model_path, work, jobs, prepend, weights, phases)
+    except BaseException:
+        weights.cancel()
+        raise
     shutil.rmtree(work.root, ignore_errors=True)
     t_end = time.time()
     spec.event("finished", load=t_loaded - t_start, stream=t_stream - t_loaded, forward=t_forward,
-               publish=t_end - t_stream, tokens=done * spec.context_len)
+               publish=t_end - t_stream, tokens=done * spec.context_len, phases=phases,
+               background={"logits": weights.seconds("logits"), "map": weights.seconds("map")})
     log.info("stored %s in %s (load %.0f s, stream %.0f s, tables %.0f s; peak memory %s)",
              ", ".join(x.sae_id for x in loaded), spec.out, t_loaded - t_start, t_stream - t_loaded,
              t_end - t_stream, peak_rss())

@@ -27,12 +27,14 @@ import logging
 import os
 import shutil
 import tempfile
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from ..config import PRECOMPUTE
 from ..errors import SetupError
 from ..models import HookedLM
 from ..store.write import SampleSpec, build_range, clear_context_cache
@@ -55,17 +57,41 @@ class LoadedRun:
 
 
 class LocalExecutor:
-    """Everything in this process: one shard, the feature ranges one after another."""
+    """Everything in this process: one shard, then the feature ranges, `threads` at a time (PRECOMPUTE.range_threads;
+    the kernels, Parquet reads and sorts release the GIL). Ranges are started in order, each after its "range"
+    event: a stop there lets the ranges already started finish and keeps them."""
+
+    def __init__(self, threads: int = PRECOMPUTE.range_threads):
+        self.threads = max(1, int(threads))
 
     def stream(self, spec: PrecomputeSpec, run: LoadedRun, plan: Plan, work: WorkDir, prepend: bool) -> float:
         return stream_shard(spec, run.lm, run.saes, plan, work, 0, prepend)
 
     def build_ranges(self, spec: PrecomputeSpec, work: WorkDir, jobs: list[RangeJob], sample: SampleSpec) -> None:
         ctx_files = work.context_files()
-        for n, job in enumerate(tqdm(jobs, desc="tables", unit="range", disable=not spec.progress or not jobs)):
-            spec.event("range", index=n, todo=len(jobs))  # before the range: a stop here keeps the finished ones
+
+        def one(job: RangeJob) -> None:
             build_range(job.files, ctx_files, job.lo, job.hi, job.folder, sample, spec.memory_limit,
                         work.root / "spill")
+
+        threads = min(self.threads, max(1, len(jobs)))
+        with tqdm(total=len(jobs), desc="tables", unit="range", disable=not spec.progress or not jobs) as bar, \
+                ThreadPoolExecutor(threads, thread_name_prefix="saescope-range") as pool:
+            pending: set = set()
+
+            def drain(until: int) -> None:
+                nonlocal pending
+                while len(pending) > until:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        fut.result()  # a range's error is raised here
+                        bar.update(1)
+
+            for n, job in enumerate(jobs):
+                drain(threads - 1)
+                spec.event("range", index=n, todo=len(jobs))  # before the range: a stop here keeps the finished ones
+                pending.add(pool.submit(one, job))
+            drain(0)
         clear_context_cache()
 
 

@@ -1,18 +1,19 @@
-"""Publishing: the built feature ranges, the weights-only tables (logit effects, neighbours, cross-SAE matches),
-co-occurrence, the feature map and the provenance row of every SAE, assembled by StoreBuilder into OUT.tmp and
+"""Publishing: the built feature ranges, the weights-only tables (logit effects, neighbours and the feature map from
+weights.py, computed beside the stream; cross-SAE matches), co-occurrence and the provenance row of every SAE, assembled by StoreBuilder into OUT.tmp and
 renamed over OUT only when complete (after the fp32 spot check of a few contexts)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 
 import numpy as np
 import torch
 
 from .. import __version__
 from ..config import PRECOMPUTE
-from ..logits import LOGIT_METHOD, logit_effects, nearest_features
+from ..logits import LOGIT_METHOD
 from ..models import HookedLM, load_model
 from ..store.write import FeatureStats, StoreBuilder, read_active
 from ..tokens import token_strings
@@ -20,6 +21,7 @@ from .executors import LoadedRun
 from .loading import LoadedSAE
 from .spec import PrecomputeSpec
 from .tables import RangeJob, peak_rss
+from .weights import WeightsWork
 from .workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -27,25 +29,39 @@ P = PRECOMPUTE
 
 
 def publish(spec: PrecomputeSpec, run: LoadedRun, model_label: str, model_path: str, work: WorkDir,
-            jobs: list[RangeJob], prepend: bool) -> None:
-    """Write the store from the built ranges (jobs) and the weights; atomically replaces spec.out."""
+            jobs: list[RangeJob], prepend: bool, weights: WeightsWork, phases: dict[str, float] | None = None) -> None:
+    """Write the store from the built ranges (jobs) and the weights-only tables (computed beside the stream by
+    `weights`: waits for them); atomically replaces spec.out. phases: filled with seconds per step (benchmarks)."""
     lm, loaded = run.lm, run.saes
-    # weights-only tables first, while no DuckDB connection holds memory: peak = max(torch, DuckDB), not the sum
-    from_weights = [_from_weights(lm, x) for x in loaded]
+    phases = {} if phases is None else phases
+    t = time.perf_counter()
+    from_weights = weights.logits()
+    phases["wait_logits"] = time.perf_counter() - t
+    t = time.perf_counter()
+    maps = weights.maps() if spec.feature_map else None
+    phases["wait_map"] = time.perf_counter() - t
     builder = StoreBuilder(spec.out, spec.memory_limit, temp_dir=work.root / "spill")
     try:
         builder.put_vocab(model_label, token_strings(lm.tokenizer))
         for i, (x, (logits, neighbours)) in enumerate(zip(loaded, from_weights)):
             _publish_one(spec, builder, lm, x, i, model_label, model_path, work, [j for j in jobs if j.i == i],
-                         prepend, logits, neighbours)
+                         prepend, logits, neighbours, maps[i] if maps is not None else None, phases)
+        t = time.perf_counter()
         _cross_matches(builder, loaded)
+        phases["cross"] = time.perf_counter() - t
         if spec.eval_tokens > 0:  # SAE quality metrics on the held-out tokens after the stream (precompute/quality.py)
             from ..quality import quality_for_run
 
+            t = time.perf_counter()
             builder.put_quality(quality_for_run(spec, lm, loaded, prepend, spec.tokens // spec.context_len))
+            phases["quality"] = time.perf_counter() - t
+        t = time.perf_counter()
         if spec.verify_sample > 0:
             _verify_before_publish(spec, builder, lm, loaded, model_path)
+        phases["verify"] = time.perf_counter() - t
+        t = time.perf_counter()
         builder.publish()
+        phases["write"] = time.perf_counter() - t
     except BaseException:
         builder.abort()
         raise
@@ -62,26 +78,21 @@ def _cross_matches(builder: StoreBuilder, loaded: list[LoadedSAE], n: int = 5) -
                 builder.put_cross(x.sae_id, y.sae_id, np.asarray(m.ids), np.asarray(m.cos))
 
 
-def _from_weights(lm: HookedLM, x: LoadedSAE) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """Logit effects and decoder-cosine neighbours of one SAE (small (d_sae, n) arrays)."""
-    W_dec = x.sae.W_dec.detach().cpu()
-    if x.sae.cfg.normalize_activations != "none":
-        log.info("the SAE normalizes its input; logit effects use the raw decoder directions")
-    logits = logit_effects(W_dec, lm.unembedding().cpu(), lm.final_norm_gain(), n=P.n_logits)
-    return logits, nearest_features(W_dec, n=P.n_neighbours)
-
-
 def _publish_one(spec: PrecomputeSpec, builder: StoreBuilder, lm: HookedLM, x: LoadedSAE, i: int, model_label: str,
                  model_path: str, work: WorkDir, jobs: list[RangeJob], prepend: bool, logits: dict[str, np.ndarray],
-                 neighbours: tuple[np.ndarray, np.ndarray]) -> None:
+                 neighbours: tuple[np.ndarray, np.ndarray], coords: np.ndarray | None,
+                 phases: dict[str, float]) -> None:
     sae, sae_id = x.sae, x.sae_id
     d_sae = sae.cfg.d_sae
+    t = time.perf_counter()
     builder.replace_sae(sae_id)
     stats = FeatureStats.empty(d_sae, spec.hist_bins)
     for job in jobs:  # ranges ascend: rows go in sorted by feature (zone maps serve the pages)
         builder.put_range(sae_id, job.folder, stats)
     stats.n_ctx, stats.n_counted = builder.put_contexts(sae_id, work.context_files(), stats.used_contexts())
-    cooc = coords = None
+    phases["put_ranges"] = phases.get("put_ranges", 0.0) + time.perf_counter() - t
+    t = time.perf_counter()
+    cooc = None
     if spec.cooccurrence:
         from ..cooccur import cooccurrence_from_chunks
 
@@ -90,13 +101,8 @@ def _publish_one(spec: PrecomputeSpec, builder: StoreBuilder, lm: HookedLM, x: L
                                      temp_dir=work.root)
         cooc = (c.ids, c.jaccard)
         log.info("co-occurrence of %s done (peak memory so far %s)", sae_id, peak_rss())
-    if spec.feature_map:
-        from ..featuremap import build_feature_map
-
-        log.info("building the feature map of %s (UMAP of %d decoder directions)", sae_id, sae.cfg.d_sae)
-        live = stats.n > 0
-        coords = build_feature_map(sae.W_dec.detach().cpu().float().numpy(),
-                                   mask=live if live.sum() >= P.map_min_live else None)
+    phases["cooccurrence"] = phases.get("cooccurrence", 0.0) + time.perf_counter() - t
+    t = time.perf_counter()
     builder.put_features(sae_id, stats, logits, neighbours, cooc, coords)
     density = stats.n / max(1, stats.n_counted)
     live = density[density > 0]
@@ -119,6 +125,7 @@ def _publish_one(spec: PrecomputeSpec, builder: StoreBuilder, lm: HookedLM, x: L
                    "special_token_ids": sorted(int(t) for t in lm.tokenizer.all_special_ids)},
         "verify": None,
     })
+    phases["put_features"] = phases.get("put_features", 0.0) + time.perf_counter() - t
 
 
 def _verify_before_publish(spec: PrecomputeSpec, builder: StoreBuilder, lm: HookedLM, loaded: list[LoadedSAE],

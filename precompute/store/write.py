@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,14 +260,20 @@ def _read_rows(act_files: list[str], lo: int, hi: int) -> dict[str, np.ndarray]:
 
 
 _CTX_CACHE: dict = {}
+_CTX_LOCK = threading.Lock()  # ranges built in threads share the cache
 
 
 def _context_tokens(ctx_files: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ctx ids ascending, list offsets, flat token ids) of the sealed contexts; the last set read is kept (the
-    ranges of one run read the same files)."""
+    ranges of one run read the same files; ranges built in threads wait for one read)."""
+    key = tuple((p, os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in ctx_files)
+    with _CTX_LOCK:
+        return _context_tokens_locked(key, ctx_files)
+
+
+def _context_tokens_locked(key: tuple, ctx_files: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     import pyarrow.parquet as pq
 
-    key = tuple((p, os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in ctx_files)
     if key not in _CTX_CACHE:
         ids, offs, vals, base = [], [np.zeros(1, np.int64)], [], 0
         for p in ctx_files:
@@ -289,7 +296,8 @@ def _context_tokens(ctx_files: list[str]) -> tuple[np.ndarray, np.ndarray, np.nd
 
 def clear_context_cache() -> None:
     """Drop the context tokens build_range's kernels keep between ranges (4 bytes per streamed token)."""
-    _CTX_CACHE.clear()
+    with _CTX_LOCK:
+        _CTX_CACHE.clear()
 
 
 def _list_array(values: np.ndarray, starts: np.ndarray, ends: np.ndarray, typ: pa.DataType) -> pa.Array:
