@@ -147,6 +147,8 @@ class Limits:
     attribution_verify: int = 10  # of which the true ablation effect is measured
     patch_features: int = 8  # heatmap columns when none are chosen: the largest attribution-patching estimates
     default_logprobs: int = 5  # most likely tokens per generated token the steer page shows on hover
+    max_top_logits: int = 20  # top next tokens a graph intervention reports (clean, frozen-attention, real)
+    default_top_logits: int = 10
 
 
 # ---- evidence (issue 22): `saescope check`, `saescope diff`, `saescope export --format html`
