@@ -36,6 +36,7 @@ class EmbeddedDefault:
     # forward pass (which stops after the deepest hook) costs nothing more; graphs load every layer's transcoder
     dashboard_layers: tuple[int, ...] = (2, 5, 8)
     graph_prompt: str = "import numpy as"  # the example graph the home page links to (/graph?prompt=...)
+    graph_slug: str = "example"  # `saescope demo` stores it under this name (/graph/example), the home page links there
     store: Path = Path("out/demo.duckdb")  # where `saescope demo` keeps its store
 
 
