@@ -996,3 +996,36 @@ def test_worker_graph_intervene_limits(graph_worker):
     assert s == 422 and "edits" in m
     r = client.post("/graph/intervene", json={"text": "word " * 200, "edits": [one]})
     assert r.status_code == 413 and f"at most {CIRCUIT.max_tokens}" in r.json()["error"]["message"]
+
+
+def test_graph_page_interventions(graph_site):
+    """edit= in the URL: the page shows the worker's clean / frozen-attention / real top tokens for those edits
+    (the route's numbers are checked against own hooks above); a reload is served from the worker's graph cache."""
+    import html as htmllib
+    import re
+
+    import httpx
+
+    client, url = graph_site
+    q = {"prompt": "The cat sat on the"}
+    graph = httpx.post(url + "/graph", json={"text": q["prompt"]}, timeout=120).json()["graph"]
+    feat = [n["node_id"] for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"][:2]
+    edits = [f"{feat[0]}:scale:3", f"{feat[1]}:set:0.5"]
+    r = client.get("/graph", params={**q, "edit": edits})
+    assert r.status_code == 200, r.text
+    assert "cached graph" in r.text  # built by the request above: this page rebuilt nothing
+    body = {"text": q["prompt"], "sae_ids": ["tc0", "tc2"], "edits": [
+        {"layer": int(e.split("_")[0]), "feature": int(e.split("_")[1]), "pos": int(e.split("_")[2].split(":")[0]),
+         "mode": e.split(":")[1], "value": float(e.split(":")[2])} for e in edits]}
+    want = httpx.post(url + "/graph/intervene", json=body, timeout=120).json()
+    table = re.search(r'<table class="checks" id="intervention-table">(.*?)</table>', r.text, re.S).group(1)
+    probs = [float(x) for x in re.findall(r'<td class="num">([0-9.]+)</td>', table) if "." in x]
+    expect = [round(row[k]["prob"], 4) for row in zip(want["clean"], want["frozen"], want["real"]) for k in range(3)]
+    assert probs == pytest.approx(expect, abs=1e-4)
+    assert all(e in htmllib.unescape(r.text) for e in edits)
+    r = client.get("/graph", params={**q, "edit": "0_1_2:add:3"})
+    assert r.status_code == 422 and "NODE:scale:K" in r.text
+    r = client.get("/graph", params={**q, "edit": [edits[0]] * 9})
+    assert r.status_code == 422 and "at most 8" in r.text
+    r = client.get("/graph", params={**q, "edit": f"{feat[0]}:scale:1e9"})
+    assert r.status_code == 422 and "max_abs_value" in r.text

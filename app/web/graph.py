@@ -298,7 +298,7 @@ def _uploads(request: Request) -> Uploads:
 
 @router.post("/graph/upload", response_class=HTMLResponse)
 async def upload_graph(request: Request, file: UploadFile = File(description="a circuit-tracer / Neuronpedia graph JSON")):
-    limit = GRAPH.max_upload_mb * 2**20
+    limit = GRAPH.max_upload_mb << 20
     raw = await file.read(limit + 1)
     if len(raw) > limit:
         raise AppError(f"the file is larger than {GRAPH.max_upload_mb} MB (the upload limit)", 413)

@@ -44,11 +44,14 @@ def graph_nbytes(g: Graph) -> int:
                if t is not None)
 
 
+MB = 1 << 20
+
+
 class GraphCache:
     """Unpruned graphs, least recently used dropped first, at most `max_graphs` of them and `max_bytes` of their
     tensors (a graph larger than max_bytes is not kept). Thread-safe; `builds` counts the graphs built."""
 
-    def __init__(self, max_graphs: int = GRAPH.cache_graphs, max_bytes: int = GRAPH.cache_mb * 2**20):
+    def __init__(self, max_graphs: int = GRAPH.cache_graphs, max_bytes: int = GRAPH.cache_mb * MB):
         self.max_graphs, self.max_bytes = max_graphs, max_bytes
         self._items: OrderedDict[tuple, CachedGraph] = OrderedDict()
         self._lock = threading.Lock()
