@@ -261,9 +261,6 @@ def stored_graph_page(request: Request, slug: str, pinned: str = Q_PINNED, group
                selected, edit)
     graph = json.loads(row.graph)
     ctx["stored"] = row
-    meta = graph["metadata"].get("saescope") or {}
-    if isinstance(meta.get("node_threshold"), (int, float)):
-        ctx["node"] = meta["node_threshold"]
     _file_view(request, ctx, graph, row.sae_ids, f"stored {row.created} ({row.source})")
     _intervene(request, ctx, row.prompt, row.sae_ids)
     return page(request, "graph.html", ctx)
