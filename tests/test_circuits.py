@@ -1029,3 +1029,33 @@ def test_graph_page_interventions(graph_site):
     assert r.status_code == 422 and "at most 8" in r.text
     r = client.get("/graph", params={**q, "edit": f"{feat[0]}:scale:1e9"})
     assert r.status_code == 422 and "max_abs_value" in r.text
+
+
+def test_verify_memo_reuses_runs_and_changes_nothing(lms, tsets, graphs):
+    """verify(memo=) (the worker's cache keeps one per graph): the same checks as without it, for two prunings,
+    and a second pruning only runs the model for nodes and edges not checked before."""
+    from saescope.precompute.circuits import verify as V
+
+    lm, ts, g = lms["gpt2"], tsets[("gpt2", "all")], graphs[("gpt2", "all")]
+    runs = []
+    real_run = V._run
+    V._run = lambda lm_, ids: (runs.append(1), real_run(lm_, ids))[1]
+    try:
+        memo = {}
+        for nt, et in ((0.8, 0.98), (0.6, 0.9)):
+            p = prune(g, nt, et)
+            before = len(runs)
+            fresh = verify(lm, ts, g, p, CFG)
+            n_fresh = len(runs) - before
+            before = len(runs)
+            cached = verify(lm, ts, g, p, CFG, memo=memo)
+            n_cached = len(runs) - before
+            assert [(c.node, c.estimate, c.true) for c in cached[0]] == [(c.node, c.estimate, c.true) for c in fresh[0]]
+            assert [(c.source, c.target, c.estimate, c.true) for c in cached[1]] == \
+                [(c.source, c.target, c.estimate, c.true) for c in fresh[1]]
+            assert n_cached <= n_fresh
+        before = len(runs)
+        verify(lm, ts, g, p, CFG, memo=memo)
+        assert len(runs) == before  # everything of this pruning is remembered
+    finally:
+        V._run = real_run

@@ -37,6 +37,7 @@ class CachedGraph:
     seconds: float  # what building it took
     nbytes: int
     results: dict = field(default_factory=dict)  # (node_threshold, edge_threshold, verify) -> GraphOut fields
+    checks: dict = field(default_factory=dict)  # verify()'s memo: real-model runs by what they ablated
 
 
 def graph_nbytes(g: Graph) -> int:
@@ -135,7 +136,7 @@ def make_graph_router(engine: Engine, cache: GraphCache | None = None) -> APIRou
                     cache.put(key, hit)
                 if variant not in hit.results:
                     r = from_graph(engine.lm, ts, hit.graph, cfg, body.node_threshold, body.edge_threshold,
-                                   check=body.verify)
+                                   check=body.verify, memo=hit.checks)
                     hit.results[variant] = _graph_fields(r, engine, body.node_threshold)
                     while len(hit.results) > GRAPH.cache_variants:  # the oldest pruning of this graph goes first
                         hit.results.pop(next(iter(hit.results)))
