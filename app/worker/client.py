@@ -104,6 +104,11 @@ class WorkerClient:
         from .wire import GraphOut
         return self._call("/graph", body, GraphOut, timeout_s=CIRCUIT.max_seconds + GRAPH.client_grace_s)
 
+    def graph_intervene(self, body: "GraphInterveneIn") -> "GraphInterveneOut":
+        """Node interventions from a graph (three forward passes of the prompt)."""
+        from .wire import GraphInterveneOut
+        return self._call("/graph/intervene", body, GraphInterveneOut)
+
     def steer_chat(self, body: ChatSteerIn) -> ChatSteerOut:
         return self._call("/steer_chat", body, ChatSteerOut)
 

@@ -383,7 +383,56 @@ class GraphOut(BaseModel):
     node_checks: list[NodeCheckOut]
     edge_checks: list[EdgeCheckOut]
     sae_ids: dict[int, str] = Field(description="layer -> the transcoder (sae_id) used there")
-    seconds: float
+    seconds: float = Field(description="wall time of this request")
+    cached: bool = Field(False, description="the unpruned graph came from the worker's graph cache (same prompt, "
+                         "target, max_feature_nodes and transcoders): only pruning and the checks ran")
+    graph_seconds: float = Field(0.0, description="wall time of building the unpruned graph (when it was built)")
+
+
+class GraphEditIn(BaseModel):
+    """One node intervention: a transcoder feature at a (layer, position) set to a multiple of its activation or a value."""
+
+    layer: int = Field(ge=0, description="the feature's layer (its node id is LAYER_FEATURE_POS)")
+    pos: int = Field(ge=0, lt=CIRCUIT.max_tokens, description="prompt position (0 = BOS)")
+    feature: int = Field(ge=0, description="feature index in the layer's transcoder")
+    mode: Literal["scale", "set"] = Field("scale", description="scale: activation x value; set: activation := value")
+    value: float = Field(ge=-WORKER.max_abs_value, le=WORKER.max_abs_value, allow_inf_nan=False,
+                         description="the multiple (scale) or the new activation (set)")
+
+
+class GraphInterveneIn(BaseModel):
+    """Node interventions from a graph: the new top next tokens with attention frozen and in the real model."""
+
+    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="the graph's prompt (BOS is added)")
+    sae_ids: list[str] | None = Field(None, max_length=GRAPH.max_ids, description="the transcoders (default: every "
+                                      "transcoder of the worker, one per layer), as for POST /graph")
+    edits: list[GraphEditIn] = Field(min_length=1, max_length=WORKER.max_edits, description="applied together")
+    k: int = Field(WORKER.default_top_logits, ge=1, le=WORKER.max_top_logits, description="top next tokens reported")
+
+
+class LogitOut(BaseModel):
+    token_id: int
+    token: str = Field(description="display string")
+    prob: float = Field(description="next-token probability at the last position")
+    logit: float
+
+
+class GraphEditOut(BaseModel):
+    node_id: str = Field(description="the feature's node id, LAYER_FEATURE_POS")
+    mode: str
+    value: float
+    activation: float = Field(description="the feature's activation on the clean prompt")
+    new_activation: float = Field(description="what the edit sets it to")
+
+
+class GraphInterveneOut(BaseModel):
+    clean: list[LogitOut] = Field(description="top k of the unedited model")
+    frozen: list[LogitOut] = Field(description="top k with the edits, attention patterns frozen at the clean prompt "
+                                   "(norms and MLPs recomputed): circuit-tracer's frozen-attention intervention")
+    real: list[LogitOut] = Field(description="top k with the edits in the real model (nothing frozen)")
+    edits: list[GraphEditOut]
+    tokens: list[str] = Field(description="the prompt's tokens (BOS first)")
+    sae_ids: dict[int, str] = Field(description="layer -> the transcoder (sae_id) used there")
 
 
 # ---------------------------------------------------------------- contrast and search across SAEs

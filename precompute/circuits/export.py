@@ -17,6 +17,8 @@ exactly what was written.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -27,6 +29,8 @@ from .prune import Pruned
 NODE_FIELDS = ("node_id", "feature", "layer", "ctx_idx", "feature_type", "token_prob", "is_target_logit", "run_idx",
                "reverse_ctx_idx", "jsNodeId", "clerp", "influence", "activation")
 FEATURE_TYPES = ("cross layer transcoder", "mlp reconstruction error", "embedding", "logit")
+MAX_NODES, MAX_LINKS = 20_000, 500_000  # an imported graph saescope draws (a pruned graph has hundreds of nodes)
+SLUG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,79}")
 
 
 def cantor(x: int, y: int) -> int:
@@ -138,21 +142,39 @@ def load_graph_json(data: str | bytes | dict) -> GraphFile:
     _need(meta, "prompt", (str,), "metadata")
     nodes = _need(data, "nodes", (list,), "the file")
     links = _need(data, "links", (list,), "the file")
+    if len(nodes) > MAX_NODES or len(links) > MAX_LINKS:
+        raise UserError(f"graph JSON: {len(nodes)} nodes and {len(links)} links; saescope draws at most {MAX_NODES} "
+                        f"nodes and {MAX_LINKS} links (prune the graph further)")
+    n_pos = len(meta["prompt_tokens"])
     ids = set()
     for i, n in enumerate(nodes):
         if not isinstance(n, dict):
             raise UserError(f"graph JSON: nodes[{i}] is not an object")
-        ids.add(_need(n, "node_id", (str,), f"nodes[{i}]"))
+        nid = _need(n, "node_id", (str,), f"nodes[{i}]")
+        if nid in ids:
+            raise UserError(f"graph JSON: nodes[{i}].node_id {nid[:80]!r} appears twice (node ids must be unique)")
+        ids.add(nid)
         _need(n, "feature_type", (str,), f"nodes[{i}]")
-        _need(n, "ctx_idx", (int,), f"nodes[{i}]")
-        _need(n, "layer", (str, int), f"nodes[{i}]")
+        ctx = _need(n, "ctx_idx", (int,), f"nodes[{i}]")
+        if not 0 <= ctx < n_pos:
+            raise UserError(f"graph JSON: nodes[{i}].ctx_idx is {ctx}; metadata.prompt_tokens has {n_pos} tokens, "
+                            f"so it must be 0 to {n_pos - 1}")
+        layer = _need(n, "layer", (str, int), f"nodes[{i}]")
+        if layer != "E" and not (isinstance(layer, int) or str(layer).isdigit()):
+            raise UserError(f"graph JSON: nodes[{i}].layer is {str(layer)[:20]!r}; expected \"E\" (embeddings) or a "
+                            "layer number")
+        for k in ("influence", "activation", "token_prob"):
+            v = n.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise UserError(f"graph JSON: nodes[{i}].{k} is {str(v)[:20]!r}; expected a finite number or null")
     for i, lk in enumerate(links):
         if not isinstance(lk, dict):
             raise UserError(f"graph JSON: links[{i}] is not an object")
         for k in ("source", "target"):
             if _need(lk, k, (str,), f"links[{i}]") not in ids:
                 raise UserError(f"graph JSON: links[{i}].{k} {lk[k][:80]!r} is not a node_id of any node")
-        _need(lk, "weight", (int, float), f"links[{i}]")
+        if not math.isfinite(_need(lk, "weight", (int, float), f"links[{i}]")):
+            raise UserError(f"graph JSON: links[{i}].weight is {lk['weight']}; expected a finite number")
     q = data.get("qParams")
     if q is not None and not isinstance(q, dict):
         raise UserError("graph JSON: qParams is not an object")
@@ -175,3 +197,30 @@ def write_graph_files(data: dict[str, Any], folder) -> "Path":
     meta["graphs"] = [g for g in meta.get("graphs", []) if g.get("slug") != slug] + [data["metadata"]]
     index.write_text(json.dumps(meta, indent=2))
     return out
+
+
+def check_slug(slug: str) -> str:
+    if not isinstance(slug, str) or not SLUG_RE.fullmatch(slug):
+        raise UserError(f"graph slug {str(slug)[:80]!r}: use 1 to 80 letters, digits, '-' or '_' (starting with a "
+                        "letter or digit)")
+    return slug
+
+
+def slug_for(text: str) -> str:
+    """A slug from a prompt or a file name: its words joined by '-', at most 40 characters."""
+    words = re.findall(r"[A-Za-z0-9]+", text)
+    return "-".join(words)[:40].strip("-") or "graph"
+
+
+def stored_row(gf: GraphFile, slug: str, source: str, target: str = "", sae_ids: dict | None = None) -> dict[str, Any]:
+    """A checked graph as the store's graphs row (precompute/store/schema.py GRAPHS, without `created`): its JSON
+    text is what `load_graph_json` reads back unchanged."""
+    check_slug(slug)
+    rep, comp = gf.scores
+    s = gf.metadata.get("saescope") or {}
+    ids = {str(k): str(v) for k, v in (sae_ids if sae_ids is not None else s.get("sae_ids") or {}).items()}
+    return {"slug": slug, "prompt": gf.metadata["prompt"], "target": target or "", "source": source,
+            "n_nodes": len(gf.nodes), "n_links": len(gf.links),
+            "replacement_score": rep if isinstance(rep, (int, float)) else None,
+            "completeness_score": comp if isinstance(comp, (int, float)) else None,
+            "sae_ids": ids, "graph": json.dumps(gf.to_json())}

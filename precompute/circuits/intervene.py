@@ -8,11 +8,13 @@ An edit changes the MLP output(s) the feature writes to by (new - a) d at its po
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from ..config import CIRCUIT, LIMITS
 from ..errors import UserError
 from ..models import HookedLM, hook_site
 from .replacement import _STATE, _Frozen, frozen_attention
@@ -26,6 +28,22 @@ class FeatureEdit:
     feature: int
     mode: str = "scale"  # scale: a * value | set: value
     value: float = 0.0
+
+
+def check_limits(n_tokens: int, edits: list[FeatureEdit], k: int) -> None:
+    if not edits:
+        raise UserError(f"no feature edits; give 1 to {LIMITS.max_edits}")
+    if len(edits) > LIMITS.max_edits:
+        raise UserError(f"{len(edits)} feature edits; at most {LIMITS.max_edits} (max_edits)")
+    if n_tokens > CIRCUIT.max_tokens:
+        raise UserError(f"the prompt is {n_tokens} tokens; a graph intervention allows at most {CIRCUIT.max_tokens} "
+                        "(BOS included), as a graph does")
+    if not 1 <= k <= LIMITS.max_top_logits:
+        raise UserError(f"k {k}: top logits reported must be 1 to {LIMITS.max_top_logits} (max_top_logits)")
+    for e in edits:
+        if not math.isfinite(e.value) or abs(e.value) > LIMITS.max_abs_value:
+            raise UserError(f"edit value {e.value}: must be a finite number from -{LIMITS.max_abs_value:g} to "
+                            f"{LIMITS.max_abs_value:g} (max_abs_value)")
 
 
 @contextmanager
@@ -54,7 +72,11 @@ def _top(logits: torch.Tensor, k: int) -> list[tuple[int, float]]:
 
 @torch.no_grad()
 def intervene(lm: HookedLM, tset: TranscoderSet, ids: list[int], edits: list[FeatureEdit], k: int = 10) -> dict:
-    """{'base', 'frozen', 'real': [(token, prob)] top k at the last position, 'deltas': {layer: (T, d)}}."""
+    """{'base', 'frozen', 'real': [(token, prob)] top k at the last position, 'deltas': {layer: (T, d)},
+    'applied': [(clean activation, edited activation)] per edit, 'logits': {'base', 'frozen', 'real'} full vectors}.
+
+    Bounded by LIMITS (edits, |value|, k) and CIRCUIT.max_tokens (the graph's prompt limit); a refusal names it."""
+    check_limits(len(ids), edits, k)
     tset = tset.to(lm.dtype, lm.device)
     T = len(ids)
     x = torch.tensor([ids], device=lm.device)
@@ -75,6 +97,7 @@ def intervene(lm: HookedLM, tset: TranscoderSet, ids: list[int], edits: list[Fea
             h.remove()
     d_model = lm.d_model
     deltas: dict[int, torch.Tensor] = {}
+    applied: list[tuple[float, float]] = []  # (clean activation, edited activation) per edit
     for e in edits:
         if e.layer not in tset.encoders:
             raise UserError(f"no transcoder at layer {e.layer}; layers with features: {', '.join(map(str, tset.layers))}")
@@ -86,6 +109,7 @@ def intervene(lm: HookedLM, tset: TranscoderSet, ids: list[int], edits: list[Fea
             raise UserError(f"edit mode {e.mode!r}; valid: scale, set")
         a = float(enc.encode(x_in[e.layer])[e.pos, e.feature])
         new = a * e.value if e.mode == "scale" else e.value
+        applied.append((a, new))
         for o in enc.out_layers:
             deltas.setdefault(o, torch.zeros(T, d_model, dtype=lm.dtype, device=lm.device))
             deltas[o][e.pos] += (new - a) * enc.W_dec[e.feature, o - e.layer]
@@ -99,4 +123,5 @@ def intervene(lm: HookedLM, tset: TranscoderSet, ids: list[int], edits: list[Fea
         finally:
             _STATE.reset(token)
     return {"base": _top(base, k), "frozen": _top(frozen, k), "real": _top(real, k), "deltas": deltas,
+            "applied": applied,
             "logits": {"base": base.double().cpu(), "frozen": frozen.double().cpu(), "real": real.double().cpu()}}

@@ -28,14 +28,22 @@ class CircuitResult:
 def circuit(lm: HookedLM, tset: TranscoderSet, prompt: str | list[int], target: str | int | None = None,
             cfg: CircuitConfig = CIRCUIT, node_threshold: float | None = None, edge_threshold: float | None = None,
             check: bool = True) -> CircuitResult:
-    cfg = replace(cfg, node_threshold=cfg.node_threshold if node_threshold is None else node_threshold,
-                  edge_threshold=cfg.edge_threshold if edge_threshold is None else edge_threshold)
     if isinstance(prompt, str):
         ids, text = prompt_ids(lm, prompt), prompt
     else:
         ids, text = list(prompt), None
     g = build_graph(lm, tset, ids, text, target, cfg)
+    return from_graph(lm, tset, g, cfg, node_threshold, edge_threshold, check)
+
+
+def from_graph(lm: HookedLM, tset: TranscoderSet, g: Graph, cfg: CircuitConfig = CIRCUIT,
+               node_threshold: float | None = None, edge_threshold: float | None = None,
+               check: bool = True, memo: dict | None = None) -> CircuitResult:
+    """Prune, score and check an already built (unpruned) graph: what the worker's graph cache re-runs when only
+    the thresholds change (`memo`, kept with the graph, spares the real-model runs of nodes checked before)."""
+    cfg = replace(cfg, node_threshold=cfg.node_threshold if node_threshold is None else node_threshold,
+                  edge_threshold=cfg.edge_threshold if edge_threshold is None else edge_threshold)
     p = prune(g, cfg.node_threshold, cfg.edge_threshold)
     scores = graph_scores(g)
-    nodes, edges = verify(lm, tset, g, p, cfg) if check else ([], [])
+    nodes, edges = verify(lm, tset, g, p, cfg, memo=memo) if check else ([], [])
     return CircuitResult(g, p, scores, nodes, edges)

@@ -119,38 +119,51 @@ def _demeaned(logits: torch.Tensor, token: int) -> float:
 
 
 def verify(lm: HookedLM, tset: TranscoderSet, g: Graph, pruned: Pruned, cfg: CircuitConfig = CIRCUIT, logit: int = 0,
-           kinds: tuple[str, ...] = ("feature", "error")) -> tuple[list[NodeCheck], list[EdgeCheck]]:
-    """Check the top nodes and edges of `g` (ranked on the pruned graph) against real ablations."""
+           kinds: tuple[str, ...] = ("feature", "error"), memo: dict | None = None) -> tuple[list[NodeCheck], list[EdgeCheck]]:
+    """Check the top nodes and edges of `g` (ranked on the pruned graph) against real ablations.
+
+    `memo` (a dict kept with the graph) remembers each real-model run by what it ablated: another pruning of the
+    same graph checks mostly the same nodes, and those runs are not repeated."""
+    memo = {} if memo is None else memo
+
+    def once(key, fn):
+        if key not in memo:
+            memo[key] = fn()
+        return memo[key]
     tset = tset.to(lm.dtype, lm.device)
     token = g.logit_tokens[logit]
-    base = _demeaned(_run(lm, g.tokens), token)
+    base = once(("base", token), lambda: _demeaned(_run(lm, g.tokens), token))
     est_all = -total_effects(g, g.adjacency[g.logit_start + logit])
     start = 0 if "feature" in kinds else g.error_start
     stop = g.token_start if "error" in kinds else g.error_start
     cand = [i for i in range(start, stop) if pruned.node_mask[i]]
     cand.sort(key=lambda i: -float(pruned.influence[i]))
     nodes = []
-    for i in cand[: cfg.verify_nodes]:
+
+    def node_run(i):
         with ablated(lm, _deltas(g, tset, i)):
-            true = _demeaned(_run(lm, g.tokens), token) - base
+            return _demeaned(_run(lm, g.tokens), token) - base
+    for i in cand[: cfg.verify_nodes]:
+        true = once(("node", token, i), lambda: node_run(i))
         est = float(est_all[i])
         nodes.append(NodeCheck(i, est, true, agrees(est, true, cfg)))
     nf = g.n_features
     E = pruned.edge_mask[:nf, :nf] & (g.adjacency[:nf, :nf] != 0)
     pairs = E.nonzero().tolist()
     pairs.sort(key=lambda ts: -abs(float(g.adjacency[ts[0], ts[1]])))
-    base_in: dict = {}
-    with ablated(lm, {}, base_in, tset.input_kind):
-        _run(lm, g.tokens)
+
+    def inputs(sub):
+        cap: dict = {}
+        with ablated(lm, sub, cap, tset.input_kind):
+            _run(lm, g.tokens)
+        return cap
+    base_in = once(("inputs", None), lambda: inputs({}))
     edges = []
     for t, s in pairs[: cfg.verify_edges]:
         tl, tp, tf = (int(v) for v in g.features[t])
         enc = tset.encoders[tl]
-        cap: dict = {}
-        with ablated(lm, _deltas(g, tset, s), cap, tset.input_kind):
-            _run(lm, g.tokens)
         before = float(enc.encode(base_in[tl])[tp, tf])
-        after = float(enc.encode(cap[tl])[tp, tf])
+        after = once(("edge", s, t), lambda: float(enc.encode(inputs(_deltas(g, tset, s))[tl])[tp, tf]))
         est = float(-total_effects(g, g.adjacency[t])[s])
         edges.append(EdgeCheck(s, t, float(g.adjacency[t, s]), est, after - before, agrees(est, after - before, cfg)))
     return nodes, edges

@@ -3,8 +3,8 @@ pipeline (precompute/pipeline/, whose working directory holds the streamed activ
 `write.build_range` and `StoreBuilder`."""
 
 from ..errors import UnknownSAE
-from .read import Example, Explanation, Feature, FeatureRow, Group, SAEInfo, SearchHit, Store, StoreError
+from .read import Example, Explanation, Feature, FeatureRow, Group, SAEInfo, SearchHit, Store, StoredGraph, StoreError
 from .schema import SCHEMA_VERSION
 
-__all__ = ["Store", "StoreError", "SAEInfo", "Feature", "FeatureRow", "Example", "Explanation", "Group", "SearchHit", "SCHEMA_VERSION",
+__all__ = ["Store", "StoreError", "SAEInfo", "Feature", "FeatureRow", "Example", "Explanation", "Group", "SearchHit", "StoredGraph", "SCHEMA_VERSION",
            "UnknownSAE"]

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import SaescopeError, UnknownSAE
 from .maps import MapQueries
-from .schema import (CONTRAST_FEATURES, CONTRASTS, EXPLANATIONS, FEATURES, QUALITY, SAES, SCHEMA_VERSION,
+from .schema import (CONTRAST_FEATURES, CONTRASTS, EXPLANATIONS, FEATURES, GRAPHS, QUALITY, SAES, SCHEMA_VERSION,
                      STORE_TABLES)
 from .search import SearchHit, SearchQueries, dedup as _dedup
 
@@ -33,6 +33,7 @@ ContrastRun = CONTRASTS.row_type("ContrastRun")  # one stored contrast (probe as
 ContrastFeature = CONTRAST_FEATURES.row_type("ContrastFeature")
 Quality = QUALITY.row_type("Quality")  # one SAE's quality metrics (precompute/quality.py); NULL -> None
 Explanation = EXPLANATIONS.row_type("Explanation")  # one explanation with its provenance and scores (NULL -> None)
+StoredGraph = GRAPHS.row_type("StoredGraph")  # one stored attribution graph (sae_ids as a dict, graph as JSON text)
 
 
 @dataclass
@@ -274,6 +275,17 @@ class Store(SearchQueries, MapQueries):
                                  "ORDER BY side, idx", [sae_id, name]):
             texts[side].append(list(ids))
         return run, feats, texts
+
+    def graphs(self) -> list[StoredGraph]:
+        """The stored attribution graphs, newest first, without their JSON text (graph = '')."""
+        cols = [c.name if c.name != "graph" else "''" for c in GRAPHS.cols]
+        rows = self._q(f"SELECT {', '.join(cols)} FROM {GRAPHS.name} ORDER BY created DESC, slug")
+        return [StoredGraph(*(json.loads(v or "{}") if c.json else v for c, v in zip(GRAPHS.cols, r))) for r in rows]
+
+    def graph(self, slug: str) -> StoredGraph | None:
+        """One stored graph with its JSON text, or None."""
+        rows = self._q(f"SELECT {GRAPHS.select_list()} FROM {GRAPHS.name} WHERE slug = ?", [slug])
+        return StoredGraph(*(json.loads(v or "{}") if c.json else v for c, v in zip(GRAPHS.cols, rows[0]))) if rows else None
 
     def require_sae(self, sae_id: str) -> SAEInfo:
         """The SAE's row, or UnknownSAE naming the SAEs the store has (the one check every caller shares)."""

@@ -8,7 +8,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-SCHEMA_VERSION = 3  # 2: saes.verify, features.cooc_*/map_*, explanations provenance and scores; 3: quality, contrasts
+SCHEMA_VERSION = 4  # 2: saes.verify, features.cooc_*/map_*, explanations provenance and scores; 3: quality, contrasts;
+#                    4: graphs
 
 
 @dataclass(frozen=True)
@@ -170,8 +171,21 @@ CONTRAST_TEXTS = Table("contrast_texts", (  # the texts of each contrast, tokeni
     C("sae_id", "VARCHAR", str), C("name", "VARCHAR", str), C("side", "VARCHAR", str), C("idx", "INTEGER", int),
     C("token_ids", "INTEGER[]", list),
 ))
+GRAPHS = Table("graphs", (  # stored attribution graphs (`saescope graph STORE`), pages /graph/SLUG without the worker
+    C("slug", "VARCHAR", str, "the graph's name (its page: /graph/SLUG, its file: /graph/SLUG.json)"),
+    C("prompt", "VARCHAR", str, "the prompt the graph explains"),
+    C("target", "VARCHAR", str, "the logit target named when it was computed ('' = the top tokens)"),
+    C("source", "VARCHAR", str, "computed (with the model, transcoders and settings) or imported (from which file)"),
+    C("created", "VARCHAR", str, "when it was stored (UTC)"),
+    C("n_nodes", "INTEGER", int, "nodes of the stored (pruned) graph"),
+    C("n_links", "INTEGER", int, "links of the stored graph"),
+    C("replacement_score", "DOUBLE", float, "the graph's replacement score (NULL when the file has none)"),
+    C("completeness_score", "DOUBLE", float, "the graph's completeness score (NULL when the file has none)"),
+    C("sae_ids", "VARCHAR", dict, "layer -> the store's transcoder (sae_id) its feature nodes belong to", json=True),
+    C("graph", "VARCHAR", str, "the graph as circuit-tracer's JSON text, exactly as checked and stored"),
+), key=("slug",))
 STORE_TABLES = (META, SAES, VOCAB, CONTEXTS, FEATURES, EXAMPLES, GROUPS, EXPLANATIONS, CROSS, QUALITY, CONTRASTS,
-                CONTRAST_FEATURES, CONTRAST_TEXTS)
+                CONTRAST_FEATURES, CONTRAST_TEXTS, GRAPHS)
 PER_SAE_TABLES = (SAES, CONTEXTS, FEATURES, EXAMPLES, GROUPS, EXPLANATIONS, CROSS, QUALITY, CONTRASTS,
                   CONTRAST_FEATURES, CONTRAST_TEXTS)  # rows keyed by sae_id
 

@@ -29,9 +29,9 @@ import pyarrow as pa
 from ..config import PRECOMPUTE
 from .read import sae_params, stored_activations, stored_examples
 from .schema import (CONTRAST_FEATURES, CONTRAST_TEXTS, CONTRASTS, CROSS, CONTEXTS, EXAMPLES, EXPLANATIONS, FEATURES,
-                     GROUPS, META, PER_SAE_TABLES, PRIORITY_SQL, QUALITY, SAES, SCHEMA_VERSION, STORE_TABLES, VOCAB,
-                     create_all)
-from ..errors import UserError
+                     GRAPHS, GROUPS, META, PER_SAE_TABLES, PRIORITY_SQL, QUALITY, SAES, SCHEMA_VERSION, STORE_TABLES,
+                     VOCAB, create_all)
+from ..errors import UnknownSAE, UserError
 
 log = logging.getLogger(__name__)
 
@@ -730,3 +730,27 @@ def write_contrast(path: Path, run: dict[str, Any], features: dict[str, list], t
             con.register("new_rows", tbl)
             _run(con, t.insert_sql("new_rows"))
             con.unregister("new_rows")
+
+
+def write_graph(path: Path, row: dict[str, Any], replace: bool = False) -> None:
+    """`saescope graph`: store one attribution graph (a GRAPHS row without `created`; copy, write, atomic rename).
+    An existing slug is refused unless `replace`; sae_ids must name SAEs of the store."""
+    from datetime import datetime, timezone
+
+    missing, extra = set(GRAPHS.names) - {"created"} - set(row), set(row) - set(GRAPHS.names)
+    if missing or extra:
+        raise UserError(f"graph row: missing {sorted(missing)}, unknown {sorted(extra)}")
+    with rewriting(path) as con:
+        _run(con, create_all((GRAPHS,)))
+        have = {r[0] for r in con.execute("SELECT sae_id FROM saes").fetchall()}
+        unknown = sorted(set(row["sae_ids"].values()) - have)
+        if unknown:
+            raise UnknownSAE(unknown[0], sorted(have), where=f"the store {path.name}")
+        if con.execute(f"SELECT count(*) FROM {GRAPHS.name} WHERE slug = ?", [row["slug"]]).fetchall()[0][0]:
+            if not replace:
+                raise UserError(f"the store {path.name} already has a graph {row['slug']!r}; choose another --slug "
+                                "or pass --replace")
+            _run(con, f"DELETE FROM {GRAPHS.name} WHERE slug = ?", [row["slug"]])
+        full = {**row, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        values = [json.dumps(full[c.name]) if c.json else full[c.name] for c in GRAPHS.cols]
+        _run(con, f"INSERT INTO {GRAPHS.name} ({GRAPHS.select_list()}) VALUES ({', '.join('?' * len(values))})", values)

@@ -66,8 +66,10 @@ def create_worker_app(engine: Engine, secret: str | None = None) -> FastAPI:
                                                if chat is not None else None))
     app.include_router(interventions.make_router(engine))
     app.include_router(explain.make_router(engine, chat))
-    app.include_router(graph.make_graph_router(engine))
-    app.include_router(contrast.make_router(engine))  # POST /contrast, POST /search_all  # POST /graph: attribution graphs over the transcoders
+    graph_router = graph.make_graph_router(engine)  # POST /graph (+ /graph/intervene): attribution graphs
+    app.state.graph_cache = graph_router.graph_cache  # the unpruned graphs it keeps (LRU)
+    app.include_router(graph_router)
+    app.include_router(contrast.make_router(engine))  # POST /contrast, POST /search_all
     if chat is not None or engine is None:  # any OpenAI client can chat with the worker's model (greedy, unsteered)
         app.include_router(explain.make_chat_routes(engine, chat))
     return app
