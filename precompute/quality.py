@@ -77,8 +77,12 @@ def keep_mask(ids: torch.Tensor, tokenizer) -> torch.Tensor:
 
 
 def reconstruct(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features f, reconstruction x_hat in the raw space of x) for hook activations x (..., d_in)."""
+    """(features f, reconstruction x_hat in the raw space of x) for hook activations x (..., d_in); for a
+    transcoder x_hat is its prediction of the MLP output (decoder + skip), not a reconstruction of x."""
     xs = x.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
+    if getattr(sae, "is_transcoder", False):
+        z = sae.encode(xs)
+        return z, sae.decode(z) + sae.skip(xs)
     z = sae.encode(xs)
     scale, shift = sae.norm_stats(xs)
     return z, sae.decode(z) * scale + shift
@@ -191,6 +195,14 @@ class EvalSAE:
     hook: str
     sae_id: str = ""
 
+    @property
+    def out_hook(self) -> str:
+        """Where the reconstruction is compared and spliced: the SAE's own hook, or a transcoder's output hook
+        (it reads the MLP's input and predicts its output, so its variance and CE scores are of the MLP output)."""
+        if getattr(self.sae, "is_transcoder", False):
+            return self.sae.cfg.hook_name_out or self.hook
+        return self.hook
+
 
 @torch.no_grad()
 def quality_metrics(lm: HookedLM, saes: Sequence[EvalSAE], tokens: np.ndarray | torch.Tensor,
@@ -207,9 +219,13 @@ def quality_metrics(lm: HookedLM, saes: Sequence[EvalSAE], tokens: np.ndarray | 
         if lm.hook_width(e.hook) != e.sae.cfg.d_in:
             raise UserError(f"SAE {e.sae_id or e.hook} reads {e.sae.cfg.d_in}-wide vectors; {e.hook} is "
                             f"{lm.hook_width(e.hook)} wide")
+        if e.out_hook != e.hook and lm.hook_width(e.out_hook) != int(e.sae.W_dec.shape[-1]):
+            raise UserError(f"transcoder {e.sae_id or e.hook} writes {int(e.sae.W_dec.shape[-1])}-wide vectors; "
+                            f"{e.out_hook} is {lm.hook_width(e.out_hook)} wide")
     t0 = time.perf_counter()
-    hooks = list(dict.fromkeys(e.hook for e in saes))
-    accs = [_Acc(e.sae.cfg.d_in, e.sae.cfg.d_sae) for e in saes]
+    captured_hooks = list(dict.fromkeys([e.hook for e in saes] + [e.out_hook for e in saes]))
+    hooks = list(dict.fromkeys(e.out_hook for e in saes))  # zero-ablated: where each reconstruction is spliced
+    accs = [_Acc(int(e.sae.W_dec.shape[-1]), e.sae.cfg.d_sae) for e in saes]
     base_ce = base_n = 0.0
     abl = {h: [0.0, 0.0, 0, 0] for h in hooks}  # ce sum, kl sum, n_ce, n_kl
     from tqdm import tqdm
@@ -227,7 +243,7 @@ def quality_metrics(lm: HookedLM, saes: Sequence[EvalSAE], tokens: np.ndarray | 
             return fn
 
         with ExitStack() as st:
-            for h in hooks:
+            for h in captured_hooks:
                 st.enter_context(lm.hooks({h: grab(h)}))
             logits = _logits(lm, ids)
         ref = _Reference(logits)
@@ -248,15 +264,27 @@ def quality_metrics(lm: HookedLM, saes: Sequence[EvalSAE], tokens: np.ndarray | 
             x = captured[e.hook]
             z, x_hat = reconstruct(e.sae, x)
             k = keep.to(z.device)
-            acc.add_acts(z[k], x.to(z)[k], x_hat[k])
+            acc.add_acts(z[k], captured[e.out_hook].to(z)[k], x_hat[k])
             del z, x_hat
             kd = keep.to(x.device)
 
-            def splice(act, sae=e.sae, kd=kd):
-                _, rec = reconstruct(sae, act)
-                return torch.where(kd[..., None], rec.to(device=act.device, dtype=act.dtype), act)
+            if e.out_hook == e.hook:
+                def splice(act, sae=e.sae, kd=kd):
+                    _, rec = reconstruct(sae, act)
+                    return torch.where(kd[..., None], rec.to(device=act.device, dtype=act.dtype), act)
+                splices = {e.hook: splice}
+            else:  # a transcoder: the MLP's output replaced by its prediction from the MLP's input in this pass
+                seen: dict[str, torch.Tensor] = {}
 
-            with lm.hooks({e.hook: splice}):
+                def read_in(act, seen=seen):
+                    seen["x"] = act
+                    return act
+
+                def write_out(act, sae=e.sae, kd=kd, seen=seen):
+                    _, rec = reconstruct(sae, seen.pop("x"))
+                    return torch.where(kd[..., None], rec.to(device=act.device, dtype=act.dtype), act)
+                splices = {e.hook: read_in, e.out_hook: write_out}
+            with lm.hooks(splices):
                 lg = torch.log_softmax(_logits(lm, ids).float(), dim=-1)
             acc.ce += float(_ce_per_token(lg, ids).cpu()[keep_ce].double().sum())
             acc.kl += float(ref.kl(lg).cpu()[keep].double().sum())
@@ -268,7 +296,7 @@ def quality_metrics(lm: HookedLM, saes: Sequence[EvalSAE], tokens: np.ndarray | 
     seconds = time.perf_counter() - t0
     out = []
     for e, acc in zip(saes, accs):
-        a = abl[e.hook]
+        a = abl[e.out_hook]
         m = acc.result(base, a[0] / max(a[2], 1), a[1] / max(a[3], 1), e.sae)
         m.update(n_contexts=int(ids_all.shape[0]), context_len=int(ids_all.shape[1]), n_tokens=acc.n,
                  seconds=seconds, formula_version=FORMULA_VERSION)

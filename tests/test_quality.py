@@ -401,3 +401,90 @@ def test_home_table_sorts_plots_and_json_twin(two_sae_store):
         assert api[sid]["quality"]["formula_version"] == q[sid].formula_version
     card = client.get("/sae/tiny").text
     assert "explained variance" in card and "held-out" in card
+
+
+# ------------------------------------------------------------------ transcoders: scored on the MLP output they predict
+def _mlp(model, L: int):
+    return _layer(model, L).mlp
+
+
+def _ref_transcoder(tc, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A skip transcoder by hand, float64: f = ReLU(x W_enc + b_enc) (no b_dec on the input), y = f W_dec + b_dec + x W_skip^T."""
+    W_enc, b_enc, W_dec, b_dec, W_skip = (p.detach().double().numpy() for p in (tc.W_enc, tc.b_enc, tc.W_dec, tc.b_dec, tc.W_skip))
+    f = np.maximum(x @ W_enc + b_enc, 0)
+    return f, f @ W_dec + b_dec + x @ W_skip.T
+
+
+def _run_mlp(model, ids: torch.Tensor, L: int, fn=None):
+    """Logits and the MLP's (input, output) seen by this file's own forward hook on the MLP module; fn(input,
+    output) -> the output to use instead."""
+    seen = {}
+
+    def hook(_m, args, out):
+        seen["x"], seen["y"] = args[0].detach().clone(), out.detach().clone()
+        return None if fn is None else fn(args[0], out)
+    h = _mlp(model, L).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
+    finally:
+        h.remove()
+    return logits.double().numpy(), seen["x"], seen["y"]
+
+
+@pytest.mark.parametrize("family,layer", [("gpt2", 1), ("llama", 2)])
+def test_a_transcoders_metrics_are_of_the_mlp_output_it_predicts(family, layer, request):
+    """A transcoder reads the MLP's input and predicts its output: explained variance, MSE and cosine compare its
+    prediction with the MLP's real output; CE/KL splice the prediction in place of the MLP's output and the ablation
+    zeroes the MLP's output (not its input). All from this test's own hook on the MLP module, float64."""
+    from saescope.precompute.saes.transcoder import SkipTranscoder
+
+    lm = request.getfixturevalue(family)
+    model, d = lm.model, lm.d_model
+    tokens = _tokens(lm, 6, 24, seed=layer + 20)
+    ids = torch.from_numpy(tokens).long()
+    logits0, X_in, Y = _run_mlp(model, ids, layer)
+    torch.manual_seed(layer)
+    tc = SkipTranscoder(SAEConfig(architecture="skip_transcoder", d_in=d, d_sae=4 * d,
+                                  hook_name=f"blocks.{layer}.hook_mlp_in", hook_name_out=f"blocks.{layer}.hook_mlp_out"))
+    with torch.no_grad():  # the skip path a least-squares fit of the MLP on these tokens: a transcoder worth scoring
+        x64, y64 = X_in.double().reshape(-1, d), Y.double().reshape(-1, d)
+        tc.W_skip.copy_(torch.linalg.lstsq(x64, y64).solution.T.float())
+        for p in (tc.W_enc, tc.W_dec):
+            p.normal_()
+        tc.W_enc.mul_(1.0 / float(X_in.norm(dim=-1).mean()))
+        tc.W_dec.mul_(0.01 * float(Y.norm(dim=-1).mean()) / d)  # small: the skip carries the fit
+        tc.b_enc.fill_(-0.5)
+        tc.b_dec.zero_()
+    sp = [t for t in (lm.tokenizer.bos_token_id, lm.tokenizer.eos_token_id, lm.tokenizer.pad_token_id) if t is not None]
+    keep = ~np.isin(tokens, sp)
+    f, yhat = _ref_transcoder(tc, X_in.double().numpy())
+
+    def spliced(x, out):
+        _, pred = _ref_transcoder(tc, x.double().numpy())
+        return torch.where(torch.from_numpy(keep)[..., None], torch.from_numpy(pred).to(out.dtype), out)
+
+    logits_s, _, _ = _run_mlp(model, ids, layer, spliced)
+    logits_z, _, _ = _run_mlp(model, ids, layer, lambda x, out: torch.zeros_like(out))
+    lp0 = _log_softmax(logits0)
+
+    def ce(lg):
+        nll = -np.take_along_axis(_log_softmax(lg)[:, :-1], tokens[:, 1:, None], -1)[..., 0]
+        return nll[keep[:, :-1]].mean()
+
+    def kl(lg):
+        return (np.exp(lp0) * (lp0 - _log_softmax(lg))).sum(-1)[keep].mean()
+
+    Yk, Hk, Fk = Y.double().numpy()[keep], yhat[keep], f[keep]
+    var = (Yk ** 2).sum(1).mean() - (Yk.mean(0) ** 2).sum()
+    mse = ((Yk - Hk) ** 2).sum(1).mean()
+    ce0, ces, cez = ce(logits0), ce(logits_s), ce(logits_z)
+    want = {"explained_variance": 1 - mse / var, "mse": mse, "l0": (Fk != 0).sum(1).mean(),
+            "cossim": ((Yk * Hk).sum(1) / (np.linalg.norm(Yk, axis=1) * np.linalg.norm(Hk, axis=1))).mean(),
+            "ce_loss_without_sae": ce0, "ce_loss_with_sae": ces, "ce_loss_with_ablation": cez,
+            "kl_div_with_sae": kl(logits_s), "kl_div_with_ablation": kl(logits_z)}
+    got = quality_metrics(lm, [EvalSAE(tc, tc.cfg.hook_name, "tc")], tokens, batch_size=4)[0]
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=2e-4, abs=1e-6), k
+    assert got["ce_loss_score"] == pytest.approx((cez - ces) / (cez - ce0), rel=1e-3, abs=2e-6 / abs(cez - ce0))
+    assert 0.5 < got["explained_variance"] <= 1.0  # the least-squares skip alone explains most of this MLP's output
