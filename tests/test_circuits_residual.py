@@ -627,3 +627,49 @@ def test_worker_refuses_without_transcoders_or_residual_saes(tiny_lm_dir, tiny_s
         assert c.post("/graph", json={"text": "The cat", "sae_ids": ["a"], "verify": False}).status_code == 200
         r = c.post("/graph", json={"text": "The cat", "sae_ids": ["nope"]})
         assert r.status_code == 404 and "residual-stream SAEs: a, b" in r.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------- the /graph page says which method made the graph
+@pytest.mark.slow
+def test_graph_page_names_the_residual_method(residual_worker, tiny_store):
+    """The dashboard over a real uvicorn worker that has residual SAEs only: the page says the method, what it
+    assumes and labels each SAE row by its hook; its nodes are the worker's graph's."""
+    import re
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from conftest import free_port
+    from saescope.app.web.app import create_app
+    from saescope.app.worker.routes import create_worker_app
+
+    _, engine = residual_worker
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_worker_app(engine), host="127.0.0.1", port=port, log_level="error"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                if httpx.get(url + "/health", timeout=0.5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        graph = httpx.post(url + "/graph", json={"text": "The cat sat on the"}, timeout=120).json()["graph"]
+        r = TestClient(create_app(tiny_store, worker_url=url)).get("/graph", params={"prompt": "The cat sat on the"})
+        assert r.status_code == 200, r.text
+        html = r.text
+        method = re.search(r'<p class="muted" id="graph-method">(.*?)</p>', html, re.S).group(1)
+        assert "residual-stream SAEs (linearised)" in method and "SAE layers: L0 post, L2 pre" in method
+        assert 'id="graph-assumes">edges are gradients of the local linear model' in method
+        assert "a layer without a transcoder" not in method
+        assert re.search(r'class="rowlabel">L0 post<', html) and re.search(r'class="rowlabel">L2 pre<', html)
+        ids = re.findall(r'<g class="node [^"]*" data-id="([^"]+)"', html)
+        assert sorted(ids) == sorted(n["node_id"] for n in graph["nodes"])
+    finally:
+        server.should_exit = True
+        th.join(timeout=10)
