@@ -126,8 +126,9 @@ class ResidualSAESet:
         """The same set in `dtype` (a converted copy of an SAE only where its dtype/device differ)."""
         out = []
         for r in self.layers:
-            p = r.sae.W_enc
-            same = p.dtype == dtype and (device is None or p.device == torch.device(device))
+            p, want = r.sae.W_enc, None if device is None else torch.device(device)
+            same = p.dtype == dtype and (want is None or (p.device.type == want.type
+                                                          and want.index in (None, p.device.index)))
             sae = r.sae if same else copy.deepcopy(r.sae).to(dtype=dtype, device=device)
             out.append(ResidualLayer(sae, r.hook, r.layer, r.kind, r.name))
         return ResidualSAESet(self.n_layers, out, self.kind)
