@@ -41,6 +41,10 @@ than stopping at error nodes; completeness = the share of each node's normalised
 exact SAE still gives a graph of the linearised model): `verify_residual` does, ablating nodes in the real model
 (nothing frozen or linearised) next to the graph's estimates.
 
+Export: circuit-tracer's format knows transcoder features and MLP errors only, so feature and error nodes keep its
+`feature_type` names ("cross layer transcoder", "mlp reconstruction error") for its readers; the method, what it
+assumes and each graph layer's hook go to `metadata.saescope` (`method`, `assumes`, `layer_hooks`, `layer_labels`).
+
 Not supported: `hook_resid_mid` (a hook there changes only the MLP branch's input, not the stream the block adds
 back, so the stream cannot be cut there with module hooks), transcoders mixed with residual SAEs in one graph.
 """
