@@ -662,10 +662,12 @@ def test_worker_graph_bad_input(graph_worker, tiny_lm_dir, tiny_sae_dir):
     assert r.status_code == 404 and "tc0" in r.json()["error"]["message"]
     r = client.post("/graph", json={"text": "The cat", "node_threshold": 2})
     assert r.status_code == 422
+    # a worker without transcoders but with a residual-stream SAE builds a residual graph (test_circuits_residual.py
+    # has the 422 for a worker with neither)
     plain = build_engine(str(tiny_lm_dir), {"tiny": str(tiny_sae_dir)}, {}, "cpu", "float32")
     with TestClient(create_worker_app(plain)) as c2:
-        r = c2.post("/graph", json={"text": "The cat"})
-    assert r.status_code == 422 and "no transcoders" in r.json()["error"]["message"]
+        r = c2.post("/graph", json={"text": "The cat", "verify": False})
+    assert r.status_code == 200 and "residual-stream SAEs" in r.json()["graph"]["metadata"]["saescope"]["method"]
 
 
 # ---------------------------------------------------------------- the /graph page

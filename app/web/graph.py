@@ -91,7 +91,8 @@ def layout(g: dict) -> Layout:
             continue
         drawn.append({**lk, "x1": s["x"], "y1": s["y"], "x2": t["x"], "y2": t["y"],
                       "w": round(0.4 + 3.6 * abs(lk["weight"]) / wmax, 2), "sign": "pos" if lk["weight"] >= 0 else "neg"})
-    rows = [(height - MARGIN, "tokens")] + [(height - MARGIN - ROW_H * (l + 1), f"L{l}") for l in range(n_layers)]
+    labels = (meta.get("saescope") or {}).get("layer_labels") or [f"L{l}" for l in range(n_layers)]  # residual: hooks
+    rows = [(height - MARGIN, "tokens")] + [(height - MARGIN - ROW_H * (l + 1), labels[l]) for l in range(n_layers)]
     rows.append((height - MARGIN - ROW_H * (n_layers + 1), "logits"))
     cols = [(MARGIN + CELL_W * (c + 0.5), tok) for c, tok in enumerate(meta["prompt_tokens"])]
     return Layout(width, height, placed, drawn, rows, cols)

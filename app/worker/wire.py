@@ -346,13 +346,15 @@ from ..settings import GRAPH  # noqa: E402
 
 
 class GraphIn(BaseModel):
-    """An attribution graph for one prompt over the worker's transcoders (circuit-tracer's definitions)."""
+    """An attribution graph for one prompt over the worker's transcoders (circuit-tracer's definitions), or, when it
+    has none, over its residual-stream SAEs (MLPs linearised at the prompt; the graph's metadata says which)."""
 
     text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="the prompt (BOS is added)")
     target: str | None = Field(None, max_length=GRAPH.max_target_chars, description="one-token logit target; default: the top tokens "
                                f"until cumulative probability {CIRCUIT.logit_prob}, at most {CIRCUIT.max_logits}")
-    sae_ids: list[str] | None = Field(None, max_length=GRAPH.max_ids, description="the transcoders to use (default: every "
-                                      "transcoder of the worker, one per layer)")
+    sae_ids: list[str] | None = Field(None, max_length=GRAPH.max_ids, description="the transcoders, or the residual-stream "
+                                      "SAEs, to use (default: every transcoder of the worker, one per layer; without "
+                                      "transcoders every residual-stream SAE, one per point of the stream)")
     node_threshold: float = Field(CIRCUIT.node_threshold, ge=0.0, le=1.0, description="cumulative influence kept (nodes)")
     edge_threshold: float = Field(CIRCUIT.edge_threshold, ge=0.0, le=1.0, description="cumulative edge score kept")
     max_feature_nodes: int = Field(CIRCUIT.max_feature_nodes, ge=1, le=CIRCUIT.max_feature_nodes,
@@ -382,7 +384,8 @@ class GraphOut(BaseModel):
     completeness_score: float
     node_checks: list[NodeCheckOut]
     edge_checks: list[EdgeCheckOut]
-    sae_ids: dict[int, str] = Field(description="layer -> the transcoder (sae_id) used there")
+    sae_ids: dict[int, str] = Field(description="graph layer -> the transcoder or residual-stream "
+                                   "SAE (sae_id) used there (residual graphs: graph layer k is the k-th SAE along the stream)")
     seconds: float = Field(description="wall time of this request")
     cached: bool = Field(False, description="the unpruned graph came from the worker's graph cache (same prompt, "
                          "target, max_feature_nodes and transcoders): only pruning and the checks ran")

@@ -9,7 +9,7 @@
 Node ids as circuit-tracer writes them: features `{layer}_{feature}_{pos}`, errors `0_{layer}_{pos}`, tokens
 `E_{token}_{pos}`, logits `{n_layers + 1}_{token}_{pos}` (an error id that would equal a layer-0 feature's id,
 `0_{layer}_{pos}` = `0_{feature}_{pos}`, gets the suffix `_error`: circuit-tracer's scheme is ambiguous there); `influence` is the cumulative influence share at the
-node's rank (what circuit-tracer's pruning returns). saescope adds its scores and method under
+node's rank (what circuit-tracer's pruning returns). saescope adds its scores and method (residual graphs: what it assumes and each graph layer's hook) under
 `metadata.saescope` (readers that do not know the key ignore it). `load_graph_json(to_json(...))` gives back
 exactly what was written.
 """
@@ -92,7 +92,9 @@ def graph_to_json(g: Graph, pruned: Pruned, scores: tuple[float, float], slug: s
                          "feature_layers": g.meta.get("feature_layers", []), "n_layers": g.n_layers,
                          "active_features": g.n_active, "feature_nodes": g.n_features,
                          "nodes_before_pruning": g.n_nodes, "edges_before_pruning": int((g.adjacency != 0).sum()),
-                         "tokens": list(g.tokens), **(extra or {})}}
+                         "tokens": list(g.tokens),
+                         **{k: g.meta[k] for k in ("assumes", "layer_labels", "layer_hooks") if k in g.meta},
+                         **(extra or {})}}
     return {"metadata": meta, "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "",
                                           "sg_pos": ""}, "nodes": nodes, "links": links}
 

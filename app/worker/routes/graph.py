@@ -1,6 +1,6 @@
-"""POST /graph: an attribution graph over the worker's transcoders, checked against real ablations;
-POST /graph/intervene: node interventions (features set to a multiple or a value) with the new top logits,
-frozen-attention and real, beside the clean ones.
+"""POST /graph: an attribution graph over the worker's transcoders (or, without any, its residual-stream SAEs),
+checked against real ablations; POST /graph/intervene: node interventions on transcoder graphs (features set
+to a multiple or a value) with the new top logits, frozen-attention and real, beside the clean ones.
 
 Its own APIRouter (create_worker_app includes it); the work runs in a thread under the engine's model lock.
 Built graphs are kept unpruned in a bounded LRU cache (GraphCache, keyed by prompt, target, max_feature_nodes and
@@ -17,9 +17,10 @@ from dataclasses import dataclass, field, replace
 from fastapi import APIRouter
 
 from saescope.precompute.circuits.export import graph_to_json
-from saescope.precompute.circuits.graph import Graph, build_graph, prompt_ids
+from saescope.precompute.circuits.graph import Graph, prompt_ids
 from saescope.precompute.circuits.intervene import FeatureEdit, intervene
-from saescope.precompute.circuits.run import from_graph
+from saescope.precompute.circuits.residual import ResidualSAESet, is_residual_sae
+from saescope.precompute.circuits.run import build_any, from_graph
 from saescope.precompute.circuits.transcoders import TranscoderSet
 from saescope.precompute.config import CIRCUIT
 from saescope.precompute.errors import UserError
@@ -82,28 +83,54 @@ class GraphCache:
             return list(self._items)
 
 
-def transcoders(engine: Engine, sae_ids: list[str] | None) -> tuple[TranscoderSet, dict[int, str]]:
-    """The worker's transcoders (or the ones named) as one set, at most one per layer; 422 when there are none."""
-    have = {k: s for k, s in engine.saes.items() if getattr(s, "is_transcoder", False)}
-    if not have:
-        kinds = ", ".join(f"{k} ({s.cfg.architecture} at {s.cfg.hook_name})" for k, s in engine.saes.items())
-        raise AppError(f"this worker has no transcoders, so it cannot build attribution graphs (its SAEs: {kinds}). "
-                       "Graphs need transcoders reading blocks.L.hook_mlp_in and writing blocks.L.hook_mlp_out "
-                       "(SAELens transcoder/skip_transcoder/jumprelu_transcoder folders) in the store or on --sae", 422)
-    if sae_ids:
-        unknown = [k for k in sae_ids if k not in have]
-        if unknown:
-            raise AppError(f"unknown transcoder {unknown[0][:80]!r}; this worker's transcoders: {', '.join(sorted(have))}", 404)
-        have = {k: have[k] for k in sae_ids}
-    by_layer: dict[int, str] = {}
+def transcoders(engine: Engine, sae_ids: list[str] | None) -> tuple[TranscoderSet | ResidualSAESet, dict[int, str]]:
+    """The SAEs a graph is built on, and graph layer -> SAE id: the worker's transcoders (or the ones named), at most
+    one per layer; when it has none (or the names are residual-stream SAEs), its SAEs at blocks.L.hook_resid_pre /
+    hook_resid_post, one per point of the stream (precompute/circuits/residual.py: MLPs linearised at the prompt).
+    422 when there are neither."""
     from saescope.precompute.models import parse_hook
 
+    n_layers = engine.lm.n_layers
+    have = {k: s for k, s in engine.saes.items() if getattr(s, "is_transcoder", False)}
+    resid = {k: s for k, s in engine.saes.items() if is_residual_sae(s, n_layers)}
+    if not have and not resid:
+        kinds = ", ".join(f"{k} ({s.cfg.architecture} at {s.cfg.hook_name})" for k, s in engine.saes.items())
+        raise AppError(f"this worker has no transcoders and no residual-stream SAEs, so it cannot build attribution "
+                       f"graphs (its SAEs: {kinds}). Graphs need transcoders reading blocks.L.hook_mlp_in and writing "
+                       "blocks.L.hook_mlp_out (SAELens transcoder/skip_transcoder/jumprelu_transcoder folders), or "
+                       "SAEs (standard, jumprelu, topk, gated) at blocks.L.hook_resid_pre or blocks.L.hook_resid_post, "
+                       "in the store or on --sae", 422)
+    if sae_ids:
+        unknown = [k for k in sae_ids if k not in have and k not in resid]
+        if unknown:
+            raise AppError(f"unknown transcoder or residual SAE {unknown[0][:80]!r}; this worker's transcoders: "
+                           f"{', '.join(sorted(have)) or 'none'}; residual-stream SAEs: {', '.join(sorted(resid)) or 'none'}", 404)
+        named_tc = [k for k in sae_ids if k in have]
+        if named_tc and len(named_tc) < len(sae_ids):
+            raise AppError(f"sae_ids mix transcoders ({', '.join(named_tc)}) and residual-stream SAEs; a graph uses "
+                           "one kind", 422)
+        if named_tc:
+            have = {k: have[k] for k in sae_ids}
+        else:
+            have, resid = {}, {k: resid[k] for k in sae_ids}
+    if not have:  # residual-stream SAEs
+        ids = sorted(resid, key=lambda k: _boundary(parse_hook(resid[k].cfg.hook_name, n_layers)))
+        try:
+            rs = ResidualSAESet.from_saes([resid[k] for k in ids], n_layers, ids)
+        except UserError as err:
+            raise AppError(f"{err}; name one per point in sae_ids", 422) from err
+        return rs, {k: name for k, name in enumerate(rs.names)}
+    by_layer: dict[int, str] = {}
     for k, s in have.items():
-        layer = parse_hook(s.cfg.hook_name, engine.lm.n_layers).layer
+        layer = parse_hook(s.cfg.hook_name, n_layers).layer
         if layer in by_layer:
             raise AppError(f"transcoders {by_layer[layer]} and {k} both read layer {layer}; name one per layer in sae_ids", 422)
         by_layer[layer] = k
-    return TranscoderSet.from_saes([have[k] for k in by_layer.values()], engine.lm.n_layers), by_layer
+    return TranscoderSet.from_saes([have[k] for k in by_layer.values()], n_layers), by_layer
+
+
+def _boundary(spec) -> int:
+    return spec.layer + (spec.kind == "hook_resid_post")
 
 
 def _limit_status(err: UserError) -> int:
@@ -115,9 +142,9 @@ def make_graph_router(engine: Engine, cache: GraphCache | None = None) -> APIRou
     cache = cache if cache is not None else GraphCache()
     router.graph_cache = cache  # tests and benchmarks read its counters
 
-    @router.post("/graph", response_model=GraphOut, summary="attribution graph of a prompt over the transcoders, "
-                 "with its top nodes and edges checked by real ablations (unpruned graphs cached: a reload or "
-                 "other thresholds rebuild nothing)")
+    @router.post("/graph", response_model=GraphOut, summary="attribution graph of a prompt over the transcoders "
+                 "(or residual-stream SAEs), with its top nodes and edges checked by real ablations (unpruned "
+                 "graphs cached: a reload or other thresholds rebuild nothing)")
     async def graph(body: GraphIn) -> GraphOut:
         ts, by_layer = transcoders(engine, body.sae_ids)
         cfg = replace(CIRCUIT, max_feature_nodes=body.max_feature_nodes)
@@ -130,7 +157,7 @@ def make_graph_router(engine: Engine, cache: GraphCache | None = None) -> APIRou
                 cached = hit is not None
                 if hit is None:
                     t0 = time.perf_counter()
-                    g = build_graph(engine.lm, ts, prompt_ids(engine.lm, body.text), body.text, body.target or None, cfg)
+                    g = build_any(engine.lm, ts, prompt_ids(engine.lm, body.text), body.text, body.target or None, cfg)
                     hit = CachedGraph(g, time.perf_counter() - t0, graph_nbytes(g))
                     cache.builds += 1
                     cache.put(key, hit)
@@ -157,6 +184,9 @@ def make_graph_router(engine: Engine, cache: GraphCache | None = None) -> APIRou
                  "the new top logits with attention frozen and in the real model, beside the clean ones")
     async def graph_intervene(body: GraphInterveneIn) -> GraphInterveneOut:
         ts, by_layer = transcoders(engine, body.sae_ids)
+        if isinstance(ts, ResidualSAESet):
+            raise AppError("node interventions need transcoder graphs; this worker's graphs are on residual-stream "
+                           "SAEs (set a feature there through /steer or /ablate)", 422)
         edits = [FeatureEdit(e.layer, e.pos, e.feature, e.mode, e.value) for e in body.edits]
 
         def run():
