@@ -138,10 +138,20 @@ def salient_logits(probs: torch.Tensor, max_logits: int, logit_prob: float) -> l
 
 # ---------------------------------------------------------------- rows of the adjacency matrix
 class Attributor:
-    """Rows of the full (all active features) edge matrix from batched backward passes of one replay."""
+    """Rows of the full (all active features) edge matrix from backward passes of one replay.
 
-    def __init__(self, rm: ReplacementModel):
-        self.rm = rm
+    method "batched" (the default): one replay of `batch_size` copies of the prompt, kept alive; each backward pass
+    injects one target per copy and returns that many rows (plain batched matrix products, as circuit-tracer).
+    Autograd only visits what the targets depend on: a batch of targets at layers <= l runs through layers < l only
+    (build_graph sorts each batch by layer). method "per_target": one replay, one backward pass per target (the
+    reference the tests hold the batched path to)."""
+
+    METHODS = ("batched", "per_target")
+
+    def __init__(self, rm: ReplacementModel, batch_size: int = CIRCUIT.batch_size, method: str = "batched"):
+        if method not in self.METHODS:
+            raise ValueError(f"method {method!r}; valid: {', '.join(self.METHODS)}")
+        self.rm, self.method = rm, method
         L, T = rm.n_layers, rm.T
         layers, pos, feat, act = [], [], [], []
         for l in sorted(rm.acts):
@@ -157,11 +167,19 @@ class Attributor:
         self.n_cols = self.n_active + L * T + T
         self.E = torch.stack([rm.error[l] for l in range(L)])  # (L, T, d)
         d, dev = rm.embed.shape[-1], rm.embed.device
-        self.probes = {"embed": torch.zeros(T, d, dtype=rm.dtype, device=dev, requires_grad=True)}
-        for l in range(L):
-            self.probes[l] = torch.zeros(T, d, dtype=rm.dtype, device=dev, requires_grad=True)
-        self.replay = rm.replay(self.probes)
-        self.n_backward = 0
+        # per source layer: the columns of its active features, their positions, activations and decoder rows
+        self._cols = {}
+        for l, enc in rm.tset.encoders.items():
+            m = (self.layer == l).nonzero()[:, 0]
+            if len(m):
+                self._cols[l] = (m.to(dev), self.pos[m].to(dev), self.act[m].to(dev), self.feat[m].to(enc.W_dec.device))
+        self.B = max(1, int(batch_size)) if method == "batched" else 1
+        shape = (self.B, T, d) if method == "batched" else (T, d)
+        self.probes = {k: torch.zeros(shape, dtype=rm.dtype, device=dev, requires_grad=True) for k in ["embed", *range(L)]}
+        with torch.enable_grad():
+            self.replay = rm.replay(self.probes, copies=self.B if method == "batched" else None)
+        self.n_rows = 0  # rows computed
+        self.n_backward = 0  # backward passes run
 
     def _scalar(self, target: tuple[str, int]) -> torch.Tensor:
         kind, j = target
@@ -170,35 +188,67 @@ class Attributor:
         l, p, f = int(self.layer[j]), int(self.pos[j]), int(self.feat[j])
         return self.replay.x_in[l][p] @ self.rm.tset.encoders[l].W_enc[:, f]
 
+    def _batched_total(self, targets: list[tuple[str, int]]) -> torch.Tensor:
+        """Σ_b (target b's input in copy b): its gradient in copy b is target b's gradient."""
+        terms = []
+        logit = [(b, j) for b, (kind, j) in enumerate(targets) if kind == "logit"]
+        if logit:
+            bs = torch.tensor([b for b, _ in logit])
+            V = self.rm.demeaned_unembed([j for _, j in logit])  # (d, n)
+            terms.append((self.replay.h_final[bs, -1] * V.T).sum())
+        feats = torch.tensor([j for kind, j in targets if kind == "feature"], dtype=torch.long)
+        bs_all = torch.tensor([b for b, (kind, _) in enumerate(targets) if kind == "feature"], dtype=torch.long)
+        for l in torch.unique(self.layer[feats]).tolist() if len(feats) else []:
+            here = self.layer[feats] == l
+            j, bs = feats[here], bs_all[here]
+            W = self.rm.tset.encoders[l].W_enc[:, self.feat[j].to(self.rm.embed.device)]  # (d, n)
+            terms.append((self.replay.x_in[l][bs, self.pos[j]] * W.T).sum())
+        return torch.stack(terms).sum()
+
+    def _grads(self, targets: list[tuple[str, int]]) -> list[torch.Tensor | None]:
+        """Per input (embedding, MLP outputs 0..L-1): (B, T, d) gradients of the targets, None where all zero."""
+        inputs = [self.probes["embed"]] + [self.probes[l] for l in range(self.rm.n_layers)]
+        if self.method == "batched":
+            self.n_backward += 1
+            grads = torch.autograd.grad(self._batched_total(targets), inputs, retain_graph=True, allow_unused=True)
+            return [None if g is None else g[: len(targets)] for g in grads]
+        per = []
+        for t in targets:
+            self.n_backward += 1
+            per.append(torch.autograd.grad(self._scalar(t), inputs, retain_graph=True, allow_unused=True))
+        out = []
+        for i, x in enumerate(inputs):
+            gs = [g[i] for g in per]
+            out.append(None if all(g is None for g in gs) else
+                       torch.stack([g if g is not None else torch.zeros_like(x) for g in gs]))
+        return out
+
     def rows(self, targets: list[tuple[str, int]]) -> torch.Tensor:
-        """(B, n_cols): columns [active features, errors (layer-major), tokens]."""
-        L, T = self.rm.n_layers, self.rm.T
-        outs = torch.stack([self._scalar(t) for t in targets])
-        inputs = [self.probes["embed"]] + [self.probes[l] for l in range(L)]
-        B = len(targets)
-        try:
-            grads = torch.autograd.grad(outs, inputs, grad_outputs=torch.eye(B, dtype=outs.dtype, device=outs.device),
-                                        retain_graph=True, is_grads_batched=True, allow_unused=True)
-        except RuntimeError:  # an op without a batching rule: one backward pass per target
-            per = [torch.autograd.grad(o, inputs, retain_graph=True, allow_unused=True) for o in outs]
-            grads = [torch.stack([g[i] if g[i] is not None else torch.zeros_like(inputs[i]) for g in per])
-                     for i in range(len(inputs))]
-        grads = [g if g is not None else torch.zeros(B, *inputs[i].shape, dtype=outs.dtype, device=outs.device)
-                 for i, g in enumerate(grads)]
-        self.n_backward += B
-        G_emb = grads[0]  # (B, T, d)
-        G = torch.stack(grads[1:], dim=1)  # (B, L, T, d)
-        out = torch.zeros(B, self.n_cols, dtype=outs.dtype, device=outs.device)
-        for l, enc in self.rm.tset.encoders.items():
-            m = (self.layer == l).nonzero()[:, 0]
-            if not len(m):
-                continue
-            D = enc.W_dec[self.feat[m].to(enc.W_dec.device)]  # (n, n_out, d)
-            o = enc.out_layers
-            Gs = G[:, o.start:o.stop][:, :, self.pos[m].to(G.device)]  # (B, n_out, n, d)
-            out[:, m.to(out.device)] = torch.einsum("bond,nod->bn", Gs, D) * self.act[m].to(out.device)
-        out[:, self.n_active:self.n_active + L * T] = torch.einsum("bltd,ltd->blt", G, self.E).reshape(B, L * T)
-        out[:, self.n_active + L * T:] = torch.einsum("btd,td->bt", G_emb, self.rm.embed)
+        """(n, n_cols): columns [active features, errors (layer-major), tokens]."""
+        if len(targets) > self.B and self.method == "batched":
+            return torch.cat([self.rows(targets[i:i + self.B]) for i in range(0, len(targets), self.B)])
+        L, T, n = self.rm.n_layers, self.rm.T, len(targets)
+        with torch.enable_grad():
+            grads = self._grads(targets)
+        self.n_rows += n
+        dev = self.rm.embed.device
+        out = torch.zeros(n, self.n_cols, dtype=self.rm.dtype, device=dev)
+        G = grads[1:]  # per MLP output layer: (n, T, d) or None
+        for l, (m, p, a, f) in self._cols.items():
+            enc = self.rm.tset.encoders[l]
+            acc = None
+            for o in enc.out_layers:
+                if G[o] is None:
+                    continue
+                part = torch.einsum("bnd,nd->bn", G[o][:, p], enc.W_dec[f, o - l])
+                acc = part if acc is None else acc + part
+            if acc is not None:
+                out[:, m] = acc * a
+        for l in range(L):
+            if G[l] is not None:
+                out[:, self.n_active + l * T:self.n_active + (l + 1) * T] = torch.einsum("btd,td->bt", G[l], self.E[l])
+        if grads[0] is not None:
+            out[:, self.n_active + L * T:] = torch.einsum("btd,td->bt", grads[0], self.rm.embed)
         return out.detach().cpu()
 
 
@@ -245,7 +295,7 @@ def build_graph(lm: HookedLM, tset: TranscoderSet, ids: list[int], prompt: str |
             raise GraphLimitError(f"the graph took longer than {cfg.max_seconds:g} s ({stage}); use a shorter prompt "
                                   f"or fewer feature nodes (max_feature_nodes {cfg.max_feature_nodes})")
 
-    att = Attributor(rm)
+    att = Attributor(rm, cfg.batch_size)
     n_act, L, T = att.n_active, rm.n_layers, rm.T
     n_nodes_full = att.n_cols + len(logit_tokens)
     logit_rows = torch.cat([att.rows([("logit", t) for t in logit_tokens[i:i + cfg.batch_size]])
@@ -264,6 +314,7 @@ def build_graph(lm: HookedLM, tset: TranscoderSet, ids: list[int], prompt: str |
             infl = _partial_influence(rows_so_far, row_node, n_nodes_full, logit_w)[:n_act]
             rank = torch.argsort(infl, descending=True)
             pending = [int(j) for j in rank[~visited[rank]][: min(4 * cfg.batch_size, n_select - len(order))]]
+        pending.sort(key=lambda j: int(att.layer[j]))  # a batch's backward pass only runs below its highest layer
         for i in range(0, len(pending), cfg.batch_size):
             batch = pending[i:i + cfg.batch_size]
             feat_rows[len(order):len(order) + len(batch)] = att.rows([("feature", j) for j in batch])
@@ -290,6 +341,6 @@ def build_graph(lm: HookedLM, tset: TranscoderSet, ids: list[int], prompt: str |
         meta={"method": f"transcoders ({tset.kind}): attention patterns and norm scales frozen at the prompt, "
                         "MLP outputs replaced by transcoder features + error nodes",
               "kind": tset.kind, "transcoders": list(tset.names), "input_hook": tset.input_kind,
-              "seconds": time.monotonic() - t0, "backward_passes": att.n_backward,
+              "seconds": time.monotonic() - t0, "rows": att.n_rows, "backward_passes": att.n_backward,
               "feature_layers": sorted(tset.encoders), "zero_bos": cfg.zero_bos},
     )

@@ -11,6 +11,11 @@ and every MLP's input and output. "Replay" passes then run the same modules with
 so a replay is an exactly linear function of what is added to the embeddings and to the MLP outputs (`deltas`),
 and with no deltas it reproduces the model's own activations and logits. Attribution edges are gradients of
 this linear map (backward passes through the HF modules); the tests check them against finite differences.
+
+A replay skips what it does not need: the MLP modules are not run (their output is replaced anyway; they return
+their recorded output) and the forward stops at the final norm (no unembedding; logits come from h_final).
+`replay(deltas, copies=B)` runs B copies of the prompt side by side (deltas (B, T, d)): one forward whose graph,
+kept alive, gives B different rows per backward pass (circuit-tracer's batching), plain matrix products.
 """
 
 from __future__ import annotations
@@ -107,13 +112,23 @@ def _norm_scale(mod: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
     return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
+class _StopReplay(Exception):
+    """Raised after the final norm of a replay: the unembedding is not needed (logits come from h_final)."""
+
+
 @dataclass
 class Replay:
-    """What a replay pass computed, as live tensors (differentiable in the deltas)."""
+    """What a replay pass computed, as live tensors (differentiable in the deltas); (B, ...) with copies=B."""
 
     x_in: dict[int, torch.Tensor]  # layer -> (T, d) transcoder input at that layer
     h_final: torch.Tensor  # (T, d) after the final norm
-    logits: torch.Tensor  # (T, V) = h_final @ W_U (+ bias), before any soft-capping
+    W_U: torch.Tensor
+    b_U: torch.Tensor | None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """(T, V) = h_final @ W_U (+ bias), before any soft-capping (computed when asked: a (B, T, V) is large)."""
+        return self.h_final @ self.W_U + (self.b_U if self.b_U is not None else 0)
 
 
 class ReplacementModel:
@@ -129,6 +144,7 @@ class ReplacementModel:
         self._norms = self._find_norms()
         self._sites = [(hook_site(layer, self.tset.input_kind, lm.model_type)[0],
                         hook_site(layer, "hook_mlp_out", lm.model_type)[0]) for layer in lm.layers]
+        self._mlps = [hook_site(layer, "hook_mlp_in", lm.model_type)[0] for layer in lm.layers]  # the MLP modules
         W_U = lm.model.get_output_embeddings()
         self.W_U = W_U.weight.detach().T  # (d, V)
         self.b_U = None if getattr(W_U, "bias", None) is None else W_U.bias.detach()
@@ -152,11 +168,15 @@ class ReplacementModel:
         return found
 
     @contextmanager
-    def _hooks(self, mode: str, deltas: dict | None = None, live: dict | None = None) -> Iterator[None]:
+    def _hooks(self, mode: str, deltas: dict | None = None, live: dict | None = None,
+               copies: int | None = None) -> Iterator[None]:
         handles = []
         deltas = deltas or {}
         st = self.state
         st.mode = mode
+
+        def one(x):  # the prompt's (T, d), or all copies' (B, T, d)
+            return x if copies is not None else x[0]
 
         def norm_hook(mod, args, out, kind):
             x = args[0]
@@ -178,7 +198,8 @@ class ReplacementModel:
             if mode == "record":
                 self.embed = h[0].detach()
             if "embed" in deltas:
-                h = h + deltas["embed"][None]
+                d = deltas["embed"]
+                h = h + (d if d.dim() == 3 else d[None])
             if args:
                 return (h,) + tuple(args[1:]), kwargs
             return args, {**kwargs, "hidden_states": h}
@@ -190,7 +211,7 @@ class ReplacementModel:
                 if mode == "record":
                     self.x_in[l] = x[0].detach()
                 elif live is not None:
-                    live[l] = x[0]
+                    live[l] = one(x)
             handles.append(inp.register_forward_pre_hook(in_hook, with_kwargs=True))
 
             def out_hook(_mod, args, out, l=l):
@@ -198,17 +219,28 @@ class ReplacementModel:
                 if mode == "record":
                     self.mlp_out[l] = o[0].detach()
                     return None
-                x = live[l] if live is not None and l in live else args[0][0]
+                x = live[l] if live is not None and l in live else one(args[0])
                 new = self.const[l] + (self.tset.skip(l, x) if l in self.tset.W_skip else 0)
                 if l in deltas:
                     new = new + deltas[l]
-                new = new[None].to(o.dtype)
+                new = (new[None] if copies is None else new.expand(copies, *new.shape[-2:])).to(o.dtype)
                 return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
             handles.append(outm.register_forward_hook(out_hook))
 
+        patched = []
+        for l, mlp in enumerate(self._mlps):
+            if mode == "record":
+                handles.append(mlp.register_forward_hook(
+                    lambda _m, _a, out, l=l: self._mlp_raw.__setitem__(l, _detached(out))))
+            else:  # the output is replaced by out_hook: the MLP itself need not run
+                patched.append((mlp, mlp.__dict__.get("forward")))
+                mlp.forward = lambda *_a, l=l, **_k: self._mlp_raw[l]
+
         def final_hook(_mod, _a, out):
             if live is not None:
-                live["final"] = out[0]
+                live["final"] = one(out)
+            if mode == "replay":
+                raise _StopReplay
         handles.append(self._final.register_forward_hook(final_hook))
         token = _STATE.set(st)
         try:
@@ -218,15 +250,24 @@ class ReplacementModel:
             _STATE.reset(token)
             for h in handles:
                 h.remove()
+            for mlp, old in patched:
+                if old is None:
+                    del mlp.forward
+                else:
+                    mlp.forward = old
 
-    def _forward(self):
-        ids = torch.tensor([self.ids], device=self.lm.device)
-        return self.lm.model(input_ids=ids, use_cache=False)
+    def _forward(self, copies: int | None = None):
+        ids = torch.tensor([self.ids] * (copies or 1), device=self.lm.device)
+        try:
+            return self.lm.model(input_ids=ids, use_cache=False)
+        except _StopReplay:
+            return None
 
     @torch.no_grad()
     def _record(self) -> None:
         self.x_in: dict[int, torch.Tensor] = {}
         self.mlp_out: dict[int, torch.Tensor] = {}
+        self._mlp_raw: dict[int, object] = {}  # what each MLP module returned (replays return it without running)
         with self._hooks("record"):
             self.real_logits = self._forward().logits[0].detach()  # (T, V)
         self.const = {l: self.mlp_out[l] - (self.tset.skip(l, self.x_in[l]) if l in self.tset.W_skip else 0)
@@ -250,21 +291,33 @@ class ReplacementModel:
                 self.error[l] = err
 
     # -------------------------------------------------------------- replay
-    def replay(self, deltas: dict | None = None) -> Replay:
-        """A replay pass: deltas = {'embed': (T, d), layer: (T, d) added to that MLP's output}."""
+    def replay(self, deltas: dict | None = None, copies: int | None = None) -> Replay:
+        """A replay pass: deltas = {'embed': (T, d), layer: (T, d) added to that MLP's output}; with copies=B,
+        B copies of the prompt at once, deltas (B, T, d) (or (T, d), the same for every copy), outputs (B, ...)."""
         live: dict = {}
         params = [p for p in self.lm.model.parameters() if p.requires_grad]
         for p in params:  # gradients flow to the deltas only
             p.requires_grad_(False)
         try:
-            with self._hooks("replay", deltas, live):
-                self._forward()
+            with self._hooks("replay", deltas, live, copies):
+                self._forward(copies)
         finally:
             for p in params:
                 p.requires_grad_(True)
-        h = live["final"]
-        logits = h @ self.W_U + (self.b_U if self.b_U is not None else 0)
-        return Replay({l: live[l] for l in range(self.n_layers)}, h, logits)
+        return Replay({l: live[l] for l in range(self.n_layers)}, live["final"], self.W_U, self.b_U)
 
-    def demeaned_unembed(self, token: int) -> torch.Tensor:
-        return self.W_U[:, token] - self.W_U.mean(dim=1)
+    def demeaned_unembed(self, token: int | list[int]) -> torch.Tensor:
+        """W_U[:, token] minus the mean column: (d,), or (d, n) for a list of tokens."""
+        if getattr(self, "_W_U_mean", None) is None:
+            self._W_U_mean = self.W_U.mean(dim=1)
+        if isinstance(token, list):
+            return self.W_U[:, token] - self._W_U_mean[:, None]
+        return self.W_U[:, token] - self._W_U_mean
+
+
+def _detached(out):
+    if isinstance(out, torch.Tensor):
+        return out.detach()
+    if isinstance(out, tuple):
+        return tuple(_detached(o) for o in out)
+    return out
