@@ -136,7 +136,8 @@ def graph_page(request: Request, prompt: str = Query("", max_length=GRAPH.max_pr
         data = {"nodes": [{k: n[k] for k in ("node_id", "feature_type", "layer", "ctx_idx", "influence", "activation",
                                               "clerp", "token_prob")} for n in lay.nodes],
                 "links": [{"source": lk["source"], "target": lk["target"], "weight": lk["weight"]} for lk in lay.links],
-                "sae_ids": out.sae_ids, "cards": cards, "checks": checks,
+                # feature cards and links only for transcoders with dashboards in this store (the worker may use more)
+                "sae_ids": {k: v for k, v in out.sae_ids.items() if store.sae(v) is not None}, "cards": cards, "checks": checks,
                 "tokens": out.graph["metadata"]["prompt_tokens"]}
         ctx["result"] = {"out": out, "lay": lay, "data_json": json.dumps(data).replace("</", "<\\/"),
                          "meta": out.graph["metadata"].get("saescope", {}), "checks": out.node_checks,

@@ -140,15 +140,16 @@ def salient_logits(probs: torch.Tensor, max_logits: int, logit_prob: float) -> l
 class Attributor:
     """Rows of the full (all active features) edge matrix from backward passes of one replay.
 
-    method "batched" (the default): one replay of `batch_size` copies of the prompt, kept alive; each backward pass
-    injects one target per copy and returns that many rows (plain batched matrix products, as circuit-tracer).
-    Autograd only visits what the targets depend on: a batch of targets at layers <= l runs through layers < l only
-    (build_graph sorts each batch by layer). method "per_target": one replay, one backward pass per target (the
-    reference the tests hold the batched path to)."""
+    method "batched" (the default): one backward pass per batch of targets, vectorised over them
+    (`is_grads_batched`); should an op lack a batching rule, that batch falls back to one pass per target.
+    method "per_target": one backward pass per target (the reference the tests hold the batched path to).
+    Autograd only visits what the targets depend on: a batch of targets at layers <= l runs through the layers
+    below l only (build_graph sorts each batch by layer). Each row is then read off the gradients at the MLP outputs
+    by one small batched product per layer (features grouped by position, activation folded into the decoder)."""
 
     METHODS = ("batched", "per_target")
 
-    def __init__(self, rm: ReplacementModel, batch_size: int = CIRCUIT.batch_size, method: str = "batched"):
+    def __init__(self, rm: ReplacementModel, method: str = "batched"):
         if method not in self.METHODS:
             raise ValueError(f"method {method!r}; valid: {', '.join(self.METHODS)}")
         self.rm, self.method = rm, method
@@ -167,17 +168,29 @@ class Attributor:
         self.n_cols = self.n_active + L * T + T
         self.E = torch.stack([rm.error[l] for l in range(L)])  # (L, T, d)
         d, dev = rm.embed.shape[-1], rm.embed.device
-        # per source layer: the columns of its active features, their positions, activations and decoder rows
-        self._cols = {}
+        # per source layer: its active features as a (T, n_max) grid of columns (padding: column n_cols, dropped)
+        # and, per output layer it writes to, (T, d, n_max) decoder rows scaled by the activations
+        self._grid: dict[int, tuple[torch.Tensor, dict[int, torch.Tensor]]] = {}
         for l, enc in rm.tset.encoders.items():
             m = (self.layer == l).nonzero()[:, 0]
-            if len(m):
-                self._cols[l] = (m.to(dev), self.pos[m].to(dev), self.act[m].to(dev), self.feat[m].to(enc.W_dec.device))
-        self.B = max(1, int(batch_size)) if method == "batched" else 1
-        shape = (self.B, T, d) if method == "batched" else (T, d)
-        self.probes = {k: torch.zeros(shape, dtype=rm.dtype, device=dev, requires_grad=True) for k in ["embed", *range(L)]}
+            if not len(m):
+                continue
+            p = self.pos[m]
+            counts = torch.bincount(p, minlength=T)
+            slot = torch.arange(len(m)) - (torch.cumsum(counts, 0) - counts)[p]  # rank within its position
+            n_max = int(counts.max())
+            cols = torch.full((T, n_max), self.n_cols, dtype=torch.long)
+            cols[p, slot] = m
+            dec = {}
+            for o in enc.out_layers:
+                D = torch.zeros(T, n_max, d, dtype=rm.dtype, device=dev)
+                D[p.to(dev), slot.to(dev)] = enc.W_dec[self.feat[m].to(enc.W_dec.device), o - l].to(dev) * \
+                    self.act[m].to(dev)[:, None]
+                dec[o] = D.transpose(1, 2).contiguous()
+            self._grid[l] = (cols.reshape(-1).to(dev), dec)
+        self.probes = {k: torch.zeros(T, d, dtype=rm.dtype, device=dev, requires_grad=True) for k in ["embed", *range(L)]}
         with torch.enable_grad():
-            self.replay = rm.replay(self.probes, copies=self.B if method == "batched" else None)
+            self.replay = rm.replay(self.probes)
         self.n_rows = 0  # rows computed
         self.n_backward = 0  # backward passes run
 
@@ -188,68 +201,74 @@ class Attributor:
         l, p, f = int(self.layer[j]), int(self.pos[j]), int(self.feat[j])
         return self.replay.x_in[l][p] @ self.rm.tset.encoders[l].W_enc[:, f]
 
-    def _batched_total(self, targets: list[tuple[str, int]]) -> torch.Tensor:
-        """Σ_b (target b's input in copy b): its gradient in copy b is target b's gradient."""
-        terms = []
-        logit = [(b, j) for b, (kind, j) in enumerate(targets) if kind == "logit"]
-        if logit:
-            bs = torch.tensor([b for b, _ in logit])
-            V = self.rm.demeaned_unembed([j for _, j in logit])  # (d, n)
-            terms.append((self.replay.h_final[bs, -1] * V.T).sum())
-        feats = torch.tensor([j for kind, j in targets if kind == "feature"], dtype=torch.long)
-        bs_all = torch.tensor([b for b, (kind, _) in enumerate(targets) if kind == "feature"], dtype=torch.long)
-        for l in torch.unique(self.layer[feats]).tolist() if len(feats) else []:
-            here = self.layer[feats] == l
-            j, bs = feats[here], bs_all[here]
-            W = self.rm.tset.encoders[l].W_enc[:, self.feat[j].to(self.rm.embed.device)]  # (d, n)
-            terms.append((self.replay.x_in[l][bs, self.pos[j]] * W.T).sum())
-        return torch.stack(terms).sum()
+    def _scalars(self, targets: list[tuple[str, int]]) -> torch.Tensor:
+        """(n,) the targets' inputs as one product per layer, (n_l, T*d) @ x (the target's encoder row (a logit: its
+        demeaned unembedding) at its position): backward passes get plain matrix products, no indexing."""
+        T, dev, dt = self.rm.T, self.rm.embed.device, self.rm.dtype
+        groups: dict = {}
+        for b, (kind, j) in enumerate(targets):
+            groups.setdefault("final" if kind == "logit" else int(self.layer[j]), []).append((b, j))
+        parts, where = [], []
+        for key, items in groups.items():
+            js = [j for _, j in items]
+            if key == "final":
+                x, p = self.replay.h_final, torch.full((len(js),), T - 1, dtype=torch.long)
+                W = self.rm.demeaned_unembed(js)  # (d, n)
+            else:
+                x, p = self.replay.x_in[key], self.pos[js]
+                W = self.rm.tset.encoders[key].W_enc[:, self.feat[js].to(dev)]
+            M = torch.zeros(len(js), T, x.shape[-1], dtype=dt, device=dev)
+            M[torch.arange(len(js)), p.to(dev)] = W.T.to(dt)
+            parts.append(M.reshape(len(js), -1) @ x.reshape(-1))
+            where += [b for b, _ in items]
+        order = torch.empty(len(targets), dtype=torch.long)
+        order[torch.tensor(where)] = torch.arange(len(targets))
+        return torch.cat(parts)[order.to(dev)]
 
     def _grads(self, targets: list[tuple[str, int]]) -> list[torch.Tensor | None]:
-        """Per input (embedding, MLP outputs 0..L-1): (B, T, d) gradients of the targets, None where all zero."""
+        """Per input (embedding, MLP outputs 0..L-1): (n, T, d) gradients of the targets; None where none reach."""
         inputs = [self.probes["embed"]] + [self.probes[l] for l in range(self.rm.n_layers)]
+        outs = self._scalars(targets)
         if self.method == "batched":
-            self.n_backward += 1
-            grads = torch.autograd.grad(self._batched_total(targets), inputs, retain_graph=True, allow_unused=True)
-            return [None if g is None else g[: len(targets)] for g in grads]
+            try:
+                grads = torch.autograd.grad(outs, inputs, grad_outputs=torch.eye(len(targets), dtype=outs.dtype,
+                                            device=outs.device), retain_graph=True, is_grads_batched=True,
+                                            allow_unused=True)
+                self.n_backward += 1
+                return list(grads)
+            except RuntimeError:  # an op without a batching rule: one backward pass per target
+                pass
         per = []
-        for t in targets:
+        for o in outs:
+            per.append(torch.autograd.grad(o, inputs, retain_graph=True, allow_unused=True))
             self.n_backward += 1
-            per.append(torch.autograd.grad(self._scalar(t), inputs, retain_graph=True, allow_unused=True))
-        out = []
-        for i, x in enumerate(inputs):
-            gs = [g[i] for g in per]
-            out.append(None if all(g is None for g in gs) else
-                       torch.stack([g if g is not None else torch.zeros_like(x) for g in gs]))
-        return out
+        return [None if all(g[i] is None for g in per) else
+                torch.stack([g[i] if g[i] is not None else torch.zeros_like(x) for g in per])
+                for i, x in enumerate(inputs)]
 
     def rows(self, targets: list[tuple[str, int]]) -> torch.Tensor:
         """(n, n_cols): columns [active features, errors (layer-major), tokens]."""
-        if len(targets) > self.B and self.method == "batched":
-            return torch.cat([self.rows(targets[i:i + self.B]) for i in range(0, len(targets), self.B)])
         L, T, n = self.rm.n_layers, self.rm.T, len(targets)
         with torch.enable_grad():
             grads = self._grads(targets)
         self.n_rows += n
         dev = self.rm.embed.device
-        out = torch.zeros(n, self.n_cols, dtype=self.rm.dtype, device=dev)
-        G = grads[1:]  # per MLP output layer: (n, T, d) or None
-        for l, (m, p, a, f) in self._cols.items():
-            enc = self.rm.tset.encoders[l]
+        out = torch.zeros(n, self.n_cols + 1, dtype=self.rm.dtype, device=dev)  # + the padding column
+        G = grads[1:]  # per MLP output layer: (n, T, d), None above the targets
+        for l, (cols, dec) in self._grid.items():
             acc = None
-            for o in enc.out_layers:
-                if G[o] is None:
-                    continue
-                part = torch.einsum("bnd,nd->bn", G[o][:, p], enc.W_dec[f, o - l])
-                acc = part if acc is None else acc + part
+            for o, D in dec.items():
+                if G[o] is not None:  # (T, n, d) @ (T, d, n_max) -> (T, n, n_max)
+                    part = torch.bmm(G[o].transpose(0, 1), D)
+                    acc = part if acc is None else acc + part
             if acc is not None:
-                out[:, m] = acc * a
+                out[:, cols] = acc.transpose(0, 1).reshape(n, -1)
         for l in range(L):
             if G[l] is not None:
                 out[:, self.n_active + l * T:self.n_active + (l + 1) * T] = torch.einsum("btd,td->bt", G[l], self.E[l])
         if grads[0] is not None:
-            out[:, self.n_active + L * T:] = torch.einsum("btd,td->bt", grads[0], self.rm.embed)
-        return out.detach().cpu()
+            out[:, self.n_active + L * T:self.n_cols] = torch.einsum("btd,td->bt", grads[0], self.rm.embed)
+        return out[:, : self.n_cols].detach().cpu()
 
 
 def _partial_influence(rows: torch.Tensor, row_node: torch.Tensor, n_nodes: int, logit_w: torch.Tensor,
@@ -295,7 +314,7 @@ def build_graph(lm: HookedLM, tset: TranscoderSet, ids: list[int], prompt: str |
             raise GraphLimitError(f"the graph took longer than {cfg.max_seconds:g} s ({stage}); use a shorter prompt "
                                   f"or fewer feature nodes (max_feature_nodes {cfg.max_feature_nodes})")
 
-    att = Attributor(rm, cfg.batch_size)
+    att = Attributor(rm)
     n_act, L, T = att.n_active, rm.n_layers, rm.T
     n_nodes_full = att.n_cols + len(logit_tokens)
     logit_rows = torch.cat([att.rows([("logit", t) for t in logit_tokens[i:i + cfg.batch_size]])

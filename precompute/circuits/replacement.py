@@ -14,8 +14,6 @@ this linear map (backward passes through the HF modules); the tests check them a
 
 A replay skips what it does not need: the MLP modules are not run (their output is replaced anyway; they return
 their recorded output) and the forward stops at the final norm (no unembedding; logits come from h_final).
-`replay(deltas, copies=B)` runs B copies of the prompt side by side (deltas (B, T, d)): one forward whose graph,
-kept alive, gives B different rows per backward pass (circuit-tracer's batching), plain matrix products.
 """
 
 from __future__ import annotations
@@ -118,7 +116,7 @@ class _StopReplay(Exception):
 
 @dataclass
 class Replay:
-    """What a replay pass computed, as live tensors (differentiable in the deltas); (B, ...) with copies=B."""
+    """What a replay pass computed, as live tensors (differentiable in the deltas)."""
 
     x_in: dict[int, torch.Tensor]  # layer -> (T, d) transcoder input at that layer
     h_final: torch.Tensor  # (T, d) after the final norm
@@ -127,7 +125,7 @@ class Replay:
 
     @property
     def logits(self) -> torch.Tensor:
-        """(T, V) = h_final @ W_U (+ bias), before any soft-capping (computed when asked: a (B, T, V) is large)."""
+        """(T, V) = h_final @ W_U (+ bias), before any soft-capping (computed when asked)."""
         return self.h_final @ self.W_U + (self.b_U if self.b_U is not None else 0)
 
 
@@ -168,15 +166,11 @@ class ReplacementModel:
         return found
 
     @contextmanager
-    def _hooks(self, mode: str, deltas: dict | None = None, live: dict | None = None,
-               copies: int | None = None) -> Iterator[None]:
+    def _hooks(self, mode: str, deltas: dict | None = None, live: dict | None = None) -> Iterator[None]:
         handles = []
         deltas = deltas or {}
         st = self.state
         st.mode = mode
-
-        def one(x):  # the prompt's (T, d), or all copies' (B, T, d)
-            return x if copies is not None else x[0]
 
         def norm_hook(mod, args, out, kind):
             x = args[0]
@@ -198,8 +192,7 @@ class ReplacementModel:
             if mode == "record":
                 self.embed = h[0].detach()
             if "embed" in deltas:
-                d = deltas["embed"]
-                h = h + (d if d.dim() == 3 else d[None])
+                h = h + deltas["embed"][None]
             if args:
                 return (h,) + tuple(args[1:]), kwargs
             return args, {**kwargs, "hidden_states": h}
@@ -211,7 +204,7 @@ class ReplacementModel:
                 if mode == "record":
                     self.x_in[l] = x[0].detach()
                 elif live is not None:
-                    live[l] = one(x)
+                    live[l] = x[0]
             handles.append(inp.register_forward_pre_hook(in_hook, with_kwargs=True))
 
             def out_hook(_mod, args, out, l=l):
@@ -219,11 +212,11 @@ class ReplacementModel:
                 if mode == "record":
                     self.mlp_out[l] = o[0].detach()
                     return None
-                x = live[l] if live is not None and l in live else one(args[0])
+                x = live[l] if live is not None and l in live else args[0][0]
                 new = self.const[l] + (self.tset.skip(l, x) if l in self.tset.W_skip else 0)
                 if l in deltas:
                     new = new + deltas[l]
-                new = (new[None] if copies is None else new.expand(copies, *new.shape[-2:])).to(o.dtype)
+                new = new[None].to(o.dtype)
                 return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
             handles.append(outm.register_forward_hook(out_hook))
 
@@ -238,7 +231,7 @@ class ReplacementModel:
 
         def final_hook(_mod, _a, out):
             if live is not None:
-                live["final"] = one(out)
+                live["final"] = out[0]
             if mode == "replay":
                 raise _StopReplay
         handles.append(self._final.register_forward_hook(final_hook))
@@ -256,8 +249,8 @@ class ReplacementModel:
                 else:
                     mlp.forward = old
 
-    def _forward(self, copies: int | None = None):
-        ids = torch.tensor([self.ids] * (copies or 1), device=self.lm.device)
+    def _forward(self):
+        ids = torch.tensor([self.ids], device=self.lm.device)
         try:
             return self.lm.model(input_ids=ids, use_cache=False)
         except _StopReplay:
@@ -291,16 +284,15 @@ class ReplacementModel:
                 self.error[l] = err
 
     # -------------------------------------------------------------- replay
-    def replay(self, deltas: dict | None = None, copies: int | None = None) -> Replay:
-        """A replay pass: deltas = {'embed': (T, d), layer: (T, d) added to that MLP's output}; with copies=B,
-        B copies of the prompt at once, deltas (B, T, d) (or (T, d), the same for every copy), outputs (B, ...)."""
+    def replay(self, deltas: dict | None = None) -> Replay:
+        """A replay pass: deltas = {'embed': (T, d), layer: (T, d) added to that MLP's output}."""
         live: dict = {}
         params = [p for p in self.lm.model.parameters() if p.requires_grad]
         for p in params:  # gradients flow to the deltas only
             p.requires_grad_(False)
         try:
-            with self._hooks("replay", deltas, live, copies):
-                self._forward(copies)
+            with self._hooks("replay", deltas, live):
+                self._forward()
         finally:
             for p in params:
                 p.requires_grad_(True)

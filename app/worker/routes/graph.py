@@ -23,8 +23,9 @@ from ..wire import EdgeCheckOut, GraphIn, GraphOut, NodeCheckOut
 
 
 def transcoders(engine: Engine, sae_ids: list[str] | None) -> tuple[TranscoderSet, dict[int, str]]:
-    """The worker's transcoders (or the ones named) as one set, at most one per layer; 422 when there are none."""
-    have = {k: s for k, s in engine.saes.items() if getattr(s, "is_transcoder", False)}
+    """The worker's transcoders (or the ones named) as one set, at most one per layer; 422 when there are none.
+    Besides the store's, engine.graph_saes (on the embedded default: the demo transcoders of the other layers)."""
+    have = {k: s for k, s in {**engine.graph_saes, **engine.saes}.items() if getattr(s, "is_transcoder", False)}
     if not have:
         kinds = ", ".join(f"{k} ({s.cfg.architecture} at {s.cfg.hook_name})" for k, s in engine.saes.items())
         raise AppError(f"this worker has no transcoders, so it cannot build attribution graphs (its SAEs: {kinds}). "
