@@ -6,7 +6,8 @@ Transcoders: --transcoders PATH (a circuit-tracer folder or SAELens transcoder f
 one, random TopK transcoders (width --width, k --k) at every layer stand in: the costs are those of a real set of
 that shape; the scores and the estimate-vs-true gaps of random features say nothing about trained ones.
 
-Each prompt length runs in a fresh child process (its own peak RSS, from getrusage).
+Each prompt length runs in a fresh child process (its own peak RSS, from getrusage). On a shared machine the wall
+time says little; graph_cpu_seconds (the process's CPU time, all threads) is what the graph cost.
 Usage: python bench/circuits.py [--tokens 16 32] [--transcoders PATH] [--width 2048] [--k 32]
 """
 
@@ -40,6 +41,12 @@ def random_transcoders(n_layers: int, d: int, width: int, k: int, seed: int = 0)
     return TranscoderSet(n_layers, encs, b, {}, "hook_mlp_in", "transcoder_set", ["random TopK stand-ins"])
 
 
+def _cpu() -> float:
+    """CPU seconds of this process (all threads): what the work cost, whatever else shares the machine."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def one(n_tokens: int, args) -> dict:
     import torch
 
@@ -65,25 +72,27 @@ def one(n_tokens: int, args) -> dict:
         tf = time.perf_counter()
         lm.model(input_ids=torch.tensor([ids], device=lm.device), use_cache=False)
         forward_s = time.perf_counter() - tf
-    t0 = time.perf_counter()
+    c0, t0 = _cpu(), time.perf_counter()
     r = circuit(lm, ts, ids, cfg=cfg, check=False)
-    graph_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
+    graph_s, graph_cpu = time.perf_counter() - t0, _cpu() - c0
+    c1, t1 = _cpu(), time.perf_counter()
     from saescope.precompute.circuits.verify import verify
 
     nodes, edges = verify(lm, ts, r.graph, r.pruned, cfg)
-    verify_s = time.perf_counter() - t1
+    verify_s, verify_cpu = time.perf_counter() - t1, _cpu() - c1
     g, p = r.graph, r.pruned
     gaps = [abs(n.estimate - n.true) for n in nodes]
     egaps = [abs(e.estimate - e.true) for e in edges]
     return {
         "tokens": len(ids), "plain_forward_seconds": round(forward_s, 3), "graph_seconds": round(graph_s, 2),
-        "graph_in_forwards": round(graph_s / forward_s, 1), "load_average": os.getloadavg()[0], "verify_seconds": round(verify_s, 2),
+        "graph_cpu_seconds": round(graph_cpu, 2), "graph_in_forwards": round(graph_s / forward_s, 1),
+        "load_average": os.getloadavg()[0], "verify_seconds": round(verify_s, 2), "verify_cpu_seconds": round(verify_cpu, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "active_features": g.n_active, "feature_nodes": g.n_features, "nodes_before": g.n_nodes,
         "edges_before": int((g.adjacency != 0).sum()), "nodes_after": int(p.node_mask.sum()),
         "edges_after": int(p.edge_mask.sum()), "replacement_score": round(r.scores[0], 4),
-        "completeness_score": round(r.scores[1], 4), "backward_passes": g.meta["backward_passes"],
+        "completeness_score": round(r.scores[1], 4), "rows": g.meta.get("rows"),
+        "backward_passes": g.meta["backward_passes"],
         "node_gap_median": statistics.median(gaps) if gaps else None, "node_gap_worst": max(gaps) if gaps else None,
         "edge_gap_median": statistics.median(egaps) if egaps else None, "edge_gap_worst": max(egaps) if egaps else None,
         "nodes_flagged": sum(not n.agree for n in nodes), "nodes_checked": len(nodes),

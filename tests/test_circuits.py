@@ -206,6 +206,26 @@ def test_every_edge_is_a_finite_difference(lms, tsets, graphs, fam, setup):
 
 
 @pytest.mark.parametrize("fam", ["gpt2", "llama"])
+@pytest.mark.parametrize("setup", SETUPS)
+def test_batched_rows_equal_per_target_rows(lms, tsets, fam, setup):
+    """The batched path (one backward pass vectorised over a batch of targets, rows read off by per-position
+    products) gives the rows of one plain backward pass per target, for logit and feature targets of every layer in
+    any order; and it stays one pass per batch."""
+    from saescope.precompute.circuits.graph import Attributor
+
+    rm = ReplacementModel(lms[fam], tsets[(fam, setup)], IDS)
+    fast, ref = Attributor(rm), Attributor(rm, "per_target")
+    feats = [("feature", j) for j in range(fast.n_active)]
+    targets = [("logit", 5)] + feats[::-3] + [("logit", 99)] + feats[1::3]
+    a, b = fast.rows(targets), ref.rows(targets)
+    assert fast.n_backward == 1 and ref.n_backward == len(targets)
+    assert len({int(fast.layer[j]) for _, j in targets[1:] if _ == "feature"}) > 1
+    assert b.abs().max() > 0 and (a - b).abs().max() <= 1e-5 * b.abs().max()
+    with pytest.raises(ValueError, match="per_target"):
+        Attributor(rm, "vmap")
+
+
+@pytest.mark.parametrize("fam", ["gpt2", "llama"])
 def test_direct_logit_edges_match_closed_form(lms, tsets, graphs, fam):
     """Features and errors of the last layer reach the logits only directly: edge = a d . s (c - mean c) (LayerNorm)
     or a d . s c (RMSNorm), c = (W_U[:, t] - mean W_U) * gain, s the final norm's scale at the last position."""
@@ -722,6 +742,8 @@ def test_graph_page_renders_the_workers_graph(graph_site):
     assert 'id="replacement-score"' in html and 'id="node-checks"' in html
     data = json.loads(re.search(r'<script type="application/json" id="graph-data">(.*?)</script>', html, re.S).group(1))
     assert len(data["links"]) == len(graph["links"])
+    # the worker's transcoders have no dashboards in this store: their features are drawn, without card or link
+    assert data["sae_ids"] == {} and any(n["feature_type"] == "cross layer transcoder" for n in data["nodes"])
 
 
 def test_graph_page_bad_input(graph_site):

@@ -88,3 +88,24 @@ def test_home_links_an_example_graph_when_the_store_has_transcoders(tmp_path, ti
     assert 'href="/graph?prompt=import+numpy+as"' in page and EMBEDDED.graph_prompt == "import numpy as"
     plain = TestClient(create_app(tiny_store, worker_url=None)).get("/").text
     assert "/graph?" not in plain  # no transcoder, no graph link
+
+
+def test_worker_graphs_use_every_demo_layer(default_model_dir):
+    """On the embedded default, the worker's graphs replace every MLP: its own transcoders (here layer 5's, as a
+    store with a dashboard for it would give) and the committed ones of the other 29 layers (graphs only: the
+    worker's SAEs stay those it was given)."""
+    from saescope.app.worker.engine import build_engine
+    from saescope.app.worker.routes.graph import transcoders
+
+    tc5 = str(demo_transcoder_dirs([5])[0])
+    engine = build_engine(str(default_model_dir), {"tc5": tc5}, {}, "cpu", "float32")
+    assert list(engine.saes) == ["tc5"]
+    assert sorted(engine.graph_saes) == sorted(f"demo-transcoder-L{layer}" for layer in range(30) if layer != 5)
+    ts, by_layer = transcoders(engine, None)
+    assert ts.layers == list(range(30)) and ts.covered == set(range(30))
+    assert by_layer[5] == "tc5" and by_layer[7] == "demo-transcoder-L7" and len(set(by_layer.values())) == 30
+    ref = load_sae(demo_transcoder_dirs([7])[0])
+    assert torch.equal(ts.encoders[7].W_enc.float(), ref.W_enc.detach().float())
+    assert torch.equal(ts.encoders[7].W_dec[:, 0].float(), ref.W_dec.detach().float())
+    only = transcoders(engine, ["tc5", "demo-transcoder-L9"])[0]
+    assert only.layers == [5, 9]

@@ -46,6 +46,7 @@ class Engine:
                  max_batch: int = WORKER.max_batch, batch_wait_ms: float = WORKER.batch_wait_ms,
                  max_queue: int = WORKER.max_queue, timeout_s: float = WORKER.request_timeout_s):
         self.lm, self.saes = lm, saes
+        self.graph_saes: dict[str, SAE] = {}  # transcoders for attribution graphs only (engine.demo_graph_transcoders)
         self.vocab = token_strings(lm.tokenizer)
         positions = model_positions(lm)
         # admission: the configured limit, capped by the model's own position limit (a longer prompt would index

@@ -6,10 +6,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from saescope.precompute.embedded import resolve_model, resolve_sae
+from saescope.precompute.embedded import default_model_dir, demo_transcoder_dirs, resolve_model, resolve_sae
 from saescope.precompute.encode import check_d_in
-from saescope.precompute.models import dtype_name, load_model
-from saescope.precompute.saes import load_sae
+from saescope.precompute.models import HookedLM, dtype_name, load_model, parse_hook
+from saescope.precompute.saes import SAE, load_sae
 from saescope.precompute.errors import UserError
 from saescope.precompute.store import Store
 
@@ -29,7 +29,28 @@ def build_engine(model: str, saes: dict[str, str], hooks: dict[str, str | None],
         sae = load_sae(ref, hooks.get(sae_id))
         check_d_in(lm, sae, sae_name=sae_id, model_name=model)
         loaded[sae_id] = sae.to(lm.device)
-    return Engine(lm, loaded, max_prompt_tokens, max_batch, batch_wait_ms, max_queue, timeout_s)
+    engine = Engine(lm, loaded, max_prompt_tokens, max_batch, batch_wait_ms, max_queue, timeout_s)
+    engine.graph_saes = demo_graph_transcoders(model, lm, loaded)
+    return engine
+
+
+def demo_graph_transcoders(model: str, lm: HookedLM, saes: dict[str, SAE]) -> dict[str, SAE]:
+    """On the embedded default model: its committed transcoders (precompute/data/demo_transcoders) for every layer
+    that none of the worker's own transcoders reads, as `demo-transcoder-L{layer}`, for attribution graphs only
+    (the demo store has dashboards for a few layers; a graph replaces every MLP). Any other model: none."""
+    if not Path(model).exists() or Path(model).resolve() != default_model_dir().resolve():
+        return {}
+    covered = {parse_hook(s.cfg.hook_name, lm.n_layers).layer for s in saes.values() if getattr(s, "is_transcoder", False)}
+    out = {}
+    for folder in demo_transcoder_dirs():
+        sae = load_sae(str(folder))
+        layer = parse_hook(sae.cfg.hook_name, lm.n_layers).layer
+        if layer not in covered:
+            check_d_in(lm, sae, sae_name=folder.name, model_name=model)
+            out[f"demo-transcoder-L{layer}"] = sae.to(lm.device)
+    if out:
+        log.info("graphs: %d demo transcoders besides the store's (layers without dashboards)", len(out))
+    return out
 
 
 def sources_from_store(store_path: Path) -> tuple[str, dict[str, str], dict[str, str | None]]:

@@ -138,10 +138,21 @@ def salient_logits(probs: torch.Tensor, max_logits: int, logit_prob: float) -> l
 
 # ---------------------------------------------------------------- rows of the adjacency matrix
 class Attributor:
-    """Rows of the full (all active features) edge matrix from batched backward passes of one replay."""
+    """Rows of the full (all active features) edge matrix from backward passes of one replay.
 
-    def __init__(self, rm: ReplacementModel):
-        self.rm = rm
+    method "batched" (the default): one backward pass per batch of targets, vectorised over them
+    (`is_grads_batched`); should an op lack a batching rule, that batch falls back to one pass per target.
+    method "per_target": one backward pass per target (the reference the tests hold the batched path to).
+    Autograd only visits what the targets depend on: a batch of targets at layers <= l runs through the layers
+    below l only (build_graph sorts each batch by layer). Each row is then read off the gradients at the MLP outputs
+    by one small batched product per layer (features grouped by position, activation folded into the decoder)."""
+
+    METHODS = ("batched", "per_target")
+
+    def __init__(self, rm: ReplacementModel, method: str = "batched"):
+        if method not in self.METHODS:
+            raise ValueError(f"method {method!r}; valid: {', '.join(self.METHODS)}")
+        self.rm, self.method = rm, method
         L, T = rm.n_layers, rm.T
         layers, pos, feat, act = [], [], [], []
         for l in sorted(rm.acts):
@@ -157,11 +168,31 @@ class Attributor:
         self.n_cols = self.n_active + L * T + T
         self.E = torch.stack([rm.error[l] for l in range(L)])  # (L, T, d)
         d, dev = rm.embed.shape[-1], rm.embed.device
-        self.probes = {"embed": torch.zeros(T, d, dtype=rm.dtype, device=dev, requires_grad=True)}
-        for l in range(L):
-            self.probes[l] = torch.zeros(T, d, dtype=rm.dtype, device=dev, requires_grad=True)
-        self.replay = rm.replay(self.probes)
-        self.n_backward = 0
+        # per source layer: its active features as a (T, n_max) grid of columns (padding: column n_cols, dropped)
+        # and, per output layer it writes to, (T, d, n_max) decoder rows scaled by the activations
+        self._grid: dict[int, tuple[torch.Tensor, dict[int, torch.Tensor]]] = {}
+        for l, enc in rm.tset.encoders.items():
+            m = (self.layer == l).nonzero()[:, 0]
+            if not len(m):
+                continue
+            p = self.pos[m]
+            counts = torch.bincount(p, minlength=T)
+            slot = torch.arange(len(m)) - (torch.cumsum(counts, 0) - counts)[p]  # rank within its position
+            n_max = int(counts.max())
+            cols = torch.full((T, n_max), self.n_cols, dtype=torch.long)
+            cols[p, slot] = m
+            dec = {}
+            for o in enc.out_layers:
+                D = torch.zeros(T, n_max, d, dtype=rm.dtype, device=dev)
+                D[p.to(dev), slot.to(dev)] = enc.W_dec[self.feat[m].to(enc.W_dec.device), o - l].to(dev) * \
+                    self.act[m].to(dev)[:, None]
+                dec[o] = D.transpose(1, 2).contiguous()
+            self._grid[l] = (cols.reshape(-1).to(dev), dec)
+        self.probes = {k: torch.zeros(T, d, dtype=rm.dtype, device=dev, requires_grad=True) for k in ["embed", *range(L)]}
+        with torch.enable_grad():
+            self.replay = rm.replay(self.probes)
+        self.n_rows = 0  # rows computed
+        self.n_backward = 0  # backward passes run
 
     def _scalar(self, target: tuple[str, int]) -> torch.Tensor:
         kind, j = target
@@ -170,36 +201,74 @@ class Attributor:
         l, p, f = int(self.layer[j]), int(self.pos[j]), int(self.feat[j])
         return self.replay.x_in[l][p] @ self.rm.tset.encoders[l].W_enc[:, f]
 
+    def _scalars(self, targets: list[tuple[str, int]]) -> torch.Tensor:
+        """(n,) the targets' inputs as one product per layer, (n_l, T*d) @ x (the target's encoder row (a logit: its
+        demeaned unembedding) at its position): backward passes get plain matrix products, no indexing."""
+        T, dev, dt = self.rm.T, self.rm.embed.device, self.rm.dtype
+        groups: dict = {}
+        for b, (kind, j) in enumerate(targets):
+            groups.setdefault("final" if kind == "logit" else int(self.layer[j]), []).append((b, j))
+        parts, where = [], []
+        for key, items in groups.items():
+            js = [j for _, j in items]
+            if key == "final":
+                x, p = self.replay.h_final, torch.full((len(js),), T - 1, dtype=torch.long)
+                W = self.rm.demeaned_unembed(js)  # (d, n)
+            else:
+                x, p = self.replay.x_in[key], self.pos[js]
+                W = self.rm.tset.encoders[key].W_enc[:, self.feat[js].to(dev)]
+            M = torch.zeros(len(js), T, x.shape[-1], dtype=dt, device=dev)
+            M[torch.arange(len(js)), p.to(dev)] = W.T.to(dt)
+            parts.append(M.reshape(len(js), -1) @ x.reshape(-1))
+            where += [b for b, _ in items]
+        order = torch.empty(len(targets), dtype=torch.long)
+        order[torch.tensor(where)] = torch.arange(len(targets))
+        return torch.cat(parts)[order.to(dev)]
+
+    def _grads(self, targets: list[tuple[str, int]]) -> list[torch.Tensor | None]:
+        """Per input (embedding, MLP outputs 0..L-1): (n, T, d) gradients of the targets; None where none reach."""
+        inputs = [self.probes["embed"]] + [self.probes[l] for l in range(self.rm.n_layers)]
+        outs = self._scalars(targets)
+        if self.method == "batched":
+            try:
+                grads = torch.autograd.grad(outs, inputs, grad_outputs=torch.eye(len(targets), dtype=outs.dtype,
+                                            device=outs.device), retain_graph=True, is_grads_batched=True,
+                                            allow_unused=True)
+                self.n_backward += 1
+                return list(grads)
+            except RuntimeError:  # an op without a batching rule: one backward pass per target
+                pass
+        per = []
+        for o in outs:
+            per.append(torch.autograd.grad(o, inputs, retain_graph=True, allow_unused=True))
+            self.n_backward += 1
+        return [None if all(g[i] is None for g in per) else
+                torch.stack([g[i] if g[i] is not None else torch.zeros_like(x) for g in per])
+                for i, x in enumerate(inputs)]
+
     def rows(self, targets: list[tuple[str, int]]) -> torch.Tensor:
-        """(B, n_cols): columns [active features, errors (layer-major), tokens]."""
-        L, T = self.rm.n_layers, self.rm.T
-        outs = torch.stack([self._scalar(t) for t in targets])
-        inputs = [self.probes["embed"]] + [self.probes[l] for l in range(L)]
-        B = len(targets)
-        try:
-            grads = torch.autograd.grad(outs, inputs, grad_outputs=torch.eye(B, dtype=outs.dtype, device=outs.device),
-                                        retain_graph=True, is_grads_batched=True, allow_unused=True)
-        except RuntimeError:  # an op without a batching rule: one backward pass per target
-            per = [torch.autograd.grad(o, inputs, retain_graph=True, allow_unused=True) for o in outs]
-            grads = [torch.stack([g[i] if g[i] is not None else torch.zeros_like(inputs[i]) for g in per])
-                     for i in range(len(inputs))]
-        grads = [g if g is not None else torch.zeros(B, *inputs[i].shape, dtype=outs.dtype, device=outs.device)
-                 for i, g in enumerate(grads)]
-        self.n_backward += B
-        G_emb = grads[0]  # (B, T, d)
-        G = torch.stack(grads[1:], dim=1)  # (B, L, T, d)
-        out = torch.zeros(B, self.n_cols, dtype=outs.dtype, device=outs.device)
-        for l, enc in self.rm.tset.encoders.items():
-            m = (self.layer == l).nonzero()[:, 0]
-            if not len(m):
-                continue
-            D = enc.W_dec[self.feat[m].to(enc.W_dec.device)]  # (n, n_out, d)
-            o = enc.out_layers
-            Gs = G[:, o.start:o.stop][:, :, self.pos[m].to(G.device)]  # (B, n_out, n, d)
-            out[:, m.to(out.device)] = torch.einsum("bond,nod->bn", Gs, D) * self.act[m].to(out.device)
-        out[:, self.n_active:self.n_active + L * T] = torch.einsum("bltd,ltd->blt", G, self.E).reshape(B, L * T)
-        out[:, self.n_active + L * T:] = torch.einsum("btd,td->bt", G_emb, self.rm.embed)
-        return out.detach().cpu()
+        """(n, n_cols): columns [active features, errors (layer-major), tokens]."""
+        L, T, n = self.rm.n_layers, self.rm.T, len(targets)
+        with torch.enable_grad():
+            grads = self._grads(targets)
+        self.n_rows += n
+        dev = self.rm.embed.device
+        out = torch.zeros(n, self.n_cols + 1, dtype=self.rm.dtype, device=dev)  # + the padding column
+        G = grads[1:]  # per MLP output layer: (n, T, d), None above the targets
+        for l, (cols, dec) in self._grid.items():
+            acc = None
+            for o, D in dec.items():
+                if G[o] is not None:  # (T, n, d) @ (T, d, n_max) -> (T, n, n_max)
+                    part = torch.bmm(G[o].transpose(0, 1), D)
+                    acc = part if acc is None else acc + part
+            if acc is not None:
+                out[:, cols] = acc.transpose(0, 1).reshape(n, -1)
+        for l in range(L):
+            if G[l] is not None:
+                out[:, self.n_active + l * T:self.n_active + (l + 1) * T] = torch.einsum("btd,td->bt", G[l], self.E[l])
+        if grads[0] is not None:
+            out[:, self.n_active + L * T:self.n_cols] = torch.einsum("btd,td->bt", grads[0], self.rm.embed)
+        return out[:, : self.n_cols].detach().cpu()
 
 
 def _partial_influence(rows: torch.Tensor, row_node: torch.Tensor, n_nodes: int, logit_w: torch.Tensor,
@@ -264,6 +333,7 @@ def build_graph(lm: HookedLM, tset: TranscoderSet, ids: list[int], prompt: str |
             infl = _partial_influence(rows_so_far, row_node, n_nodes_full, logit_w)[:n_act]
             rank = torch.argsort(infl, descending=True)
             pending = [int(j) for j in rank[~visited[rank]][: min(4 * cfg.batch_size, n_select - len(order))]]
+        pending.sort(key=lambda j: int(att.layer[j]))  # a batch's backward pass only runs below its highest layer
         for i in range(0, len(pending), cfg.batch_size):
             batch = pending[i:i + cfg.batch_size]
             feat_rows[len(order):len(order) + len(batch)] = att.rows([("feature", j) for j in batch])
@@ -290,6 +360,6 @@ def build_graph(lm: HookedLM, tset: TranscoderSet, ids: list[int], prompt: str |
         meta={"method": f"transcoders ({tset.kind}): attention patterns and norm scales frozen at the prompt, "
                         "MLP outputs replaced by transcoder features + error nodes",
               "kind": tset.kind, "transcoders": list(tset.names), "input_hook": tset.input_kind,
-              "seconds": time.monotonic() - t0, "backward_passes": att.n_backward,
+              "seconds": time.monotonic() - t0, "rows": att.n_rows, "backward_passes": att.n_backward,
               "feature_layers": sorted(tset.encoders), "zero_bos": cfg.zero_bos},
     )

@@ -11,6 +11,9 @@ and every MLP's input and output. "Replay" passes then run the same modules with
 so a replay is an exactly linear function of what is added to the embeddings and to the MLP outputs (`deltas`),
 and with no deltas it reproduces the model's own activations and logits. Attribution edges are gradients of
 this linear map (backward passes through the HF modules); the tests check them against finite differences.
+
+A replay skips what it does not need: the MLP modules are not run (their output is replaced anyway; they return
+their recorded output) and the forward stops at the final norm (no unembedding; logits come from h_final).
 """
 
 from __future__ import annotations
@@ -107,13 +110,23 @@ def _norm_scale(mod: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
     return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
+class _StopReplay(Exception):
+    """Raised after the final norm of a replay: the unembedding is not needed (logits come from h_final)."""
+
+
 @dataclass
 class Replay:
     """What a replay pass computed, as live tensors (differentiable in the deltas)."""
 
     x_in: dict[int, torch.Tensor]  # layer -> (T, d) transcoder input at that layer
     h_final: torch.Tensor  # (T, d) after the final norm
-    logits: torch.Tensor  # (T, V) = h_final @ W_U (+ bias), before any soft-capping
+    W_U: torch.Tensor
+    b_U: torch.Tensor | None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """(T, V) = h_final @ W_U (+ bias), before any soft-capping (computed when asked)."""
+        return self.h_final @ self.W_U + (self.b_U if self.b_U is not None else 0)
 
 
 class ReplacementModel:
@@ -129,6 +142,7 @@ class ReplacementModel:
         self._norms = self._find_norms()
         self._sites = [(hook_site(layer, self.tset.input_kind, lm.model_type)[0],
                         hook_site(layer, "hook_mlp_out", lm.model_type)[0]) for layer in lm.layers]
+        self._mlps = [hook_site(layer, "hook_mlp_in", lm.model_type)[0] for layer in lm.layers]  # the MLP modules
         W_U = lm.model.get_output_embeddings()
         self.W_U = W_U.weight.detach().T  # (d, V)
         self.b_U = None if getattr(W_U, "bias", None) is None else W_U.bias.detach()
@@ -206,9 +220,20 @@ class ReplacementModel:
                 return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
             handles.append(outm.register_forward_hook(out_hook))
 
+        patched = []
+        for l, mlp in enumerate(self._mlps):
+            if mode == "record":
+                handles.append(mlp.register_forward_hook(
+                    lambda _m, _a, out, l=l: self._mlp_raw.__setitem__(l, _detached(out))))
+            else:  # the output is replaced by out_hook: the MLP itself need not run
+                patched.append((mlp, mlp.__dict__.get("forward")))
+                mlp.forward = lambda *_a, l=l, **_k: self._mlp_raw[l]
+
         def final_hook(_mod, _a, out):
             if live is not None:
                 live["final"] = out[0]
+            if mode == "replay":
+                raise _StopReplay
         handles.append(self._final.register_forward_hook(final_hook))
         token = _STATE.set(st)
         try:
@@ -218,15 +243,24 @@ class ReplacementModel:
             _STATE.reset(token)
             for h in handles:
                 h.remove()
+            for mlp, old in patched:
+                if old is None:
+                    del mlp.forward
+                else:
+                    mlp.forward = old
 
     def _forward(self):
         ids = torch.tensor([self.ids], device=self.lm.device)
-        return self.lm.model(input_ids=ids, use_cache=False)
+        try:
+            return self.lm.model(input_ids=ids, use_cache=False)
+        except _StopReplay:
+            return None
 
     @torch.no_grad()
     def _record(self) -> None:
         self.x_in: dict[int, torch.Tensor] = {}
         self.mlp_out: dict[int, torch.Tensor] = {}
+        self._mlp_raw: dict[int, object] = {}  # what each MLP module returned (replays return it without running)
         with self._hooks("record"):
             self.real_logits = self._forward().logits[0].detach()  # (T, V)
         self.const = {l: self.mlp_out[l] - (self.tset.skip(l, self.x_in[l]) if l in self.tset.W_skip else 0)
@@ -262,9 +296,20 @@ class ReplacementModel:
         finally:
             for p in params:
                 p.requires_grad_(True)
-        h = live["final"]
-        logits = h @ self.W_U + (self.b_U if self.b_U is not None else 0)
-        return Replay({l: live[l] for l in range(self.n_layers)}, h, logits)
+        return Replay({l: live[l] for l in range(self.n_layers)}, live["final"], self.W_U, self.b_U)
 
-    def demeaned_unembed(self, token: int) -> torch.Tensor:
-        return self.W_U[:, token] - self.W_U.mean(dim=1)
+    def demeaned_unembed(self, token: int | list[int]) -> torch.Tensor:
+        """W_U[:, token] minus the mean column: (d,), or (d, n) for a list of tokens."""
+        if getattr(self, "_W_U_mean", None) is None:
+            self._W_U_mean = self.W_U.mean(dim=1)
+        if isinstance(token, list):
+            return self.W_U[:, token] - self._W_U_mean[:, None]
+        return self.W_U[:, token] - self._W_U_mean
+
+
+def _detached(out):
+    if isinstance(out, torch.Tensor):
+        return out.detach()
+    if isinstance(out, tuple):
+        return tuple(_detached(o) for o in out)
+    return out

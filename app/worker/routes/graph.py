@@ -87,11 +87,12 @@ def transcoders(engine: Engine, sae_ids: list[str] | None) -> tuple[TranscoderSe
     """The SAEs a graph is built on, and graph layer -> SAE id: the worker's transcoders (or the ones named), at most
     one per layer; when it has none (or the names are residual-stream SAEs), its SAEs at blocks.L.hook_resid_pre /
     hook_resid_post, one per point of the stream (precompute/circuits/residual.py: MLPs linearised at the prompt).
-    422 when there are neither."""
+    422 when there are neither. Besides the store's, engine.graph_saes (on the embedded default: the demo
+    transcoders of the other layers) count as transcoders."""
     from saescope.precompute.models import parse_hook
 
     n_layers = engine.lm.n_layers
-    have = {k: s for k, s in engine.saes.items() if getattr(s, "is_transcoder", False)}
+    have = {k: s for k, s in {**engine.graph_saes, **engine.saes}.items() if getattr(s, "is_transcoder", False)}
     resid = {k: s for k, s in engine.saes.items() if is_residual_sae(s, n_layers)}
     if not have and not resid:
         kinds = ", ".join(f"{k} ({s.cfg.architecture} at {s.cfg.hook_name})" for k, s in engine.saes.items())
