@@ -13,8 +13,9 @@ from saescope.precompute.errors import NotFound, UserError
 
 NAME = "graph"
 HELP = "store an attribution graph in a store: computed with its transcoders (--prompt) or imported (--import)"
-DESCRIPTION = ("--prompt computes the graph through the library (the store's transcoders, one per layer; the model the "
-               "store was built with), prunes it, checks its top nodes and edges against real ablations and stores it "
+DESCRIPTION = ("--prompt computes the graph through the library (the store's transcoders, one per layer, and on the "
+               "embedded default the committed demo transcoders of every other layer, as the worker's graphs do; the "
+               "model the store was built with), prunes it, checks its top nodes and edges against real ablations and stores it "
                "as circuit-tracer's JSON (the checks under metadata.saescope). --import reads a circuit-tracer / "
                "Neuronpedia graph JSON file, checks it and stores it unchanged. The store is rewritten atomically; "
                "the page is /graph/SLUG (restart `saescope serve` to see a new one).")
@@ -32,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the file's metadata.slug / name)")
     p.add_argument("--replace", action="store_true", help="replace a stored graph of the same slug")
     p.add_argument("--transcoders", nargs="+", default=None, metavar="SAE_ID",
-                   help="the store's transcoders to use (default: all, one per layer)")
+                   help="the store's transcoders to use, only these (default: all, one per layer, plus on the "
+                   "embedded default the demo transcoders of the other layers)")
     p.add_argument("--node-threshold", type=float, default=CIRCUIT.node_threshold, help="cumulative influence kept (nodes)")
     p.add_argument("--edge-threshold", type=float, default=CIRCUIT.edge_threshold, help="cumulative edge score kept")
     p.add_argument("--max-feature-nodes", type=int, default=CIRCUIT.max_feature_nodes,
@@ -131,7 +133,9 @@ def compute_graph(store: Path, prompt: str, target: str = "", slug: str | None =
     from saescope.precompute.store import Store
     from saescope.precompute.store.write import write_graph
 
-    from ..worker.engine import store_dtype
+    from saescope.precompute.models import parse_hook
+
+    from ..worker.engine import demo_graph_transcoders, store_dtype
 
     if not prompt or not prompt.strip():
         raise UserError("--prompt is empty; give the text whose next token the graph explains")
@@ -146,16 +150,21 @@ def compute_graph(store: Path, prompt: str, target: str = "", slug: str | None =
             raise UserError(f"the store {store.name} already has a graph {slug!r}; choose another --slug or pass --replace")
     model, by_layer = select_transcoders(store, names)
     lm = load_model(model, device, store_dtype(store) if dtype == "auto" else dtype)
-    saes = []
+    saes = {}
     for layer, (k, path, hook) in sorted(by_layer.items()):
         sae = load_sae(path, hook)
         check_d_in(lm, sae, sae_name=k, model_name=model)
-        saes.append(sae.to(lm.device))
-    ts = TranscoderSet.from_saes(saes, lm.n_layers)
+        saes[k] = sae.to(lm.device)
+    # on the embedded default (and without --transcoders): the committed demo transcoders of every other layer too,
+    # as the worker's graphs use them (a layer without a transcoder is all error node)
+    extra = demo_graph_transcoders(model, lm, saes) if not names else {}
+    layer_of = {k: parse_hook(x.cfg.hook_name, lm.n_layers).layer for k, x in {**saes, **extra}.items()}
+    order = sorted(layer_of, key=layer_of.get)
+    ts = TranscoderSet.from_saes([{**saes, **extra}[k] for k in order], lm.n_layers)
     cfg = dc_replace(CIRCUIT, max_feature_nodes=max_feature_nodes)
     r = circuit(lm, ts, prompt, target or None, cfg, node_threshold, edge_threshold, check=True)
     ids: dict[int, str] = {}
-    sae_ids = {str(layer): k for layer, (k, _, _) in sorted(by_layer.items())}
+    sae_ids = {str(layer_of[k]): k for k in order}
     labels = _explanations(store, by_layer, r)
     data = r.to_json(slug=slug, scan=lm.name, node_threshold=node_threshold, ids_out=ids,
                      clerp=lambda layer, feature: labels.get((layer, feature), ""))
@@ -167,7 +176,7 @@ def compute_graph(store: Path, prompt: str, target: str = "", slug: str | None =
         edge_checks=[{"source": ids[c.source], "target": ids[c.target], "weight": c.weight, "estimate": c.estimate,
                       "true": c.true, "agree": c.agree} for c in r.edge_checks if c.source in ids and c.target in ids])
     gf = load_graph_json(json.dumps(data))  # the importer's checks on what is stored
-    row = stored_row(gf, slug, f"computed with {lm.name} and the store's transcoders ({', '.join(sae_ids.values())})",
+    row = stored_row(gf, slug, f"computed with {lm.name} and transcoders {', '.join(sae_ids.values())}",
                      target=target, sae_ids=sae_ids)
     write_graph(store, row, replace=replace)
     return row
