@@ -280,6 +280,10 @@ def test_bad_live_sets_are_a_4xx_even_without_a_worker(tiny_store):
         for url in ("/sae/tiny/contrast", "/api/saes/tiny/contrast"):
             r = client.get(url, params=params)
             assert r.status_code == 422 and says in r.text, (url, params, r.text[:300])
+    long = "q" * 50_000  # refused, and the refilled form shows its start and length, never the whole text
+    r = client.get("/sae/tiny/contrast", params={"a": f"kept text\n{long}", "b": "y"})
+    assert r.status_code == 422 and "q" * 1000 not in r.text and "cut: 50,000 characters" in r.text
+    assert "kept text" in r.text  # the texts within the limits stay in the form
     page = client.get("/sae/tiny/contrast")
     assert page.status_code == 200 and 'id="contrast-form"' in page.text  # the empty form
     assert client.get("/sae/tiny/contrast", params={"a": "x", "b": "y"}).status_code == 200  # worker off: notice

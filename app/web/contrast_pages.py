@@ -112,6 +112,13 @@ def live_contrast(request: Request, sae: SAEInfo, a: list[str], b: list[str], re
     return run, feats, out.token_ids
 
 
+def _refill(texts: list[str]) -> str:
+    """A side's texts for the form again: a text over the length limit (refused, the error says so) is shown cut
+    (its start and its length), never repeated whole."""
+    cut = W.max_contrast_chars
+    return "\n".join(t if len(t) <= cut else f"{t[:80]}… (cut: {len(t):,} characters; at most {cut:,})" for t in texts)
+
+
 @router.get("/sae/{sae_id}/contrast", response_class=HTMLResponse)
 def contrast_live_page(request: Request, sae_id: str, a: SideTexts = [], b: SideTexts = [],  # noqa: B006
                        reduce: Literal["max", "mean"] = "max",
@@ -121,7 +128,7 @@ def contrast_live_page(request: Request, sae_id: str, a: SideTexts = [], b: Side
     store = store_of(request)
     sae = store.require_sae(sae_id)
     ta, tb = side_texts(a), side_texts(b)
-    ctx = {"sae": sae, "a_text": "\n".join(ta), "b_text": "\n".join(tb), "reduce": reduce, "top": top,
+    ctx = {"sae": sae, "a_text": _refill(ta), "b_text": _refill(tb), "reduce": reduce, "top": top,
            "worker": worker_status(request.app), "error": None, "result": None,
            "stored": store.contrasts(sae_id)}
     status = 200
