@@ -317,3 +317,22 @@ def test_stored_graph_in_chromium(computed, browser):
         ctx.close()
         server.should_exit = True
         th.join(timeout=10)
+
+
+@pytest.mark.slow
+def test_graph_on_the_embedded_default_adds_every_demo_layer(tmp_path, default_model_dir):
+    """`saescope graph` (and so the demo's stored example) on a store of the embedded default with one transcoder
+    dashboard: the graph covers all 30 layers with the committed demo transcoders (as the worker's graphs do), the
+    stored row links only the store's own transcoder, and the file's metadata names every layer's."""
+    from saescope.app.cli.graph import compute_graph
+    from saescope.precompute.embedded import demo_transcoder_dirs
+    from saescope.precompute.pipeline import PrecomputeSpec, SAESpec, run_precompute
+
+    out = tmp_path / "d.duckdb"
+    run_precompute(PrecomputeSpec(out=out, tokens=2048, progress=False, feature_map=False, eval_tokens=0,
+                                  saes=[SAESpec(str(demo_transcoder_dirs()[2]), sae_id="tc2")]))
+    row = compute_graph(out, "import numpy as", slug="ex", max_feature_nodes=64)
+    assert row["sae_ids"] == {"2": "tc2"}
+    meta = json.loads(row["graph"])["metadata"]["saescope"]
+    assert len(meta["sae_ids"]) == 30 and meta["sae_ids"]["2"] == "tc2" and meta["sae_ids"]["0"] == "demo-transcoder-L0"
+    assert meta["feature_layers"] == list(range(30))

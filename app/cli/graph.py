@@ -177,7 +177,7 @@ def compute_graph(store: Path, prompt: str, target: str = "", slug: str | None =
                       "true": c.true, "agree": c.agree} for c in r.edge_checks if c.source in ids and c.target in ids])
     gf = load_graph_json(json.dumps(data))  # the importer's checks on what is stored
     row = stored_row(gf, slug, f"computed with {lm.name} and transcoders {', '.join(sae_ids.values())}",
-                     target=target, sae_ids=sae_ids)
+                     target=target, sae_ids={l: k for l, k in sae_ids.items() if k in saes})  # the store's (cards, links)
     write_graph(store, row, replace=replace)
     return row
 
