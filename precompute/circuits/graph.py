@@ -289,17 +289,18 @@ def _partial_influence(rows: torch.Tensor, row_node: torch.Tensor, n_nodes: int,
     raise RuntimeError("influence did not converge (the edge matrix is not acyclic)")
 
 
-def build_graph(lm: HookedLM, tset: TranscoderSet, ids: list[int], prompt: str | None = None,
-                target: str | int | list | None = None, cfg: CircuitConfig = CIRCUIT) -> Graph:
-    """The attribution graph of `ids` (position 0 a special token) for the logit targets (default: salient)."""
-    t0 = time.monotonic()
+def check_prompt(ids: list[int], cfg: CircuitConfig) -> None:
+    """A graph's prompt bounds (BOS included), the limit named."""
     if len(ids) > cfg.max_tokens:
         raise GraphLimitError(f"the prompt is {len(ids)} tokens; a graph allows at most {cfg.max_tokens} "
                               "(BOS included); shorten the prompt")
     if len(ids) < 2:
         raise UserError("the prompt needs at least one token after BOS")
-    rm = ReplacementModel(lm, tset, ids, zero_bos=cfg.zero_bos)
-    probs = torch.softmax(rm.real_logits[-1].double().cpu(), dim=-1)
+
+
+def logit_targets(lm: HookedLM, real_logits: torch.Tensor, target, cfg: CircuitConfig, dtype) -> tuple[list[int], torch.Tensor]:
+    """The logit nodes (named targets, or the salient tokens) and their probabilities at the last position."""
+    probs = torch.softmax(real_logits[-1].double().cpu(), dim=-1)
     if target is None or target == "":
         logit_tokens = salient_logits(probs, cfg.max_logits, cfg.logit_prob)
     else:
@@ -307,7 +308,17 @@ def build_graph(lm: HookedLM, tset: TranscoderSet, ids: list[int], prompt: str |
         logit_tokens = list(dict.fromkeys(resolve_target(lm, t) for t in tl))
         if len(logit_tokens) > cfg.max_logits:
             raise GraphLimitError(f"{len(logit_tokens)} logit targets; at most {cfg.max_logits}")
-    logit_w = probs[logit_tokens].to(rm.dtype)
+    logit_w = probs[logit_tokens].to(dtype)
+    return logit_tokens, logit_w
+
+
+def build_graph(lm: HookedLM, tset: TranscoderSet, ids: list[int], prompt: str | None = None,
+                target: str | int | list | None = None, cfg: CircuitConfig = CIRCUIT) -> Graph:
+    """The attribution graph of `ids` (position 0 a special token) for the logit targets (default: salient)."""
+    t0 = time.monotonic()
+    check_prompt(ids, cfg)
+    rm = ReplacementModel(lm, tset, ids, zero_bos=cfg.zero_bos)
+    logit_tokens, logit_w = logit_targets(lm, rm.real_logits, target, cfg, rm.dtype)
 
     def check_time(stage: str) -> None:
         if time.monotonic() - t0 > cfg.max_seconds:

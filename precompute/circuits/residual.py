@@ -63,7 +63,7 @@ from ..config import CIRCUIT, CircuitConfig
 from ..errors import SetupError, UserError
 from ..models import HookedLM, final_norm, parse_hook
 from ..saes import SAE
-from .graph import Graph, GraphLimitError, _partial_influence, resolve_target, salient_logits
+from .graph import Graph, GraphLimitError, _partial_influence, check_prompt, logit_targets
 from .prune import Pruned
 from .replacement import _STATE, _Frozen, _norm_apply, _norm_kind, _norm_scale, frozen_attention
 from .verify import EdgeCheck, NodeCheck, _demeaned, _run, agrees, total_effects
@@ -448,21 +448,9 @@ def build_residual_graph(lm: HookedLM, rset: ResidualSAESet, ids: list[int], pro
                          target: str | int | list | None = None, cfg: CircuitConfig = CIRCUIT) -> Graph:
     """The attribution graph of `ids` (position 0 a special token) on residual-stream SAEs (definitions above)."""
     t0 = time.monotonic()
-    if len(ids) > cfg.max_tokens:
-        raise GraphLimitError(f"the prompt is {len(ids)} tokens; a graph allows at most {cfg.max_tokens} "
-                              "(BOS included); shorten the prompt")
-    if len(ids) < 2:
-        raise UserError("the prompt needs at least one token after BOS")
+    check_prompt(ids, cfg)
     rm = ResidualReplacement(lm, rset, ids, zero_bos=cfg.zero_bos)
-    probs = torch.softmax(rm.real_logits[-1].double().cpu(), dim=-1)
-    if target is None or target == "":
-        logit_tokens = salient_logits(probs, cfg.max_logits, cfg.logit_prob)
-    else:
-        tl = target if isinstance(target, list) else [target]
-        logit_tokens = list(dict.fromkeys(resolve_target(lm, t) for t in tl))
-        if len(logit_tokens) > cfg.max_logits:
-            raise GraphLimitError(f"{len(logit_tokens)} logit targets; at most {cfg.max_logits}")
-    logit_w = probs[logit_tokens].to(rm.dtype)
+    logit_tokens, logit_w = logit_targets(lm, rm.real_logits, target, cfg, rm.dtype)
 
     def check_time(stage: str) -> None:
         if time.monotonic() - t0 > cfg.max_seconds:
