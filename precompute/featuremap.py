@@ -138,7 +138,12 @@ def cache_umap_jit() -> None:
     """Make umap-learn's numba functions cache their machine code on disk, as saescope's own kernels do
     (cache=True): most of umap-learn's are compiled in every process otherwise (~190 s of a 16k-feature map
     measured on 2 busy cores, against ~80 s of layout epochs). The cache goes to $NUMBA_CACHE_DIR, else to
-    saescope's cache folder (config.cache_dir()/numba), never into the installed package. Same code, same results."""
+    saescope's cache folder (config.cache_dir()/numba), never into the installed package. Same code, same results.
+
+    numba picks a function's cache folder when its cache is made, from numba.config.CACHE_DIR at that moment: the
+    folder is set only while umap-learn's caches are made, then put back. (Set for the whole process, it moved the
+    cache of every kernel imported later, e.g. co-occurrence's, so that they compiled again (~8 s in the main thread
+    of a 16k-feature run, holding the GIL) whenever the map had started first.)"""
     global _JIT_CACHED
     if _JIT_CACHED:
         return
@@ -147,18 +152,23 @@ def cache_umap_jit() -> None:
 
     from .config import cache_dir
 
-    if not numba.config.CACHE_DIR:
-        folder = cache_dir() / "numba"
-        folder.mkdir(parents=True, exist_ok=True)
-        numba.config.CACHE_DIR = str(folder)
     import umap.layouts
     import umap.umap_
     import umap.utils
 
-    for mod in (umap.umap_, umap.layouts, umap.utils):
-        for obj in vars(mod).values():
-            if isinstance(obj, Dispatcher) and obj.__module__.startswith("umap") and obj._cache.__class__.__name__ == "NullCache":
-                obj.enable_caching()
+    before = numba.config.CACHE_DIR
+    if not before:
+        folder = cache_dir() / "numba"
+        folder.mkdir(parents=True, exist_ok=True)
+        numba.config.CACHE_DIR = str(folder)
+    try:
+        for mod in (umap.umap_, umap.layouts, umap.utils):
+            for obj in vars(mod).values():
+                if isinstance(obj, Dispatcher) and obj.__module__.startswith("umap") and \
+                        obj._cache.__class__.__name__ == "NullCache":
+                    obj.enable_caching()  # its cache folder is fixed here
+    finally:
+        numba.config.CACHE_DIR = before
     _JIT_CACHED = True
 
 

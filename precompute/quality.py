@@ -100,6 +100,15 @@ def max_cosine_sim(vectors: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     return out
 
 
+WEIGHT_METRICS = ("average_max_encoder_cosine_sim", "average_max_decoder_cosine_sim")
+
+
+def weight_metrics(sae: SAE) -> dict[str, float]:
+    """The metrics that need only the weights (precompute computes them beside the stream, pipeline/weights.py)."""
+    return {"average_max_encoder_cosine_sim": float(max_cosine_sim(sae.W_enc.T).mean()),
+            "average_max_decoder_cosine_sim": float(max_cosine_sim(sae.W_dec).mean())}
+
+
 class _Acc:
     """Float64 running sums of one SAE's metrics."""
 
@@ -132,7 +141,8 @@ class _Acc:
         s["l1"] += float(z.abs().double().sum())
         self.fired += nz.sum(0).cpu()
 
-    def result(self, base_ce: float, abl_ce: float, abl_kl: float, sae: SAE) -> dict[str, float]:
+    def result(self, base_ce: float, abl_ce: float, abl_kl: float, sae: SAE,
+               from_weights: dict[str, float] | None = None) -> dict[str, float]:
         n, s = max(self.n, 1), self.s
         mse = s["sq_resid"] / n
         total_var = s["sq_norm"] / n - float((self.sum_x / n).pow(2).sum())
@@ -154,8 +164,7 @@ class _Acc:
             "freq_over_10_percent": float((d > 0.1).double().mean()),
             "normalized_freq_over_1_percent": float(d[d > 0.01].sum()) / tot if tot > 0 else 0.0,
             "normalized_freq_over_10_percent": float(d[d > 0.1].sum()) / tot if tot > 0 else 0.0,
-            "average_max_encoder_cosine_sim": float(max_cosine_sim(sae.W_enc.T).mean()),
-            "average_max_decoder_cosine_sim": float(max_cosine_sim(sae.W_dec).mean()),
+            **(from_weights if from_weights is not None else weight_metrics(sae)),
         }
         assert tuple(sorted(out)) == tuple(sorted(METRICS))
         return out
@@ -194,6 +203,7 @@ class EvalSAE:
     sae: SAE
     hook: str
     sae_id: str = ""
+    from_weights: dict[str, float] | None = None  # weight_metrics(sae) when already computed
 
     @property
     def out_hook(self) -> str:
@@ -297,7 +307,7 @@ def quality_metrics(lm: HookedLM, saes: Sequence[EvalSAE], tokens: np.ndarray | 
     out = []
     for e, acc in zip(saes, accs):
         a = abl[e.out_hook]
-        m = acc.result(base, a[0] / max(a[2], 1), a[1] / max(a[3], 1), e.sae)
+        m = acc.result(base, a[0] / max(a[2], 1), a[1] / max(a[3], 1), e.sae, e.from_weights)
         m.update(n_contexts=int(ids_all.shape[0]), context_len=int(ids_all.shape[1]), n_tokens=acc.n,
                  seconds=seconds, formula_version=FORMULA_VERSION)
         out.append(m)
@@ -364,10 +374,13 @@ def precompute_quality(lm: HookedLM, saes: Sequence[EvalSAE], dataset: str, text
     return quality_rows(res, saes, dataset, first, held, lm)
 
 
-def quality_for_run(a, lm: HookedLM, loaded: Sequence[Any], prepend_bos: bool, n_streamed: int) -> list[dict[str, Any]]:
+def quality_for_run(a, lm: HookedLM, loaded: Sequence[Any], prepend_bos: bool, n_streamed: int,
+                    from_weights: Sequence[dict[str, float] | None] | None = None) -> list[dict[str, Any]]:
     """precompute's one call: a = PrecomputeArgs (dataset, text_field, context_len, eval_tokens, progress), loaded =
-    its SAEs (objects with .sae, .hook, .sae_id); the eval slice follows the n_streamed contexts."""
-    saes = [EvalSAE(x.sae, x.hook, x.sae_id) for x in loaded]
+    its SAEs (objects with .sae, .hook, .sae_id); the eval slice follows the n_streamed contexts. from_weights: per
+    SAE its weight_metrics, when computed beside the stream."""
+    fw = list(from_weights) if from_weights is not None else [None] * len(loaded)
+    saes = [EvalSAE(x.sae, x.hook, x.sae_id, w) for x, w in zip(loaded, fw)]
     return precompute_quality(lm, saes, a.dataset, a.text_field, a.context_len, prepend_bos, n_streamed,
                               a.eval_tokens, a.progress)
 

@@ -125,3 +125,32 @@ def test_unknown_engine(tmp_path):
 
     with pytest.raises(UserError, match="table engine"):
         build_range([], [], 0, 1, tmp_path / "r", SPEC, engine="spark")
+
+
+def test_feature_order_is_lexsort_of_stream_order():
+    """The seal's counting sort: records in the stream's (ctx, pos, feature) order come out exactly as a full
+    lexsort by (feature, ctx, pos) puts them; records out of that order are reported, never mis-sorted."""
+    from saescope.precompute.store.kernels import feature_order
+
+    rng = np.random.default_rng(3)
+    d_sae, T = 300, 16
+    rows = []
+    for ctx in range(40):
+        for pos in range(T):
+            for f in np.sort(rng.choice(d_sae, size=rng.integers(0, 12), replace=False)):
+                rows.append((ctx, pos, f))
+    ctx, pos, feat = (np.array(c) for c in zip(*rows))
+    ctx, pos, feat = ctx.astype(np.int32), pos.astype(np.int16), feat.astype(np.int32)
+    order, counts, ok = feature_order(ctx, pos, feat, d_sae)
+    assert ok
+    assert np.array_equal(order, np.lexsort((pos, ctx, feat)))
+    assert np.array_equal(counts, np.bincount(feat, minlength=d_sae))
+    j = int(np.flatnonzero((ctx[1:] == ctx[:-1]) & (pos[1:] == pos[:-1]))[0])
+    swapped = feat.copy()
+    swapped[[j, j + 1]] = swapped[[j + 1, j]]  # two records of one token out of feature order
+    _, counts2, ok2 = feature_order(ctx, pos, swapped, d_sae)
+    assert not ok2 and np.array_equal(counts2, counts)
+    _, _, ok3 = feature_order(ctx[::-1].copy(), pos[::-1].copy(), feat[::-1].copy(), d_sae)
+    assert not ok3
+    with pytest.raises(ValueError, match="outside"):
+        feature_order(ctx, pos, np.where(feat == feat[0], d_sae, feat).astype(np.int32), d_sae)

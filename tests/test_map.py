@@ -433,3 +433,32 @@ def test_exact_knn_equals_brute_force_with_ties():
         assert idx[r, 0] == r and dist[r, 0] == 0
         assert list(idx[r, 1:]) == want, r
         np.testing.assert_allclose(dist[r, 1:], 1 - S[r, want], atol=1e-6)
+
+
+def test_umap_jit_cache_leaves_numbas_cache_folder_alone(tmp_path):
+    """cache_umap_jit gives umap-learn's functions a disk cache in saescope's folder without moving the cache of
+    kernels created later (a process-wide CACHE_DIR made co-occurrence's kernels compile again in every run).
+    In a fresh process: numba's caches are made once per process."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import numba
+from saescope.precompute import featuremap
+featuremap.cache_umap_jit()
+assert numba.config.CACHE_DIR == "", numba.config.CACHE_DIR
+import umap.layouts
+from numba.core.dispatcher import Dispatcher
+print(next(f for f in vars(umap.layouts).values() if isinstance(f, Dispatcher)
+           and f.__module__ == "umap.layouts")._cache._cache_path)
+from saescope.precompute import cooccur
+print(cooccur._sort_chunk._cache._cache_path)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env["SAESCOPE_CACHE"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    umap_path, ours = out.stdout.split()
+    assert umap_path.startswith(str(tmp_path / "numba")), umap_path
+    assert not ours.startswith(str(tmp_path)), ours

@@ -215,6 +215,10 @@ def test_weights_work_equals_the_direct_calls_saves_and_reloads(tmp_path, tiny_l
         np.testing.assert_array_equal(logits2[k], want[k])
     np.testing.assert_array_equal(ids2, want_ids)
     assert again.maps() is None  # start_maps not called
+    from saescope.precompute.quality import weight_metrics
+
+    want_wm = weight_metrics(loaded[0].sae)  # the quality metrics of the weights: the same floats, also when loaded
+    assert work.quality_from_weights() == [want_wm] == again.quality_from_weights()
     ev = threading.Event()  # set: the next chunk raises
     ev.set()
     with pytest.raises(Cancelled):

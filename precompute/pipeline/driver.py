@@ -65,7 +65,7 @@ def run_precompute(spec: PrecomputeSpec) -> Path:
         log.info("resuming: %d of %d contexts already done", done, n_ctx)
     executor = executor_for(spec)
     run = LoadedRun(lm, loaded)
-    weights = WeightsWork(lm, loaded, work.root / "weights")  # logit effects and neighbours beside the stream
+    weights = WeightsWork(lm, loaded, work.root / "weights", quality=spec.eval_tokens > 0)  # beside the stream
     try:
         t_forward = executor.stream(spec, run, plan, work, prepend)
         done = work.contexts_done(plan)

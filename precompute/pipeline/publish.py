@@ -13,6 +13,7 @@ import torch
 
 from .. import __version__
 from ..config import PRECOMPUTE
+from ..cooccur import cooccurrence_from_chunks  # at import: its kernels' cache folder is numba's default (featuremap.cache_umap_jit)
 from ..logits import LOGIT_METHOD
 from ..models import HookedLM, load_model
 from ..store.write import FeatureStats, StoreBuilder, read_active
@@ -34,27 +35,34 @@ def publish(spec: PrecomputeSpec, run: LoadedRun, model_label: str, model_path: 
     `weights`: waits for them); atomically replaces spec.out. phases: filled with seconds per step (benchmarks)."""
     lm, loaded = run.lm, run.saes
     phases = {} if phases is None else phases
-    t = time.perf_counter()
-    from_weights = weights.logits()
-    phases["wait_logits"] = time.perf_counter() - t
-    t = time.perf_counter()
-    maps = weights.maps() if spec.feature_map else None
-    phases["wait_map"] = time.perf_counter() - t
     builder = StoreBuilder(spec.out, spec.memory_limit, temp_dir=work.root / "spill")
     try:
         builder.put_vocab(model_label, token_strings(lm.tokenizer))
-        for i, (x, (logits, neighbours)) in enumerate(zip(loaded, from_weights)):
-            _publish_one(spec, builder, lm, x, i, model_label, model_path, work, [j for j in jobs if j.i == i],
-                         prepend, logits, neighbours, maps[i] if maps is not None else None, phases)
-        t = time.perf_counter()
-        _cross_matches(builder, loaded)
-        phases["cross"] = time.perf_counter() - t
+        # first what needs only the stream (the background threads go on meanwhile: the map started with the
+        # ranges, and logit effects when the stream took the CPU), then what waits for them
+        activation = [_activation_tables(spec, builder, x, i, work, [j for j in jobs if j.i == i], phases)
+                      for i, x in enumerate(loaded)]
         if spec.eval_tokens > 0:  # SAE quality metrics on the held-out tokens after the stream (precompute/quality.py)
             from ..quality import quality_for_run
 
             t = time.perf_counter()
-            builder.put_quality(quality_for_run(spec, lm, loaded, prepend, spec.tokens // spec.context_len))
+            from_weights = weights.quality_from_weights()  # computed beside the stream, after the logit effects
+            phases["wait_logits"] = time.perf_counter() - t
+            builder.put_quality(quality_for_run(spec, lm, loaded, prepend, spec.tokens // spec.context_len,
+                                                from_weights))
             phases["quality"] = time.perf_counter() - t
+        t = time.perf_counter()
+        from_weights = weights.logits()
+        phases["wait_logits"] = phases.get("wait_logits", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        maps = weights.maps() if spec.feature_map else None
+        phases["wait_map"] = time.perf_counter() - t
+        for i, (x, (logits, neighbours), (stats, cooc)) in enumerate(zip(loaded, from_weights, activation)):
+            _feature_rows(spec, builder, lm, x, model_label, model_path, prepend, stats, cooc, logits, neighbours,
+                          maps[i] if maps is not None else None, phases)
+        t = time.perf_counter()
+        _cross_matches(builder, loaded)
+        phases["cross"] = time.perf_counter() - t
         t = time.perf_counter()
         if spec.verify_sample > 0:
             _verify_before_publish(spec, builder, lm, loaded, model_path)
@@ -78,12 +86,11 @@ def _cross_matches(builder: StoreBuilder, loaded: list[LoadedSAE], n: int = 5) -
                 builder.put_cross(x.sae_id, y.sae_id, np.asarray(m.ids), np.asarray(m.cos))
 
 
-def _publish_one(spec: PrecomputeSpec, builder: StoreBuilder, lm: HookedLM, x: LoadedSAE, i: int, model_label: str,
-                 model_path: str, work: WorkDir, jobs: list[RangeJob], prepend: bool, logits: dict[str, np.ndarray],
-                 neighbours: tuple[np.ndarray, np.ndarray], coords: np.ndarray | None,
-                 phases: dict[str, float]) -> None:
-    sae, sae_id = x.sae, x.sae_id
-    d_sae = sae.cfg.d_sae
+def _activation_tables(spec: PrecomputeSpec, builder: StoreBuilder, x: LoadedSAE, i: int, work: WorkDir,
+                       jobs: list[RangeJob], phases: dict[str, float]) -> tuple[FeatureStats, tuple | None]:
+    """One SAE's rows that come from its activations: the built ranges and their contexts, and co-occurrence;
+    returns its per-feature statistics and co-occurrence for _feature_rows."""
+    sae_id, d_sae = x.sae_id, x.sae.cfg.d_sae
     t = time.perf_counter()
     builder.replace_sae(sae_id)
     stats = FeatureStats.empty(d_sae, spec.hist_bins)
@@ -94,14 +101,21 @@ def _publish_one(spec: PrecomputeSpec, builder: StoreBuilder, lm: HookedLM, x: L
     t = time.perf_counter()
     cooc = None
     if spec.cooccurrence:
-        from ..cooccur import cooccurrence_from_chunks
-
         read = read_active(work.all_act_files(i), spec.context_len, spec.memory_limit, work.root / "spill")
         c = cooccurrence_from_chunks(read, stats.n_ctx * spec.context_len, d_sae, n=P.n_neighbours,
                                      temp_dir=work.root)
         cooc = (c.ids, c.jaccard)
         log.info("co-occurrence of %s done (peak memory so far %s)", sae_id, peak_rss())
     phases["cooccurrence"] = phases.get("cooccurrence", 0.0) + time.perf_counter() - t
+    return stats, cooc
+
+
+def _feature_rows(spec: PrecomputeSpec, builder: StoreBuilder, lm: HookedLM, x: LoadedSAE, model_label: str,
+                  model_path: str, prepend: bool, stats: FeatureStats, cooc: tuple | None,
+                  logits: dict[str, np.ndarray], neighbours: tuple[np.ndarray, np.ndarray],
+                  coords: np.ndarray | None, phases: dict[str, float]) -> None:
+    """One SAE's features rows (activation statistics, logit effects, neighbours, co-occurrence, map) and saes row."""
+    sae, sae_id = x.sae, x.sae_id
     t = time.perf_counter()
     builder.put_features(sae_id, stats, logits, neighbours, cooc, coords)
     density = stats.n / max(1, stats.n_counted)

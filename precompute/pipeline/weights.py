@@ -10,7 +10,9 @@ Same functions, same inputs, same results: the background thread uses `torch_thr
 (PRECOMPUTE.weights_threads, 1: the stream keeps its own threads) until the stream is done (`stream_done`), then as
 many as the run's thread; float32 products were measured bit for bit
 equal under 1 and 2 threads, and tests/test_pipeline.py compares a run's tables with the functions called directly.
-Each SAE's logit effects and neighbours are saved under OUT.work/weights/ when done (atomic rename), so a
+The quality metrics that need only the weights (quality.weight_metrics: each encoder and decoder direction's largest
+cosine with another) follow each SAE's logit effects in the same thread, so quality after the stream only runs the
+model. Each SAE's logit effects and neighbours (and those metrics) are saved under OUT.work/weights/ when done (atomic rename), so a
 resumed run (kill -9, or a stop) loads them instead of recomputing. A failure in the thread is raised by the
 call that wants its result; `cancel()` (the driver calls it when the run stops early) makes the thread stop at
 its next chunk.
@@ -30,6 +32,7 @@ import torch
 
 from ..config import PRECOMPUTE
 from ..logits import Cancelled, logit_effects, nearest_features
+from ..quality import WEIGHT_METRICS, weight_metrics
 from ..models import HookedLM
 from .loading import LoadedSAE
 
@@ -104,12 +107,15 @@ class _Control:
 class WeightsWork:
     """Background computation of every SAE's weights-only tables (module docstring)."""
 
-    def __init__(self, lm: HookedLM, loaded: list[LoadedSAE], folder: Path, torch_threads: int = P.weights_threads):
+    def __init__(self, lm: HookedLM, loaded: list[LoadedSAE], folder: Path, torch_threads: int = P.weights_threads,
+                 quality: bool = True):
         self.lm, self.loaded, self.folder = lm, loaded, Path(folder)
+        self.quality = quality  # also the quality metrics that need only the weights (quality.weight_metrics)
         self.torch_threads = torch_threads
         self.control = _Control(torch.get_num_threads())  # the caller's thread count once the stream is done
         self.stop = self.control.stop
         self._maps: _Job | None = None
+        self._weight_metrics: dict[int, dict[str, float]] = {}
         self._logits = _Job("saescope-weights", self._all_from_weights)
 
     def _path(self, i: int) -> Path:
@@ -123,17 +129,22 @@ class WeightsWork:
             if p.exists():
                 with np.load(p) as z:
                     out.append(({k: z[k] for k in LOGIT_KEYS}, (z["nb_ids"], z["nb_sims"])))
+                    self._weight_metrics[i] = {k: float(z[k]) for k in WEIGHT_METRICS if k in z}
                 continue
             t0 = time.perf_counter()
             with torch.no_grad():
                 logits, (ids, sims) = from_weights(self.lm, x, self.control)
+                if self.control.is_set():
+                    raise Cancelled
+                wm = weight_metrics(x.sae) if self.quality else {}
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = p.with_name(p.name + ".tmp.npz")
-            np.savez(tmp, nb_ids=ids, nb_sims=sims, **logits)
+            np.savez(tmp, nb_ids=ids, nb_sims=sims, **logits, **{k: np.float64(v) for k, v in wm.items()})
             os.replace(tmp, p)
             log.info("logit effects and neighbours of %s in %.1f s (beside the stream)", x.sae_id,
                      time.perf_counter() - t0)
             out.append((logits, (ids, sims)))
+            self._weight_metrics[i] = wm
         return out
 
     def stream_done(self) -> None:
@@ -150,6 +161,11 @@ class WeightsWork:
     def logits(self) -> list[FromWeights]:
         """Per SAE (logit effects, (neighbour ids, sims)); waits for the thread."""
         return self._logits.result()
+
+    def quality_from_weights(self) -> list[dict[str, float] | None]:
+        """Per SAE its quality.weight_metrics (None where not computed, e.g. a resumed run's older files); waits."""
+        self._logits.result()
+        return [self._weight_metrics.get(i) or None for i in range(len(self.loaded))]
 
     def maps(self) -> list[np.ndarray] | None:
         """Per SAE its map coordinates (None when start_maps was not called); waits for the thread."""

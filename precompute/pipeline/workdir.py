@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from ..errors import UserError
+from ..store.kernels import feature_order
 
 RECORD = np.dtype([("ctx", "<i4"), ("pos", "<i2"), ("feature", "<i4"), ("value", "<f4")])  # packed: 14 bytes
 SEAL_ROWS = 2_000_000  # activations per sealing chunk (~28 MB of records plus their sort and copies)
@@ -246,8 +247,11 @@ def _seal_acts(raw: Path, sealed: Path, i: int, d_sae: int, width: int, name: st
         with open(raw, "rb") as f:
             for start in range(0, n_rows, SEAL_ROWS):
                 rec = np.fromfile(f, dtype=RECORD, count=min(SEAL_ROWS, n_rows - start))
-                counts += np.bincount(rec["feature"], minlength=d_sae)
-                rec = rec[np.lexsort((rec["pos"], rec["ctx"], rec["feature"]))]  # by feature, then ctx, pos
+                # by feature, then ctx, pos: the stream appends in (ctx, pos, feature) order, so one stable counting
+                # sort by feature does it (kernels.feature_order checks the order; a full sort otherwise)
+                order, chunk_counts, ok = feature_order(rec["ctx"], rec["pos"], rec["feature"], d_sae)
+                counts += chunk_counts
+                rec = rec[order if ok else np.lexsort((rec["pos"], rec["ctx"], rec["feature"]))]
                 bucket = rec["feature"] // width
                 cuts = np.flatnonzero(np.diff(bucket)) + 1
                 for part in np.split(rec, cuts):

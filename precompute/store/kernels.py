@@ -209,3 +209,35 @@ def gather_segments(values, starts, ends):
             out[o] = values[j]
             o += 1
     return offsets, out
+
+
+@numba.njit(cache=True, nogil=True)
+def feature_order(ctx, pos, feature, d_sae):
+    """The permutation that sorts records by (feature, ctx, pos), when they come in (ctx, pos, feature) order (as the
+    stream appends them): a stable counting sort by feature, one pass to count and one to place. Returns
+    (order, counts per feature, True), or (empty, counts, False) when a record breaks that order (the caller sorts
+    fully then): the result equals np.lexsort((pos, ctx, feature)) whenever it is given."""
+    n = len(feature)
+    counts = np.zeros(d_sae, np.int64)
+    ordered = True
+    for j in range(n):
+        if feature[j] < 0 or feature[j] >= d_sae:
+            raise ValueError("a record's feature index is outside 0..d_sae-1")
+        counts[feature[j]] += 1
+        if j and ordered:
+            c0, c1 = ctx[j - 1], ctx[j]
+            if c1 < c0 or (c1 == c0 and (pos[j] < pos[j - 1] or (pos[j] == pos[j - 1] and feature[j] <= feature[j - 1]))):
+                ordered = False
+    if not ordered:
+        return np.zeros(0, np.int64), counts, False
+    offs = np.zeros(d_sae, np.int64)
+    s = 0
+    for f in range(d_sae):
+        offs[f] = s
+        s += counts[f]
+    order = np.empty(n, np.int64)
+    for j in range(n):
+        f = feature[j]
+        order[offs[f]] = j
+        offs[f] += 1
+    return order, counts, True
