@@ -5,7 +5,8 @@ Configuration (the issue's, built by bench/memory.py): a random 2-layer Llama (d
 and a random 16,384-feature ReLU SAE on blocks.1.hook_resid_post at L0 ~ 82, over pre-tokenized contexts.
 
 Per token count, in one process and one run (the machine may be shared; the load average is printed):
-  bare        forward to the hook + SAE encode, results dropped (before and after the run; the mean is used)
+  bare        forward to the hook + SAE encode, results dropped (before and after the run; the mean is used), on
+              the first --bare-tokens tokens (its rate does not grow with the run)
   precompute  run_precompute in this process, uninterrupted: stream, tables (every feature range), publish, the
               weights-only tables in their background threads; its phase times come from its "finished" event
               (per step of tables + publish, and the background threads' own seconds). At the first range event
@@ -15,6 +16,7 @@ Per token count, in one process and one run (the machine may be shared; the load
   peak RSS    of a separate `saescope precompute` child at each token count (--rss), through bench.common.peak_rss.
 
 Usage: python bench/tables.py [--tokens 131072 524288 1048576] [--workdir /tmp/bench_tables] [--rss] [--no-sql]
+                              [--bare-tokens 131072]
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def _verify_row(out: Path) -> dict:
         con.close()
 
 
-def run(n_tokens: int, work: Path, model: Path, sae_dir: Path, compare_sql: bool) -> dict:
+def run(n_tokens: int, work: Path, model: Path, sae_dir: Path, compare_sql: bool, bare_tokens: int) -> dict:
     import torch
 
     from saescope.precompute.encode import encode_batch
@@ -69,11 +71,13 @@ def run(n_tokens: int, work: Path, model: Path, sae_dir: Path, compare_sql: bool
     B = 16
     encode_batch(lm, sae, ctxs[:B], memory.HOOK)
 
+    bare_ctxs = ctxs[:max(B, min(n_tokens, bare_tokens) // 128)]  # its rate does not depend on the run's length
+
     def bare() -> float:
         t0 = time.perf_counter()
-        for i in range(0, len(ctxs), B):
-            encode_batch(lm, sae, ctxs[i:i + B], memory.HOOK)
-        return len(ctxs) * 128 / (time.perf_counter() - t0)
+        for i in range(0, len(bare_ctxs), B):
+            encode_batch(lm, sae, bare_ctxs[i:i + B], memory.HOOK)
+        return len(bare_ctxs) * 128 / (time.perf_counter() - t0)
 
     load0 = os.getloadavg()[0]
     bare_before = bare()
@@ -156,12 +160,14 @@ def main() -> int:
     ap.add_argument("--l0", type=float, default=70.0, help="bench/memory.py's calibration target (held-out ~82)")
     ap.add_argument("--no-sql", action="store_true", help="skip the SQL engine's timing and the equality check")
     ap.add_argument("--rss", action="store_true", help="also the peak RSS of a `saescope precompute` child")
+    ap.add_argument("--bare-tokens", type=int, default=131_072,
+                    help="tokens of each bare forward+encode timing (its first contexts; default %(default)s)")
     a = ap.parse_args()
     a.workdir.mkdir(parents=True, exist_ok=True)
     model = memory.make_model(a.workdir / "tiny576")
     sae_dir, _ = memory.make_sae(a.workdir / "relu16k", model, a.l0)
     for n in a.tokens:
-        r = run(n, a.workdir, model, sae_dir, not a.no_sql)
+        r = run(n, a.workdir, model, sae_dir, not a.no_sql, a.bare_tokens)
         print(json.dumps(r, default=str), flush=True)  # everything measured, before the summary
         bare = r["bare"]
         print(f"{n:,} tokens ({r['acts']:,} activations, L0 {r['l0']:.1f} incl. BOS, {r['ranges']} feature ranges), "
@@ -169,7 +175,8 @@ def main() -> int:
         print(f"  bare forward+encode : {bare:8.0f} tok/s  ({n / bare:.1f} s; before {r['bare_before']:.0f}, "
               f"after {r['bare_after']:.0f})")
         print(f"  stream              : {r['stream']:6.1f} s   ratio {n / r['stream'] / bare:.3f}")
-        print(f"  tables + publish    : {r['tables']:6.1f} s")
+        print(f"  tables + publish    : {r['tables']:6.1f} s   {r['acts'] / r['tables'] / 1e6:.2f} M activations/s "
+              "(everything after the stream)")
         print(f"  end to end          : {r['wall_e2e']:6.1f} s   ratio {n / r['wall_e2e'] / bare:.3f}")
         print("  tables + publish by step (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["phases"].items()))
         print("  background threads (s)     : " + ", ".join(f"{k} {v:.1f}" for k, v in r["background"].items()))

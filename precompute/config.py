@@ -63,6 +63,7 @@ class PrecomputeSettings:
     rows_per_range: int = 2_000_000  # activations per feature range when building tables (bounds each SQL phase)
     range_threads: int = 2  # feature ranges built at once by one process (kernels release the GIL)
     weights_threads: int = 1  # torch threads of the background thread computing logit effects and neighbours
+    weights_beside_stream: str = "always"  # logit effects etc. during the stream: always | gpu | never
     verify_sample: int = 8  # contexts `precompute` re-encodes in fp32 at the end (`saescope verify`)
     verify_tolerance: float = 1e-4  # float32 stores: max relative difference `saescope verify` accepts
     # bfloat16 / float16 stores (derivation and measurements in precompute/verify.py): max |stored - fp32| where both

@@ -219,6 +219,13 @@ def test_weights_work_equals_the_direct_calls_saves_and_reloads(tmp_path, tiny_l
 
     want_wm = weight_metrics(loaded[0].sae)  # the quality metrics of the weights: the same floats, also when loaded
     assert work.quality_from_weights() == [want_wm] == again.quality_from_weights()
+    later = WeightsWork(lm, loaded, tmp_path / "later", beside_stream=False)  # started when the stream ends
+    assert later._logits is None
+    later.stream_done()
+    (logits3, (ids3, _)), = later.logits()
+    for k in want:
+        np.testing.assert_array_equal(logits3[k], want[k])
+    np.testing.assert_array_equal(ids3, want_ids)
     ev = threading.Event()  # set: the next chunk raises
     ev.set()
     with pytest.raises(Cancelled):

@@ -15,6 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
+from ..config import PRECOMPUTE
 from ..embedded import resolve_model
 from ..errors import UserError
 from ..store.write import size_bytes
@@ -38,6 +39,13 @@ def check_spec(spec: PrecomputeSpec) -> None:
         raise UserError("--ray needs --shards N with N > 1 (one shard runs in this process, without Ray)")
     if not spec.saes:
         raise UserError("a run needs at least one SAE (--sae PATH or --run FILE)")
+
+
+def _weights_beside_stream(lm) -> bool:
+    """PRECOMPUTE.weights_beside_stream: "always", "never", or "gpu" (only when the model runs on an accelerator,
+    whose stream leaves the CPU cores to the weights thread)."""
+    mode = PRECOMPUTE.weights_beside_stream
+    return mode == "always" or (mode == "gpu" and lm.device != "cpu")
 
 
 def run_precompute(spec: PrecomputeSpec) -> Path:
@@ -65,7 +73,8 @@ def run_precompute(spec: PrecomputeSpec) -> Path:
         log.info("resuming: %d of %d contexts already done", done, n_ctx)
     executor = executor_for(spec)
     run = LoadedRun(lm, loaded)
-    weights = WeightsWork(lm, loaded, work.root / "weights", quality=spec.eval_tokens > 0)  # beside the stream
+    weights = WeightsWork(lm, loaded, work.root / "weights", quality=spec.eval_tokens > 0,
+                          beside_stream=_weights_beside_stream(lm))
     try:
         t_forward = executor.stream(spec, run, plan, work, prepend)
         done = work.contexts_done(plan)

@@ -108,7 +108,7 @@ class WeightsWork:
     """Background computation of every SAE's weights-only tables (module docstring)."""
 
     def __init__(self, lm: HookedLM, loaded: list[LoadedSAE], folder: Path, torch_threads: int = P.weights_threads,
-                 quality: bool = True):
+                 quality: bool = True, beside_stream: bool = True):
         self.lm, self.loaded, self.folder = lm, loaded, Path(folder)
         self.quality = quality  # also the quality metrics that need only the weights (quality.weight_metrics)
         self.torch_threads = torch_threads
@@ -116,7 +116,9 @@ class WeightsWork:
         self.stop = self.control.stop
         self._maps: _Job | None = None
         self._weight_metrics: dict[int, dict[str, float]] = {}
-        self._logits = _Job("saescope-weights", self._all_from_weights)
+        self._logits: _Job | None = None
+        if beside_stream:
+            self._logits = _Job("saescope-weights", self._all_from_weights)
 
     def _path(self, i: int) -> Path:
         return self.folder / f"sae-{i}.npz"
@@ -148,8 +150,12 @@ class WeightsWork:
         return out
 
     def stream_done(self) -> None:
-        """The stream has ended: from its next chunk on, the logits thread uses as many torch threads as the run."""
+        """The stream has ended: from its next chunk on, the logits thread uses as many torch threads as the run
+        (or it starts now, with those threads, when it was not started beside the stream)."""
         self.control.boost.set()
+        if self._logits is None:
+            self.torch_threads = self.control.after
+            self._logits = _Job("saescope-weights", self._all_from_weights)
 
     def start_maps(self, masks: list[np.ndarray | None]) -> None:
         """The feature map of every SAE, in a second background thread (masks: live_mask per SAE)."""
@@ -160,11 +166,13 @@ class WeightsWork:
 
     def logits(self) -> list[FromWeights]:
         """Per SAE (logit effects, (neighbour ids, sims)); waits for the thread."""
+        if self._logits is None:
+            self.stream_done()
         return self._logits.result()
 
     def quality_from_weights(self) -> list[dict[str, float] | None]:
         """Per SAE its quality.weight_metrics (None where not computed, e.g. a resumed run's older files); waits."""
-        self._logits.result()
+        self.logits()
         return [self._weight_metrics.get(i) or None for i in range(len(self.loaded))]
 
     def maps(self) -> list[np.ndarray] | None:
