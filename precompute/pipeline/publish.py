@@ -21,7 +21,7 @@ from ..tokens import token_strings
 from .executors import LoadedRun
 from .loading import LoadedSAE
 from .spec import PrecomputeSpec
-from .tables import RangeJob, peak_rss
+from .tables import RangeJob, peak_rss, release_memory
 from .weights import WeightsWork
 from .workdir import WorkDir
 
@@ -50,6 +50,7 @@ def publish(spec: PrecomputeSpec, run: LoadedRun, model_label: str, model_path: 
             phases["wait_logits"] = time.perf_counter() - t
             builder.put_quality(quality_for_run(spec, lm, loaded, prepend, spec.tokens // spec.context_len,
                                                 from_weights))
+            release_memory()
             phases["quality"] = time.perf_counter() - t
         t = time.perf_counter()
         from_weights = weights.logits()
@@ -105,6 +106,8 @@ def _activation_tables(spec: PrecomputeSpec, builder: StoreBuilder, x: LoadedSAE
         c = cooccurrence_from_chunks(read, stats.n_ctx * spec.context_len, d_sae, n=P.n_neighbours,
                                      temp_dir=work.root)
         cooc = (c.ids, c.jaccard)
+        del c, read
+        release_memory()  # co-occurrence's worker threads' arenas, before quality's forward passes
         log.info("co-occurrence of %s done (peak memory so far %s)", sae_id, peak_rss())
     phases["cooccurrence"] = phases.get("cooccurrence", 0.0) + time.perf_counter() - t
     return stats, cooc
