@@ -38,18 +38,18 @@ def publish(spec: PrecomputeSpec, run: LoadedRun, model_label: str, model_path: 
     builder = StoreBuilder(spec.out, spec.memory_limit, temp_dir=work.root / "spill")
     try:
         builder.put_vocab(model_label, token_strings(lm.tokenizer))
-        # first what needs only the stream (the background threads go on meanwhile: the map started with the
-        # ranges, and logit effects when the stream took the CPU), then what waits for them
+        # first what needs only the stream's output, while the background threads go on (the map started with
+        # the ranges; logit effects beside the stream or at its end), then what needs their results
         activation = [_activation_tables(spec, builder, x, i, work, [j for j in jobs if j.i == i], phases)
                       for i, x in enumerate(loaded)]
         if spec.eval_tokens > 0:  # SAE quality metrics on the held-out tokens after the stream (precompute/quality.py)
             from ..quality import quality_for_run
 
             t = time.perf_counter()
-            from_weights = weights.quality_from_weights()  # computed beside the stream, after the logit effects
+            weight_metrics = weights.quality_from_weights()  # in the weights thread, after the logit effects
             phases["wait_logits"] = time.perf_counter() - t
             builder.put_quality(quality_for_run(spec, lm, loaded, prepend, spec.tokens // spec.context_len,
-                                                from_weights))
+                                                weight_metrics))
             release_memory()
             phases["quality"] = time.perf_counter() - t
         t = time.perf_counter()
